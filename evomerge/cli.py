@@ -1,0 +1,67 @@
+"""The ``evomerge`` command.
+
+Each subcommand lives in the module of the concept it drives and exposes two
+functions: ``add_arguments(parser)`` and ``run(args) -> int``. They are imported
+only when their command runs, so ``evomerge merge`` never pays for Ray or vLLM.
+User errors (``EvomergeError``) become one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from evomerge.errors import EvomergeError
+
+# command -> (module holding add_arguments/run, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "merge": ("evomerge.merge.command", "merge models from a mergekit-style YAML into OUT_DIR"),
+    "eval": ("evomerge.tasks.command", "evaluate a model directory or a merge recipe on tasks"),
+    "zoo": ("evomerge.zoo.command", "build the tiny model zoo used by the demo and the tests"),
+    "search": ("evomerge.search.command_search", "run an evolutionary merge search from a config"),
+    "resume": ("evomerge.search.command_resume", "continue a stopped or crashed search run"),
+    "export": ("evomerge.search.export", "write chosen merges of a run as Hugging Face models"),
+    "status": ("evomerge.search.command_status", "print the state of a search run"),
+    "report": ("evomerge.search.report", "write plots and a Markdown summary of a run"),
+    "estimators": ("evomerge.estimators.command", "benchmark fitness estimators on a response matrix"),
+    "demo": ("evomerge.demo", "build the zoo and run the demo search end to end"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    for name, (module_name, help_text) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the chosen command's module is imported (keeps `evomerge merge` light).
+        if name == wanted:
+            module = importlib.import_module(module_name)
+            module.add_arguments(command_parser)
+            command_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    parser = build_parser()
+    args = parser.parse_args()
+    debug = args.debug or os.environ.get("EVOMERGE_DEBUG") == "1"
+    try:
+        return int(args._module.run(args) or 0)
+    except EvomergeError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
