@@ -1,0 +1,53 @@
+"""What travels between the search controller and the workers.
+
+Plain dataclasses of builtins and numpy arrays, so they pickle cheaply across Ray and
+serialize to JSON for the archive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Candidate:
+    """One genome to evaluate. ``candidate_id`` is unique within a run."""
+
+    candidate_id: int
+    generation: int
+    genome: list[float]
+    plan: dict[str, Any]              # MergePlan.to_dict(): the decoded recipe
+    audit: bool = False               # also score on the full item pool (estimator audit)
+    attempt: int = 0                  # retries after a worker died
+
+
+@dataclass
+class ObjectiveScore:
+    """A per-objective fitness: the estimate, its uncertainty, and the full score if audited."""
+
+    value: float
+    stderr: float
+    n_items: int
+    full: float | None = None         # full-pool accuracy (audits and held-out checks)
+
+
+@dataclass
+class EvalResult:
+    candidate_id: int
+    status: str                       # "ok" | "failed"
+    objectives: dict[str, ObjectiveScore] = field(default_factory=dict)
+    error: str | None = None          # one line: why it failed
+    worker: str | None = None
+    seconds: float = 0.0              # wall time on the worker
+    items_scored: int = 0             # cost in scored items (anchors + audits)
+    timings: dict[str, float] = field(default_factory=dict)  # merge / load / score seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
+        data = dict(data)
+        data["objectives"] = {k: ObjectiveScore(**v) for k, v in data.get("objectives", {}).items()}
+        return cls(**data)
