@@ -31,7 +31,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evomerge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="evomerge", description="Evolve merges of language models and export the Pareto front."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
