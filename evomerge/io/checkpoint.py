@@ -1,0 +1,278 @@
+"""Read and write Hugging Face model directories, one tensor at a time.
+
+``Checkpoint`` reads only the safetensors headers up front; each ``get`` pulls
+a single tensor out of the memory-mapped file, so merging N models needs about
+one tensor per source in memory, never N whole models. ``write_checkpoint``
+takes a stream of ``(name, tensor)`` pairs and writes shards as they fill,
+keeping at most one shard in memory, into a temp dir renamed on success.
+
+Pickled ``.bin`` weights can run code when loaded, so they are refused unless
+the caller passes ``allow_bin=True`` (the CLI's ``--allow-bin``); even then they
+are loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from evomerge.errors import CheckpointError
+from evomerge.io.atomic import atomic_dir
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_safetensors_header(file: Path) -> dict:
+    """The JSON header of a safetensors file (tensor name -> dtype/shape/offsets)."""
+    try:
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (OSError, struct.error, ValueError) as exc:
+        raise CheckpointError(f"cannot read safetensors file {file}: {exc}") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+class Checkpoint:
+    """A lazy, memory-mapped view of one HF model directory."""
+
+    def __init__(self, path: str | Path, allow_bin: bool = False):
+        self.name = str(path)
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"model directory {self.name} does not exist")
+        if not self.path.is_dir():
+            raise CheckpointError(f"model path {self.name} is not a directory")
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{self.name} is not a Hugging Face model directory (no config.json)")
+        try:
+            self.config: dict = json.loads(config_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot parse {config_file}: {exc}") from None
+
+        self._file_of: dict[str, Path] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
+        self._dtype: dict[str, torch.dtype] = {}
+        self._handles: dict[Path, object] = {}
+        self._bin_tensors: dict[str, torch.Tensor] | None = None
+        files = self._safetensors_files()
+        if files:
+            self._index_safetensors(files)
+        else:
+            self._load_bin(allow_bin)
+        self.tensor_names: list[str] = list(self._file_of) if self._bin_tensors is None else list(self._bin_tensors)
+
+    # -- discovery -------------------------------------------------------
+    def _safetensors_files(self) -> list[Path]:
+        index = self.path / SAFETENSORS_INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"cannot parse {index}: {exc}") from None
+            files = list(dict.fromkeys(weight_map.values()))
+            for name in files:
+                if not (self.path / name).is_file():
+                    raise CheckpointError(f"{index} lists shard {name}, which is missing")
+            return [self.path / name for name in files]
+        return sorted(self.path.glob("*.safetensors"))
+
+    def _index_safetensors(self, files: list[Path]) -> None:
+        for file in files:
+            header = read_safetensors_header(file)
+            # Header keys are not in storage order; sort by offset to get file order.
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                if name in self._file_of:
+                    raise CheckpointError(f"tensor {name} appears twice in {self.name}")
+                if info["dtype"] not in _ST_DTYPES:
+                    raise CheckpointError(f"tensor {name} in {file} has unsupported dtype {info['dtype']}")
+                self._file_of[name] = file
+                self._shape[name] = tuple(info["shape"])
+                self._dtype[name] = _ST_DTYPES[info["dtype"]]
+
+    def _load_bin(self, allow_bin: bool) -> None:
+        index = self.path / BIN_INDEX
+        if index.is_file():
+            try:
+                files = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"cannot parse {index}: {exc}") from None
+            files = [self.path / f for f in files]
+        else:
+            files = sorted(self.path.glob("*.bin"))
+        if not files:
+            raise CheckpointError(f"{self.name} has no weights (*.safetensors or *.bin)")
+        if not allow_bin:
+            raise CheckpointError(
+                f"{self.name} has only pickled .bin weights, which can run code when loaded; "
+                "pass --allow-bin (allow_bin=True) to load them anyway"
+            )
+        tensors: dict[str, torch.Tensor] = {}
+        for file in files:
+            try:
+                part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
+                raise CheckpointError(f"cannot load {file}: {exc}".splitlines()[0]) from None
+            tensors.update(part)
+        self._bin_tensors = tensors
+        for name, t in tensors.items():
+            self._shape[name] = tuple(t.shape)
+            self._dtype[name] = t.dtype
+
+    # -- access ------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        cfg = self.config
+        if "num_hidden_layers" not in cfg and isinstance(cfg.get("text_config"), dict):
+            cfg = cfg["text_config"]
+        if "num_hidden_layers" not in cfg:
+            raise CheckpointError(f"{self.path / 'config.json'} has no num_hidden_layers")
+        return int(cfg["num_hidden_layers"])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shape
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        self._check(name)
+        return self._shape[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        self._check(name)
+        return self._dtype[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read on demand from the memory-mapped file."""
+        self._check(name)
+        if self._bin_tensors is not None:
+            return self._bin_tensors[name]
+        file = self._file_of[name]
+        handle = self._handles.get(file)
+        if handle is None:
+            from safetensors import safe_open
+
+            handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+        return handle.get_tensor(name)
+
+    def _check(self, name: str) -> None:
+        if name not in self._shape:
+            raise CheckpointError(f"model {self.name} has no tensor {name}")
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.name!r}, {len(self.tensor_names)} tensors)"
+
+
+def copy_tokenizer(src: str | Path, dst: Path) -> list[str]:
+    """Copy the tokenizer / generation files that exist in ``src`` into ``dst``."""
+    src = Path(src)
+    if not src.is_dir():
+        raise CheckpointError(f"tokenizer source {src} is not a directory")
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def _tensor_nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def write_checkpoint(
+    out_dir: str | Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    config: dict,
+    tokenizer_from: str | Path | None = None,
+    max_shard_size: int = 2**30,
+    extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write an HF model directory atomically; returns ``out_dir``.
+
+    Tensors arrive as a stream and are flushed into a shard once the next one
+    would push it over ``max_shard_size`` bytes. One shard is written as
+    ``model.safetensors``; several as ``model-0000k-of-0000n.safetensors`` plus
+    ``model.safetensors.index.json``.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        shard_files: list[tuple[Path, list[str]]] = []
+        shard: dict[str, torch.Tensor] = {}
+        shard_storages: set[int] = set()
+        shard_bytes = 0
+        total = 0
+        seen: set[str] = set()
+
+        def flush() -> None:
+            nonlocal shard, shard_bytes, shard_storages
+            file = tmp / f"shard-{len(shard_files):05d}.partial"
+            save_file(shard, str(file), metadata={"format": "pt"})
+            shard_files.append((file, list(shard)))
+            shard, shard_bytes, shard_storages = {}, 0, set()
+
+        for name, t in tensors:
+            if name in seen:
+                raise CheckpointError(f"tensor {name} written twice to {out_dir}")
+            seen.add(name)
+            if t.device.type != "cpu":
+                t = t.cpu()
+            # safetensors refuses two names sharing storage (tied weights) and views.
+            nbytes = _tensor_nbytes(t)
+            if shard and shard_bytes + nbytes > max_shard_size:
+                flush()
+            if not t.is_contiguous() or t.untyped_storage().data_ptr() in shard_storages:
+                t = t.contiguous().clone()
+            shard_storages.add(t.untyped_storage().data_ptr())
+            shard[name] = t
+            shard_bytes += nbytes
+            total += nbytes
+        if shard or not shard_files:
+            flush()
+
+        if len(shard_files) == 1:
+            shard_files[0][0].rename(tmp / "model.safetensors")
+        else:
+            n = len(shard_files)
+            weight_map = {}
+            for k, (file, names) in enumerate(shard_files, start=1):
+                final_name = f"model-{k:05d}-of-{n:05d}.safetensors"
+                file.rename(tmp / final_name)
+                weight_map.update({name: final_name for name in names})
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer_from is not None:
+            copy_tokenizer(tokenizer_from, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return out_dir
