@@ -209,6 +209,10 @@ class RayPool:
         self._done: deque[EvalResult] = deque()
         self._tasks: dict[Any, tuple[int, Candidate]] = {}   # ref -> (slot, candidate)
         self._starting: dict[Any, int] = {}                  # ready() ref -> slot
+        # One ticket per free place in an actor's queue: (slot, incarnation). Taking the
+        # oldest ticket spreads work over workers and makes dispatch O(1) at any pool size;
+        # tickets of a replaced actor are skipped when they come up.
+        self._tickets: deque[tuple[int, int]] = deque()
         self._slots = [self._start_actor(i, 0) for i in range(n_workers)]
         # Wait for the first actors: a source that does not load stops the search here,
         # before the caller has written anything.
@@ -221,6 +225,9 @@ class RayPool:
                 raise EvomergeError(f"Ray workers did not start within {startup_timeout:.0f} s "
                                     f"(asked for num_cpus={num_cpus}, num_gpus={num_gpus} each)")
             self._on_ready(ready[0])
+        # Level by level: every worker gets one candidate before any gets its second.
+        self._tickets = deque((index, slot.incarnation) for _ in range(queue_depth)
+                              for index, slot in enumerate(self._slots))
 
     # -- the interface the search loop uses
 
@@ -295,20 +302,22 @@ class RayPool:
         if info["error"]:
             self.close()
             raise EvomergeError(f"worker {info['name']} could not start its evaluator: {info['error']}")
-        self._slots[index].info = WorkerInfo(index, info["name"], info["pid"], info["host"])
+        slot = self._slots[index]
+        slot.info = WorkerInfo(index, info["name"], info["pid"], info["host"])
+        self._tickets.appendleft((index, slot.incarnation))   # a fresh worker starts at once
+        self._tickets.extend([(index, slot.incarnation)] * (self.queue_depth - 1))
         self._dispatch()
 
     def _dispatch(self) -> None:
-        # Fill level by level so candidates spread over workers before any worker gets two.
-        for level in range(self.queue_depth):
-            for index, slot in enumerate(self._slots):
-                if not self._queue:
-                    return
-                if slot.info is not None and len(slot.running) <= level:
-                    candidate = self._queue.popleft()
-                    ref = slot.actor.evaluate.remote(candidate)
-                    slot.running.append(ref)
-                    self._tasks[ref] = (index, candidate)
+        while self._queue and self._tickets:
+            index, incarnation = self._tickets.popleft()
+            slot = self._slots[index]
+            if slot.incarnation != incarnation or slot.info is None:
+                continue   # that actor was replaced; its successor brings its own tickets
+            candidate = self._queue.popleft()
+            ref = slot.actor.evaluate.remote(candidate)
+            slot.running.append(ref)
+            self._tasks[ref] = (index, candidate)
 
     def _on_result(self, ref: Any) -> None:
         index, candidate = self._tasks[ref]
@@ -335,10 +344,12 @@ class RayPool:
         self._done.append(result)
 
     def _forget(self, index: int, ref: Any) -> None:
+        """A task of a live actor finished: its place in that actor's queue is free again."""
         del self._tasks[ref]
-        running = self._slots[index].running
-        if ref in running:
-            running.remove(ref)
+        slot = self._slots[index]
+        if ref in slot.running:
+            slot.running.remove(ref)
+        self._tickets.append((index, slot.incarnation))
 
     def _replace(self, index: int, reason: str, charge_first: bool) -> None:
         """Start a new actor in slot ``index``; retry or requeue what the old one held.

@@ -1,0 +1,256 @@
+"""How fast does evaluation scale with Ray workers, and how many can one controller feed?
+
+Three measurements:
+
+1. throughput (candidates/minute) with 1 and 2 Ray workers on real merges: each worker
+   keeps tiny Llama sources resident, merges a candidate linearly in memory, swaps the
+   weights into a resident model and scores fixed items (the shape of the real
+   CandidateEvaluator's work, without any disk I/O);
+2. the controller's own cost per candidate, with evaluations that cost nothing: many
+   candidates through RayPool with a no-op evaluator (wall and controller CPU time), the
+   cost of one ``ray.wait`` over the in-flight list of a 256-worker pool, and, when the
+   search loop is available, the whole SearchRun loop (optimizer ask/tell, archive writes)
+   on the synthetic evaluator;
+3. workers_supported = candidate turnaround / controller overhead per candidate: how many
+   workers one controller keeps busy before it becomes the bottleneck.
+
+    .venv/bin/python scripts/bench_scaling.py --json bench_scaling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evomerge.workers.pool import LocalPool, RayPool  # noqa: E402
+from evomerge.workers.types import Candidate, EvalResult, ObjectiveScore  # noqa: E402
+
+
+class NoopEvaluator:
+    """Returns a fixed result at once: what is left is the pool's and Ray's own cost."""
+
+    def evaluate(self, candidate: Candidate) -> EvalResult:
+        return EvalResult(candidate.candidate_id, "ok",
+                          objectives={"score": ObjectiveScore(float(sum(candidate.genome)), 0.0, 1)})
+
+
+class TinyMergeEvaluator:
+    """Linear merge of resident tiny Llama sources, swapped into one resident model, scored
+    on fixed token items (next-token agreement with the first source)."""
+
+    def __init__(self, source_dirs: list[str], n_items: int = 32, seq_len: int = 32):
+        import torch
+        from safetensors.torch import load_file
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.set_num_threads(1)   # one core per worker, as Ray's num_cpus=1 promises
+        self.torch = torch
+        self.sources = []
+        for directory in source_dirs:
+            tensors = {}
+            for shard in sorted(Path(directory).glob("*.safetensors")):
+                tensors.update(load_file(shard))
+            self.sources.append(tensors)
+        config = json.loads((Path(source_dirs[0]) / "config.json").read_text())
+        self.model = LlamaForCausalLM(LlamaConfig(**config)).eval()
+        gen = torch.Generator().manual_seed(0)
+        self.items = torch.randint(3, config["vocab_size"], (n_items, seq_len), generator=gen)
+        self.model.load_state_dict(self.sources[0], strict=False)
+        with torch.no_grad():
+            self.reference = self.model(self.items).logits[:, -1].argmax(-1)
+
+    def evaluate(self, candidate: Candidate) -> EvalResult:
+        torch = self.torch
+        t0 = time.perf_counter()
+        weights = np.abs(np.asarray(candidate.genome, dtype=float)) + 1e-6
+        weights = weights / weights.sum()
+        merged = {name: sum(float(w) * src[name] for w, src in zip(weights, self.sources))
+                  for name in self.sources[0]}
+        t1 = time.perf_counter()
+        self.model.load_state_dict(merged, strict=False)   # in place: same shapes
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            predicted = self.model(self.items).logits[:, -1].argmax(-1)
+        agree = (predicted == self.reference).float()
+        t3 = time.perf_counter()
+        n = len(agree)
+        value = float(agree.mean())
+        return EvalResult(candidate.candidate_id, "ok", items_scored=n, seconds=t3 - t0,
+                          objectives={"agreement": ObjectiveScore(value, float(agree.std()) / n**0.5, n)},
+                          timings={"merge": t1 - t0, "load": t2 - t1, "score": t3 - t2})
+
+
+def candidates(n: int, dim: int, seed: int = 0) -> list[Candidate]:
+    rng = np.random.default_rng(seed)
+    return [Candidate(i, 0, rng.uniform(0, 1, dim).tolist(), {}) for i in range(n)]
+
+
+def run_through(pool, items: list[Candidate]) -> dict[str, float]:
+    """Push candidates through a pool with a steady queue; wall and controller CPU time."""
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    for candidate in items:
+        pool.submit(candidate)
+    statuses = []
+    while pool.pending():
+        statuses.append(pool.next_result(timeout=600).status)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    assert statuses.count("ok") == len(items), f"{len(items) - statuses.count('ok')} candidates failed"
+    return {"candidates": len(items), "wall_s": wall, "controller_cpu_s": cpu}
+
+
+def make_sources(root: Path, n_sources: int, hidden: int, layers: int) -> list[str]:
+    from evomerge.io.synthetic import make_tiny_llama
+
+    base = make_tiny_llama(root / "base", num_layers=layers, hidden_size=hidden,
+                           intermediate_size=hidden * 2, num_attention_heads=8, num_key_value_heads=4,
+                           vocab_size=2048, seed=0)
+    dirs = [str(base)]
+    for i in range(1, n_sources):
+        dirs.append(str(make_tiny_llama(root / f"ft{i}", base=base, noise=0.01, seed=i)))
+    return dirs
+
+
+def bench_throughput(sources: list[str], n_per_worker: int) -> list[dict]:
+    import functools
+
+    rows = []
+    factory = functools.partial(TinyMergeEvaluator, sources)
+    for n_workers in (1, 2):
+        t0 = time.perf_counter()
+        with RayPool(factory, n_workers, num_cpus=1) as pool:
+            startup = time.perf_counter() - t0
+            run_through(pool, candidates(2 * n_workers, len(sources), seed=99))   # warm up
+            row = run_through(pool, candidates(n_per_worker * n_workers, len(sources)))
+        per_min = 60 * row["candidates"] / row["wall_s"]
+        row.update(workers=n_workers, startup_s=startup, candidates_per_minute=per_min,
+                   turnaround_s=n_workers * row["wall_s"] / row["candidates"])
+        rows.append(row)
+        print(f"  {n_workers} worker(s): {per_min:7.1f} candidates/min  "
+              f"(turnaround {row['turnaround_s']:.3f} s/candidate/worker, startup {startup:.1f} s)")
+    return rows
+
+
+def bench_pool_overhead(n: int) -> dict:
+    local = run_through(LocalPool(NoopEvaluator), candidates(n, 4))
+    with RayPool(NoopEvaluator, 2, num_cpus=1) as pool:
+        run_through(pool, candidates(50, 4))
+        ray_row = run_through(pool, candidates(n, 4))
+    out = {"local_pool": local, "ray_pool": ray_row}
+    for name, row in out.items():
+        row["wall_per_candidate_ms"] = 1e3 * row["wall_s"] / row["candidates"]
+        row["controller_cpu_per_candidate_ms"] = 1e3 * row["controller_cpu_s"] / row["candidates"]
+        print(f"  {name:10s} no-op: {row['wall_per_candidate_ms']:.3f} ms wall, "
+              f"{row['controller_cpu_per_candidate_ms']:.3f} ms controller CPU per candidate")
+    return out
+
+
+def bench_wait_cost(in_flight: int, repeats: int = 50) -> float:
+    """Seconds for one ray.wait over ``in_flight`` unfinished refs plus one finished one:
+    what each next_result pays in a pool of in_flight/2 workers."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_concurrency=in_flight + 8)
+    class Gate:
+        def __init__(self):
+            self.event = asyncio.Event()
+
+        async def wait(self):
+            await self.event.wait()
+
+        async def open(self):
+            self.event.set()
+
+    gate = Gate.remote()
+    blocked = [gate.wait.remote() for _ in range(in_flight)]
+    done = ray.put(1)
+    ray.wait([done])
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        ready, _ = ray.wait(blocked + [done], num_returns=1, timeout=10)
+        assert ready == [done]
+    cost = (time.perf_counter() - t0) / repeats
+    ray.get(gate.open.remote())
+    ray.get(blocked)
+    ray.kill(gate)
+    return cost
+
+
+def bench_search_loop(n: int, pool_kind: str) -> dict | None:
+    """The whole SearchRun loop on the synthetic evaluator, if the search package has it."""
+    try:
+        from evomerge.search.run import SearchRun  # noqa: F401
+    except ImportError as exc:
+        print(f"  search loop: skipped ({exc})")
+        return None
+    from bench_search_loop import run_search_loop   # kept beside this script
+
+    return run_search_loop(n, pool_kind)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the numbers here")
+    parser.add_argument("--candidates-per-worker", type=int, default=12)
+    parser.add_argument("--noop-candidates", type=int, default=2000)
+    parser.add_argument("--hidden", type=int, default=256, help="tiny source model width")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--sources", type=int, default=3)
+    parser.add_argument("--turnaround", type=float, nargs="*", default=[1.0, 10.0, 60.0],
+                        help="candidate turnaround times (s) to state workers_supported for")
+    parser.add_argument("--target-workers", type=int, default=256)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20, log_to_driver=False)
+    report: dict = {"machine": {"cpus": os.cpu_count()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = make_sources(Path(tmp), args.sources, args.hidden, args.layers)
+        print(f"throughput, {args.sources} tiny Llama sources (hidden {args.hidden}, {args.layers} layers):")
+        report["throughput"] = bench_throughput(sources, args.candidates_per_worker)
+    print(f"controller overhead, {args.noop_candidates} no-op candidates:")
+    report["pool_overhead"] = bench_pool_overhead(args.noop_candidates)
+    in_flight = 2 * args.target_workers
+    wait_small, wait_big = bench_wait_cost(4), bench_wait_cost(in_flight)
+    report["ray_wait_s"] = {"in_flight_4": wait_small, f"in_flight_{in_flight}": wait_big}
+    print(f"  ray.wait over 4 / {in_flight} in-flight refs: {1e3 * wait_small:.3f} / {1e3 * wait_big:.3f} ms")
+    search = bench_search_loop(min(args.noop_candidates, 500), "local")
+    if search:
+        report["search_loop"] = search
+    ray.shutdown()
+
+    # The controller's cost per candidate at the target size: the Ray pool's own CPU per
+    # candidate, plus the extra ray.wait cost of a longer in-flight list, plus the search
+    # loop's per-candidate work (optimizer, archive) when measured.
+    pool_ms = report["pool_overhead"]["ray_pool"]["controller_cpu_per_candidate_ms"]
+    loop_ms = search["loop_overhead_per_candidate_ms"] if search else 0.0
+    overhead_s = (pool_ms + loop_ms) / 1e3 + max(0.0, wait_big - wait_small)
+    measured_turnaround = report["throughput"][0]["turnaround_s"]
+    supported = {f"{t:g}": t / overhead_s for t in [measured_turnaround, *args.turnaround]}
+    report["controller_overhead_per_candidate_s"] = overhead_s
+    report["workers_supported"] = supported
+    print(f"controller overhead per candidate at {args.target_workers} workers: {1e3 * overhead_s:.3f} ms "
+          f"(pool {pool_ms:.3f} + search loop {loop_ms:.3f} + ray.wait {1e3 * max(0.0, wait_big - wait_small):.3f})")
+    for turnaround, workers in supported.items():
+        verdict = "ok" if workers >= args.target_workers else "CONTROLLER-BOUND"
+        print(f"  turnaround {float(turnaround):8.3f} s -> one controller keeps {workers:9.0f} workers busy "
+              f"[{verdict} vs {args.target_workers}]")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
