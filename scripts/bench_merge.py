@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+"""Benchmark evomerge against mergekit 0.1.5 on ~220M-parameter float32 Llama checkpoints.
+
+In one run: makes three checkpoints in code (a base and two fine-tunes = base + noise;
+hidden 1024, 12 layers, intermediate 2816, vocab 32000, untied embeddings; cached under
+--workdir), then for each of TIES, task arithmetic and linear measures, each in a fresh
+subprocess (wall time, and the child's peak RSS from wait4):
+
+  mergekit        `mergekit-yaml CONFIG OUT` from .venv-mergekit (scripts/setup_mergekit_venv.sh)
+  evomerge disk   `evomerge merge CONFIG OUT`
+  evomerge memory `merge(plan, sources)` with the sources resident, timed over --repeats
+                  calls after loading (the per-candidate cost of a search worker)
+
+and prints them with the ratios against the targets: mergekit / evomerge wall time to disk
+>= 5, evomerge / mergekit peak memory <= 0.5, mergekit run / in-memory merge >= 10.
+Import times are measured separately. The machine is shared, so the 1-minute load
+average is printed beside every measurement.
+
+    .venv/bin/python scripts/bench_merge.py [--workdir /tmp/evomerge-bench] [--json bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MERGEKIT_BIN = ROOT / ".venv-mergekit" / "bin"
+PY = sys.executable
+
+SHAPE = dict(num_layers=12, hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
+             num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=False)
+
+RECIPES = {
+    "ties": {"merge_method": "ties", "base_model": "base",
+             "models": [{"model": "ft_a", "parameters": {"weight": 1.0, "density": 0.5}},
+                        {"model": "ft_b", "parameters": {"weight": 0.7, "density": 0.5}}],
+             "dtype": "float32"},
+    "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": "base",
+                        "models": [{"model": "ft_a", "parameters": {"weight": 0.6}},
+                                   {"model": "ft_b", "parameters": {"weight": 0.4}}],
+                        "dtype": "float32"},
+    "linear": {"merge_method": "linear",
+               "models": [{"model": "base", "parameters": {"weight": 1.0}},
+                          {"model": "ft_a", "parameters": {"weight": 1.0}},
+                          {"model": "ft_b", "parameters": {"weight": 1.0}}],
+               "dtype": "float32"},
+}
+
+IN_MEMORY_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+from evomerge.merge.plan import MergePlan
+from evomerge.merge.engine import SourceSet, merge
+t_import = time.perf_counter() - t0
+cfg, refs, repeats = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+plan = MergePlan.from_yaml(cfg)
+t0 = time.perf_counter()
+sources = SourceSet.load({r: r for r in refs}, resident=True)
+t_load = time.perf_counter() - t0
+times, n_params = [], 0
+for _ in range(repeats):
+    t0 = time.perf_counter()
+    weights = merge(plan, sources)
+    times.append(time.perf_counter() - t0)
+    n_params = sum(t.numel() for t in weights.values())
+    del weights
+print("RESULT " + json.dumps({"import_s": t_import, "load_s": t_load, "merge_s": times,
+                              "n_params": n_params, "threads": torch.get_num_threads()}))
+"""
+
+
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
+def measure_rss(cmd: list[str], env: dict | None = None) -> dict:
+    """Run cmd in a fresh process: wall time, and that child's own peak RSS (reaped with wait4)."""
+    load_before = load1()
+    t0 = time.perf_counter()
+    out_f = open(f"/tmp/bench_merge.{os.getpid()}.out", "w+")
+    err_f = open(f"/tmp/bench_merge.{os.getpid()}.err", "w+")
+    proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out_f.seek(0)
+    err_f.seek(0)
+    out, err = out_f.read(), err_f.read()
+    for f in (out_f, err_f):
+        f.close()
+        os.unlink(f.name)
+    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "rc": proc.returncode,
+            "user_s": usage.ru_utime, "sys_s": usage.ru_stime,
+            "stdout": out, "stderr": err, "load_before": load_before, "load_after": load1()}
+
+
+def build_models(workdir: Path) -> tuple[dict[str, Path], float]:
+    sys.path.insert(0, str(ROOT))
+    from evomerge.io.synthetic import make_tiny_llama
+
+    t0 = time.perf_counter()
+    models = {name: workdir / "models" / name for name in ("base", "ft_a", "ft_b")}
+    if not (models["base"] / "config.json").exists():
+        make_tiny_llama(models["base"], seed=1, overwrite=True, **SHAPE)
+    for seed, name in ((2, "ft_a"), (3, "ft_b")):
+        if not (models[name] / "config.json").exists():
+            make_tiny_llama(models[name], base=models["base"], noise=0.002, seed=seed, overwrite=True)
+    return models, time.perf_counter() - t0
+
+
+def with_paths(recipe: dict, models: dict[str, Path]) -> dict:
+    r = json.loads(json.dumps(recipe))
+    if "base_model" in r:
+        r["base_model"] = str(models[r["base_model"]])
+    for m in r["models"]:
+        m["model"] = str(models[m["model"]])
+    return r
+
+
+def max_diff(dir_a: Path, dir_b: Path) -> tuple[float, str | None]:
+    """Worst absolute difference between two output checkpoints, streamed tensor by tensor."""
+    from safetensors import safe_open
+
+    def index(d):
+        idx = {}
+        for f in sorted(d.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    idx[k] = f
+        return idx
+
+    ia, ib = index(dir_a), index(dir_b)
+    if set(ia) != set(ib):
+        return float("inf"), f"tensor names differ ({len(ia)} vs {len(ib)})"
+    worst, worst_name = 0.0, None
+    for k in sorted(ia):
+        with safe_open(str(ia[k]), framework="pt") as ha, safe_open(str(ib[k]), framework="pt") as hb:
+            d = (ha.get_tensor(k).float() - hb.get_tensor(k).float()).abs().max().item()
+        if d > worst or worst_name is None:
+            worst, worst_name = d, k
+    return worst, worst_name
+
+
+def fmt_ratio(x: float | None, target: str) -> str:
+    return "-" if x is None else f"{x:.2f}x ({target})"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/evomerge-bench"))
+    ap.add_argument("--methods", default=",".join(RECIPES), help="comma-separated subset")
+    ap.add_argument("--repeats", type=int, default=3, help="in-memory merges timed per method")
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+    print(f"cpus: {os.cpu_count()}, load average at start: {os.getloadavg()}")
+    models, t_build = build_models(work)
+    n_bytes = sum(f.stat().st_size for f in models["base"].glob("*.safetensors"))
+    print(f"models ready in {t_build:.1f}s: 3 x {n_bytes / 1e9:.2f} GB float32 under {work / 'models'}")
+
+    results: dict = {"shape": SHAPE, "model_bytes": n_bytes, "cpus": os.cpu_count(),
+                     "load_at_start": os.getloadavg(), "methods": {}}
+
+    # Import cost alone (interpreter start included), as each tool pays it per run.
+    imports = {}
+    if not args.skip_mergekit:
+        imports["mergekit"] = measure_rss([str(MERGEKIT_BIN / "python"), "-c",
+                                           "import mergekit.scripts.run_yaml, mergekit.merge"], env)
+    imports["evomerge"] = measure_rss([PY, "-c", "import evomerge.cli, evomerge.merge.command"], env)
+    results["import"] = {k: {"wall_s": v["wall_s"], "load": v["load_before"], "rc": v["rc"]}
+                         for k, v in imports.items()}
+    print("import: " + ", ".join(f"{k} {v['wall_s']:.2f}s" for k, v in imports.items()))
+
+    for method in args.methods.split(","):
+        recipe = with_paths(RECIPES[method], models)
+        cfg = work / f"{method}.yaml"
+        cfg.write_text(json.dumps(recipe, indent=1))  # JSON is YAML
+        refs = sorted({recipe.get("base_model")} - {None} | {m["model"] for m in recipe["models"]})
+        row: dict = {}
+        out_mk, out_evo = work / "out-mergekit", work / "out-evomerge"
+        for d in (out_mk, out_evo):
+            shutil.rmtree(d, ignore_errors=True)
+
+        if not args.skip_mergekit:
+            r = measure_rss([str(MERGEKIT_BIN / "mergekit-yaml"), str(cfg), str(out_mk), "--no-cuda",
+                             "--no-copy-tokenizer", "--no-write-model-card", "--quiet"], env)
+            row["mergekit"] = {k: r[k] for k in ("wall_s", "peak_rss_gb", "user_s", "sys_s", "rc",
+                                                 "load_before", "load_after")}
+            if r["rc"]:
+                print(f"[{method}] mergekit failed: {r['stderr'][-500:]}")
+        r = measure_rss([PY, "-m", "evomerge.cli", "merge", str(cfg), str(out_evo)], env)
+        row["evomerge_disk"] = {k: r[k] for k in ("wall_s", "peak_rss_gb", "user_s", "sys_s", "rc",
+                                                  "load_before", "load_after")}
+        if r["rc"]:
+            print(f"[{method}] evomerge merge failed: {r['stderr'][-500:]}")
+        elif not args.skip_mergekit and not row["mergekit"]["rc"]:
+            row["max_abs_diff_vs_mergekit"], row["worst_tensor"] = max_diff(out_evo, out_mk)
+        for d in (out_mk, out_evo):
+            shutil.rmtree(d, ignore_errors=True)
+
+        r = measure_rss([PY, "-c", IN_MEMORY_CHILD, str(cfg), json.dumps(refs), str(args.repeats)], env)
+        line = next((l for l in r["stdout"].splitlines() if l.startswith("RESULT ")), None)
+        if r["rc"] or line is None:
+            print(f"[{method}] in-memory merge failed: {r['stderr'][-500:]}")
+            row["evomerge_memory"] = {"rc": r["rc"] or 1}
+        else:
+            inner = json.loads(line[len("RESULT "):])
+            row["evomerge_memory"] = {"wall_s": r["wall_s"], "peak_rss_gb": r["peak_rss_gb"],
+                                      "load_before": r["load_before"], "load_after": r["load_after"],
+                                      "rc": 0, **inner}
+        results["methods"][method] = row
+        print(f"[{method}] done: " + ", ".join(
+            f"{k} {v.get('wall_s', float('nan')):.1f}s" for k, v in row.items() if isinstance(v, dict)))
+
+    # ---------------------------------------------------------------- table
+    print("\nwall time / peak RSS per merge (fresh process each; load = 1-min load average before)")
+    hdr = (f"{'method':<16} {'mergekit':>18} {'evomerge disk':>18} {'evomerge mem':>22}  "
+           f"{'wall mk/evo':>16} {'mem evo/mk':>17} {'mk/in-mem':>17}  max|diff|")
+    print(hdr)
+    print("-" * len(hdr))
+    for method, row in results["methods"].items():
+        mk, ed, em = row.get("mergekit"), row.get("evomerge_disk"), row.get("evomerge_memory")
+
+        def cell(m):
+            if not m or m.get("rc"):
+                return "failed" if m else "-"
+            return f"{m['wall_s']:.1f}s {m['peak_rss_gb']:.2f}GB L{m['load_before']:.1f}"
+
+        mem_cell = "failed"
+        t_mem = None
+        if em and not em.get("rc"):
+            t_mem = sorted(em["merge_s"])[len(em["merge_s"]) // 2]
+            mem_cell = f"{t_mem:.2f}s {em['peak_rss_gb']:.2f}GB L{em['load_before']:.1f}"
+        ok_mk = mk and not mk.get("rc")
+        ok_ed = ed and not ed.get("rc")
+        r_wall = mk["wall_s"] / ed["wall_s"] if ok_mk and ok_ed else None
+        r_mem = ed["peak_rss_gb"] / mk["peak_rss_gb"] if ok_mk and ok_ed else None
+        r_inmem = mk["wall_s"] / t_mem if ok_mk and t_mem else None
+        row["ratios"] = {"wall_mergekit_over_evomerge_disk": r_wall,
+                         "peak_mem_evomerge_disk_over_mergekit": r_mem,
+                         "mergekit_wall_over_in_memory_merge": r_inmem}
+        row["targets_met"] = {"wall>=5": r_wall is not None and r_wall >= 5,
+                              "mem<=0.5": r_mem is not None and r_mem <= 0.5,
+                              "in_memory>=10": r_inmem is not None and r_inmem >= 10}
+        diff = row.get("max_abs_diff_vs_mergekit")
+        print(f"{method:<16} {cell(mk):>18} {cell(ed):>18} {mem_cell:>22}  "
+              f"{fmt_ratio(r_wall, '>=5'):>16} {fmt_ratio(r_mem, '<=0.5'):>17} "
+              f"{fmt_ratio(r_inmem, '>=10'):>17}  {'-' if diff is None else f'{diff:.1e}'}")
+    for method, row in results["methods"].items():
+        em = row.get("evomerge_memory", {})
+        if em and not em.get("rc"):
+            print(f"  {method}: in-memory import {em['import_s']:.2f}s, load sources {em['load_s']:.1f}s, "
+                  f"merges {', '.join(f'{t:.2f}s' for t in em['merge_s'])} ({em['threads']} torch threads)")
+    results["load_at_end"] = os.getloadavg()
+    print(f"load average at end: {results['load_at_end']}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
