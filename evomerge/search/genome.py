@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
@@ -104,7 +105,7 @@ class ParameterSpaceConfig(_Strict):
 class LayerSwapConfig(_Strict):
     kind: Literal["layer_swap"]
     sources: list[str] | None = None  # candidates per layer; default: base + all sources
-    embed_from: str | None = None  # embeddings / norm / head; default: the base (or first source)
+    embed_from: str | None = None  # embeddings / norm / head; default: mergekit's rule (see _bracket)
 
 
 class DataFlowConfig(_Strict):
@@ -186,6 +187,69 @@ class StagedPlan(BaseModel):
     @classmethod
     def from_dict(cls, d: dict) -> "StagedPlan":
         return cls(stages=[(s["name"], MergePlan.from_dict(s["plan"])) for s in d["stages"]])
+
+
+class _TensorView:
+    """Duck-types ``evomerge.io.checkpoint.Checkpoint`` over tensors that are already in memory
+    (an earlier stage's output, or another SourceSet's resident weights), so a later stage can
+    use them as a source without touching the disk."""
+
+    def __init__(self, name: str, config: dict, names: list[str], get, path=None):
+        self.name, self.config, self.tensor_names, self._get = name, config, list(names), get
+        self.path = path if path is not None else Path(name)
+        self._names = set(names)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.get("num_hidden_layers", self.config.get("text_config", {}).get("num_hidden_layers")))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def get(self, name: str):
+        return self._get(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._get(name).shape)
+
+    def dtype(self, name: str):
+        return self._get(name).dtype
+
+
+def staged_sources(plan: StagedPlan, sources, device=None):
+    """A SourceSet for ``plan.final``: the sources plus every earlier stage's output, merged in memory."""
+    from evomerge.merge.engine import SourceSet, merge, output_config
+
+    views = {
+        name: _TensorView(name, ck.config, ck.tensor_names, (lambda n, m=name: sources.tensor(m, n)), ck.path)
+        for name, ck in sources.checkpoints.items()
+    }
+    current = sources
+    for name, stage in plan.stages[:-1]:
+        if name in views:
+            raise ConfigError(f"stage name {name!r} is also a source name")
+        weights = merge(stage, current, device)
+        views[name] = _TensorView(name, output_config(stage, current), list(weights), weights.__getitem__)
+        current = SourceSet(views, device=device or sources.device, resident=False)
+    return current
+
+
+def merge_plan(plan: MergePlan | StagedPlan, sources, device=None) -> dict:
+    """In-memory weights of either plan kind (what a worker swaps into its backend)."""
+    from evomerge.merge.engine import merge
+
+    if isinstance(plan, StagedPlan):
+        return merge(plan.final, staged_sources(plan, sources, device), device)
+    return merge(plan, sources, device)
+
+
+def plan_output_config(plan: MergePlan | StagedPlan, sources) -> dict:
+    """config.json of the model either plan kind produces."""
+    from evomerge.merge.engine import output_config
+
+    if isinstance(plan, StagedPlan):
+        return output_config(plan.final, staged_sources(plan, sources))
+    return output_config(plan, sources)
 
 
 def plan_from_dict(d: dict) -> MergePlan | StagedPlan:
@@ -403,22 +467,40 @@ class ParameterSpace(GenomeSpace):
         }
 
 
-def _default_embed(embed_from: str | None, base_model: str | None, collection: list[str], sources: list[str]) -> str:
-    choice = embed_from or base_model or collection[0]
-    if choice not in sources and choice != base_model and choice != MERGED:
-        raise ConfigError(f"genome.embed_from: {choice!r} is not one of the sources {sources}")
-    return choice
+def _check_source(embed_from: str | None, sources: list[str]) -> str | None:
+    if embed_from is not None and embed_from not in sources:
+        raise ConfigError(f"genome.embed_from: {embed_from!r} is not one of the sources {sources}")
+    return embed_from
 
 
-def _bracket(slices: list[dict], embed_from: str) -> list[dict]:
+def _empty_slices_supported() -> bool:
+    try:
+        MergePlan.from_dict({"merge_method": "passthrough",
+                             "slices": [{"sources": [{"model": "m", "layer_range": [0, 0]}]}]})
+        return True
+    except ConfigError:
+        return False
+
+
+def _bracket(slices: list[dict], embed_from: str | None) -> list[dict]:
     """Wrap layer slices in empty slices of ``embed_from``.
 
     mergekit takes the embeddings from the first slice's model and the final norm and
-    head from the last slice's; empty slices ([0, 0]) at both ends pin them to
-    ``embed_from`` without adding layers (and keep the head free of any ``scale``).
+    head from the last slice's; empty slices ([0, 0], valid in mergekit) at both ends
+    pin them to ``embed_from`` without adding layers. Without ``embed_from`` the plain
+    rule applies: embeddings from the first layer's source, head from the last one's.
     """
+    if embed_from is None:
+        return slices
     empty = {"sources": [{"model": embed_from, "layer_range": [0, 0]}]}
     return [empty, *slices, empty]
+
+
+def _check_embed_from(embed_from: str | None, where: str) -> None:
+    if embed_from is not None and not _empty_slices_supported():
+        raise ConfigError(f"{where}: needs empty [0, 0] slices, which this evomerge.merge.plan refuses; "
+                          "leave it unset (embeddings then come from the first layer's source, the head "
+                          "from the last layer's, as in mergekit)")
 
 
 class LayerSwapSpace(GenomeSpace):
@@ -428,10 +510,12 @@ class LayerSwapSpace(GenomeSpace):
         super().__init__()
         everything = list(sources) if base_model is None or base_model in sources else [base_model, *sources]
         self.choices = cfg.sources or everything
+        self.tokenizer_source = base_model or everything[0]
         for s in self.choices:
             if s not in everything:
                 raise ConfigError(f"genome.sources: {s!r} is not one of the sources {everything}")
-        self.embed_from = _default_embed(cfg.embed_from, base_model, self.choices, everything)
+        self.embed_from = _check_source(cfg.embed_from, everything)
+        _check_embed_from(self.embed_from, "genome.embed_from")
         self.num_layers = num_layers
         for i in range(num_layers):
             self._add(f"layer{i}.source", (0, len(self.choices) - 1), integer=True)
@@ -443,7 +527,7 @@ class LayerSwapSpace(GenomeSpace):
         ]
         return MergePlan.from_dict(
             {"merge_method": "passthrough", "slices": _bracket(slices, self.embed_from),
-             "tokenizer_source": self.embed_from}
+             "tokenizer_source": self.embed_from or self.tokenizer_source}
         )
 
     def describe(self, x: np.ndarray) -> dict:
@@ -465,6 +549,7 @@ class DataFlowSpace(GenomeSpace):
         everything = list(sources) if base_model is None or base_model in sources else [base_model, *sources]
         everything = [*extra_models, *everything]
         self.collection = cfg.sources or everything
+        self.tokenizer_source = base_model or [m for m in everything if m != MERGED][0]
         for s in self.collection:
             if s not in everything:
                 raise ConfigError(f"genome.data_flow.sources: {s!r} is not one of {everything}")
@@ -474,7 +559,8 @@ class DataFlowSpace(GenomeSpace):
         M = len(self.layers)
         self.cfg = cfg
         self.max_layers = cfg.max_layers or 2 * max(depth[s] for s in self.collection)
-        self.embed_from = _default_embed(cfg.embed_from, base_model, self.collection, everything)
+        self.embed_from = _check_source(cfg.embed_from, everything)
+        _check_embed_from(self.embed_from, "genome.embed_from")
         T = M * cfg.repetitions
         self.slots = [self.layers[t % M] for t in range(T)]
         self.include = [self._add(f"slot{t}.include", (0, 1), integer=True) for t in range(T)]
@@ -518,8 +604,9 @@ class DataFlowSpace(GenomeSpace):
 
     def decode(self, x: np.ndarray) -> MergePlan:
         x = self.clip(x)
+        tokenizer = self.embed_from if self.embed_from not in (None, MERGED) else self.tokenizer_source
         return MergePlan.from_dict({"merge_method": "passthrough", "slices": _bracket(self.slices(x), self.embed_from),
-                                    "tokenizer_source": self.embed_from if self.embed_from != MERGED else None})
+                                    "tokenizer_source": tokenizer})
 
     def describe(self, x: np.ndarray) -> dict:
         x = self.clip(x)
@@ -543,10 +630,6 @@ class CombinedSpace(GenomeSpace):
             raise ConfigError(f"genome.kind: combined reserves the model name {MERGED!r}; rename that source")
         self.param = ParameterSpace(cfg.parameter, sources, base_model, num_layers)
         df_cfg = cfg.data_flow
-        if df_cfg.sources is None:
-            df_cfg = df_cfg.model_copy(update={"sources": [MERGED]})
-        if df_cfg.embed_from is None:
-            df_cfg = df_cfg.model_copy(update={"embed_from": MERGED})
         self.flow = DataFlowSpace(df_cfg, sources, base_model, num_layers, extra_models=[MERGED])
         self.tokenizer_source = base_model or sources[0]
         for g in self.param.genes:
