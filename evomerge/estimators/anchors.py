@@ -1,0 +1,90 @@
+"""Choosing the few items a candidate is actually scored on.
+
+Anchors (tinyBenchmarks): cluster the items, take the item nearest each centroid,
+and weight it by its cluster's share of the items, so the weighted anchor mean
+estimates the mean over all items. Items are embedded either by their IRT
+parameters (a_j, b_j) or by their correctness column over the calibration
+subjects. The baseline is a stratified random subset: items sorted by
+difficulty, cut into K strata, one item drawn from each.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from evomerge.errors import EvomergeError
+
+
+def kmeans(points: np.ndarray, k: int, seed: int = 0, n_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's k-means with k-means++ seeding. Returns (centroids, labels)."""
+    rng = np.random.default_rng(seed)
+    n = len(points)
+    centroids = [points[rng.integers(n)]]
+    dist = ((points - centroids[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = dist.sum()
+        pick = rng.integers(n) if total <= 0 else rng.choice(n, p=dist / total)
+        centroids.append(points[pick])
+        dist = np.minimum(dist, ((points - points[pick]) ** 2).sum(1))
+    c = np.array(centroids)
+    labels = np.full(n, -1)
+    for _ in range(n_iter):
+        d2 = ((points[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+        new = d2.argmin(1)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            members = points[labels == j]
+            # An emptied cluster takes the point farthest from its centroid.
+            c[j] = members.mean(0) if len(members) else points[d2.min(1).argmax()]
+    return c, labels
+
+
+def _check_k(k: int, n_items: int) -> None:
+    if k < 1:
+        raise EvomergeError(f"number of anchors must be >= 1, got {k}")
+    if k > n_items:
+        raise EvomergeError(f"{k} anchors requested but the response matrix has only {n_items} items")
+
+
+def item_embeddings(method: str, responses: np.ndarray | None = None, a: np.ndarray | None = None,
+                    b: np.ndarray | None = None) -> np.ndarray:
+    if method == "irt":
+        return np.column_stack([a, b])
+    if method == "correct":
+        # Missing cells count as the item's mean, so they pull nothing apart.
+        col_mean = np.nanmean(responses, 0)
+        return np.where(np.isnan(responses), col_mean, responses).T
+    raise EvomergeError(f"unknown anchor method {method!r} (irt, correct)")
+
+
+def select_anchors(embeddings: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(anchor item indices, weights summing to 1) by k-means over item embeddings."""
+    _check_k(k, len(embeddings))
+    centroids, labels = kmeans(embeddings, k, seed)
+    anchors, weights = [], []
+    for j in range(k):
+        members = np.flatnonzero(labels == j)
+        if len(members) == 0:
+            continue
+        d2 = ((embeddings[members] - centroids[j]) ** 2).sum(1)
+        anchors.append(members[d2.argmin()])
+        weights.append(len(members))
+    anchors = np.array(anchors)
+    weights = np.array(weights, float)
+    # Duplicate centroids can leave fewer than k distinct anchors; top up with unused items.
+    if len(anchors) < k:
+        rest = np.setdiff1d(np.arange(len(embeddings)), anchors)
+        extra = np.random.default_rng(seed).choice(rest, k - len(anchors), replace=False)
+        anchors = np.concatenate([anchors, extra])
+        weights = np.concatenate([weights, np.full(len(extra), 1e-9)])
+    return anchors, weights / weights.sum()
+
+
+def stratified_random(item_means: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """One random item from each of k difficulty strata (equal-count bins of item means)."""
+    _check_k(k, len(item_means))
+    rng = np.random.default_rng(seed)
+    order = np.argsort(item_means, kind="stable")
+    return np.array([rng.choice(stratum) for stratum in np.array_split(order, k)])

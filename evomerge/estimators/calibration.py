@@ -1,0 +1,279 @@
+"""The calibration artifact: everything a worker needs to turn anchor scores into fitness.
+
+`Calibration.fit` takes the full response matrix of a calibration population
+(subjects x items, nan = missing; for a search: the source models plus random
+merges scored on the whole pool) and, optionally, each subject's full-benchmark
+score when the matrix holds only part of the benchmark (metabench). It
+
+1. binarizes graded scores at the mean-preserving threshold;
+2. picks the IRT dimension by validation error on held-out subjects;
+3. fits a multidimensional 2PL, picks k-means anchors and a stratified random set;
+4. tunes gp-IRT's lambda on the validation subjects;
+5. learns, per estimator, the map from its item-pool estimate to the full score,
+   using features computed from the anchors only (as a candidate will have them).
+
+The artifact is JSON with a version and a SHA-256 of its payload; `load` refuses a
+file that fails either check. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from evomerge.errors import EvomergeError
+from evomerge.estimators import anchors as anchor_sel
+from evomerge.estimators import estimators as est
+from evomerge.estimators.irt import ItemParams, binarize, fit_irt, fit_theta
+
+VERSION = 1
+RIDGE = 1e-4
+LAMBDA_GRID = np.linspace(0.0, 1.0, 21)
+# Which item-pool estimate each full-score estimator starts from, and its map's features.
+MAPPED = {
+    "random": ("random", "affine"), "anchor": ("anchor", "affine"), "irt": ("irt", "affine"),
+    "pirt": ("pirt", "affine"), "gpirt": ("gpirt", "affine"), "mpirt": ("mpirt", "affine"),
+    "gmpirt": ("gmpirt", "affine"),
+    # Stronger maps: a cubic of the random mean (a fair baseline for the regressions below),
+    # and a regression of the full score on gp-IRT plus a cubic in each ability dimension.
+    "random_cubic": ("random", "cubic"), "gpirt_reg": ("gpirt", "reg"), "gmpirt_reg": ("gmpirt", "reg"),
+}
+
+
+@dataclass
+class Estimate:
+    value: float
+    stderr: float
+    n_items: int
+
+
+def _features(kind: str, x: np.ndarray, theta: np.ndarray | None) -> np.ndarray:
+    cols = [np.ones_like(x), x]
+    if kind in ("cubic", "reg"):
+        cols += [x**2, x**3]
+    if kind == "reg":
+        for t in np.atleast_2d(theta).T:
+            cols += [t, t**2, t**3]
+    return np.column_stack(cols)
+
+
+def _fit_map(kind: str, x: np.ndarray, theta: np.ndarray, target: np.ndarray) -> np.ndarray:
+    f = _features(kind, x, theta)
+    return np.linalg.solve(f.T @ f + RIDGE * len(x) * np.eye(f.shape[1]) * (np.arange(f.shape[1]) > 0), f.T @ target)
+
+
+@dataclass
+class Calibration:
+    items: list[str]
+    a: np.ndarray
+    b: np.ndarray
+    threshold: float | None
+    anchors: np.ndarray
+    anchor_weights: np.ndarray
+    random_items: np.ndarray
+    lam: float
+    maps: dict[str, list[float]]
+    residual_sd: dict[str, float]
+    info: dict = field(default_factory=dict)  # dims tried, validation errors, seeds
+
+    @property
+    def params(self) -> ItemParams:
+        return ItemParams(self.a, self.b)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.b)
+
+    # ---- fitting ---------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, responses: np.ndarray, n_anchors: int, method: str = "irt", dims: int | list[int] = (1, 2, 3),
+            seed: int = 0, full_scores: np.ndarray | None = None, items: list[str] | None = None,
+            val_frac: float = 0.2) -> Calibration:
+        responses = np.asarray(responses, float)
+        n, m = responses.shape
+        dims_list = [dims] if isinstance(dims, int) else list(dims)
+        if n_anchors > m:
+            raise EvomergeError(f"{n_anchors} anchors requested but the response matrix has only {m} items")
+        if n <= max(dims_list) + 1:
+            raise EvomergeError(f"{n} calibration subjects are too few for {max(dims_list)} IRT dimensions")
+        target = np.nanmean(responses, 1) if full_scores is None else np.asarray(full_scores, float)
+        binary, threshold = binarize(responses)
+        rng = np.random.default_rng(seed)
+        perm = rng.permutation(n)
+        n_val = max(int(round(val_frac * n)), 2)
+        val, fit_part = perm[:n_val], perm[n_val:]
+        if len(fit_part) <= max(dims_list):
+            raise EvomergeError(f"{n} calibration subjects are too few to hold out validation subjects for {max(dims_list)} IRT dimensions")
+
+        trials = {}
+        for d in dims_list:
+            calib = cls._fit_once(responses, binary, threshold, target, fit_part, n_anchors, method, d, seed)
+            lam = calib._tune_lambda(responses[val], target[val])
+            calib.lam = lam
+            err = calib._validation_errors(responses[val], target[val])
+            trials[d] = (err["gpirt_reg"], lam, err)
+        best = min(trials, key=lambda d: trials[d][0])
+        calib = cls._fit_once(responses, binary, threshold, target, np.arange(n), n_anchors, method, best, seed)
+        calib.lam = trials[best][1]
+        calib._fit_maps(responses, target)
+        # Held-out error is the honest uncertainty of a mapped estimate.
+        calib.residual_sd = {k: float(v) for k, v in trials[best][2].items()}
+        calib.info = {"dims": best, "dims_tried": {str(d): trials[d][0] for d in trials}, "seed": seed,
+                      "method": method, "n_subjects": n, "validation_rmse": trials[best][2]}
+        calib.items = list(items) if items is not None else [str(j) for j in range(m)]
+        return calib
+
+    @classmethod
+    def _fit_once(cls, responses, binary, threshold, target, rows, n_anchors, method, dims, seed) -> Calibration:
+        params, _ = fit_irt(binary[rows], dims, seed=seed)
+        emb = anchor_sel.item_embeddings(method, binary[rows], params.a, params.b)
+        anchors, weights = anchor_sel.select_anchors(emb, n_anchors, seed)
+        random_items = anchor_sel.stratified_random(np.nanmean(responses[rows], 0), n_anchors, seed)
+        calib = cls([], params.a, params.b, threshold, anchors, weights, random_items, 0.5, {}, {})
+        calib._fit_maps(responses[rows], target[rows])
+        return calib
+
+    def _pool_estimates(self, anchor_scores: np.ndarray, random_scores: np.ndarray | None = None,
+                        theta_cov: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, tuple]:
+        """Item-pool estimates (value, stderr arrays) of every estimator, plus the abilities."""
+        anchor_scores = np.atleast_2d(anchor_scores)
+        theta, cov = self.theta(anchor_scores) if theta_cov is None else theta_cov
+        out = {
+            "anchor": est.weighted_mean(anchor_scores, self.anchor_weights, self.n_items),
+            "irt": est.irt(self.params, theta, cov),
+            "pirt": est.pirt(self.params, theta, cov, self.anchors, anchor_scores),
+        }
+        out["gpirt"] = est.combine(self.lam, out["anchor"], out["pirt"])
+        if random_scores is not None:
+            random_scores = np.atleast_2d(random_scores)
+            out["random"] = est.weighted_mean(random_scores, np.ones(random_scores.shape[1]), self.n_items)
+        return out, theta
+
+    def _fit_maps(self, responses: np.ndarray, target: np.ndarray) -> None:
+        pool, theta = self._pool_estimates(responses[:, self.anchors], responses[:, self.random_items])
+        self.maps = {}
+        for name, (source, kind) in MAPPED.items():
+            if source in pool:
+                self.maps[name] = _fit_map(kind, pool[source][0], theta, target).tolist()
+        # Merge-aware estimators share their counterparts' maps: on calibration subjects
+        # (no sources) they reduce to p-IRT / gp-IRT.
+        self.maps["mpirt"], self.maps["gmpirt"] = self.maps["pirt"], self.maps["gpirt"]
+        self.maps["gmpirt_reg"] = self.maps["gpirt_reg"]
+
+    def _tune_lambda(self, responses: np.ndarray, target: np.ndarray) -> float:
+        pool, theta = self._pool_estimates(responses[:, self.anchors])
+        errors = []
+        for lam in LAMBDA_GRID:
+            x = lam * pool["anchor"][0] + (1 - lam) * pool["pirt"][0]
+            errors.append(np.mean(np.abs(x - np.nanmean(responses, 1))))
+        return float(LAMBDA_GRID[int(np.argmin(errors))])
+
+    def _validation_errors(self, responses: np.ndarray, target: np.ndarray) -> dict[str, float]:
+        values = self.estimate_many(responses[:, self.anchors], responses[:, self.random_items])
+        return {name: float(np.sqrt(np.mean((v[0] - target) ** 2))) for name, v in values.items()}
+
+    # ---- estimating ------------------------------------------------------------------------
+    def theta(self, anchor_scores: np.ndarray, prior_mean: np.ndarray | None = None,
+              prior_sd: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """Abilities (subjects x dims) and their covariances from anchor scores (subjects x K)."""
+        scores = np.atleast_2d(np.asarray(anchor_scores, float))
+        if scores.shape[1] != len(self.anchors):
+            raise EvomergeError(f"got {scores.shape[1]} anchor scores, the calibration has {len(self.anchors)} anchors")
+        binary = scores if self.threshold is None else np.where(np.isnan(scores), np.nan, (scores >= self.threshold) * 1.0)
+        return fit_theta(self.params, binary, items=self.anchors, prior_mean=prior_mean, prior_sd=prior_sd)
+
+    def estimate_many(self, anchor_scores: np.ndarray, random_scores: np.ndarray | None = None,
+                      scale: str = "full") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Every estimator at once for many subjects: {name: (values, stderrs)}."""
+        pool, theta = self._pool_estimates(anchor_scores, random_scores)
+        if scale == "pool":
+            return pool
+        out = {}
+        for name, (source, kind) in MAPPED.items():
+            if source not in pool or name not in self.maps:
+                continue
+            value = _features(kind, pool[source][0], theta) @ np.array(self.maps[name])
+            # The map's slope carries the pool-level stderr onto the full-score scale; the
+            # held-out error (which includes the map's own misfit) is the floor under it.
+            sd = np.maximum(abs(self.maps[name][1]) * pool[source][1], self.residual_sd.get(name, 0.0))
+            out[name] = (np.clip(value, 0.0, 1.0), sd)
+        return out
+
+    def estimate(self, name: str, anchor_scores: np.ndarray, source_thetas: np.ndarray | None = None,
+                 scale: str = "full") -> Estimate:
+        """One candidate's estimate. `anchor_scores` are its scores on `self.anchors` (or on
+        `self.random_items` for name="random"); `source_thetas` (sources x dims) are the merged
+        models' abilities, needed by the merge-aware mp-IRT / gmp-IRT."""
+        if name not in MAPPED:
+            raise EvomergeError(f"unknown estimator {name!r} (choose from {', '.join(MAPPED)})")
+        scores = np.asarray(anchor_scores, float).ravel()
+        source, kind = MAPPED[name]
+        if source == "random":
+            if len(scores) != len(self.random_items):
+                raise EvomergeError(f"estimator {name!r} needs {len(self.random_items)} scores on random_items, got {len(scores)}")
+            value, sd = est.weighted_mean(scores[None], np.ones(len(scores)), self.n_items)
+            theta = np.zeros((1, self.a.shape[1]))
+        elif source in ("mpirt", "gmpirt"):
+            if source_thetas is None:
+                raise EvomergeError(f"estimator {name!r} needs source_thetas (the merged models' abilities)")
+            binary = scores if self.threshold is None else np.where(np.isnan(scores), np.nan, (scores >= self.threshold) * 1.0)
+            theta, cov = est.merge_theta(self.params, self.anchors, binary, np.asarray(source_thetas, float))
+            value, sd = est.pirt(self.params, theta, cov, self.anchors, scores[None])
+            if source == "gmpirt":
+                value, sd = est.combine(self.lam, est.weighted_mean(scores[None], self.anchor_weights, self.n_items), (value, sd))
+        else:
+            pool, theta = self._pool_estimates(scores[None])
+            value, sd = pool[source]
+        n_items = int(np.sum(~np.isnan(scores)))
+        if scale == "pool":
+            return Estimate(float(value[0]), float(sd[0]), n_items)
+        coef = np.array(self.maps[name])
+        full = float(np.clip(_features(kind, value, theta) @ coef, 0.0, 1.0)[0])
+        return Estimate(full, float(max(abs(coef[1]) * sd[0], self.residual_sd.get(name, 0.0))), n_items)
+
+    # ---- artifact --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"items": self.items, "a": self.a.tolist(), "b": self.b.tolist(), "threshold": self.threshold,
+                "anchors": self.anchors.tolist(), "anchor_weights": self.anchor_weights.tolist(),
+                "random_items": self.random_items.tolist(), "lam": self.lam, "maps": self.maps,
+                "residual_sd": self.residual_sd, "info": self.info}
+
+    def save(self, path: str | Path) -> Path:
+        from evomerge.io.atomic import atomic_write_text
+
+        payload = self.to_dict()
+        body = json.dumps(payload, sort_keys=True)
+        doc = {"format": "evomerge-calibration", "version": VERSION,
+               "sha256": hashlib.sha256(body.encode()).hexdigest(), "payload": payload}
+        return atomic_write_text(path, json.dumps(doc, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise EvomergeError(f"{path}: no such calibration file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise EvomergeError(f"{path}: not a calibration file (bad JSON: {exc})") from None
+        if not isinstance(doc, dict) or doc.get("format") != "evomerge-calibration":
+            raise EvomergeError(f"{path}: not an evomerge calibration file")
+        if doc.get("version") != VERSION:
+            raise EvomergeError(f"{path}: calibration version {doc.get('version')!r}, this evomerge reads {VERSION}")
+        payload = doc.get("payload")
+        body = json.dumps(payload, sort_keys=True)
+        if hashlib.sha256(body.encode()).hexdigest() != doc.get("sha256"):
+            raise EvomergeError(f"{path}: checksum mismatch, the calibration file is corrupted")
+        p = payload
+        return cls(p["items"], np.array(p["a"], float), np.array(p["b"], float), p["threshold"],
+                   np.array(p["anchors"], int), np.array(p["anchor_weights"], float),
+                   np.array(p["random_items"], int), float(p["lam"]), p["maps"], p["residual_sd"], p["info"])
+
+
+def estimate(name: str, calib: Calibration, anchor_scores: np.ndarray, **kw) -> Estimate:
+    """DESIGN.md entry point: `calib.estimate(name, anchor_scores, **kw)`."""
+    return calib.estimate(name, anchor_scores, **kw)
