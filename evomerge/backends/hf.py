@@ -1,0 +1,207 @@
+"""Hugging Face transformers backend: one resident model, weights swapped in place.
+
+The model is built once from ``model_dir``. ``load_weights`` copies candidate tensors into
+the existing parameters (no rebuild, no disk) unless the architecture changed (e.g. a
+data-flow merge with a different layer count), in which case the model is rebuilt from the
+candidate's config. Scoring is batched: greedy generation with left padding and a KV cache,
+or the summed log-likelihood of each choice for multiple choice.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from evomerge.backends.base import ItemResult
+from evomerge.errors import CheckpointError, EvomergeError
+from evomerge.tasks.task import Task
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Config keys that fix parameter shapes; any change means the model must be rebuilt.
+SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "tie_word_embeddings", "head_dim", "model_type")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / f).exists() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{model_dir}: no tokenizer files (expected tokenizer.json or tokenizer_config.json)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as exc:  # transformers raises many types here
+        raise CheckpointError(f"{model_dir}: cannot load tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _config_object(config: dict):
+    from transformers import AutoConfig
+
+    config = dict(config)
+    model_type = config.pop("model_type", None)
+    if model_type is None:
+        raise CheckpointError("model config has no 'model_type'")
+    return AutoConfig.for_model(model_type, **config)
+
+
+class HFBackend:
+    def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None,
+                 batch_size: int = 64, num_threads: int | None = None, allow_bin: bool = False):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "config.json").exists():
+            raise CheckpointError(f"{self.model_dir}: not a model directory (no config.json)")
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = torch.device(device)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        self.batch_size = batch_size
+        self.tokenizer = load_tokenizer(self.model_dir)
+        has_safetensors = any(self.model_dir.glob("*.safetensors"))
+        if not has_safetensors and not allow_bin:
+            raise CheckpointError(f"{self.model_dir}: no .safetensors weights (pickled .bin needs allow_bin=True)")
+        try:
+            hf_config = AutoConfig.from_pretrained(str(self.model_dir), trust_remote_code=False)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(self.model_dir), config=hf_config, dtype=self.dtype, use_safetensors=has_safetensors,
+                trust_remote_code=False,
+            )
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.model_dir}: cannot load model ({str(exc).splitlines()[0]})") from None
+        self.model.to(self.device).eval()
+        self.config = self.model.config.to_dict()
+        # transformers 5.x renamed past_key_values -> cache
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self.rebuilds = 0                  # how often load_weights had to rebuild (observability)
+
+    # ------------------------------------------------------------ weights
+    def _params(self) -> dict[str, Tensor]:
+        # named_parameters drops tied duplicates (lm_head.weight when embeddings are tied)
+        return dict(self.model.named_parameters())
+
+    def load_weights(self, weights: dict[str, Tensor], config: dict) -> None:
+        from transformers import AutoModelForCausalLM
+
+        changed = any(config.get(k) != self.config.get(k) for k in SHAPE_KEYS if k in config or k in self.config)
+        if changed:
+            self.model = AutoModelForCausalLM.from_config(_config_object(config), dtype=self.dtype)
+            self.model.to(self.device).eval()
+            self.config = self.model.config.to_dict()
+            self.rebuilds += 1
+        params = self._params()
+        missing = [n for n in params if n not in weights]
+        if missing:
+            raise CheckpointError(f"candidate weights lack tensor {missing[0]} ({len(missing)} missing)")
+        tied = bool(self.config.get("tie_word_embeddings"))
+        for name in weights:
+            if name not in params and not (tied and name == "lm_head.weight"):
+                raise CheckpointError(f"candidate tensor {name} does not exist in the {self.config.get('model_type')} model")
+        with torch.no_grad():
+            for name, param in params.items():
+                src = weights[name]
+                if tuple(src.shape) != tuple(param.shape):
+                    raise CheckpointError(f"tensor {name}: shape {tuple(src.shape)} does not fit {tuple(param.shape)}")
+                param.copy_(src.to(device=param.device, dtype=param.dtype))
+
+    # ------------------------------------------------------------ scoring
+    def score(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
+        indices = list(indices)
+        for i in indices:
+            if not 0 <= i < len(task.items):
+                raise EvomergeError(f"task {task.name}: item index {i} out of range (0..{len(task.items) - 1})")
+        results: list[ItemResult] = []
+        run = self._generate if task.kind == "generate" else self._choose
+        with torch.inference_mode():
+            for start in range(0, len(indices), self.batch_size):
+                results.extend(run(task, indices[start:start + self.batch_size]))
+        return results
+
+    def _encode(self, text: str, special: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def _generate(self, task: Task, chunk: list[int]) -> list[ItemResult]:
+        prompts = [self._encode(task.items[i].prompt) for i in chunk]
+        width, pad = max(map(len, prompts)), self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = (torch.arange(width, device=self.device)[None, :] >= torch.tensor(
+            [width - len(p) for p in prompts], device=self.device)[:, None]).long()
+        eos = self.tokenizer.eos_token_id
+        done = torch.zeros(len(chunk), dtype=torch.bool, device=self.device)
+        new_tokens, cache = [], None
+        step_ids = ids
+        for _ in range(task.max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                             use_cache=True, **{self._cache_kw: cache})
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            nxt = out.logits[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            new_tokens.append(nxt)
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+            step_ids = nxt[:, None]
+            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+        generated = torch.stack(new_tokens, dim=1).tolist()
+        results = []
+        for row, i in zip(generated, chunk):
+            if eos in row:
+                row = row[: row.index(eos)]
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            results.append(ItemResult(i, float(task.is_correct(i, text)), text))
+        return results
+
+    def _choose(self, task: Task, chunk: list[int]) -> list[ItemResult]:
+        rows, owners = [], []              # one row per (item, choice)
+        for i in chunk:
+            item = task.items[i]
+            context = self._encode(item.prompt)
+            for c, choice in enumerate(item.choices or []):
+                whole = self._encode(item.prompt + choice)
+                if whole[: len(context)] == context and len(whole) > len(context):
+                    cont = whole[len(context):]
+                else:                      # tokenizer merged across the boundary
+                    cont = self._encode(choice, special=False)
+                rows.append((context, cont))
+                owners.append((i, c))
+        loglik = self._loglikelihood(rows)
+        best: dict[int, tuple[float, int]] = {}
+        for (i, c), (ll, n_tokens), choice_text in zip(owners, loglik,
+                                                        (task.items[i].choices[c] for i, c in owners)):
+            value = ll / max(1, len(choice_text)) if task.mc_normalize else ll
+            if i not in best or value > best[i][0]:
+                best[i] = (value, c)
+        results = []
+        for i in chunk:
+            choice = task.items[i].choices[best[i][1]]
+            results.append(ItemResult(i, float(choice == task.items[i].answer), choice))
+        return results
+
+    def _loglikelihood(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
+        out = []
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(rows), self.batch_size):
+            part = rows[start:start + self.batch_size]
+            seqs = [ctx + cont for ctx, cont in part]
+            width = max(map(len, seqs))
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
+            logprobs = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            for r, (ctx, cont) in enumerate(part):
+                # token t is predicted by the logits at position t-1
+                positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=self.device)
+                targets = torch.tensor(cont, device=self.device)
+                out.append((float(logprobs[r, positions, targets].sum()), len(cont)))
+        return out

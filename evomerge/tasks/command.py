@@ -1,0 +1,100 @@
+"""``evomerge eval MODEL_DIR_OR_RECIPE... --tasks t1,t2 [--limit N] [--out results.jsonl]``.
+
+A model is a Hugging Face model directory or a mergekit-style recipe YAML, which is merged
+in memory (nothing written to disk) and scored through the same backend the search uses.
+Prints an accuracy table; ``--out`` writes one JSON line per scored item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.tasks.task import Task, load_task
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("models", nargs="+", help="model directories and/or merge recipe YAMLs")
+    parser.add_argument("--tasks", required=True,
+                        help="comma-separated tasks: zoo/arith, zoo/calc:heldout, task.yaml, lm-eval names")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    parser.add_argument("--out", type=Path, default=None, help="write per-item results here (JSONL)")
+    parser.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--allow-bin", action="store_true", help="also load pickled .bin weights")
+
+
+def _recipe_weights(path: Path, device: str, allow_bin: bool) -> tuple[dict, dict, Path]:
+    """Merge a recipe in memory; returns (weights, config, model dir for the tokenizer)."""
+    from evomerge.merge.engine import SourceSet, merge, output_config
+    from evomerge.merge.plan import MergePlan
+
+    plan = MergePlan.from_yaml(path)
+    models = plan.referenced_models()
+    sources = SourceSet.load({m: m for m in models}, device=device, allow_bin=allow_bin)
+    tok_source = plan.tokenizer_source if plan.tokenizer_source not in (None, "base", "union") else None
+    if plan.tokenizer_source == "base" or tok_source is None:
+        tok_source = plan.base_model or models[0]
+    tok_dir = sources.checkpoints[tok_source].path if tok_source in sources.checkpoints else Path(tok_source)
+    return merge(plan, sources), output_config(plan, sources), tok_dir
+
+
+def make_model_backend(model: str | Path, backend: str = "hf", device: str = "cpu", allow_bin: bool = False,
+                       **kw):
+    """A backend holding ``model`` (a model directory or a recipe YAML merged in memory)."""
+    from evomerge.backends import make_backend
+
+    path = Path(model)
+    if not path.exists():
+        raise ConfigError(f"{model}: no such model directory or recipe")
+    if path.is_file():
+        if path.suffix not in (".yaml", ".yml"):
+            raise ConfigError(f"{model}: expected a model directory or a .yaml recipe")
+        weights, config, tok_dir = _recipe_weights(path, device, allow_bin)
+        b = make_backend(backend, tok_dir, device=device, **kw)
+        b.load_weights(weights, config)
+        return b
+    return make_backend(backend, path, device=device, **kw)
+
+
+def evaluate(backend, tasks: list[Task], limit: int | None = None) -> dict[str, list]:
+    """Score every task (first ``limit`` items) -> task name -> list[ItemResult]."""
+    return {task.name + ("" if task.split in ("all", "search") else f":{task.split}"):
+            backend.score(task, range(min(len(task.items), limit or len(task.items)))) for task in tasks}
+
+
+def run(args: argparse.Namespace) -> int:
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        raise ConfigError("--tasks: name at least one task")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit must be a positive integer")
+    tasks = [load_task(n) for n in names]
+    rows, lines = [], []
+    for model in args.models:
+        start = time.perf_counter()
+        backend = make_model_backend(model, args.backend, args.device, args.allow_bin, batch_size=args.batch_size)
+        results = evaluate(backend, tasks, args.limit)
+        seconds = time.perf_counter() - start
+        for (label, res), task in zip(results.items(), tasks):
+            acc = sum(r.score for r in res) / max(1, len(res))
+            rows.append((model, label, len(res), acc))
+            for r in res:
+                item = task.items[r.index]
+                lines.append(json.dumps({"model": model, "task": label, "index": r.index, "id": item.id,
+                                         "score": r.score, "output": r.output, "answer": item.answer}))
+        print(f"# {model}: {seconds:.1f} s", file=sys.stderr)
+    width = max(len(r[0]) for r in rows)
+    print(f"{'model':<{width}}  {'task':<20} {'n':>5}  accuracy")
+    for model, label, n, acc in rows:
+        print(f"{model:<{width}}  {label:<20} {n:>5}  {acc:.3f}")
+    if args.out:
+        from evomerge.io.atomic import atomic_write_text
+
+        atomic_write_text(args.out, "\n".join(lines) + "\n")
+    return 0

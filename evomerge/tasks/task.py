@@ -1,0 +1,179 @@
+"""Tasks: a list of items plus how to score them.
+
+A task is a YAML definition beside JSONL item files::
+
+    name: zoo/arith
+    kind: generate                 # or multiple_choice
+    max_new_tokens: 8
+    extract: '=(-?\\d+)'           # optional regex; group 1 (or the match) of the LAST match is the answer
+    splits: {search: arith.search.jsonl, heldout: arith.heldout.jsonl}
+    default_split: search          # or `data: items.jsonl` for a single split
+
+Each JSONL line is ``{"id": ..., "prompt": ..., "answer": ...}``; multiple-choice items add
+``"choices": [...]`` and give the answer as the correct choice's text or its index.
+``load_task`` accepts a zoo task name (``zoo/arith``, ``zoo/arith:heldout``), a YAML path
+(``path/task.yaml[:split]``), or an lm-eval task name / YAML directory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from evomerge.errors import EvomergeError
+
+DATA_DIR = Path(__file__).parent / "data"
+KINDS = ("multiple_choice", "generate")
+
+
+@dataclass
+class Item:
+    id: str
+    prompt: str
+    answer: str                        # multiple choice: the correct choice's text
+    choices: list[str] | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Task:
+    name: str
+    kind: Literal["multiple_choice", "generate"]
+    items: list[Item]
+    max_new_tokens: int = 16
+    extract: str | None = None         # regex for generate; None = whole (stripped) output
+    split: str = "all"
+    stop: list[str] = field(default_factory=list)   # generation also ends at these strings
+    mc_normalize: bool = False         # multiple choice: divide log-likelihood by choice length
+    source: str = ""                   # where the definition came from (for messages)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def extract_answer(self, output: str) -> str:
+        for stop in self.stop:
+            output = output.split(stop, 1)[0]
+        if self.extract is None:
+            return output.strip()
+        matches = list(re.finditer(self.extract, output))
+        if not matches:
+            return ""
+        last = matches[-1]
+        return (last.group(1) if last.groups() else last.group(0)).strip()
+
+    def is_correct(self, index: int, output: str) -> bool:
+        return self.extract_answer(output) == self.items[index].answer.strip()
+
+
+# ---------------------------------------------------------------- loading
+def read_items(path: Path, kind: str) -> list[Item]:
+    """Read a JSONL item file; errors name the file and line."""
+    if not path.exists():
+        raise EvomergeError(f"{path}: task data file not found")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EvomergeError(f"{where}: malformed JSON item ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise EvomergeError(f"{where}: item must be a JSON object")
+            for key in ("prompt", "answer"):
+                if key not in row:
+                    raise EvomergeError(f"{where}: item has no '{key}' field")
+            if not isinstance(row["prompt"], str):
+                raise EvomergeError(f"{where}: 'prompt' must be a string")
+            choices, answer = row.get("choices"), row["answer"]
+            if kind == "multiple_choice":
+                if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+                    raise EvomergeError(f"{where}: multiple-choice item needs 'choices', a list of >= 2 strings")
+                if isinstance(answer, int) and not isinstance(answer, bool):
+                    if not 0 <= answer < len(choices):
+                        raise EvomergeError(f"{where}: answer index {answer} out of range for {len(choices)} choices")
+                    answer = choices[answer]
+                elif answer not in choices:
+                    raise EvomergeError(f"{where}: answer {answer!r} is not one of the choices")
+            elif not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+                raise EvomergeError(f"{where}: 'answer' must be a string or number")
+            meta = {k: v for k, v in row.items() if k not in ("id", "prompt", "answer", "choices")}
+            items.append(Item(str(row.get("id", f"{path.stem}-{lineno}")), row["prompt"], str(answer), choices, meta))
+    if not items:
+        raise EvomergeError(f"{path}: no items")
+    return items
+
+
+def load_task_yaml(path: str | Path, split: str | None = None) -> Task:
+    path = Path(path)
+    if not path.exists():
+        raise EvomergeError(f"{path}: task file not found")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise EvomergeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise EvomergeError(f"{path}: task definition must be a mapping")
+    kind = spec.get("kind", "generate")
+    if kind not in KINDS:
+        raise EvomergeError(f"{path}: field 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
+    if "splits" in spec:
+        splits = spec["splits"]
+        if not isinstance(splits, dict) or not splits:
+            raise EvomergeError(f"{path}: field 'splits' must map split names to JSONL files")
+        split = split or spec.get("default_split") or next(iter(splits))
+        if split == "all":
+            files = list(splits.values())
+        elif split in splits:
+            files = [splits[split]]
+        else:
+            raise EvomergeError(f"{path}: unknown split {split!r} (have {', '.join(splits)}, all)")
+    elif "data" in spec:
+        files, split = [spec["data"]], split or "all"
+    else:
+        raise EvomergeError(f"{path}: task needs a 'data' file or 'splits'")
+    items = [item for f in files for item in read_items(path.parent / f, kind)]
+    extract = spec.get("extract")
+    if extract is not None:
+        try:
+            re.compile(extract)
+        except re.error as exc:
+            raise EvomergeError(f"{path}: field 'extract' is not a valid regex ({exc})") from None
+    max_new = spec.get("max_new_tokens", 16)
+    if not isinstance(max_new, int) or max_new < 1:
+        raise EvomergeError(f"{path}: field 'max_new_tokens' must be a positive integer")
+    return Task(
+        name=str(spec.get("name", path.stem)), kind=kind, items=items, max_new_tokens=max_new,
+        extract=extract, split=split, stop=list(spec.get("stop", [])),
+        mc_normalize=bool(spec.get("mc_normalize", False)), source=str(path),
+    )
+
+
+def zoo_task_names() -> list[str]:
+    return sorted(f"zoo/{p.stem}" for p in (DATA_DIR / "zoo").glob("*.yaml"))
+
+
+def load_task(name_or_path: str | Path) -> Task:
+    """Load a task by zoo name (``zoo/arith[:split]``), YAML path, or lm-eval task name."""
+    spec = str(name_or_path)
+    base, _, split = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    split = split or None
+    if base.startswith("zoo/"):
+        path = DATA_DIR / "zoo" / f"{base[4:]}.yaml"
+        if not path.exists():
+            raise EvomergeError(f"unknown zoo task {base!r} (have {', '.join(zoo_task_names())})")
+        return load_task_yaml(path, split)
+    if base.endswith((".yaml", ".yml")) and Path(base).is_file():
+        # lm-eval task YAMLs have a 'task:' key; ours do not.
+        if "task" not in (yaml.safe_load(Path(base).read_text()) or {}):
+            return load_task_yaml(base, split)
+    from evomerge.tasks.lm_eval_adapter import load_lm_eval_task
+
+    return load_lm_eval_task(spec)
