@@ -1,0 +1,363 @@
+"""``evomerge export RUN_DIR [--front | --top K | --id N] OUT``: chosen merges as HF models.
+
+Each chosen candidate becomes ``OUT/candidate-<id>/``: safetensors + config +
+tokenizer, a ``README.md`` model card (recipe, scores with their standard errors
+and full-pool audits, the run it came from, the evomerge version) and
+``mergekit.yaml``, the recipe for reproducing it with mergekit alone. Every model
+directory is written atomically: it is complete or absent.
+
+The run is only read (SQLite opened read-only), so exporting during a search is safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+import evomerge
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.merge.plan import MergePlan
+from evomerge.search.genome import StagedPlan, plan_from_dict
+
+# --------------------------------------------------------------------------- archive rows
+
+
+@dataclass
+class RunRecord:
+    """One evaluated candidate as the export and the report need it."""
+
+    candidate_id: int
+    generation: int
+    genome: list[float]
+    plan: dict
+    objectives: dict[str, dict]  # name -> {value, stderr, n_items, full}
+    status: str
+    extra: dict = field(default_factory=dict)  # everything else the archive stores (cost, worker, ...)
+
+    def value(self, objective: str) -> float:
+        return float(self.objectives[objective]["value"])
+
+
+def _loads(v: Any) -> Any:
+    if isinstance(v, (bytes, str)):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    return v
+
+
+def _as_record(row: Any) -> RunRecord:
+    """A RunRecord from an archive row (a dict, or an object with the same attributes)."""
+    d = dict(row) if isinstance(row, dict) else {k: getattr(row, k) for k in dir(row) if not k.startswith("_")
+                                                   and not callable(getattr(row, k))}
+    objectives = _loads(d.pop("objectives", None)) or {}
+    objectives = {
+        k: (v if isinstance(v, dict) else {"value": v.value, "stderr": v.stderr, "n_items": v.n_items,
+                                            "full": getattr(v, "full", None)})
+        for k, v in objectives.items()
+    }
+    genome = _loads(d.pop("genome", None)) or []
+    plan = _loads(d.pop("plan", None)) or {}
+    return RunRecord(
+        candidate_id=int(d.pop("candidate_id")), generation=int(d.pop("generation", 0) or 0),
+        genome=[float(g) for g in genome], plan=plan, objectives=objectives,
+        status=str(d.pop("status", "ok")), extra={k: _loads(v) for k, v in d.items()},
+    )
+
+
+def _sqlite_files(run_dir: Path) -> list[Path]:
+    return sorted(p for ext in ("*.sqlite", "*.sqlite3", "*.db") for p in run_dir.glob(ext))
+
+
+def _read_table(run_dir: Path, wanted: set[str]) -> list[dict]:
+    """Rows of the first table (in any SQLite file of the run) having all ``wanted`` columns."""
+    for db in _sqlite_files(run_dir):
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        con.row_factory = sqlite3.Row
+        try:
+            tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+            for table in tables:
+                cols = {r[1] for r in con.execute(f'PRAGMA table_info("{table}")')}
+                if wanted <= cols:
+                    return [dict(r) for r in con.execute(f'SELECT * FROM "{table}"')]
+        except sqlite3.DatabaseError as exc:
+            raise EvomergeError(f"{db}: not a readable archive ({exc})") from None
+        finally:
+            con.close()
+    return []
+
+
+def load_records(run_dir: str | Path) -> list[RunRecord]:
+    """Every evaluated candidate of a run, ordered by candidate id."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise EvomergeError(f"run directory {run_dir} does not exist")
+    rows: list[Any] | None = None
+    try:
+        from evomerge.search.archive import Archive  # the search core's reader, when present
+    except ImportError:
+        Archive = None
+    if Archive is not None:
+        rows = list(Archive(run_dir, readonly=True).records()) if _accepts_readonly(Archive) \
+            else list(Archive(run_dir).records())
+    else:
+        rows = _read_table(run_dir, {"candidate_id", "genome", "plan", "objectives", "status"})
+        if not rows and not _sqlite_files(run_dir):
+            raise EvomergeError(f"{run_dir}: no archive found (expected an SQLite file written by evomerge search)")
+    return sorted((_as_record(r) for r in rows), key=lambda r: r.candidate_id)
+
+
+def _accepts_readonly(cls) -> bool:
+    import inspect
+
+    try:
+        return "readonly" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def load_source_scores(run_dir: str | Path) -> dict[str, dict[str, dict]]:
+    """Scores of the source models, if the search recorded them: {model: {objective: score}}."""
+    run_dir = Path(run_dir)
+    try:
+        from evomerge.search.archive import Archive
+    except ImportError:
+        Archive = None
+    if Archive is not None and hasattr(Archive, "source_scores"):
+        scores = Archive(run_dir).source_scores()
+        return {k: {o: (s if isinstance(s, dict) else vars(s)) for o, s in v.items()} for k, v in scores.items()}
+    rows = _read_table(run_dir, {"model", "objectives"})
+    return {str(r["model"]): _loads(r["objectives"]) for r in rows}
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def objective_names(records: list[RunRecord]) -> list[str]:
+    names: dict[str, None] = {}
+    for r in records:
+        names.update(dict.fromkeys(r.objectives))
+    return list(names)
+
+
+def pareto_front(records: list[RunRecord], objectives: list[str] | None = None) -> list[RunRecord]:
+    """The successful records no other successful record dominates (all objectives maximised)."""
+    ok = [r for r in records if r.status == "ok" and r.objectives]
+    objectives = objectives or objective_names(ok)
+    ok = [r for r in ok if all(o in r.objectives for o in objectives)]
+    if not ok:
+        return []
+    F = np.array([[r.value(o) for o in objectives] for r in ok])
+    front = []
+    for i in range(len(ok)):
+        dominated = np.any(np.all(F >= F[i], axis=1) & np.any(F > F[i], axis=1))
+        if not dominated:
+            front.append(ok[i])
+    return front
+
+
+def top_k(records: list[RunRecord], k: int, objective: str | None = None) -> list[RunRecord]:
+    """The k best successful records by one objective (default: the mean of all objectives)."""
+    ok = [r for r in records if r.status == "ok" and r.objectives]
+    names = objective_names(ok)
+    if objective is not None and objective not in names:
+        raise ConfigError(f"--objective: unknown objective {objective!r} (the run has: {', '.join(names)})")
+
+    def score(r: RunRecord) -> float:
+        if objective is not None:
+            return r.value(objective) if objective in r.objectives else -np.inf
+        return float(np.mean([r.value(o) for o in r.objectives]))
+
+    return sorted(ok, key=lambda r: (-score(r), r.candidate_id))[:k]
+
+
+# --------------------------------------------------------------------------- the run's sources
+
+
+def run_sources(run_dir: Path) -> tuple[dict[str, str], str | None]:
+    """{model name used in plans: checkpoint path} and the base model, from the run's config."""
+    try:
+        from evomerge.search.config import load_run_sources  # the search core's view, when it offers one
+    except ImportError:
+        load_run_sources = None
+    if load_run_sources is not None:
+        return load_run_sources(run_dir)
+    for name in ("config.yaml", "config.yml", "search.yaml"):
+        cfg_path = run_dir / name
+        if cfg_path.is_file():
+            break
+    else:
+        raise EvomergeError(f"{run_dir}: no config.yaml; pass the sources with --source NAME=PATH")
+    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    raw = cfg.get("sources")
+    if isinstance(raw, dict):
+        sources = {str(k): str(v) for k, v in raw.items()}
+    elif isinstance(raw, list):
+        sources = {}
+        for entry in raw:
+            if isinstance(entry, str):
+                sources[entry] = entry
+            elif isinstance(entry, dict) and "path" in entry:
+                sources[str(entry.get("name", entry["path"]))] = str(entry["path"])
+            else:
+                raise ConfigError(f"{cfg_path}: sources entries must be paths or {{name, path}}, got {entry!r}")
+    else:
+        raise ConfigError(f"{cfg_path}: sources must be a list or a mapping")
+    base = cfg.get("base") or cfg.get("base_model")
+    if base is not None and str(base) not in sources:
+        sources[str(base)] = str(base)
+    return sources, (str(base) if base is not None else None)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _materialize(plan: MergePlan | StagedPlan, sources) -> tuple[Any, dict]:
+    """(iterator of (name, tensor), output config) for either plan kind."""
+    from evomerge.merge.engine import iter_merge, output_config
+    from evomerge.search.genome import staged_sources
+
+    if isinstance(plan, StagedPlan):
+        sources = staged_sources(plan, sources)
+        plan = plan.final
+    return iter_merge(plan, sources), output_config(plan, sources)
+
+
+def mergekit_yaml(plan: MergePlan | StagedPlan, paths: dict[str, str]) -> str:
+    """The recipe as mergekit YAML with model names replaced by their checkpoint paths.
+
+    A StagedPlan becomes a multi-document YAML (one mergekit config per stage, in order);
+    a later stage names an earlier one by the directory it is written to (``./<stage>``).
+    """
+    def with_paths(d: Any, mapping: dict[str, str]) -> Any:
+        if isinstance(d, dict):
+            return {k: (mapping.get(v, v) if k in ("model", "base_model", "tokenizer_source") and isinstance(v, str)
+                        else with_paths(v, mapping)) for k, v in d.items()}
+        if isinstance(d, list):
+            return [with_paths(v, mapping) for v in d]
+        return d
+
+    if isinstance(plan, MergePlan):
+        return yaml.safe_dump(with_paths(plan.to_dict(), paths), sort_keys=False)
+    docs, mapping = [], dict(paths)
+    for name, stage in plan.stages:
+        docs.append(f"# stage {name!r}: mergekit-yaml this document into ./{name}\n"
+                    + yaml.safe_dump(with_paths(stage.to_dict(), mapping), sort_keys=False))
+        mapping[name] = f"./{name}"
+    return "---\n".join(docs)
+
+
+def model_card(record: RunRecord, run_dir: Path, plan: MergePlan | StagedPlan, paths: dict[str, str]) -> str:
+    lines = [
+        "---", "tags: [merge, evomerge]", "library_name: transformers", "---", "",
+        f"# evomerge candidate {record.candidate_id}", "",
+        f"Found by an evolutionary merge search (evomerge {evomerge.__version__}) in run `{run_dir.resolve()}`, "
+        f"generation {record.generation}.", "", "## Scores", "",
+        "Estimates from the search's item subsets (± standard error); *full* is the score on the whole "
+        "item pool where the candidate was audited.", "",
+        "| objective | estimate | ± stderr | items | full |", "|---|---|---|---|---|",
+    ]
+    for name, s in record.objectives.items():
+        full = s.get("full")
+        lines.append(f"| {name} | {s['value']:.4f} | {s.get('stderr', float('nan')):.4f} | {s.get('n_items', '')} | "
+                     f"{'' if full is None else f'{full:.4f}'} |")
+    lines += ["", "## Recipe", "",
+              "Reproduce with mergekit (`mergekit-yaml mergekit.yaml OUT`):" if isinstance(plan, MergePlan) else
+              "Two stages: the first merge is written to `./merged`, the second reads it "
+              "(run `mergekit-yaml` on each document of `mergekit.yaml` in order):",
+              "", "```yaml", mergekit_yaml(plan, paths).rstrip(), "```", "",
+              "## Genome", "", "```json", json.dumps(record.genome), "```", ""]
+    if record.extra:
+        info = {k: v for k, v in record.extra.items() if isinstance(v, (int, float, str)) and k != "plan"}
+        if info:
+            lines += ["## Evaluation", "", *[f"- {k}: {v}" for k, v in info.items()], ""]
+    return "\n".join(lines)
+
+
+def export_records(records: list[RunRecord], run_dir: str | Path, out: str | Path, sources=None,
+                   paths: dict[str, str] | None = None, overwrite: bool = False) -> list[Path]:
+    """Write each record as ``out/candidate-<id>``; returns the directories written."""
+    from evomerge.io.checkpoint import write_checkpoint
+    from evomerge.merge.engine import SourceSet
+
+    run_dir, out = Path(run_dir), Path(out)
+    if paths is None:
+        paths, _ = run_sources(run_dir)
+    if sources is None:
+        sources = SourceSet.load(paths)
+    written = []
+    for rec in records:
+        if not rec.plan:
+            raise EvomergeError(f"candidate {rec.candidate_id} has no stored plan in {run_dir}")
+        plan = plan_from_dict(rec.plan)
+        final = plan.final if isinstance(plan, StagedPlan) else plan
+        tok = final.tokenizer_source or final.base_model or final.referenced_models()[0]
+        tok_path = paths.get(tok, paths.get(plan.stages[0][1].base_model, None) if isinstance(plan, StagedPlan) else None)
+        tensors, config = _materialize(plan, sources)
+        target = out / f"candidate-{rec.candidate_id}"
+        write_checkpoint(target, tensors, config, tokenizer_from=tok_path, overwrite=overwrite,
+                         extra_files={"README.md": model_card(rec, run_dir, plan, paths),
+                                      "mergekit.yaml": mergekit_yaml(plan, paths),
+                                      "evomerge_plan.json": json.dumps(rec.plan, indent=2) + "\n"})
+        written.append(target)
+    return written
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    parser.add_argument("out", metavar="OUT", type=Path, help="directory to write candidate-<id>/ model dirs into")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--front", action="store_true", help="every merge on the Pareto front (default)")
+    which.add_argument("--top", type=int, metavar="K", help="the K best by --objective")
+    which.add_argument("--id", type=int, metavar="N", dest="candidate_id", help="one candidate by id")
+    parser.add_argument("--objective", help="objective for --top (default: the mean of all objectives)")
+    parser.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
+                        help="override where a source model lives (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing candidate directories")
+
+
+def select(records: list[RunRecord], args: argparse.Namespace) -> list[RunRecord]:
+    if args.candidate_id is not None:
+        chosen = [r for r in records if r.candidate_id == args.candidate_id]
+        if not chosen:
+            raise EvomergeError(f"--id: no candidate {args.candidate_id} in {args.run_dir}")
+        if chosen[0].status != "ok":
+            raise EvomergeError(f"--id: candidate {args.candidate_id} has status {chosen[0].status!r}, not 'ok'")
+        return chosen
+    if args.top is not None:
+        if args.top < 1:
+            raise ConfigError("--top: K must be at least 1")
+        return top_k(records, args.top, args.objective)
+    return pareto_front(records)
+
+
+def run(args: argparse.Namespace) -> int:
+    records = load_records(args.run_dir)
+    chosen = select(records, args)
+    if not chosen:
+        raise EvomergeError(f"{args.run_dir}: no successful candidates to export")
+    try:
+        paths, _ = run_sources(args.run_dir)
+    except EvomergeError:
+        if not args.source:
+            raise
+        paths = {}
+    for spec in args.source:
+        if "=" not in spec:
+            raise ConfigError(f"--source: expected NAME=PATH, got {spec!r}")
+        name, path = spec.split("=", 1)
+        paths[name] = path
+    for target in export_records(chosen, args.run_dir, args.out, paths=paths, overwrite=args.overwrite):
+        print(target)
+    return 0

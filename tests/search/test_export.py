@@ -1,0 +1,163 @@
+"""`evomerge export`: chosen candidates of a run become loadable HF models with a card and a mergekit recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from evomerge.cli import main as cli_main
+from evomerge.io.synthetic import make_tiny_llama
+from evomerge.merge.engine import SourceSet
+from evomerge.merge.plan import MergePlan
+from evomerge.search.export import load_records, pareto_front, top_k
+from evomerge.search.genome import build_space, merge_plan
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+L = 3
+
+
+def make_tokenizer(path: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(63)} | {"[UNK]": 63}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+    return path
+
+
+def write_run(run_dir: Path, paths: dict[str, str], base: str, rows: list[dict],
+              source_scores: dict[str, dict] | None = None) -> Path:
+    """A run directory as the search leaves it: its config and an SQLite archive of evaluations."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"sources": paths, "base": base}))
+    con = sqlite3.connect(run_dir / "archive.sqlite")
+    con.execute("CREATE TABLE evaluations (candidate_id INTEGER PRIMARY KEY, generation INTEGER, genome TEXT, "
+                "plan TEXT, objectives TEXT, status TEXT, seconds REAL, worker TEXT)")
+    con.execute("CREATE TABLE source_scores (model TEXT PRIMARY KEY, objectives TEXT)")
+    for r in rows:
+        con.execute("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (r["candidate_id"], r["generation"], json.dumps(r["genome"]), json.dumps(r["plan"]),
+                     json.dumps(r["objectives"]), r["status"], 1.5, "local-0"))
+    for model, objectives in (source_scores or {}).items():
+        con.execute("INSERT INTO source_scores VALUES (?, ?)", (model, json.dumps(objectives)))
+    con.commit()
+    con.close()
+    return run_dir
+
+
+def score(value, stderr=0.02, full=None):
+    return {"value": value, "stderr": stderr, "n_items": 40, "full": full}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    tok = make_tokenizer(root / "tok")
+    base = make_tiny_llama(root / "base", num_layers=L, seed=1, tokenizer_from=tok)
+    paths = {"base": str(base),
+             "a": str(make_tiny_llama(root / "a", base=base, noise=0.02, seed=2, tokenizer_from=tok)),
+             "b": str(make_tiny_llama(root / "b", base=base, noise=0.02, seed=3, tokenizer_from=tok))}
+    param = build_space({"method": "ties", "granularity": "layer"}, ["base", "a", "b"], "base", L)
+    combined = build_space({"kind": "combined", "parameter": {"method": "task_arithmetic"},
+                            "data_flow": {"repetitions": 1, "scaling": "slot", "sources": ["merged", "a"]}},
+                           ["base", "a", "b"], "base", L)
+    rng = np.random.default_rng(0)
+    objs = [(0.6, 0.3), (0.45, 0.6), (0.3, 0.2), (0.2, 0.7), (0.9, 0.1)]  # 2 is dominated by 0
+    rows = []
+    for i, (f1, f2) in enumerate(objs):
+        space = combined if i == 3 else param
+        x = space.random(rng)
+        rows.append({"candidate_id": i, "generation": i // 2, "genome": x.tolist(),
+                     "plan": space.decode(x).to_dict(), "status": "ok",
+                     "objectives": {"arith": score(f1, full=f1 + 0.01), "copy": score(f2)}})
+    rows.append({"candidate_id": 5, "generation": 2, "genome": [], "plan": {}, "status": "failed",
+                 "objectives": {}})
+    run_dir = write_run(root / "run", paths, "base", rows)
+    return {"dir": run_dir, "paths": paths, "root": root, "rows": rows}
+
+
+def test_selection_front_top_and_failed_rows(run):
+    records = load_records(run["dir"])
+    assert [r.candidate_id for r in records] == [0, 1, 2, 3, 4, 5]
+    assert records[0].objectives["arith"]["stderr"] == 0.02
+    assert sorted(r.candidate_id for r in pareto_front(records)) == [0, 1, 3, 4]
+    assert [r.candidate_id for r in top_k(records, 2, "copy")] == [3, 1]
+    assert [r.candidate_id for r in top_k(records, 1)] == [1]  # best mean: (0.45 + 0.6) / 2
+
+
+def test_export_id_writes_a_loadable_model_equal_to_the_in_memory_merge(run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "out"
+    assert cli_main(["export", str(run["dir"]), str(out), "--id", "0"]) == 0
+    model_dir = out / "candidate-0"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    plan = MergePlan.from_dict(run["rows"][0]["plan"])
+    want = merge_plan(plan, SourceSet.load(run["paths"]))
+    got = model.state_dict()
+    assert set(want) == set(got)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+
+    # mergekit.yaml is the same recipe with checkpoint paths for model names
+    recipe = MergePlan.from_yaml(model_dir / "mergekit.yaml")
+    by_path = {v: k for k, v in run["paths"].items()}
+    renamed = json.loads(json.dumps(recipe.to_dict()))
+    renamed["base_model"] = by_path[renamed["base_model"]]
+    for m in renamed["models"]:
+        m["model"] = by_path[m["model"]]
+    assert renamed == plan.to_dict()
+
+    card = (model_dir / "README.md").read_text()
+    assert "evomerge candidate 0" in card and str(run["dir"].resolve()) in card
+    assert "| arith | 0.6000 | 0.0200 | 40 | 0.6100 |" in card
+    assert "```yaml\nmerge_method: ties" in card
+
+
+def test_export_front_includes_a_staged_plan_with_both_stages(run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "front"
+    assert cli_main(["export", str(run["dir"]), str(out), "--front"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"candidate-{i}" for i in (0, 1, 3, 4)]
+    staged_dir = out / "candidate-3"
+    docs = list(yaml.safe_load_all((staged_dir / "mergekit.yaml").read_text()))
+    assert len(docs) == 2
+    first, second = MergePlan.from_dict(docs[0]), MergePlan.from_dict(docs[1])
+    assert first.merge_method == "task_arithmetic" and second.merge_method == "passthrough"
+    names = {v: k for k, v in run["paths"].items()} | {"./merged": "merged"}
+    final = run["rows"][3]["plan"]["stages"][1]["plan"]
+    assert [names[s.model] for sl in second.slices for s in sl.sources] == \
+        [s["model"] for sl in final["slices"] for s in sl["sources"]]
+    model = AutoModelForCausalLM.from_pretrained(staged_dir, local_files_only=True)
+    n_layers = sum(sl.num_layers for sl in second.slices)
+    assert model.config.num_hidden_layers == n_layers == len(model.model.layers)
+
+
+def test_export_refuses_bad_requests_with_one_line(run, tmp_path, capsys):
+    assert cli_main(["export", str(run["dir"]), str(tmp_path / "x"), "--id", "5"]) == 2
+    assert "candidate 5 has status 'failed'" in capsys.readouterr().err
+    assert cli_main(["export", str(run["dir"]), str(tmp_path / "x"), "--id", "42"]) == 2
+    assert "no candidate 42" in capsys.readouterr().err
+    assert cli_main(["export", str(run["dir"]), str(tmp_path / "x"), "--top", "1", "--objective", "nah"]) == 2
+    assert "unknown objective 'nah'" in capsys.readouterr().err
+    assert cli_main(["export", str(tmp_path / "no-run"), str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    # an existing candidate directory is kept unless --overwrite
+    out = tmp_path / "again"
+    assert cli_main(["export", str(run["dir"]), str(out), "--id", "1"]) == 0
+    assert cli_main(["export", str(run["dir"]), str(out), "--id", "1"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli_main(["export", str(run["dir"]), str(out), "--id", "1", "--overwrite"]) == 0
