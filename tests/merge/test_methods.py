@@ -1,0 +1,134 @@
+"""Each merge method against a small case computed by hand from its definition."""
+
+import math
+
+import pytest
+import torch
+
+from evomerge.merge import methods as M
+
+
+def T(*xs):
+    return torch.tensor(xs, dtype=torch.float32)
+
+
+def test_linear_weighted_average_and_unnormalized_sum():
+    a, b = T(1, 2), T(3, 6)
+    assert torch.allclose(M.linear([a, b], [1, 3]), T(2.5, 5.0))
+    assert torch.allclose(M.linear([a, b], [1, 3], normalize=False), T(10, 20))
+
+
+def test_task_arithmetic_adds_weighted_task_vectors_times_lambda():
+    base, x1, x2 = T(1, 1), T(2, 0), T(1, 3)
+    # deltas (1,-1), (0,2); 0.5*(1,-1) + (0,2) = (0.5, 1.5); lambda 2 -> (1, 3)
+    assert torch.allclose(M.task_arithmetic(base, [x1, x2], [0.5, 1.0], lam=2.0), T(2, 4))
+
+
+def test_ties_trims_elects_sign_and_takes_disjoint_mean():
+    base = T(0, 0, 0, 0)
+    x1, x2 = T(1, -2, 3, 0.5), T(-3, 1, 2, 0.1)
+    # density .5 keeps the 2 largest: (0,-2,3,0) and (-3,0,2,0); weights 1, .5 -> (-1.5,0,1,0)
+    # sum (-1.5,-2,4,0): signs -,-,+,(+); all kept entries agree;
+    # divisor = sum of weights of agreeing non-zero entries: (.5, 1, 1.5, 0->1)
+    out = M.ties(base, [x1, x2], [1.0, 0.5], [0.5, 0.5])
+    assert torch.allclose(out, T(-3, -2, 4 / 1.5, 0))
+    # without normalize: just the agreeing sum
+    out = M.ties(base + 1, [x1 + 1, x2 + 1], [1.0, 0.5], [0.5, 0.5], normalize=False)
+    assert torch.allclose(out, T(-1.5, -2, 4, 0) + 1)
+
+
+def test_ties_sign_election_uses_summed_mass_not_counts():
+    base = T(0)
+    # two small positive deltas vs one large negative one: mass says negative
+    out = M.ties(base, [T(1), T(1), T(-5)], [1, 1, 1], [1, 1, 1])
+    assert torch.allclose(out, T(-5))
+
+
+def test_magnitude_mask_keeps_exactly_k_even_with_ties():
+    d = T(1, 1, 1, 1, 5, -5)
+    mask = M.magnitude_mask(d, 0.5)  # k = 3: both 5s and one of the 1s
+    assert mask.sum() == 3 and mask[4] and mask[5]
+    big = torch.randn(10_001)
+    mask = M.magnitude_mask(big, 0.3)
+    assert mask.sum() == int(0.3 * 10_001)
+    assert big[mask].abs().min() >= big[~mask].abs().max()
+
+
+def test_breadcrumbs_drops_top_gamma_and_bottom_keeping_density():
+    d = T(*[(-1) ** i * (i + 1) for i in range(10)])  # magnitudes 1..10
+    mask = M.magnitude_outliers_mask(d, density=0.5, gamma=0.2)
+    # keep 5, drop the top 2 (9, 10), so drop the bottom 3 (1, 2, 3): keep 4..8
+    assert sorted(d[mask].abs().tolist()) == [4, 5, 6, 7, 8]
+    out = M.breadcrumbs(torch.zeros(10), [d], [2.0], [0.5], [0.2])
+    assert torch.allclose(out, 2 * d * mask)
+
+
+def test_dare_keeps_density_fraction_and_rescales_to_l1_norm():
+    g = torch.Generator().manual_seed(0)
+    base = torch.zeros(200_000)  # a zero base keeps merged - base free of cancellation error
+    ft = 0.01 * torch.randn(200_000, generator=g)
+    delta = ft - base
+    out = M.dare(base, [ft], [1.0], [0.3], ties=False, generator=torch.Generator().manual_seed(1))
+    merged = out - base
+    kept = merged != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.005
+    # mergekit's rescale: the kept entries are scaled so the L1 norm equals the full delta's
+    assert math.isclose(merged.abs().sum().item(), delta.abs().sum().item(), rel_tol=1e-3)
+    ratio = merged[kept] / delta[kept]
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)
+    assert abs(ratio[0].item() - 1 / 0.3) < 0.02
+    # seeded: same generator seed, same result; another seed, another mask
+    again = M.dare(base, [ft], [1.0], [0.3], ties=False, generator=torch.Generator().manual_seed(1))
+    other = M.dare(base, [ft], [1.0], [0.3], ties=False, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(out, again) and not torch.equal(out, other)
+
+
+def test_della_keep_probability_rises_with_magnitude_rank():
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(64, 4096, generator=g)
+    keep = M.della_mask(delta, density=0.5, epsilon=0.2, generator=torch.Generator().manual_seed(3))
+    assert abs(keep.float().mean().item() - 0.5) < 0.01
+    ranks = delta.abs().argsort(dim=1).argsort(dim=1).float() / 4095
+    low, high = keep[ranks < 0.1].float().mean(), keep[ranks > 0.9].float().mean()
+    # p = 0.3 + 0.4 * rank: about 0.32 in the bottom decile, 0.68 in the top
+    assert abs(low - 0.32) < 0.02 and abs(high - 0.68) < 0.02
+    with pytest.raises(ValueError, match="epsilon"):
+        M.della_mask(delta, density=0.9, epsilon=0.2, generator=None)
+
+
+def test_slerp_follows_the_arc_and_falls_back_to_lerp_when_colinear():
+    v0, v1 = T(1, 0), T(0, 1)
+    assert torch.allclose(M.slerp(0.5, v0, v1), T(math.sqrt(0.5), math.sqrt(0.5)))
+    assert torch.allclose(M.slerp(0.0, v0, v1), v0) and torch.allclose(M.slerp(1.0, v0, v1), v1)
+    # 90 degrees apart with different lengths: coefficients from the angle, applied to raw vectors
+    assert torch.allclose(M.slerp(1 / 3, T(2, 0), T(0, 4)), T(2 * math.sin(math.pi / 3), 4 * 0.5))
+    assert torch.allclose(M.slerp(0.25, T(1, 1), T(2, 2)), T(1.25, 1.25))
+
+
+def test_model_stock_interpolates_by_mean_cosine():
+    base = T(1, 1)
+    a, b = base + T(2, 0), base + T(1, 1)
+    cos = 2 / (2 * math.sqrt(2))
+    t = 2 * cos / (1 + cos)
+    expected = base + t * T(1.5, 0.5)
+    assert torch.allclose(M.model_stock(base, [a, b]), expected)
+    # orthogonal task vectors: t = 0, the base comes back
+    assert torch.allclose(M.model_stock(base, [base + T(1, 0), base + T(0, 1)]), base)
+
+
+def test_passthrough_shares_or_scales():
+    x = T(1, -2)
+    assert M.passthrough(x) is x
+    assert torch.allclose(M.passthrough(x, 0.5), T(0.5, -1))
+
+
+def test_inputs_are_never_modified():
+    g = torch.Generator().manual_seed(0)
+    base, a, b = (torch.randn(50, generator=g) for _ in range(3))
+    copies = [t.clone() for t in (base, a, b)]
+    M.ties(base, [a, b], [1, 1], [0.5, 0.5])
+    M.della(base, [a, b], [1, 1], [0.5, 0.5], [0.1, 0.1], generator=g)
+    M.slerp(0.3, a, b)
+    M.model_stock(base, [a, b])
+    M.linear([a, b], [1, 2])
+    assert all(torch.equal(x, y) for x, y in zip((base, a, b), copies))
