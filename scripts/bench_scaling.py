@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import sys
@@ -44,49 +45,62 @@ class NoopEvaluator:
                           objectives={"score": ObjectiveScore(float(sum(candidate.genome)), 0.0, 1)})
 
 
+class SleepEvaluator:
+    """Stands for a device-bound candidate: the worker waits (as on a GPU) without using
+    the CPU, so the scaling it shows is the pool's, not this machine's core count."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def evaluate(self, candidate: Candidate) -> EvalResult:
+        time.sleep(self.seconds)
+        return EvalResult(candidate.candidate_id, "ok", seconds=self.seconds,
+                          objectives={"score": ObjectiveScore(float(sum(candidate.genome)), 0.0, 1)})
+
+
 class TinyMergeEvaluator:
-    """Linear merge of resident tiny Llama sources, swapped into one resident model, scored
-    on fixed token items (next-token agreement with the first source)."""
+    """A linear merge of resident tiny Llama sources by the real merge engine, swapped into
+    one resident model, scored on fixed token items (next-token agreement with source 0)."""
 
     def __init__(self, source_dirs: list[str], n_items: int = 32, seq_len: int = 32):
         import torch
-        from safetensors.torch import load_file
         from transformers import LlamaConfig, LlamaForCausalLM
 
+        from evomerge.merge.engine import SourceSet, merge
+        from evomerge.merge.plan import MergePlan
+
         torch.set_num_threads(1)   # one core per worker, as Ray's num_cpus=1 promises
-        self.torch = torch
-        self.sources = []
-        for directory in source_dirs:
-            tensors = {}
-            for shard in sorted(Path(directory).glob("*.safetensors")):
-                tensors.update(load_file(shard))
-            self.sources.append(tensors)
+        self.torch, self.merge, self.MergePlan = torch, merge, MergePlan
+        self.names = list(source_dirs)
+        self.sources = SourceSet.load({name: name for name in self.names}, resident=True)
         config = json.loads((Path(source_dirs[0]) / "config.json").read_text())
         self.model = LlamaForCausalLM(LlamaConfig(**config)).eval()
         gen = torch.Generator().manual_seed(0)
         self.items = torch.randint(3, config["vocab_size"], (n_items, seq_len), generator=gen)
-        self.model.load_state_dict(self.sources[0], strict=False)
         with torch.no_grad():
+            self.model.load_state_dict(self._merged([1.0] + [0.0] * (len(self.names) - 1)), strict=False)
             self.reference = self.model(self.items).logits[:, -1].argmax(-1)
+
+    def _merged(self, weights) -> dict:
+        plan = self.MergePlan.from_dict({"merge_method": "linear", "models": [
+            {"model": name, "parameters": {"weight": float(w)}} for name, w in zip(self.names, weights)]})
+        return self.merge(plan, self.sources)
 
     def evaluate(self, candidate: Candidate) -> EvalResult:
         torch = self.torch
         t0 = time.perf_counter()
-        weights = np.abs(np.asarray(candidate.genome, dtype=float)) + 1e-6
-        weights = weights / weights.sum()
-        merged = {name: sum(float(w) * src[name] for w, src in zip(weights, self.sources))
-                  for name in self.sources[0]}
+        merged = self._merged(np.abs(np.asarray(candidate.genome, dtype=float)) + 1e-6)
         t1 = time.perf_counter()
-        self.model.load_state_dict(merged, strict=False)   # in place: same shapes
-        t2 = time.perf_counter()
         with torch.no_grad():
+            self.model.load_state_dict(merged, strict=False)   # in place: same shapes
+            t2 = time.perf_counter()
             predicted = self.model(self.items).logits[:, -1].argmax(-1)
         agree = (predicted == self.reference).float()
         t3 = time.perf_counter()
         n = len(agree)
-        value = float(agree.mean())
         return EvalResult(candidate.candidate_id, "ok", items_scored=n, seconds=t3 - t0,
-                          objectives={"agreement": ObjectiveScore(value, float(agree.std()) / n**0.5, n)},
+                          objectives={"agreement": ObjectiveScore(float(agree.mean()),
+                                                                  float(agree.std()) / n**0.5, n)},
                           timings={"merge": t1 - t0, "load": t2 - t1, "score": t3 - t2})
 
 
@@ -120,23 +134,23 @@ def make_sources(root: Path, n_sources: int, hidden: int, layers: int) -> list[s
     return dirs
 
 
-def bench_throughput(sources: list[str], n_per_worker: int) -> list[dict]:
-    import functools
-
+def bench_throughput(factory, n_per_worker: int, dim: int, label: str) -> list[dict]:
     rows = []
-    factory = functools.partial(TinyMergeEvaluator, sources)
     for n_workers in (1, 2):
         t0 = time.perf_counter()
         with RayPool(factory, n_workers, num_cpus=1) as pool:
             startup = time.perf_counter() - t0
-            run_through(pool, candidates(2 * n_workers, len(sources), seed=99))   # warm up
-            row = run_through(pool, candidates(n_per_worker * n_workers, len(sources)))
+            run_through(pool, candidates(2 * n_workers, dim, seed=99))   # warm up
+            row = run_through(pool, candidates(n_per_worker * n_workers, dim))
         per_min = 60 * row["candidates"] / row["wall_s"]
         row.update(workers=n_workers, startup_s=startup, candidates_per_minute=per_min,
                    turnaround_s=n_workers * row["wall_s"] / row["candidates"])
         rows.append(row)
-        print(f"  {n_workers} worker(s): {per_min:7.1f} candidates/min  "
-              f"(turnaround {row['turnaround_s']:.3f} s/candidate/worker, startup {startup:.1f} s)")
+    speedup = rows[1]["candidates_per_minute"] / rows[0]["candidates_per_minute"]
+    for row in rows:
+        print(f"  {label}, {row['workers']} worker(s): {row['candidates_per_minute']:7.1f} candidates/min "
+              f"(turnaround {row['turnaround_s']:.3f} s, worker startup {row['startup_s']:.1f} s)")
+    print(f"  {label}: 2 workers / 1 worker = {speedup:.2f}x")
     return rows
 
 
@@ -205,6 +219,7 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=256, help="tiny source model width")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--sources", type=int, default=3)
+    parser.add_argument("--sleep", type=float, default=0.5, help="seconds per device-bound candidate")
     parser.add_argument("--turnaround", type=float, nargs="*", default=[1.0, 10.0, 60.0],
                         help="candidate turnaround times (s) to state workers_supported for")
     parser.add_argument("--target-workers", type=int, default=256)
@@ -214,11 +229,16 @@ def main() -> int:
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20, log_to_driver=False)
-    report: dict = {"machine": {"cpus": os.cpu_count()}}
+    report: dict = {"machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as tmp:
         sources = make_sources(Path(tmp), args.sources, args.hidden, args.layers)
-        print(f"throughput, {args.sources} tiny Llama sources (hidden {args.hidden}, {args.layers} layers):")
-        report["throughput"] = bench_throughput(sources, args.candidates_per_worker)
+        print(f"throughput, real in-memory merges of {args.sources} tiny Llama sources "
+              f"(hidden {args.hidden}, {args.layers} layers; CPU-bound, so bounded by free cores):")
+        report["throughput"] = bench_throughput(functools.partial(TinyMergeEvaluator, sources),
+                                                args.candidates_per_worker, args.sources, "tiny merges")
+    print(f"throughput, device-bound candidates ({args.sleep:g} s each, CPU idle while waiting):")
+    report["throughput_device_bound"] = bench_throughput(functools.partial(SleepEvaluator, args.sleep),
+                                                         args.candidates_per_worker, 4, "device-bound")
     print(f"controller overhead, {args.noop_candidates} no-op candidates:")
     report["pool_overhead"] = bench_pool_overhead(args.noop_candidates)
     in_flight = 2 * args.target_workers
