@@ -1,0 +1,230 @@
+"""The Pareto archive: every evaluation of a run in one SQLite file.
+
+``archive.sqlite`` in the run directory, WAL mode, so ``evomerge status`` or a notebook
+can read it while the search writes. Each result is one transaction that inserts the
+evaluation, its per-objective scores and the updated non-dominated front and
+hypervolume together: a reader never sees a result without its front.
+
+Objectives are maximised. The hypervolume is the volume dominated by the front and
+bounded below by the reference point (default: 0 for every objective, the worst
+accuracy); points that do not strictly dominate the reference point add nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evomerge.errors import EvomergeError
+from evomerge.workers.types import Candidate, EvalResult
+
+ARCHIVE_FILE = "archive.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS evaluations (
+    candidate_id INTEGER PRIMARY KEY,
+    generation INTEGER NOT NULL,
+    genome TEXT NOT NULL,          -- JSON list of floats
+    plan TEXT,                     -- JSON merge plan (mergekit-style dict)
+    audit INTEGER NOT NULL,
+    status TEXT NOT NULL,          -- ok | failed
+    error TEXT,
+    worker TEXT,
+    seconds REAL,
+    items_scored INTEGER,
+    timings TEXT,                  -- JSON {stage: seconds}
+    submitted_at REAL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS scores (
+    candidate_id INTEGER NOT NULL REFERENCES evaluations(candidate_id),
+    objective TEXT NOT NULL,
+    value REAL NOT NULL,
+    stderr REAL,
+    n_items INTEGER,
+    full REAL,                     -- full-pool score of audited candidates
+    PRIMARY KEY (candidate_id, objective)
+);
+CREATE TABLE IF NOT EXISTS front (candidate_id INTEGER PRIMARY KEY);
+CREATE INDEX IF NOT EXISTS evaluations_generation ON evaluations(generation);
+"""
+
+
+def dominates(a: np.ndarray, b: np.ndarray) -> bool:
+    """``a`` Pareto-dominates ``b`` (maximisation)."""
+    return bool(np.all(a >= b) and np.any(a > b))
+
+
+def non_dominated(points: np.ndarray) -> np.ndarray:
+    """Indices of the non-dominated rows (duplicates of a front point all stay)."""
+    points = np.asarray(points, dtype=float)
+    keep = [i for i in range(len(points))
+            if not any(dominates(points[j], points[i]) for j in range(len(points)) if j != i)]
+    return np.array(keep, dtype=int)
+
+
+def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
+    """Volume dominated by ``points`` above ``reference`` (maximisation), exact.
+
+    Two objectives: a sweep. More: pymoo's exact indicator on the negated problem.
+    """
+    points = np.asarray(points, dtype=float).reshape(len(points), -1) if len(points) else np.zeros((0, 1))
+    reference = np.asarray(reference, dtype=float)
+    if len(points) == 0:
+        return 0.0
+    points = points[np.all(points > reference, axis=1)]
+    if len(points) == 0:
+        return 0.0
+    if points.shape[1] == 1:
+        return float(points[:, 0].max() - reference[0])
+    if points.shape[1] == 2:
+        # Sort by the first objective, best first; each point adds the strip it owns above
+        # the best second objective seen so far.
+        order = np.lexsort((-points[:, 1], -points[:, 0]))
+        volume, best_y = 0.0, reference[1]
+        for x, y in points[order]:
+            if y > best_y:
+                volume += (x - reference[0]) * (y - best_y)
+                best_y = y
+        return float(volume)
+    from pymoo.indicators.hv import HV
+
+    return float(HV(ref_point=-reference)(-points))
+
+
+class Archive:
+    """All evaluations of one run. ``readonly=True`` for watchers (status, report)."""
+
+    def __init__(self, run_dir: str | Path, objectives: list[str] | None = None,
+                 reference: list[float] | None = None, readonly: bool = False) -> None:
+        self.path = Path(run_dir) / ARCHIVE_FILE
+        if readonly:
+            if not self.path.is_file():
+                raise EvomergeError(f"{self.path}: no archive (is {run_dir} a search run directory?)")
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+        else:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+            self.db.executescript(_SCHEMA)
+        self.db.row_factory = sqlite3.Row
+        meta = self.meta()
+        if objectives is not None and "objectives" not in meta:
+            ref = [0.0] * len(objectives) if reference is None else [float(v) for v in reference]
+            with self.transaction():
+                self._set_meta({"objectives": objectives, "reference": ref, "hypervolume": 0.0})
+            meta = self.meta()
+        if "objectives" not in meta:
+            raise EvomergeError(f"{self.path}: archive has no objectives recorded")
+        self.objectives: list[str] = meta["objectives"]
+        self.reference = np.asarray(meta["reference"], dtype=float)
+
+    # -- writing ---------------------------------------------------------------------------
+    def transaction(self):
+        return _Transaction(self.db)
+
+    def _set_meta(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def set_meta(self, **values: Any) -> None:
+        with self.transaction():
+            self._set_meta(values)
+
+    def add(self, candidate: Candidate, result: EvalResult, submitted_at: float | None = None) -> None:
+        """Record one result and update the front + hypervolume, in one transaction."""
+        ok = result.status == "ok"
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO evaluations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (candidate.candidate_id, candidate.generation, json.dumps([float(v) for v in candidate.genome]),
+                 json.dumps(candidate.plan) if candidate.plan is not None else None, int(candidate.audit),
+                 result.status, result.error, result.worker, result.seconds, result.items_scored,
+                 json.dumps(result.timings), submitted_at, time.time()))
+            for name, score in result.objectives.items():
+                self.db.execute("INSERT INTO scores VALUES (?,?,?,?,?,?)",
+                                (candidate.candidate_id, name, score.value, score.stderr, score.n_items, score.full))
+            if ok and all(name in result.objectives for name in self.objectives):
+                point = np.array([result.objectives[name].value for name in self.objectives])
+                self._update_front(candidate.candidate_id, point)
+
+    def _update_front(self, candidate_id: int, point: np.ndarray) -> None:
+        front = self._front_points()
+        if any(dominates(p, point) for p in front.values()):
+            return
+        for other, p in front.items():
+            if dominates(point, p):
+                self.db.execute("DELETE FROM front WHERE candidate_id = ?", (other,))
+                del front[other]
+        self.db.execute("INSERT INTO front VALUES (?)", (candidate_id,))
+        front[candidate_id] = point
+        volume = hypervolume(np.array(list(front.values())), self.reference)
+        self._set_meta({"hypervolume": volume})
+
+    def _front_points(self) -> dict[int, np.ndarray]:
+        rows = self.db.execute(
+            "SELECT s.candidate_id, s.objective, s.value FROM scores s JOIN front f USING (candidate_id)").fetchall()
+        points: dict[int, dict[str, float]] = {}
+        for row in rows:
+            points.setdefault(row["candidate_id"], {})[row["objective"]] = row["value"]
+        return {cid: np.array([v[name] for name in self.objectives]) for cid, v in points.items()}
+
+    # -- reading ---------------------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        return {row[0]: json.loads(row[1]) for row in self.db.execute("SELECT key, value FROM meta")}
+
+    def records(self, where: str = "", params: tuple = ()) -> list[dict[str, Any]]:
+        """Evaluations in candidate order, each a dict with decoded JSON and an
+        ``objectives`` mapping ``name -> {value, stderr, n_items, full}``."""
+        rows = self.db.execute(f"SELECT * FROM evaluations {where} ORDER BY candidate_id", params).fetchall()
+        scores: dict[int, dict[str, dict[str, Any]]] = {}
+        for s in self.db.execute("SELECT * FROM scores"):
+            scores.setdefault(s["candidate_id"], {})[s["objective"]] = {
+                "value": s["value"], "stderr": s["stderr"], "n_items": s["n_items"], "full": s["full"]}
+        out = []
+        for row in rows:
+            record = dict(row)
+            record["genome"] = json.loads(record["genome"])
+            record["plan"] = json.loads(record["plan"]) if record["plan"] else None
+            record["timings"] = json.loads(record["timings"]) if record["timings"] else {}
+            record["audit"] = bool(record["audit"])
+            record["objectives"] = scores.get(row["candidate_id"], {})
+            out.append(record)
+        return out
+
+    def record(self, candidate_id: int) -> dict[str, Any] | None:
+        found = self.records("WHERE candidate_id = ?", (candidate_id,))
+        return found[0] if found else None
+
+    def front(self) -> list[dict[str, Any]]:
+        return self.records("WHERE candidate_id IN (SELECT candidate_id FROM front)")
+
+    def hypervolume(self) -> float:
+        return float(self.meta().get("hypervolume", 0.0))
+
+    def counts(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT status, COUNT(*) FROM evaluations GROUP BY status").fetchall()
+        counts = {row[0]: row[1] for row in rows}
+        return {"ok": counts.get("ok", 0), "failed": counts.get("failed", 0), "total": sum(counts.values())}
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rollback on error) on an autocommit connection."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
