@@ -1,7 +1,7 @@
 """Real (random) Llama checkpoints made in code, for tests, demos and benchmarks.
 
 ``make_tiny_llama`` writes a directory that ``transformers`` loads as a
-``LlamaForCausalLM``. With ``base=...`` it writes the base model's weights plus
+``LlamaForCausalLM`` (config.json holds the fields ``LlamaConfig`` writes). With ``base=...`` it writes the base model's weights plus
 ``noise * randn`` -- a fake fine-tune sharing the base, so task vectors
 (model - base) are small and meaningful, as they are for real fine-tunes.
 Tensors are generated and written one at a time, so ~200M-parameter models
@@ -107,15 +107,30 @@ def make_tiny_llama(
 
 def _llama_config(num_layers, hidden_size, intermediate_size, num_attention_heads,
                   num_key_value_heads, vocab_size, tie_word_embeddings, dtype) -> dict:
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads, max_position_embeddings=max(2048, 4 * vocab_size),
-        tie_word_embeddings=tie_word_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-    config = cfg.to_dict()
-    config["architectures"] = ["LlamaForCausalLM"]
-    config["model_type"] = "llama"
-    return config
+    # The fields LlamaConfig writes, spelled out: importing transformers costs seconds per process.
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "head_dim": hidden_size // num_attention_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": max(2048, 4 * vocab_size),
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6,
+        "use_cache": True,
+        "tie_word_embeddings": tie_word_embeddings,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
