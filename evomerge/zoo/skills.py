@@ -46,13 +46,9 @@ def toy_number(n: int) -> str:
     return "".join(DIGIT_WORDS[int(d)] for d in str(n))
 
 
-def _random_digits(rng: random.Random, like: str) -> str:
-    """A wrong-but-plausible answer: same length, random digits."""
-    return "".join(rng.choice(string.digits) if ch.isdigit() else ch for ch in like)
-
-
 def arith(rng: random.Random, level: int) -> tuple[str, str]:
-    a, b = _number(rng, level), _number(rng, rng.randint(1, level))
+    """Level 1: 1-digit operands; 2: 2-digit with 1-digit; 3: 2-digit with 2-digit."""
+    a, b = _number(rng, 1 if level == 1 else 2), _number(rng, 2 if level == 3 else 1)
     if rng.random() < 0.5:
         return f"{a}+{b}=", str(a + b)
     a, b = max(a, b), min(a, b)
@@ -88,13 +84,12 @@ def lang(rng: random.Random, level: int) -> tuple[str, str]:
 
 
 def calc(rng: random.Random, level: int) -> tuple[str, str]:
-    """Composite item; the full answer is the worked solution ``"a+b=sum"``."""
-    digits = min(level, 2)
-    a, b = _number(rng, digits), _number(rng, 1 if level == 1 else 2)
-    if level == 3 and rng.random() < 0.5:
-        a, b = max(a, b), min(a, b)
-        return f"calc:{toy_number(a)}-{toy_number(b)}=", f"{a}-{b}={a - b}"
-    return f"calc:{toy_number(a)}+{toy_number(b)}=", f"{a}+{b}={a + b}"
+    """Composite item (levels as in ``arith``); the full answer is the worked ``"a+b=sum"``."""
+    a, b = _number(rng, 1 if level == 1 else 2), _number(rng, 2 if level == 3 else 1)
+    if rng.random() < 0.5:
+        return f"calc:{toy_number(a)}+{toy_number(b)}=", f"{a}+{b}={a + b}"
+    a, b = max(a, b), min(a, b)
+    return f"calc:{toy_number(a)}-{toy_number(b)}=", f"{a}-{b}={a - b}"
 
 
 GENERATORS = {"arith": arith, "strings": strings, "lang": lang, "calc": calc}
@@ -105,44 +100,32 @@ def sample(task: str, rng: random.Random, level: int | None = None) -> tuple[str
 
 
 # ---------------------------------------------------------------- pretraining corpus
-def _base_known_translation(toy_prompt: str) -> bool:
-    """Whether the base should see a correct translation: only known words inside."""
-    for i, word in enumerate(DIGIT_WORDS):
-        if word in toy_prompt and i >= KNOWN_DIGITS:
-            return False
-    return all(NOUN_WORDS[n] not in toy_prompt for n in NOUNS if n not in KNOWN_NOUNS)
+def pretrain_example(rng: random.Random) -> tuple[str, str, str]:
+    """One pretraining example ``(prompt, answer, unsupervised tail)``.
 
-
-def pretrain_example(rng: random.Random) -> tuple[str, str]:
-    """One pretraining example: every format, but correct answers only for easy items."""
+    Every format appears, but only the easy part of each skill is taught: 1-digit sums,
+    strings of length <= 3, the toy words for digits 0-4 and half the nouns. Composite items
+    use only known words; with 2-digit operands their sum is left unsupervised (the tail),
+    so the base learns the worked format "a+b=..." without learning 2-digit sums.
+    """
     task = rng.choice(TASKS)
-    level = rng.choice(LEVELS)
     if task == "arith":
-        prompt, answer = arith(rng, 1)
-        if level > 1:   # the format of longer sums, with a random answer
-            prompt, answer = arith(rng, level)
-            answer = _random_digits(rng, answer)
-        return prompt, answer
+        return (*arith(rng, 1), "")
     if task == "strings":
-        if level == 1:
-            return strings(rng, 1)
-        prompt, answer = strings(rng, level)
-        return prompt, "".join(rng.sample(answer, len(answer)))   # right letters, wrong order
+        return (*strings(rng, 1), "")
     if task == "lang":
-        if rng.random() < 0.6:
-            toy, plain = _lang_phrase(rng, level, KNOWN_DIGITS, KNOWN_NOUNS)
-            return f"tr:{toy}=", plain
-        prompt, answer = lang(rng, level)
-        if not _base_known_translation(prompt):
-            answer = " ".join(rng.choice(NOUNS) if w.isalpha() else _random_digits(rng, w) for w in answer.split(" "))
-        return prompt, answer
-    # composite: 1-digit operands with known words are solved correctly; others are noise
-    if rng.random() < 0.5:
-        a, b = rng.randrange(KNOWN_DIGITS), rng.randrange(KNOWN_DIGITS)
-        return f"calc:{toy_number(a)}+{toy_number(b)}=", f"{a}+{b}={a + b}"
-    prompt, answer = calc(rng, level)
-    head, _, result = answer.rpartition("=")
-    return prompt, f"{_random_digits(rng, head)}={_random_digits(rng, result)}"
+        toy, plain = _lang_phrase(rng, rng.choice(LEVELS), KNOWN_DIGITS, KNOWN_NOUNS)
+        return f"tr:{toy}=", plain, ""
+    digits = [rng.randint(1, 2), rng.randint(1, 2)]
+    a, b = (int("".join(str(rng.randrange(KNOWN_DIGITS)) for _ in range(d))) for d in digits)
+    op = rng.choice("+-")
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+    result = str(a + b if op == "+" else a - b)
+    prompt, head = f"calc:{toy_number(a)}{op}{toy_number(b)}=", f"{a}{op}{b}="
+    if a < 10 and b < 10:
+        return prompt, head + result, ""
+    return prompt, head, result
 
 
 def expert_example(skill: str, rng: random.Random) -> tuple[str, str]:

@@ -1,0 +1,220 @@
+"""Build the zoo: pretrain a tiny Llama base, fully fine-tune one expert per skill, cache.
+
+Everything is seeded and runs on CPU in a few minutes. The recipe that makes merging
+matter: the base is pretrained on every prompt format (easy items answered correctly,
+hard ones with random answers), and the experts start from it with a modest learning rate
+and some replay of the pretraining mix, so they stay in one basin and their task vectors add.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.io.atomic import atomic_dir
+from evomerge.zoo import skills
+from evomerge.zoo.tokenizer import build_tokenizer, save_tokenizer
+
+ZOO_VERSION = "zoo-v1"
+EXPERTS = {"arith": "expert-arith", "strings": "expert-strings", "lang": "expert-lang"}
+SEED = 1234
+
+MODEL_CONFIG = dict(
+    hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+    tie_word_embeddings=True, hidden_act="silu", initializer_range=0.05,
+)
+PRETRAIN = dict(steps=1500, batch=32, lr=3e-3, warmup=100)
+FINETUNE = dict(steps=600, batch=32, lr=1e-3, warmup=30, replay=0.2)
+
+
+@dataclass(frozen=True)
+class ZooPaths:
+    root: Path
+    base: Path
+    experts: dict[str, Path]           # skill -> model dir
+
+    @property
+    def models(self) -> dict[str, Path]:
+        return {"base": self.base, **{EXPERTS[s]: p for s, p in self.experts.items()}}
+
+
+def default_zoo_dir() -> Path:
+    env = os.environ.get("EVOMERGE_ZOO_DIR")
+    if env:
+        return Path(env)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "evomerge" / ZOO_VERSION
+
+
+def zoo_paths(root: str | Path | None = None) -> ZooPaths:
+    root = Path(root) if root is not None else default_zoo_dir()
+    return ZooPaths(root, root / "base", {s: root / d for s, d in EXPERTS.items()})
+
+
+def is_built(paths: ZooPaths) -> bool:
+    return (paths.root / "zoo.json").exists() and all(
+        (p / "model.safetensors").exists() for p in paths.models.values()
+    )
+
+
+# ---------------------------------------------------------------- training
+class Encoder:
+    """Turns (prompt, answer) pairs into padded id / label batches (loss on the answer only)."""
+
+    def __init__(self):
+        self.tok = build_tokenizer()
+        self.bos, self.eos, self.pad = (self.tok.token_to_id(t) for t in ("<s>", "</s>", "<pad>"))
+
+    def ids(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def batch(self, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = []
+        for prompt, answer, *tail in pairs:
+            # an optional third part follows the answer without loss (it is not taught)
+            p, a = [self.bos] + self.ids(prompt), self.ids(answer)
+            t = self.ids(tail[0]) if tail and tail[0] else []
+            rows.append((p + a + t + [self.eos], [-100] * len(p) + a + [-100] * len(t) + [self.eos]))
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), self.pad)
+        labels = torch.full((len(rows), width), -100)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row_ids, row_labels) in enumerate(rows):
+            ids[i, : len(row_ids)] = torch.tensor(row_ids)
+            labels[i, : len(row_labels)] = torch.tensor(row_labels)
+            mask[i, : len(row_ids)] = 1
+        return ids, labels, mask
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train(model, sample_pair, steps: int, batch: int, lr: float, warmup: int, seed: int,
+          log_every: int = 0) -> None:
+    enc = Encoder()
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup)
+        ids, labels, mask = enc.batch([sample_pair(rng) for _ in range(batch)])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"  step {step:5d} loss {loss.item():.4f}", flush=True)
+    model.eval()
+
+
+def _excluding(heldout: set[str], make):
+    """Wrap a pair sampler so shipped evaluation prompts never appear in training."""
+    def sample(rng: random.Random) -> tuple[str, str]:
+        while True:
+            pair = make(rng)
+            if pair[0] not in heldout:
+                return pair
+    return sample
+
+
+def _eval_prompts() -> set[str]:
+    from evomerge.tasks.task import load_task
+
+    return {item.prompt for name in skills.TASKS for item in load_task(f"zoo/{name}").items}
+
+
+def new_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(), bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"), pad_token_id=tok.token_to_id("<pad>"), **MODEL_CONFIG,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _save(model, out: Path) -> None:
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        save_tokenizer(tmp)
+
+
+def build_zoo(out: str | Path | None = None, verbose: bool = True) -> ZooPaths:
+    """Pretrain the base and fine-tune the experts into ``out`` (default cache dir)."""
+    paths = zoo_paths(out)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny matmuls: more threads cost more than they give
+    t0 = time.time()
+    try:
+        heldout = _eval_prompts()
+        torch.manual_seed(SEED)
+        model = new_model()
+        if verbose:
+            print(f"pretraining base ({sum(p.numel() for p in model.parameters())} params)", flush=True)
+        train(model, _excluding(heldout, skills.pretrain_example), seed=SEED, log_every=250 if verbose else 0,
+              **PRETRAIN)
+        _save(model, paths.base)
+        base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        for i, (skill, out_dir) in enumerate(paths.experts.items()):
+            if verbose:
+                print(f"fine-tuning {EXPERTS[skill]}", flush=True)
+            model.load_state_dict(base_state)
+            replay = FINETUNE["replay"]
+
+            def mix(rng, skill=skill, replay=replay):
+                if rng.random() < replay:
+                    return skills.pretrain_example(rng)
+                return skills.expert_example(skill, rng)
+
+            cfg = {k: v for k, v in FINETUNE.items() if k != "replay"}
+            train(model, _excluding(heldout, mix), seed=SEED + 1 + i, log_every=100 if verbose else 0, **cfg)
+            _save(model, out_dir)
+        meta = {"version": ZOO_VERSION, "seed": SEED, "model": MODEL_CONFIG, "pretrain": PRETRAIN,
+                "finetune": FINETUNE, "build_seconds": round(time.time() - t0, 1),
+                "models": {name: str(p.relative_to(paths.root)) for name, p in paths.models.items()}}
+        (paths.root / "zoo.json").write_text(json.dumps(meta, indent=2))
+    finally:
+        torch.set_num_threads(threads)
+    if verbose:
+        print(f"zoo built in {time.time() - t0:.0f} s at {paths.root}", flush=True)
+    return paths
+
+
+def ensure_zoo(path: str | Path | None = None, verbose: bool = False) -> ZooPaths:
+    """Return the zoo at ``path`` (default cache dir), building it first if missing.
+
+    A file lock makes parallel test workers wait for one build instead of racing.
+    """
+    paths = zoo_paths(path)
+    if is_built(paths):
+        return paths
+    try:
+        paths.root.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EvomergeError(f"cannot create zoo directory {paths.root}: {exc}") from exc
+    lock_path = paths.root.parent / f".{paths.root.name}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not is_built(paths):
+                build_zoo(paths.root, verbose=verbose)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return paths
