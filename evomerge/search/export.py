@@ -73,69 +73,39 @@ def _as_record(row: Any) -> RunRecord:
     )
 
 
-def _sqlite_files(run_dir: Path) -> list[Path]:
-    return sorted(p for ext in ("*.sqlite", "*.sqlite3", "*.db") for p in run_dir.glob(ext))
+def open_archive(run_dir: str | Path):
+    """The run's archive, read-only (safe while a search writes)."""
+    from evomerge.search.archive import Archive
 
-
-def _read_table(run_dir: Path, wanted: set[str]) -> list[dict]:
-    """Rows of the first table (in any SQLite file of the run) having all ``wanted`` columns."""
-    for db in _sqlite_files(run_dir):
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        con.row_factory = sqlite3.Row
-        try:
-            tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-            for table in tables:
-                cols = {r[1] for r in con.execute(f'PRAGMA table_info("{table}")')}
-                if wanted <= cols:
-                    return [dict(r) for r in con.execute(f'SELECT * FROM "{table}"')]
-        except sqlite3.DatabaseError as exc:
-            raise EvomergeError(f"{db}: not a readable archive ({exc})") from None
-        finally:
-            con.close()
-    return []
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise EvomergeError(f"run directory {run_dir} does not exist")
+    try:
+        return Archive(run_dir, readonly=True)
+    except sqlite3.DatabaseError as exc:
+        raise EvomergeError(f"{run_dir}: the archive cannot be read ({exc})") from None
 
 
 def load_records(run_dir: str | Path) -> list[RunRecord]:
     """Every evaluated candidate of a run, ordered by candidate id."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise EvomergeError(f"run directory {run_dir} does not exist")
-    rows: list[Any] | None = None
+    archive = open_archive(run_dir)
     try:
-        from evomerge.search.archive import Archive  # the search core's reader, when present
-    except ImportError:
-        Archive = None
-    if Archive is not None:
-        rows = list(Archive(run_dir, readonly=True).records()) if _accepts_readonly(Archive) \
-            else list(Archive(run_dir).records())
-    else:
-        rows = _read_table(run_dir, {"candidate_id", "genome", "plan", "objectives", "status"})
-        if not rows and not _sqlite_files(run_dir):
-            raise EvomergeError(f"{run_dir}: no archive found (expected an SQLite file written by evomerge search)")
-    return sorted((_as_record(r) for r in rows), key=lambda r: r.candidate_id)
-
-
-def _accepts_readonly(cls) -> bool:
-    import inspect
-
-    try:
-        return "readonly" in inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return False
+        return [_as_record(r) for r in archive.records()]
+    finally:
+        archive.close()
 
 
 def load_source_scores(run_dir: str | Path) -> dict[str, dict[str, dict]]:
-    """Scores of the source models, if the search recorded them: {model: {objective: score}}."""
-    run_dir = Path(run_dir)
+    """Scores of the source models, if the search recorded them: {model: {objective: score}}.
+
+    The search stores them in the archive's meta table under ``source_scores``
+    (``Archive.set_meta(source_scores={model: {objective: {value, stderr, n_items, full}}})``).
+    """
+    archive = open_archive(run_dir)
     try:
-        from evomerge.search.archive import Archive
-    except ImportError:
-        Archive = None
-    if Archive is not None and hasattr(Archive, "source_scores"):
-        scores = Archive(run_dir).source_scores()
-        return {k: {o: (s if isinstance(s, dict) else vars(s)) for o, s in v.items()} for k, v in scores.items()}
-    rows = _read_table(run_dir, {"model", "objectives"})
-    return {str(r["model"]): _loads(r["objectives"]) for r in rows}
+        return archive.meta().get("source_scores") or {}
+    finally:
+        archive.close()
 
 
 # --------------------------------------------------------------------------- selection
@@ -184,37 +154,9 @@ def top_k(records: list[RunRecord], k: int, objective: str | None = None) -> lis
 
 def run_sources(run_dir: Path) -> tuple[dict[str, str], str | None]:
     """{model name used in plans: checkpoint path} and the base model, from the run's config."""
-    try:
-        from evomerge.search.config import load_run_sources  # the search core's view, when it offers one
-    except ImportError:
-        load_run_sources = None
-    if load_run_sources is not None:
-        return load_run_sources(run_dir)
-    for name in ("config.yaml", "config.yml", "search.yaml"):
-        cfg_path = run_dir / name
-        if cfg_path.is_file():
-            break
-    else:
-        raise EvomergeError(f"{run_dir}: no config.yaml; pass the sources with --source NAME=PATH")
-    cfg = yaml.safe_load(cfg_path.read_text()) or {}
-    raw = cfg.get("sources")
-    if isinstance(raw, dict):
-        sources = {str(k): str(v) for k, v in raw.items()}
-    elif isinstance(raw, list):
-        sources = {}
-        for entry in raw:
-            if isinstance(entry, str):
-                sources[entry] = entry
-            elif isinstance(entry, dict) and "path" in entry:
-                sources[str(entry.get("name", entry["path"]))] = str(entry["path"])
-            else:
-                raise ConfigError(f"{cfg_path}: sources entries must be paths or {{name, path}}, got {entry!r}")
-    else:
-        raise ConfigError(f"{cfg_path}: sources must be a list or a mapping")
-    base = cfg.get("base") or cfg.get("base_model")
-    if base is not None and str(base) not in sources:
-        sources[str(base)] = str(base)
-    return sources, (str(base) if base is not None else None)
+    from evomerge.search.config import load_run_sources
+
+    return load_run_sources(run_dir)
 
 
 # --------------------------------------------------------------------------- writing

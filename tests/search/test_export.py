@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,10 @@ from evomerge.cli import main as cli_main
 from evomerge.io.synthetic import make_tiny_llama
 from evomerge.merge.engine import SourceSet
 from evomerge.merge.plan import MergePlan
+from evomerge.search.archive import Archive
 from evomerge.search.export import load_records, pareto_front, top_k
 from evomerge.search.genome import build_space, merge_plan
+from evomerge.workers.types import Candidate, EvalResult, ObjectiveScore
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 L = 3
@@ -34,23 +35,18 @@ def make_tokenizer(path: Path) -> Path:
     return path
 
 
-def write_run(run_dir: Path, paths: dict[str, str], base: str, rows: list[dict],
-              source_scores: dict[str, dict] | None = None) -> Path:
-    """A run directory as the search leaves it: its config and an SQLite archive of evaluations."""
+def write_run(run_dir: Path, paths: dict[str, str], base: str, rows: list[dict], objectives: list[str]) -> Path:
+    """A run directory as the search leaves it: its config and the archive of evaluations."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({"sources": paths, "base": base}))
-    con = sqlite3.connect(run_dir / "archive.sqlite")
-    con.execute("CREATE TABLE evaluations (candidate_id INTEGER PRIMARY KEY, generation INTEGER, genome TEXT, "
-                "plan TEXT, objectives TEXT, status TEXT, seconds REAL, worker TEXT)")
-    con.execute("CREATE TABLE source_scores (model TEXT PRIMARY KEY, objectives TEXT)")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({
+        "sources": paths, "base": base, "genome": {"method": "ties", "granularity": "layer"},
+        "objectives": [{"name": o, "task": f"zoo/{o}"} for o in objectives]}))
+    archive = Archive(run_dir, objectives=objectives)
     for r in rows:
-        con.execute("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (r["candidate_id"], r["generation"], json.dumps(r["genome"]), json.dumps(r["plan"]),
-                     json.dumps(r["objectives"]), r["status"], 1.5, "local-0"))
-    for model, objectives in (source_scores or {}).items():
-        con.execute("INSERT INTO source_scores VALUES (?, ?)", (model, json.dumps(objectives)))
-    con.commit()
-    con.close()
+        archive.add(Candidate(r["candidate_id"], r["generation"], r["genome"], r["plan"]),
+                    EvalResult(r["candidate_id"], r["status"], {k: ObjectiveScore(**v) for k, v in r["objectives"].items()},
+                               worker="local-0", seconds=1.5))
+    archive.close()
     return run_dir
 
 
@@ -79,9 +75,9 @@ def run(tmp_path_factory):
         rows.append({"candidate_id": i, "generation": i // 2, "genome": x.tolist(),
                      "plan": space.decode(x).to_dict(), "status": "ok",
                      "objectives": {"arith": score(f1, full=f1 + 0.01), "copy": score(f2)}})
-    rows.append({"candidate_id": 5, "generation": 2, "genome": [], "plan": {}, "status": "failed",
+    rows.append({"candidate_id": 5, "generation": 2, "genome": [0.5] * param.dim, "plan": {}, "status": "failed",
                  "objectives": {}})
-    run_dir = write_run(root / "run", paths, "base", rows)
+    run_dir = write_run(root / "run", paths, "base", rows, ["arith", "copy"])
     return {"dir": run_dir, "paths": paths, "root": root, "rows": rows}
 
 
