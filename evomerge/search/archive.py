@@ -158,7 +158,7 @@ class Archive:
         front = self._front_points()
         if any(dominates(p, point) for p in front.values()):
             return
-        for other, p in front.items():
+        for other, p in list(front.items()):
             if dominates(point, p):
                 self.db.execute("DELETE FROM front WHERE candidate_id = ?", (other,))
                 del front[other]
@@ -212,6 +212,35 @@ class Archive:
         rows = self.db.execute("SELECT status, COUNT(*) FROM evaluations GROUP BY status").fetchall()
         counts = {row[0]: row[1] for row in rows}
         return {"ok": counts.get("ok", 0), "failed": counts.get("failed", 0), "total": sum(counts.values())}
+
+    def best(self) -> dict[str, float]:
+        """The best value per objective over successful evaluations."""
+        rows = self.db.execute(
+            "SELECT s.objective, MAX(s.value) FROM scores s JOIN evaluations e USING (candidate_id) "
+            "WHERE e.status = 'ok' GROUP BY s.objective").fetchall()
+        found = {row[0]: float(row[1]) for row in rows}
+        return {name: found[name] for name in self.objectives if name in found}
+
+    def audit_stats(self) -> dict[str, dict[str, float]]:
+        """Per objective, over audited candidates: how far the estimate is from the full
+        score (mean absolute error, bias) and how well it ranks them (Spearman)."""
+        rows = self.db.execute(
+            "SELECT s.objective, s.value, s.full FROM scores s JOIN evaluations e USING (candidate_id) "
+            "WHERE e.status = 'ok' AND s.full IS NOT NULL ORDER BY s.candidate_id").fetchall()
+        stats = {}
+        for name in self.objectives:
+            pairs = np.array([(r[1], r[2]) for r in rows if r[0] == name], dtype=float).reshape(-1, 2)
+            if len(pairs) == 0:
+                continue
+            error = pairs[:, 0] - pairs[:, 1]
+            entry = {"n": len(pairs), "mae": float(np.mean(np.abs(error))), "bias": float(np.mean(error)),
+                     "spearman": float("nan")}
+            if len(pairs) >= 3 and np.ptp(pairs[:, 0]) > 0 and np.ptp(pairs[:, 1]) > 0:
+                from scipy.stats import spearmanr
+
+                entry["spearman"] = float(spearmanr(pairs[:, 0], pairs[:, 1]).statistic)
+            stats[name] = entry
+        return stats
 
     def close(self) -> None:
         self.db.close()

@@ -1,0 +1,59 @@
+"""``evomerge status RUN_DIR``: where a search stands (safe to run while it is running)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="run directory of `evomerge search`")
+
+
+def status_lines(run_dir: str | Path) -> list[str]:
+    from evomerge.search.archive import Archive
+    from evomerge.search.config import load_run_config
+    from evomerge.search.run import read_meta
+
+    run_dir = Path(run_dir)
+    read_meta(run_dir)
+    cfg = load_run_config(run_dir)
+    archive = Archive(run_dir, readonly=True)
+    try:
+        meta = archive.meta()
+        counts = archive.counts()
+        front = archive.front()
+        best = archive.best()
+        audit = archive.audit_stats()
+    finally:
+        archive.close()
+    state = "finished" if meta.get("finished") else "in progress or stopped"
+    lines = [
+        f"run:          {run_dir} ({state})",
+        f"optimizer:    {cfg.optimizer.name}, population {cfg.optimizer.population}, seed {cfg.seed}",
+        f"generation:   {meta.get('generation', 0)} of {cfg.optimizer.generations} done",
+        f"evaluations:  {counts['total']} ({counts['ok']} ok, {counts['failed']} failed)",
+        f"front:        {len(front)} candidates, hypervolume {meta.get('hypervolume', 0.0):.4f} "
+        f"(reference {meta.get('reference')})",
+    ]
+    for name in archive.objectives:
+        if name in best:
+            lines.append(f"best {name}: {best[name]:.4f}")
+    if audit:
+        for name, s in audit.items():
+            rho = "n/a" if math.isnan(s["spearman"]) else f"{s['spearman']:.3f}"
+            lines.append(f"audit {name}: {s['n']} audited, estimate error {s['mae']:.4f} "
+                         f"(bias {s['bias']:+.4f}), Spearman {rho}")
+    else:
+        lines.append("audit:        no audited candidates yet")
+    return lines
+
+
+def print_status(run_dir: str | Path) -> None:
+    print("\n".join(status_lines(run_dir)))
+
+
+def run(args: argparse.Namespace) -> int:
+    print_status(args.run_dir)
+    return 0

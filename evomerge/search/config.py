@@ -1,0 +1,282 @@
+"""The search config: one YAML file, validated with messages that name the field.
+
+    seed: 0
+    run_dir: runs/demo                 # where the run directory goes
+    sources: {base: zoo/base, math: zoo/math, lang: zoo/lang}   # name used in plans -> model dir
+    base: base                         # one of the sources, or omitted
+    genome: {kind: parameter, method: ties, granularity: layer}  # see evomerge/search/genome.py
+    objectives:                        # one per task; all maximised
+      - {name: arith, task: "zoo/arith:search", estimator: gpirt, calibration: calib/arith.json}
+      - {name: lang, task: "zoo/lang:search"}           # no estimator: score every item
+    evaluator: {kind: merge, backend: hf, device: cpu}
+    optimizer: {name: nsga2, population: 8, generations: 6}
+    audit: {every: 10}                 # every 10th candidate also scored on the whole pool
+    workers: {backend: local, count: 1}
+
+Relative paths (sources, task YAML files, calibrations, run_dir) are relative to the
+config file. ``evaluator: {kind: synthetic}`` replaces merging and scoring by a cheap
+analytic function of the genome (see ``evomerge/workers/evaluator.py``); it exists for
+tests and for benchmarking the controller and the pools, not for real searches.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.search.optimizers import OPTIMIZERS, BoxSpace, check_space
+
+ESTIMATORS_WITHOUT_CALIBRATION = ("full",)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ObjectiveConfig(_Strict):
+    name: str
+    task: str                                   # zoo/NAME[:split], a task YAML, or an lm-eval task
+    estimator: str = "full"                     # full = mean over every item of the task
+    calibration: str | None = None              # evomerge calibration JSON (anchors + item params)
+    weight: float = 1.0                         # for single-objective optimizers (weighted sum)
+
+    @model_validator(mode="after")
+    def _calibrated(self) -> "ObjectiveConfig":
+        if self.estimator != "full" and self.calibration is None:
+            raise ValueError(f"estimator {self.estimator!r} needs a calibration file")
+        return self
+
+
+class EvaluatorConfig(_Strict):
+    kind: Literal["merge", "synthetic"] = "merge"
+    backend: str = "hf"                         # merge: inference engine (hf | vllm)
+    device: str = "cpu"
+    model_dir: str | None = None                # tokenizer + architecture; default: the base or first source
+    sleep: float = Field(0.0, ge=0)             # synthetic: seconds per evaluation
+    fail_every: int = Field(0, ge=0)            # synthetic: every N-th candidate fails (0: never)
+
+
+class OptimizerConfig(_Strict):
+    name: str = "nsga2"
+    population: int = Field(8, ge=1)
+    generations: int = Field(10, ge=1)
+    max_evaluations: int | None = Field(None, ge=1)
+    options: dict[str, Any] = {}                # passed to the library's algorithm
+    reference_point: list[float] | None = None  # hypervolume reference; default 0 per objective
+    failed_value: float = 0.0                   # objective value told for a failed candidate
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {v!r} (choose from {', '.join(OPTIMIZERS)})")
+        return v
+
+
+class AuditConfig(_Strict):
+    every: int = Field(10, ge=0)                # 0: no audits
+
+
+class WorkersConfig(_Strict):
+    backend: Literal["local", "ray"] = "local"
+    count: int = Field(1, ge=1)
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    memory: int | None = Field(None, ge=1)      # bytes per worker (Ray)
+    max_retries: int = Field(2, ge=0)
+    address: str | None = None                  # Ray cluster: "auto" or HOST:PORT
+
+
+class SearchConfig(_Strict):
+    seed: int = 0
+    run_dir: str | None = None
+    sources: dict[str, str] = {}
+    base: str | None = None
+    genome: dict[str, Any]
+    objectives: list[ObjectiveConfig] = Field(min_length=1)
+    evaluator: EvaluatorConfig = EvaluatorConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    audit: AuditConfig = AuditConfig()
+    workers: WorkersConfig = WorkersConfig()
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _sources(cls, v: Any) -> Any:
+        if isinstance(v, list):  # [path, ...] or [{name, path}, ...]
+            out = {}
+            for entry in v:
+                if isinstance(entry, str):
+                    out[Path(entry).name] = entry
+                elif isinstance(entry, dict) and set(entry) == {"name", "path"}:
+                    out[str(entry["name"])] = str(entry["path"])
+                else:
+                    raise ValueError(f"entries must be paths or {{name, path}}, got {entry!r}")
+            return out
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SearchConfig":
+        names = [o.name for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objectives: duplicate objective name in {names}")
+        if self.base is not None and self.base not in self.sources:
+            raise ValueError(f"base: {self.base!r} is not one of the sources ({', '.join(self.sources) or 'none'})")
+        if self.evaluator.kind == "merge" and len(self.sources) < 1:
+            raise ValueError("sources: a merge search needs at least one source model")
+        ref = self.optimizer.reference_point
+        if ref is not None and len(ref) != len(self.objectives):
+            raise ValueError(f"optimizer.reference_point: {len(ref)} values for {len(self.objectives)} objectives")
+        return self
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [o.name for o in self.objectives]
+
+
+def _field_error(exc: ValidationError, where: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    # A model-level check names its own field at the front of the message.
+    if not loc and re.match(r"^[a-z_.]+(\.\d+)?[a-z_.]*: ", msg):
+        return f"{where}: {msg}"
+    return f"{where}: {loc}: {msg}" if loc else f"{where}: {msg}"
+
+
+def _resolve(value: str, root: Path) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (root / path).resolve())
+
+
+def _is_task_file(task: str) -> bool:
+    return task.split(":")[0].endswith((".yaml", ".yml"))
+
+
+def parse_config(data: Any, where: str, root: Path) -> SearchConfig:
+    """Validate a config mapping; relative paths are resolved against ``root``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping of fields")
+    try:
+        cfg = SearchConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_field_error(exc, where)) from None
+    cfg.sources = {name: _resolve(p, root) for name, p in cfg.sources.items()}
+    if cfg.run_dir is not None:
+        cfg.run_dir = _resolve(cfg.run_dir, root)
+    if cfg.evaluator.model_dir is not None:
+        cfg.evaluator.model_dir = _resolve(cfg.evaluator.model_dir, root)
+    for obj in cfg.objectives:
+        if _is_task_file(obj.task):
+            base, sep, split = obj.task.partition(":")
+            obj.task = _resolve(base, root) + sep + split
+        if obj.calibration is not None:
+            obj.calibration = _resolve(obj.calibration, root)
+    return cfg
+
+
+def load_config(path: str | Path) -> SearchConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_config(data, str(path), path.resolve().parent)
+
+
+def dump_config(cfg: SearchConfig) -> str:
+    """The resolved config (absolute paths) as YAML: what the run directory keeps."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- genome space
+
+
+def source_depths(cfg: SearchConfig, where: str = "sources") -> dict[str, int]:
+    depths = {}
+    for name, path in cfg.sources.items():
+        config_json = Path(path) / "config.json"
+        try:
+            depths[name] = int(json.loads(config_json.read_text())["num_hidden_layers"])
+        except FileNotFoundError:
+            raise ConfigError(f"{where}.{name}: {path} is not a model directory (no config.json)") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{where}.{name}: cannot read num_hidden_layers from {config_json} ({exc})") from None
+    return depths
+
+
+def box_space(genome: dict[str, Any], where: str = "genome") -> BoxSpace:
+    """``genome: {kind: box, dim: D, lower: L, upper: U, integer: [i, ...]}`` (synthetic runs)."""
+    extra = set(genome) - {"kind", "dim", "lower", "upper", "integer"}
+    if extra:
+        raise ConfigError(f"{where}.{sorted(extra)[0]}: unknown field")
+    dim = genome.get("dim")
+    if not isinstance(dim, int) or dim < 1:
+        raise ConfigError(f"{where}.dim: must be a positive integer, got {dim!r}")
+    try:
+        lower = np.broadcast_to(np.asarray(genome.get("lower", 0.0), float), (dim,)).copy()
+        upper = np.broadcast_to(np.asarray(genome.get("upper", 1.0), float), (dim,)).copy()
+    except (ValueError, TypeError):
+        raise ConfigError(f"{where}.lower/upper: need a number or {dim} numbers") from None
+    integer = np.zeros(dim, bool)
+    for i in genome.get("integer", []) or []:
+        if not isinstance(i, int) or not 0 <= i < dim:
+            raise ConfigError(f"{where}.integer: gene index {i!r} outside 0..{dim - 1}")
+        integer[i] = True
+    space = BoxSpace(lower, upper, integer)
+    check_space(space, where)
+    return space
+
+
+def build_genome_space(cfg: SearchConfig):
+    """The run's genome space: a box for synthetic runs, else genome.py's spaces."""
+    if cfg.genome.get("kind") == "box":
+        if cfg.evaluator.kind != "synthetic":
+            raise ConfigError("genome.kind: 'box' has no merge plan; use it with evaluator.kind: synthetic")
+        return box_space(cfg.genome)
+    from evomerge.search.genome import build_space
+
+    depths = source_depths(cfg)
+    if not depths:
+        raise ConfigError("sources: the genome space needs source models")
+    names = [n for n in cfg.sources if n != cfg.base]
+    depth: int | dict[str, int] = depths if len(set(depths.values())) > 1 else next(iter(depths.values()))
+    space = build_space(cfg.genome, names, cfg.base, depth)
+    check_space(space)
+    return space
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+def load_run_config(run_dir: str | Path) -> SearchConfig:
+    """The resolved config a run directory keeps (paths in it are already absolute)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise EvomergeError(f"{run_dir}: not a search run directory (no config.yaml)")
+    return load_config(path)
+
+
+def load_run_sources(run_dir: str | Path) -> tuple[dict[str, str], str | None]:
+    """{name used in plans: model dir} and the base model of a run (for export / report)."""
+    cfg = load_run_config(run_dir)
+    return dict(cfg.sources), cfg.base
+
+
+def load_run_space(run_dir: str | Path):
+    """The genome space of a run, rebuilt from its config."""
+    return build_genome_space(load_run_config(run_dir))

@@ -1,0 +1,283 @@
+"""The search run: config -> run directory -> generations of ask / evaluate / tell.
+
+A run directory holds
+
+    config.yaml        the resolved config (absolute paths), written once
+    meta.json          format + evomerge version + objectives, written once
+    archive.sqlite     every evaluation, the front and its hypervolume (archive.py)
+    checkpoints/       controller state at the start of the latest generations (state.py)
+
+Each generation: ask ``population`` genomes, decode them to plans, submit them all to the
+pool, record each result in the archive the moment it arrives, and tell the optimizer once
+the generation is complete (in candidate order, so the order results arrive in does not
+matter). Then the state for the next generation is checkpointed.
+
+Resume loads the newest good checkpoint, asks again -- the same genomes, since the
+optimizer's generator is part of the state -- and takes results already in the archive
+instead of evaluating them again. So a run killed at any moment loses no completed
+evaluation, redoes none, and (with a deterministic evaluator) ends with the same archive
+as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import evomerge
+from evomerge.errors import CheckpointError, ConfigError, EvomergeError
+from evomerge.io.atomic import atomic_dir, atomic_write_text
+from evomerge.search.archive import Archive
+from evomerge.search.config import SearchConfig, build_genome_space, dump_config, load_config, load_run_config
+from evomerge.search.optimizers import Optimizer, is_multi_objective, make_optimizer
+from evomerge.search.state import ControllerState, load_latest, save_state
+from evomerge.workers.evaluator import EvaluatorSpec, make_evaluator, prepare_objective
+from evomerge.workers.types import Candidate, EvalResult, ObjectiveScore
+
+RUN_FORMAT = 1
+META_FILE = "meta.json"
+
+
+def read_meta(run_dir: Path) -> dict[str, Any]:
+    """meta.json of a run, refusing run directories of another format or evomerge version."""
+    path = run_dir / META_FILE
+    if not run_dir.is_dir():
+        raise EvomergeError(f"{run_dir}: no such run directory")
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EvomergeError(f"{run_dir}: not a search run directory (no {META_FILE})") from None
+    except (OSError, ValueError) as exc:
+        raise EvomergeError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != RUN_FORMAT \
+            or meta.get("evomerge_version") != evomerge.__version__:
+        found = meta.get("evomerge_version") if isinstance(meta, dict) else None
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise EvomergeError(f"{path}: run directory written by evomerge {found} (format {fmt}); "
+                            f"this is evomerge {evomerge.__version__} (format {RUN_FORMAT})")
+    return meta
+
+
+@dataclass
+class Setup:
+    """What a config turns into before anything is written: validated, ready to run."""
+
+    config: SearchConfig
+    space: Any
+    optimizer: Optimizer
+    spec: EvaluatorSpec
+
+
+def prepare(cfg: SearchConfig) -> Setup:
+    """Validate everything a run needs (space, optimizer, tasks, calibrations)."""
+    space = build_genome_space(cfg)
+    multi = is_multi_objective(cfg.optimizer.name)
+    n_obj = len(cfg.objectives) if multi else 1
+    budget = cfg.optimizer.max_evaluations or cfg.optimizer.population * cfg.optimizer.generations
+    optimizer = make_optimizer(cfg.optimizer.name, space, n_obj, cfg.seed, population=cfg.optimizer.population,
+                               budget=budget, options=cfg.optimizer.options)
+    spec = EvaluatorSpec.from_config(cfg, space)
+    if spec.kind == "merge":
+        for objective in spec.objectives:
+            prepare_objective(objective)  # task exists, calibration fits it
+        _check_sources(cfg)
+    return Setup(cfg, space, optimizer, spec)
+
+
+def _check_sources(cfg: SearchConfig) -> None:
+    """Sources readable and of one architecture (shapes only; nothing is loaded)."""
+    from evomerge.merge.engine import SourceSet
+
+    SourceSet.load(cfg.sources, device="cpu", resident=False).check_compatible()
+
+
+def make_pool(setup: Setup):
+    from evomerge.workers.pool import make_pool as build
+
+    factory = functools.partial(make_evaluator, setup.spec)
+    return build(factory, **setup.config.workers.model_dump())
+
+
+class SearchRun:
+    """One search, bound to its run directory."""
+
+    def __init__(self, run_dir: Path, setup: Setup, state: ControllerState) -> None:
+        self.run_dir = run_dir
+        self.setup = setup
+        self.config = setup.config
+        self.space = setup.space
+        self.optimizer = setup.optimizer
+        self.state = state
+        self.archive = Archive(run_dir)
+        self.multi = is_multi_objective(self.config.optimizer.name)
+        self.objectives = self.config.objective_names
+        self.weights = np.array([o.weight for o in self.config.objectives], dtype=float)
+        self.pool = None                     # a pool started before the run directory was written
+        self._decode_errors: dict[int, str] = {}
+
+    # -- creating and reopening --------------------------------------------------------------
+    @classmethod
+    def create(cls, config: str | Path | SearchConfig, run_dir: str | Path | None = None,
+               start_pool: bool = False) -> "SearchRun":
+        """Validate the config, then write a fresh run directory (all at once or not at all).
+
+        ``start_pool=True`` also starts the workers first, so a worker that cannot load a
+        source stops the search before anything is written."""
+        cfg = load_config(config) if not isinstance(config, SearchConfig) else config
+        target = run_dir or cfg.run_dir
+        if target is None:
+            raise ConfigError("run_dir: no run directory given (set run_dir in the config or pass --run-dir)")
+        run_dir = Path(target).resolve()
+        cfg.run_dir = str(run_dir)
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise EvomergeError(f"{run_dir}: run directory already exists (use `evomerge resume {run_dir}` "
+                                "or choose another run_dir)")
+        setup = prepare(cfg)
+        state = ControllerState(generation=0, next_candidate_id=0, optimizer=setup.optimizer.state_dict())
+        pool = make_pool(setup) if start_pool else None
+        if run_dir.is_dir():
+            run_dir.rmdir()  # empty (checked above); atomic_dir wants to create it
+        with atomic_dir(run_dir) as tmp:
+            atomic_write_text(tmp / "config.yaml", dump_config(cfg))
+            meta = {"format": RUN_FORMAT, "evomerge_version": evomerge.__version__, "created": time.time(),
+                    "seed": cfg.seed, "objectives": cfg.objective_names}
+            atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
+            Archive(tmp, objectives=cfg.objective_names, reference=cfg.optimizer.reference_point).close()
+            save_state(tmp, state)
+        run = cls(run_dir, setup, state)
+        run.pool = pool
+        return run
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, start_pool: bool = False) -> "SearchRun":
+        run_dir = Path(run_dir).resolve()
+        read_meta(run_dir)
+        setup = prepare(load_run_config(run_dir))
+        state = load_latest(run_dir)
+        try:
+            setup.optimizer.load_state_dict(state.optimizer)
+        except Exception as exc:
+            raise CheckpointError(f"{run_dir}: checkpoint does not fit this run's optimizer ({exc})") from None
+        run = cls(run_dir, setup, state)
+        if start_pool and not state.finished:
+            run.pool = make_pool(setup)
+        return run
+
+    @property
+    def finished(self) -> bool:
+        return self.state.finished
+
+    # -- running -----------------------------------------------------------------------------
+    def _budget_left(self) -> int:
+        opt = self.config.optimizer
+        if self.state.generation >= opt.generations:
+            return 0
+        left = opt.population
+        if opt.max_evaluations is not None:
+            left = min(left, opt.max_evaluations - self.state.next_candidate_id)
+        return max(left, 0)
+
+    def run(self, pool=None, progress: bool = True) -> None:
+        """Run generations until the budget is spent; ``pool`` defaults to the config's."""
+        own_pool = pool is None
+        if own_pool:
+            pool, self.pool = self.pool, None
+        if self.state.finished:
+            if own_pool and pool is not None:
+                pool.close()
+            return
+        if pool is None:
+            pool = make_pool(self.setup)
+        try:
+            while (n := self._budget_left()) > 0:
+                self._generation(pool, n, progress)
+            self.state.finished = True
+            save_state(self.run_dir, self.state)
+            self.archive.set_meta(finished=True)
+        finally:
+            if own_pool:
+                pool.close()
+
+    def _generation(self, pool, n: int, progress: bool) -> None:
+        from tqdm import tqdm
+
+        g = self.state.generation
+        xs = self.optimizer.ask(n)
+        candidates = [self._candidate(self.state.next_candidate_id + i, g, x) for i, x in enumerate(xs)]
+        results: dict[int, EvalResult] = {}
+        by_id = {c.candidate_id: c for c in candidates}
+        submitted_at: dict[int, float] = {}
+        bar = tqdm(total=len(candidates), desc=f"gen {g + 1}/{self.config.optimizer.generations}",
+                   disable=not progress, file=sys.stderr, leave=True, dynamic_ncols=True)
+        for c in candidates:
+            stored = self.archive.record(c.candidate_id)
+            if stored is not None:                      # evaluated before an interruption
+                if not np.allclose(stored["genome"], c.genome, rtol=0, atol=1e-12):
+                    raise CheckpointError(f"{self.run_dir}: archive candidate {c.candidate_id} differs from the "
+                                          "genome the checkpoint asks again (archive and checkpoint disagree)")
+                results[c.candidate_id] = _result_from_record(stored)
+                bar.update(1)
+            elif c.candidate_id in self._decode_errors:  # decoding failed: record, do not evaluate
+                result = EvalResult(c.candidate_id, "failed", error=self._decode_errors.pop(c.candidate_id))
+                self.archive.add(c, result, time.time())
+                results[c.candidate_id] = result
+                bar.update(1)
+            else:
+                submitted_at[c.candidate_id] = time.time()
+                pool.submit(c)
+        while pool.pending():
+            result = pool.next_result()
+            candidate = by_id[result.candidate_id]
+            self.archive.add(candidate, result, submitted_at.get(result.candidate_id))
+            results[result.candidate_id] = result
+            bar.update(1)
+            bar.set_postfix_str(self._best_text(), refresh=False)
+        bar.set_postfix_str(self._best_text())
+        bar.close()
+        told = np.array([self._told_values(results[c.candidate_id]) for c in candidates])
+        self.optimizer.tell(xs, told)
+        self.state = ControllerState(g + 1, self.state.next_candidate_id + len(candidates),
+                                     self.optimizer.state_dict())
+        save_state(self.run_dir, self.state)
+        self.archive.set_meta(generation=g + 1)
+
+    def _candidate(self, candidate_id: int, generation: int, x: np.ndarray) -> Candidate:
+        every = self.config.audit.every
+        plan = None
+        try:
+            decoded = self.space.decode(x)
+            plan = decoded.to_dict() if decoded is not None else None
+        except Exception as exc:  # a genome the decoder rejects is a failed candidate, not a crash
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            self._decode_errors[candidate_id] = f"decode: {type(exc).__name__}: {message}"
+        return Candidate(candidate_id, generation, [float(v) for v in x], plan,
+                         audit=bool(every) and candidate_id % every == 0)
+
+    def _told_values(self, result: EvalResult) -> np.ndarray:
+        failed = self.config.optimizer.failed_value
+        if result.status == "ok" and all(o in result.objectives for o in self.objectives):
+            values = np.array([result.objectives[o].value for o in self.objectives], dtype=float)
+            values = np.where(np.isfinite(values), values, failed)
+        else:
+            values = np.full(len(self.objectives), failed, dtype=float)
+        return values if self.multi else np.array([float(self.weights @ values)])
+
+    def _best_text(self) -> str:
+        best = self.archive.best()
+        return " ".join(f"{name}={value:.3f}" for name, value in best.items())
+
+    def close(self) -> None:
+        self.archive.close()
+
+
+def _result_from_record(record: dict[str, Any]) -> EvalResult:
+    objectives = {name: ObjectiveScore(**score) for name, score in record["objectives"].items()}
+    return EvalResult(record["candidate_id"], record["status"], objectives, record["error"], record["worker"],
+                      record["seconds"] or 0.0, record["items_scored"] or 0, record["timings"])

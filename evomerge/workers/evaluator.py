@@ -1,0 +1,231 @@
+"""Turn a candidate into fitness: merge in memory, swap into the engine, score, estimate.
+
+A ``CandidateEvaluator`` lives inside one worker (the controller's process for a local
+pool, a Ray actor otherwise). It loads the sources once and keeps them and the inference
+backend resident; per candidate:
+
+    plan --merge (in memory)--> weights --backend.load_weights--> engine
+         --score anchor items of each objective's task--> estimator --> EvalResult
+
+A candidate that cannot be evaluated -- the engine raises, the merge yields NaN/inf
+weights -- comes back as ``status="failed"`` with a one-line reason; ``evaluate`` never
+raises for a bad candidate. ``candidate.audit`` additionally scores every item of each
+task (the "full" score), which is how the search measures its estimators as it goes.
+
+``SyntheticEvaluator`` is for tests and benchmarks only: an analytic, deterministic
+function of the genome standing in for merging and scoring (optionally with a sleep), so
+that controller and pool overheads can be measured with near-zero-cost evaluations.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evomerge.errors import EvomergeError
+from evomerge.workers.types import Candidate, EvalResult, ObjectiveScore
+
+
+@dataclass
+class ObjectiveSpec:
+    name: str
+    task: str
+    estimator: str = "full"
+    calibration: str | None = None
+
+
+@dataclass
+class EvaluatorSpec:
+    """Everything a worker needs to build its evaluator; plain data, so it pickles to Ray."""
+
+    kind: str                                       # "merge" | "synthetic"
+    objectives: list[ObjectiveSpec]
+    sources: dict[str, str] = field(default_factory=dict)
+    backend: str = "hf"
+    device: str = "cpu"
+    model_dir: str | None = None
+    lower: list[float] | None = None                # synthetic: the genome box
+    upper: list[float] | None = None
+    sleep: float = 0.0
+    fail_every: int = 0
+
+    @classmethod
+    def from_config(cls, cfg, space) -> "EvaluatorSpec":
+        ev = cfg.evaluator
+        objectives = [ObjectiveSpec(o.name, o.task, o.estimator, o.calibration) for o in cfg.objectives]
+        model_dir = ev.model_dir or (cfg.sources.get(cfg.base) if cfg.base else None) \
+            or next(iter(cfg.sources.values()), None)
+        return cls(kind=ev.kind, objectives=objectives, sources=dict(cfg.sources), backend=ev.backend,
+                   device=ev.device, model_dir=model_dir, lower=[float(v) for v in space.lower],
+                   upper=[float(v) for v in space.upper], sleep=ev.sleep, fail_every=ev.fail_every)
+
+
+def make_evaluator(spec: EvaluatorSpec):
+    """The evaluator factory pools call once per worker: ``partial(make_evaluator, spec)``."""
+    return SyntheticEvaluator(spec) if spec.kind == "synthetic" else CandidateEvaluator(spec)
+
+
+# --------------------------------------------------------------------------- objective items
+
+
+@dataclass
+class _Objective:
+    """One objective, ready to score: its task, the items to score, how to estimate."""
+
+    spec: ObjectiveSpec
+    task: Any
+    indices: np.ndarray                              # task item indices scored for the estimate
+    calibration: Any = None
+
+
+def prepare_objective(spec: ObjectiveSpec):
+    """Load the task (and calibration) of one objective; errors name the objective."""
+    from evomerge.tasks.task import load_task
+
+    where = f"objectives.{spec.name}"
+    try:
+        task = load_task(spec.task)
+    except EvomergeError as exc:
+        raise EvomergeError(f"{where}.task: {exc}") from None
+    if not task.items:
+        raise EvomergeError(f"{where}.task: task {spec.task!r} has no items")
+    if spec.estimator == "full":
+        return _Objective(spec, task, np.arange(len(task.items)))
+    from evomerge.estimators.calibration import MAPPED, Calibration
+
+    if spec.estimator not in MAPPED:
+        raise EvomergeError(f"{where}.estimator: unknown estimator {spec.estimator!r} "
+                            f"(choose from full, {', '.join(MAPPED)})")
+    if MAPPED[spec.estimator][0] in ("mpirt", "gmpirt"):
+        raise EvomergeError(f"{where}.estimator: {spec.estimator!r} needs the sources' abilities, "
+                            "which the search does not provide yet")
+    try:
+        calib = Calibration.load(spec.calibration)
+    except EvomergeError as exc:
+        raise EvomergeError(f"{where}.calibration: {exc}") from None
+    # The calibration names its items; map them onto this task's items by id.
+    position = {item.id: i for i, item in enumerate(task.items)}
+    missing = [item for item in calib.items if item not in position]
+    if missing:
+        raise EvomergeError(f"{where}.calibration: item {missing[0]!r} is not in task {spec.task!r} "
+                            f"({len(missing)} of {len(calib.items)} missing)")
+    chosen = calib.random_items if MAPPED[spec.estimator][0] == "random" else calib.anchors
+    indices = np.array([position[calib.items[int(i)]] for i in chosen], dtype=int)
+    return _Objective(spec, task, indices, calib)
+
+
+def _mean_estimate(scores: np.ndarray) -> ObjectiveScore:
+    p = float(np.mean(scores))
+    n = len(scores)
+    return ObjectiveScore(p, math.sqrt(max(p * (1 - p), 0.0) / n) if n > 1 else 0.0, n)
+
+
+# --------------------------------------------------------------------------- evaluators
+
+
+class CandidateEvaluator:
+    """Resident sources + backend; ``evaluate(candidate) -> EvalResult``."""
+
+    def __init__(self, spec: EvaluatorSpec) -> None:
+        import torch
+
+        from evomerge.backends import make_backend
+        from evomerge.merge.engine import SourceSet
+
+        self.spec = spec
+        self.torch = torch
+        self.objectives = [prepare_objective(o) for o in spec.objectives]
+        self.sources = SourceSet.load(spec.sources, device=spec.device, resident=True)
+        self.sources.check_compatible()
+        model_dir = spec.model_dir or next(iter(spec.sources.values()))
+        self.backend = make_backend(spec.backend, Path(model_dir), device=spec.device)
+
+    def evaluate(self, candidate: Candidate) -> EvalResult:
+        from evomerge.search.genome import merge_plan, plan_from_dict, plan_output_config
+
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+        items = 0
+        try:
+            plan = plan_from_dict(candidate.plan)
+            t = time.perf_counter()
+            weights = merge_plan(plan, self.sources)
+            config = plan_output_config(plan, self.sources)
+            timings["merge"] = time.perf_counter() - t
+            bad = next((name for name, w in weights.items()
+                        if w.is_floating_point() and not bool(self.torch.isfinite(w).all())), None)
+            if bad is not None:
+                return EvalResult(candidate.candidate_id, "failed", error=f"merged tensor {bad} has NaN/inf values",
+                                  seconds=time.perf_counter() - start, timings=timings)
+            t = time.perf_counter()
+            self.backend.load_weights(weights, config)
+            del weights
+            timings["load"] = time.perf_counter() - t
+            t = time.perf_counter()
+            scores = {}
+            for obj in self.objectives:
+                scores[obj.spec.name], n = self._score(obj, candidate.audit)
+                items += n
+            timings["score"] = time.perf_counter() - t
+        except Exception as exc:  # the engine or backend rejected this candidate
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return EvalResult(candidate.candidate_id, "failed", error=f"{type(exc).__name__}: {message}"[:300],
+                              seconds=time.perf_counter() - start, items_scored=items, timings=timings)
+        return EvalResult(candidate.candidate_id, "ok", objectives=scores, seconds=time.perf_counter() - start,
+                          items_scored=items, timings=timings)
+
+    def _score(self, obj: _Objective, audit: bool) -> tuple[ObjectiveScore, int]:
+        full_indices = np.arange(len(obj.task.items))
+        wanted = full_indices if audit else obj.indices
+        results = self.backend.score(obj.task, [int(i) for i in wanted])
+        by_index = {r.index: r.score for r in results}
+        anchor_scores = np.array([by_index[int(i)] for i in obj.indices], dtype=float)
+        if obj.calibration is None:
+            score = _mean_estimate(anchor_scores)
+        else:
+            est = obj.calibration.estimate(obj.spec.estimator, anchor_scores)
+            score = ObjectiveScore(est.value, est.stderr, est.n_items)
+        if audit:
+            score.full = float(np.mean([by_index[int(i)] for i in full_indices]))
+        return score, len(wanted)
+
+
+class SyntheticEvaluator:
+    """A deterministic stand-in for merging + scoring (tests, benchmarks).
+
+    With the genome scaled to ``u`` in [0, 1]^D, objective k of K peaks at
+    ``u = (k + 1) / (K + 1)``: ``full_k = 1 - mean((u - c_k)^2)``, so the objectives
+    conflict and the front is a real trade-off. The "estimate" is the full value plus a
+    small deterministic wobble (an imperfect estimator, so audits have something to
+    measure); ``stderr`` is the wobble's amplitude.
+    """
+
+    WOBBLE = 0.02
+
+    def __init__(self, spec: EvaluatorSpec) -> None:
+        self.spec = spec
+        self.lower = np.asarray(spec.lower, float)
+        self.span = np.maximum(np.asarray(spec.upper, float) - self.lower, 1e-12)
+
+    def evaluate(self, candidate: Candidate) -> EvalResult:
+        start = time.perf_counter()
+        if self.spec.sleep:
+            time.sleep(self.spec.sleep)
+        if self.spec.fail_every and candidate.candidate_id % self.spec.fail_every == self.spec.fail_every - 1:
+            return EvalResult(candidate.candidate_id, "failed", error="synthetic failure (evaluator.fail_every)",
+                              seconds=time.perf_counter() - start)
+        u = (np.asarray(candidate.genome, float) - self.lower) / self.span
+        k_total = len(self.spec.objectives)
+        scores = {}
+        for k, obj in enumerate(self.spec.objectives):
+            full = float(1.0 - np.mean((u - (k + 1) / (k_total + 1)) ** 2))
+            wobble = self.WOBBLE * math.sin(97.0 * float(np.sum(u)) + 13.0 * k)
+            scores[obj.name] = ObjectiveScore(full + wobble, self.WOBBLE, len(u),
+                                              full if candidate.audit else None)
+        return EvalResult(candidate.candidate_id, "ok", objectives=scores, seconds=time.perf_counter() - start,
+                          items_scored=len(u) * k_total * (2 if candidate.audit else 1))
