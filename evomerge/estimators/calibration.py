@@ -186,6 +186,14 @@ class Calibration:
         binary = scores if self.threshold is None else np.where(np.isnan(scores), np.nan, (scores >= self.threshold) * 1.0)
         return fit_theta(self.params, binary, items=self.anchors, prior_mean=prior_mean, prior_sd=prior_sd)
 
+    def theta_full(self, responses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Abilities of subjects scored on the whole item pool (e.g. the source models)."""
+        scores = np.atleast_2d(np.asarray(responses, float))
+        if scores.shape[1] != self.n_items:
+            raise EvomergeError(f"got {scores.shape[1]} item scores, the calibration has {self.n_items} items")
+        binary = scores if self.threshold is None else np.where(np.isnan(scores), np.nan, (scores >= self.threshold) * 1.0)
+        return fit_theta(self.params, binary)
+
     def estimate_many(self, anchor_scores: np.ndarray, random_scores: np.ndarray | None = None,
                       scale: str = "full") -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Every estimator at once for many subjects: {name: (values, stderrs)}."""
