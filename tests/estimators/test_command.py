@@ -28,6 +28,7 @@ def arc_slice(tmp_path_factory):
     return path, METABENCH / f"{TAG}__scores.csv"
 
 
+@pytest.mark.slow
 def test_bench_on_real_metabench_slice(arc_slice, tmp_path, capsys):
     responses, scores = arc_slice
     out = tmp_path / "bench.json"
