@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.io.atomic import atomic_dir
+from evomerge.io.atomic import atomic_dir, atomic_write_text
 from evomerge.zoo import skills
 from evomerge.zoo.tokenizer import build_tokenizer, save_tokenizer
 
@@ -155,8 +155,42 @@ def _save(model, out: Path) -> None:
         save_tokenizer(tmp)
 
 
-def build_zoo(out: str | Path | None = None, verbose: bool = True) -> ZooPaths:
-    """Pretrain the base and fine-tune the experts into ``out`` (default cache dir)."""
+def pretrain_base(paths: ZooPaths, heldout: set[str], verbose: bool = True, settings: dict | None = None) -> None:
+    torch.manual_seed(SEED)
+    model = new_model()
+    if verbose:
+        print(f"pretraining base ({sum(p.numel() for p in model.parameters())} params)", flush=True)
+    train(model, _excluding(heldout, skills.pretrain_example), seed=SEED, log_every=250 if verbose else 0,
+          **(settings or PRETRAIN))
+    _save(model, paths.base)
+
+
+def finetune_expert(paths: ZooPaths, skill: str, heldout: set[str], verbose: bool = True,
+                    settings: dict | None = None) -> None:
+    """Fully fine-tune the saved base on one skill (plus some pretraining replay)."""
+    from transformers import LlamaForCausalLM
+
+    if verbose:
+        print(f"fine-tuning {EXPERTS[skill]}", flush=True)
+    model = LlamaForCausalLM.from_pretrained(str(paths.base), dtype=torch.float32)
+    settings = settings or FINETUNE
+    replay = settings["replay"]
+
+    def mix(rng: random.Random):
+        return skills.pretrain_example(rng) if rng.random() < replay else skills.expert_example(skill, rng)
+
+    cfg = {k: v for k, v in settings.items() if k != "replay"}
+    seed = SEED + 1 + list(EXPERTS).index(skill)
+    train(model, _excluding(heldout, mix), seed=seed, log_every=100 if verbose else 0, **cfg)
+    _save(model, paths.experts[skill])
+
+
+def build_zoo(out: str | Path | None = None, verbose: bool = True, pretrain: dict | None = None,
+              finetune: dict | None = None) -> ZooPaths:
+    """Pretrain the base and fine-tune the experts into ``out`` (default cache dir).
+
+    ``pretrain`` / ``finetune`` override the training settings (tests use a few steps).
+    """
     paths = zoo_paths(out)
     paths.root.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
@@ -164,32 +198,14 @@ def build_zoo(out: str | Path | None = None, verbose: bool = True) -> ZooPaths:
     t0 = time.time()
     try:
         heldout = _eval_prompts()
-        torch.manual_seed(SEED)
-        model = new_model()
-        if verbose:
-            print(f"pretraining base ({sum(p.numel() for p in model.parameters())} params)", flush=True)
-        train(model, _excluding(heldout, skills.pretrain_example), seed=SEED, log_every=250 if verbose else 0,
-              **PRETRAIN)
-        _save(model, paths.base)
-        base_state = {k: v.clone() for k, v in model.state_dict().items()}
-        for i, (skill, out_dir) in enumerate(paths.experts.items()):
-            if verbose:
-                print(f"fine-tuning {EXPERTS[skill]}", flush=True)
-            model.load_state_dict(base_state)
-            replay = FINETUNE["replay"]
-
-            def mix(rng, skill=skill, replay=replay):
-                if rng.random() < replay:
-                    return skills.pretrain_example(rng)
-                return skills.expert_example(skill, rng)
-
-            cfg = {k: v for k, v in FINETUNE.items() if k != "replay"}
-            train(model, _excluding(heldout, mix), seed=SEED + 1 + i, log_every=100 if verbose else 0, **cfg)
-            _save(model, out_dir)
-        meta = {"version": ZOO_VERSION, "seed": SEED, "model": MODEL_CONFIG, "pretrain": PRETRAIN,
-                "finetune": FINETUNE, "build_seconds": round(time.time() - t0, 1),
+        pretrain, finetune = pretrain or PRETRAIN, finetune or FINETUNE
+        pretrain_base(paths, heldout, verbose, pretrain)
+        for skill in EXPERTS:
+            finetune_expert(paths, skill, heldout, verbose, finetune)
+        meta = {"version": ZOO_VERSION, "seed": SEED, "model": MODEL_CONFIG, "pretrain": pretrain,
+                "finetune": finetune, "build_seconds": round(time.time() - t0, 1),
                 "models": {name: str(p.relative_to(paths.root)) for name, p in paths.models.items()}}
-        (paths.root / "zoo.json").write_text(json.dumps(meta, indent=2))
+        atomic_write_text(paths.root / "zoo.json", json.dumps(meta, indent=2))
     finally:
         torch.set_num_threads(threads)
     if verbose:
@@ -197,7 +213,7 @@ def build_zoo(out: str | Path | None = None, verbose: bool = True) -> ZooPaths:
     return paths
 
 
-def ensure_zoo(path: str | Path | None = None, verbose: bool = False) -> ZooPaths:
+def ensure_zoo(path: str | Path | None = None, verbose: bool = False, **build_kw) -> ZooPaths:
     """Return the zoo at ``path`` (default cache dir), building it first if missing.
 
     A file lock makes parallel test workers wait for one build instead of racing.
@@ -214,7 +230,7 @@ def ensure_zoo(path: str | Path | None = None, verbose: bool = False) -> ZooPath
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not is_built(paths):
-                build_zoo(paths.root, verbose=verbose)
+                build_zoo(paths.root, verbose=verbose, **build_kw)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return paths

@@ -1,0 +1,64 @@
+"""Zoo building: layout, HF-loadable models, cache + lock; and (slow) the real zoo's skills."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from evomerge.backends import make_backend
+from evomerge.tasks.task import load_task
+from evomerge.zoo import build
+from evomerge.zoo.build import EXPERTS, ensure_zoo, is_built, zoo_paths
+
+QUICK = dict(pretrain=dict(steps=3, batch=4, lr=1e-3, warmup=1),
+             finetune=dict(steps=2, batch=4, lr=1e-3, warmup=1, replay=0.5))
+
+
+def test_ensure_zoo_builds_once_under_concurrency(tmp_path, monkeypatch):
+    calls = []
+    real = build.build_zoo
+    monkeypatch.setattr(build, "build_zoo", lambda *a, **k: calls.append(1) or real(*a, **k))
+    root = tmp_path / "zoo"
+    threads = [threading.Thread(target=ensure_zoo, args=(root,), kwargs=QUICK) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    paths = zoo_paths(root)
+    assert is_built(paths) and set(paths.models) == {"base", *EXPERTS.values()}
+    meta = json.loads((root / "zoo.json").read_text())
+    assert meta["pretrain"]["steps"] == 3
+    for path in paths.models.values():
+        config = json.loads((path / "config.json").read_text())
+        assert config["architectures"] == ["LlamaForCausalLM"]
+        assert LlamaForCausalLM.from_pretrained(str(path)).num_parameters() > 0
+        assert AutoTokenizer.from_pretrained(str(path)).decode([5, 6]) == "12"
+    ensure_zoo(root)                               # already built: returns without building
+    assert len(calls) == 1
+
+
+def test_experts_differ_from_base_and_are_deterministic(tmp_path):
+    a = build.build_zoo(tmp_path / "a", verbose=False, **QUICK)
+    b = build.build_zoo(tmp_path / "b", verbose=False, **QUICK)
+    for name in a.models:
+        assert (a.models[name] / "model.safetensors").read_bytes() == (b.models[name] / "model.safetensors").read_bytes()
+    assert (a.base / "model.safetensors").read_bytes() != (a.experts["arith"] / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_real_zoo_each_expert_is_best_on_its_skill():
+    zoo = ensure_zoo()                             # builds the cached zoo (a few CPU minutes) if missing
+    backend = make_backend("hf", zoo.base)
+    tasks = {s: load_task(f"zoo/{s}:heldout") for s in EXPERTS}
+    acc = {}
+    for name, path in zoo.models.items():
+        backend.load_weights(dict(LlamaForCausalLM.from_pretrained(str(path)).named_parameters()),
+                             json.loads((path / "config.json").read_text()))
+        acc[name] = {s: sum(r.score for r in backend.score(t, range(60))) / 60 for s, t in tasks.items()}
+    for skill, expert in EXPERTS.items():
+        others = [m for m in acc if m != expert]
+        assert acc[expert][skill] > max(acc[m][skill] for m in others), (skill, acc)
