@@ -1,7 +1,7 @@
 """Read and write Hugging Face model directories, one tensor at a time.
 
-``Checkpoint`` reads only the safetensors headers up front; each ``get`` pulls
-a single tensor out of the memory-mapped file, so merging N models needs about
+``Checkpoint`` reads only the safetensors headers up front; each ``get`` reads
+a single tensor from its file (one positioned read), so merging N models needs about
 one tensor per source in memory, never N whole models. ``write_checkpoint``
 takes a stream of ``(name, tensor)`` pairs and writes shards as they fill,
 keeping at most one shard in memory, into a temp dir renamed on success.
@@ -14,9 +14,11 @@ are loaded with ``weights_only=True``.
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -47,8 +49,8 @@ _ST_DTYPES = {
 }
 
 
-def read_safetensors_header(file: Path) -> dict:
-    """The JSON header of a safetensors file (tensor name -> dtype/shape/offsets)."""
+def read_safetensors_header(file: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file (tensor name -> dtype/shape/offsets) and where data starts."""
     try:
         with open(file, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
@@ -56,7 +58,7 @@ def read_safetensors_header(file: Path) -> dict:
     except (OSError, struct.error, ValueError) as exc:
         raise CheckpointError(f"cannot read safetensors file {file}: {exc}") from None
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + size
 
 
 class Checkpoint:
@@ -80,7 +82,8 @@ class Checkpoint:
         self._file_of: dict[str, Path] = {}
         self._shape: dict[str, tuple[int, ...]] = {}
         self._dtype: dict[str, torch.dtype] = {}
-        self._handles: dict[Path, object] = {}
+        self._offset: dict[str, int] = {}  # absolute byte offset of each tensor's data
+        self._fds: dict[Path, int] = {}
         self._bin_tensors: dict[str, torch.Tensor] | None = None
         files = self._safetensors_files()
         if files:
@@ -106,7 +109,7 @@ class Checkpoint:
 
     def _index_safetensors(self, files: list[Path]) -> None:
         for file in files:
-            header = read_safetensors_header(file)
+            header, data_start = read_safetensors_header(file)
             # Header keys are not in storage order; sort by offset to get file order.
             for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 if name in self._file_of:
@@ -114,6 +117,7 @@ class Checkpoint:
                 if info["dtype"] not in _ST_DTYPES:
                     raise CheckpointError(f"tensor {name} in {file} has unsupported dtype {info['dtype']}")
                 self._file_of[name] = file
+                self._offset[name] = data_start + info["data_offsets"][0]
                 self._shape[name] = tuple(info["shape"])
                 self._dtype[name] = _ST_DTYPES[info["dtype"]]
 
@@ -168,17 +172,41 @@ class Checkpoint:
         return self._dtype[name]
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read on demand from the memory-mapped file."""
+        """One tensor, read on demand into fresh memory that the caller owns.
+
+        A positioned read (pread) rather than a memory map: mapped pages would
+        count toward this process's resident memory and linger after use, so a
+        streaming merge would grow to the size of all its sources.
+        """
         self._check(name)
         if self._bin_tensors is not None:
             return self._bin_tensors[name]
         file = self._file_of[name]
-        handle = self._handles.get(file)
-        if handle is None:
-            from safetensors import safe_open
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        out = torch.empty(self._shape[name], dtype=self._dtype[name])
+        nbytes = out.numel() * out.element_size()
+        if nbytes:
+            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            offset, done = self._offset[name], 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise CheckpointError(f"{file} is truncated: tensor {name} ends past the end of the file")
+                done += n
+        return out
 
-            handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-        return handle.get_tensor(name)
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def _check(self, name: str) -> None:
         if name not in self._shape:
@@ -205,6 +233,74 @@ def _tensor_nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+LayoutEntry = tuple[str, tuple[int, ...], torch.dtype]
+
+
+def _split_shards(layout: Sequence[LayoutEntry], max_shard_size: int) -> list[list[LayoutEntry]]:
+    shards: list[list[LayoutEntry]] = [[]]
+    size = 0
+    for name, shape, dtype in layout:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tuple(shape), dtype))
+        size += nbytes
+    return shards
+
+
+def _header_bytes(entries: list[LayoutEntry]) -> tuple[bytes, int]:
+    """The safetensors header (length prefix + JSON padded to 8 bytes) and the data size."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, offset
+
+
+def _write_streaming(tmp: Path, tensors: Iterable[tuple[str, torch.Tensor]], layout: Sequence[LayoutEntry],
+                     max_shard_size: int, out_dir: Path) -> None:
+    """Write tensors straight into shards whose headers are known in advance: no buffering."""
+    shards = _split_shards(layout, max_shard_size)
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    expected = iter([(k, entry) for k, shard in enumerate(shards) for entry in shard])
+    current, f = -1, None
+    try:
+        for name, t in tensors:
+            k, (want_name, want_shape, want_dtype) = next(expected, (None, (None, None, None)))
+            if (name, tuple(t.shape), t.dtype) != (want_name, want_shape, want_dtype):
+                raise CheckpointError(f"tensor {name} {list(t.shape)} {t.dtype} written to {out_dir} where "
+                                      f"{want_name} {want_shape and list(want_shape)} {want_dtype} was announced")
+            if k != current:
+                if f is not None:
+                    f.close()
+                f = open(tmp / names[k], "wb")
+                f.write(_header_bytes(shards[k])[0])
+                current = k
+            t = t.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            if t.numel():
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        missing = next(expected, None)
+        if missing is not None:
+            raise CheckpointError(f"tensor stream for {out_dir} ended before {missing[1][0]}")
+    finally:
+        if f is not None:
+            f.close()
+    if n > 1:
+        weight_map = {name: names[k] for k, shard in enumerate(shards) for name, _, _ in shard}
+        total = sum(_header_bytes(shard)[1] for shard in shards)
+        (tmp / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                         "weight_map": weight_map}, indent=2) + "\n")
+
+
 def write_checkpoint(
     out_dir: str | Path,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -213,6 +309,7 @@ def write_checkpoint(
     max_shard_size: int = 2**30,
     extra_files: dict[str, str] | None = None,
     overwrite: bool = False,
+    layout: Sequence[LayoutEntry] | None = None,
 ) -> Path:
     """Write an HF model directory atomically; returns ``out_dir``.
 
@@ -220,59 +317,71 @@ def write_checkpoint(
     would push it over ``max_shard_size`` bytes. One shard is written as
     ``model.safetensors``; several as ``model-0000k-of-0000n.safetensors`` plus
     ``model.safetensors.index.json``.
-    """
-    from safetensors.torch import save_file
 
+    With ``layout`` (every tensor's name, shape and dtype, in stream order) the
+    shard headers are written first and each tensor goes straight to disk as
+    it arrives, so no shard is ever held in memory.
+    """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        shard_files: list[tuple[Path, list[str]]] = []
-        shard: dict[str, torch.Tensor] = {}
-        shard_storages: set[int] = set()
-        shard_bytes = 0
-        total = 0
-        seen: set[str] = set()
-
-        def flush() -> None:
-            nonlocal shard, shard_bytes, shard_storages
-            file = tmp / f"shard-{len(shard_files):05d}.partial"
-            save_file(shard, str(file), metadata={"format": "pt"})
-            shard_files.append((file, list(shard)))
-            shard, shard_bytes, shard_storages = {}, 0, set()
-
-        for name, t in tensors:
-            if name in seen:
-                raise CheckpointError(f"tensor {name} written twice to {out_dir}")
-            seen.add(name)
-            if t.device.type != "cpu":
-                t = t.cpu()
-            # safetensors refuses two names sharing storage (tied weights) and views.
-            nbytes = _tensor_nbytes(t)
-            if shard and shard_bytes + nbytes > max_shard_size:
-                flush()
-            if not t.is_contiguous() or t.untyped_storage().data_ptr() in shard_storages:
-                t = t.contiguous().clone()
-            shard_storages.add(t.untyped_storage().data_ptr())
-            shard[name] = t
-            shard_bytes += nbytes
-            total += nbytes
-        if shard or not shard_files:
-            flush()
-
-        if len(shard_files) == 1:
-            shard_files[0][0].rename(tmp / "model.safetensors")
+        if layout is not None:
+            _write_streaming(tmp, tensors, layout, max_shard_size, out_dir)
         else:
-            n = len(shard_files)
-            weight_map = {}
-            for k, (file, names) in enumerate(shard_files, start=1):
-                final_name = f"model-{k:05d}-of-{n:05d}.safetensors"
-                file.rename(tmp / final_name)
-                weight_map.update({name: final_name for name in names})
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
+            _write_buffered(tmp, tensors, max_shard_size, out_dir)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer_from is not None:
             copy_tokenizer(tokenizer_from, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out_dir
+
+
+def _write_buffered(tmp: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_size: int,
+                    out_dir: Path) -> None:
+    """Collect tensors into a shard until it is full, then write it (one shard in memory)."""
+    from safetensors.torch import save_file
+
+    shard_files: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    shard_storages: set[int] = set()
+    shard_bytes = 0
+    total = 0
+    seen: set[str] = set()
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes, shard_storages
+        file = tmp / f"shard-{len(shard_files):05d}.partial"
+        save_file(shard, str(file), metadata={"format": "pt"})
+        shard_files.append((file, list(shard)))
+        shard, shard_bytes, shard_storages = {}, 0, set()
+
+    for name, t in tensors:
+        if name in seen:
+            raise CheckpointError(f"tensor {name} written twice to {out_dir}")
+        seen.add(name)
+        if t.device.type != "cpu":
+            t = t.cpu()
+        # safetensors refuses two names sharing storage (tied weights) and views.
+        nbytes = _tensor_nbytes(t)
+        if shard and shard_bytes + nbytes > max_shard_size:
+            flush()
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() in shard_storages:
+            t = t.contiguous().clone()
+        shard_storages.add(t.untyped_storage().data_ptr())
+        shard[name] = t
+        shard_bytes += nbytes
+        total += nbytes
+    if shard or not shard_files:
+        flush()
+
+    if len(shard_files) == 1:
+        shard_files[0][0].rename(tmp / "model.safetensors")
+    else:
+        n = len(shard_files)
+        weight_map = {}
+        for k, (file, names) in enumerate(shard_files, start=1):
+            final_name = f"model-{k:05d}-of-{n:05d}.safetensors"
+            file.rename(tmp / final_name)
+            weight_map.update({name: final_name for name in names})
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -101,8 +101,9 @@ def make_tiny_llama(
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     total = sum(math.prod(s) for _, s in shapes) * torch.empty((), dtype=dtype).element_size()
     max_shard = total + 1 if shards <= 1 else math.ceil(total / shards)
+    layout = [(name, tuple(shape), dtype) for name, shape in shapes]
     return write_checkpoint(path, tensors(), config, tokenizer_from=tokenizer_from,
-                            max_shard_size=max_shard, overwrite=overwrite)
+                            max_shard_size=max_shard, overwrite=overwrite, layout=layout)
 
 
 def _llama_config(num_layers, hidden_size, intermediate_size, num_attention_heads,

@@ -320,9 +320,13 @@ def _run(plan: MergePlan, sources: SourceSet, jobs: list[TensorJob], device) -> 
 
 
 def _promoted(tensors: list[Tensor]) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for x in tensors[1:]:
-        dtype = torch.promote_types(dtype, x.dtype)
+    return _promoted_dtypes([x.dtype for x in tensors])
+
+
+def _promoted_dtypes(dtypes: list[torch.dtype]) -> torch.dtype:
+    dtype = dtypes[0]
+    for d in dtypes[1:]:
+        dtype = torch.promote_types(dtype, d)
     return dtype
 
 
@@ -389,4 +393,20 @@ def merge_to_disk(plan: MergePlan, sources: SourceSet, out_dir: str | Path, toke
     return write_checkpoint(out_dir, _run(plan, sources, jobs, None), config, tokenizer_from=tok,
                             max_shard_size=max_shard_size, extra_files={"mergekit_config.yml": plan.to_yaml(),
                                                                         "README.md": readme},
-                            overwrite=overwrite)
+                            overwrite=overwrite, layout=_output_layout(plan, sources, jobs))
+
+
+def _output_layout(plan: MergePlan, sources: SourceSet, jobs: list[TensorJob]) -> list[tuple]:
+    """(name, shape, dtype) of every output tensor, known before merging, so shards stream to disk."""
+    in_dtype = TORCH_DTYPES[plan.dtype] if plan.dtype else None
+    out_dtype = TORCH_DTYPES[plan.out_dtype] if plan.out_dtype else None
+    layout = []
+    for job in jobs:
+        dtypes = [sources.checkpoints[m].dtype(n) for m, n in zip(job.models, job.names)]
+        shape = sources.checkpoints[job.models[0]].shape(job.names[0])
+        if not dtypes[0].is_floating_point:
+            dtype = dtypes[job.base_index or 0]
+        else:
+            dtype = out_dtype or in_dtype or _promoted_dtypes(dtypes)
+        layout.append((job.out_name, shape, dtype))
+    return layout
