@@ -1,0 +1,174 @@
+"""Checkpoint and resume: a search killed at any moment continues to the same archive."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from evomerge.cli import main
+from evomerge.search.run import SearchRun
+from evomerge.search.state import list_checkpoints
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def evomerge_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the ``evomerge`` command in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def outcome(run_dir: Path) -> list[tuple]:
+    """What must match between runs: ids, generations, genomes, statuses, objectives."""
+    db = sqlite3.connect(f"file:{run_dir / 'archive.sqlite'}?mode=ro", uri=True)
+    rows = db.execute("SELECT candidate_id, generation, genome, status FROM evaluations ORDER BY candidate_id").fetchall()
+    scores = db.execute("SELECT candidate_id, objective, value, stderr, full FROM scores ORDER BY 1, 2").fetchall()
+    front = db.execute("SELECT candidate_id FROM front ORDER BY 1").fetchall()
+    db.close()
+    return [rows, scores, front]
+
+
+def uninterrupted(config: Path, run_dir: Path) -> list[tuple]:
+    run = SearchRun.create(config, run_dir)
+    run.run(progress=False)
+    run.close()
+    return outcome(run_dir)
+
+
+def rows_of_generation_at_least(run_dir: Path, generation: int) -> int:
+    try:
+        db = sqlite3.connect(f"file:{run_dir / 'archive.sqlite'}?mode=ro", uri=True, timeout=1)
+        n = db.execute("SELECT COUNT(*) FROM evaluations WHERE generation >= ?", (generation,)).fetchone()[0]
+        db.close()
+        return n
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.slow
+def test_kill_9_mid_generation_then_resume_gives_the_uninterrupted_archive(write_config, tmp_path, capsys):
+    config = write_config(optimizer={"name": "nsga2", "population": 6, "generations": 4},
+                          evaluator={"kind": "synthetic", "sleep": 0.05, "fail_every": 7})
+    expected = uninterrupted(config, tmp_path / "reference")
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(config), "--run-dir", str(run_dir),
+                             "--no-progress"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while rows_of_generation_at_least(run_dir, 1) < 2:
+        assert proc.poll() is None, "the search ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {row[0]: row[1:] for row in sqlite3.connect(run_dir / "archive.sqlite").execute(
+        "SELECT candidate_id, finished_at, worker FROM evaluations")}
+    assert 6 < len(before) < 24  # killed inside the search, with generation 1 under way
+
+    code, out, err = evomerge_cli(capsys, "resume", str(run_dir), "--no-progress")
+    assert code == 0, err
+    assert "generation:   4 of 4 done" in out
+    assert outcome(run_dir) == expected
+    after = {row[0]: row[1:] for row in sqlite3.connect(run_dir / "archive.sqlite").execute(
+        "SELECT candidate_id, finished_at, worker FROM evaluations")}
+    assert all(after[cid] == before[cid] for cid in before)  # nothing completed was redone
+    assert len(list_checkpoints(run_dir)) == 2  # the last two are kept
+
+    code, out, _ = evomerge_cli(capsys, "resume", str(run_dir))
+    assert code == 0 and "already finished" in out
+
+
+class StopAfter:
+    """A pool that evaluates in process and 'crashes' the controller after n results."""
+
+    def __init__(self, run: SearchRun, n: int):
+        from evomerge.workers.evaluator import make_evaluator
+
+        self.evaluator, self.queue, self.left = make_evaluator(run.setup.spec), [], n
+
+    def submit(self, candidate):
+        self.queue.append(candidate)
+
+    def pending(self):
+        return len(self.queue)
+
+    def next_result(self, timeout=None):
+        if self.left == 0:
+            raise KeyboardInterrupt
+        self.left -= 1
+        return self.evaluator.evaluate(self.queue.pop(0))
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("name", ["cmaes", "smsemoa", "random"])
+def test_interrupted_runs_of_other_optimizer_families_resume_identically(name, write_config, tmp_path):
+    single = name == "cmaes"
+    config = write_config(optimizer={"name": name, "population": 5, "generations": 3})
+    expected = uninterrupted(config, tmp_path / "reference")
+    run = SearchRun.create(config, tmp_path / "run")
+    for stop_after in (7, 4):  # two interruptions, the second in a later generation
+        with pytest.raises(KeyboardInterrupt):
+            run.run(pool=StopAfter(run, stop_after), progress=False)
+        run.close()
+        run = SearchRun.resume(tmp_path / "run")
+    run.run(progress=False)
+    assert outcome(tmp_path / "run") == expected
+    assert len(expected[0]) == 15 and (single or len(expected[2]) > 1)
+
+
+def corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(write_config, tmp_path):
+    config = write_config(optimizer={"name": "nsga2", "population": 4, "generations": 3})
+    expected = uninterrupted(config, tmp_path / "reference")
+    run = SearchRun.create(config, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        run.run(pool=StopAfter(run, 10), progress=False)  # stops in generation 3 (index 2)
+    run.close()
+    newest = list_checkpoints(tmp_path / "run")[-1]
+    assert newest.name == "gen-000002.state"
+    corrupt(newest)
+    with pytest.warns(UserWarning, match="gen-000002.state: checksum mismatch.*previous checkpoint gen-000001"):
+        run = SearchRun.resume(tmp_path / "run")
+    assert run.state.generation == 1
+    run.run(progress=False)
+    assert outcome(tmp_path / "run") == expected
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_both_checkpoints_corrupted_is_a_one_line_error_and_nothing_changes(write_config, tmp_path, capsys):
+    config = write_config(optimizer={"name": "nsga2", "population": 4, "generations": 3})
+    run = SearchRun.create(config, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        run.run(pool=StopAfter(run, 10), progress=False)
+    run.close()
+    for path in list_checkpoints(tmp_path / "run"):
+        corrupt(path)
+    before = snapshot(tmp_path / "run")
+    code, _, err = evomerge_cli(capsys, "resume", str(tmp_path / "run"))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no usable checkpoint" in lines[0]
+    assert "checksum mismatch" in lines[0]
+    after = snapshot(tmp_path / "run")
+    assert {k: v for k, v in after.items() if not k.endswith(("-wal", "-shm"))} == \
+           {k: v for k, v in before.items() if not k.endswith(("-wal", "-shm"))}
