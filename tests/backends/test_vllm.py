@@ -1,0 +1,195 @@
+"""VLLMBackend on a real vLLM engine (CPU build): weights swapped into the running engine give
+the same per-item results as a fresh engine, and agree with the HF backend.
+
+Runs only where vllm imports (``scripts/setup_vllm_venv.sh``, then
+``.venv-vllm/bin/python -m pytest tests/backends/test_vllm.py``); skipped elsewhere.
+One engine for the whole module: starting one costs ~10-25 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vllm not installed (scripts/setup_vllm_venv.sh)")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from evomerge.backends.hf import HFBackend  # noqa: E402
+from evomerge.backends.vllm_backend import VLLMBackend  # noqa: E402
+from evomerge.errors import CheckpointError, EvomergeError  # noqa: E402
+from evomerge.tasks.task import Item, Task, load_task  # noqa: E402
+from evomerge.zoo.tokenizer import build_tokenizer, save_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = ["12+7=", "rev:abc=", "tr:KaMi=", "9-3=", "up:hello world=", "calc:Le+Sa=", "x", "sort:zyx=",
+           "345+678=", "rev:hello=", "44-17=", "up:abc="]
+CHOICES = ["12", "ab", "Bolu", "zzz", "7"]
+MAX_NEW = 6
+MARGIN = 1e-3          # greedy steps whose top-2 logit gap is below this may flip on float noise
+
+
+def tiny_model(seed: int, layers: int = 2) -> LlamaForCausalLM:
+    # head_dim 32: the smallest head vLLM's CPU attention supports. initializer_range 0.3 gives
+    # peaked next-token distributions, so greedy paths are far from ties.
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=build_tokenizer().get_vocab_size(), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=True, initializer_range=0.3,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def save(model: LlamaForCausalLM, path) -> str:
+    model.save_pretrained(path, safe_serialization=True)
+    save_tokenizer(path)
+    return str(path)
+
+
+def weights_of(model: LlamaForCausalLM) -> tuple[dict[str, torch.Tensor], dict]:
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    return state, model.config.to_dict()
+
+
+def greedy_with_margin(model, tokenizer, prompt: str) -> tuple[str, float]:
+    """Unbatched greedy output and the smallest top-1/top-2 logit gap along its path."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out, margin = [], float("inf")
+    with torch.no_grad():
+        for _ in range(MAX_NEW):
+            top = model(input_ids=ids).logits[0, -1].topk(2)
+            margin = min(margin, float(top.values[0] - top.values[1]))
+            nxt = int(top.indices[0])
+            if nxt == tokenizer.eos_token_id:
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return tokenizer.decode(out, skip_special_tokens=True), margin
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm")
+    return {"a": save(tiny_model(0), root / "a"), "b": save(tiny_model(1), root / "b")}
+
+
+@pytest.fixture(scope="module")
+def engine(dirs):
+    """The module's single vLLM engine, started on model B."""
+    backend = VLLMBackend(dirs["b"], device="cpu", max_model_len=128)
+    yield backend
+    backend.close()
+
+
+def generate_task(answers: list[str]) -> Task:
+    return Task("gen", "generate", [Item(str(i), p, a) for i, (p, a) in enumerate(zip(PROMPTS, answers))],
+                max_new_tokens=MAX_NEW)
+
+
+def mc_task() -> Task:
+    return Task("mc", "multiple_choice", [Item(str(i), p, CHOICES[i % len(CHOICES)], CHOICES)
+                                          for i, p in enumerate(PROMPTS)])
+
+
+def test_swapped_weights_give_the_fresh_engines_results(engine, dirs):
+    """B fresh -> A in place -> B in place: the last equals the first, item by item."""
+    gen, mc = generate_task(["7"] * len(PROMPTS)), mc_task()
+    idx = list(range(len(PROMPTS)))
+    fresh_gen, fresh_mc = engine.score(gen, idx), engine.score(mc, idx)
+    rows = [(engine._encode(p), engine._encode(c, special=False)) for p in PROMPTS for c in CHOICES]
+    fresh_ll = engine.loglikelihoods(rows)
+
+    engine.load_weights(*weights_of(tiny_model(0)))
+    assert [r.output for r in engine.score(gen, idx)] != [r.output for r in fresh_gen]   # A really loaded
+
+    engine.load_weights(*weights_of(tiny_model(1)))
+    assert engine.restarts == 0
+    assert [(r.index, r.output, r.score) for r in engine.score(gen, idx)] == \
+        [(r.index, r.output, r.score) for r in fresh_gen]
+    assert [(r.output, r.score) for r in engine.score(mc, idx)] == [(r.output, r.score) for r in fresh_mc]
+    assert engine.loglikelihoods(rows) == pytest.approx(fresh_ll, abs=1e-5)
+
+
+def test_generation_agrees_with_hf_backend(engine, dirs):
+    """After swapping A in, vLLM's greedy outputs are HF's wherever HF's path has clear margins."""
+    engine.load_weights(*weights_of(tiny_model(0)))
+    hf = HFBackend(dirs["a"])
+    refs = [greedy_with_margin(hf.model, hf.tokenizer, p) for p in PROMPTS]
+    clear = [i for i, (_, m) in enumerate(refs) if m > MARGIN]
+    assert len(clear) >= len(PROMPTS) - 2, [m for _, m in refs]
+    # even items: the answer is HF's own output (correct); odd items: a wrong answer
+    task = generate_task([out.strip() if i % 2 == 0 else out + "#" for i, (out, _) in enumerate(refs)])
+    order = list(reversed(range(len(PROMPTS))))
+    got, want = engine.score(task, order), hf.score(task, order)
+    assert [r.index for r in got] == order
+    for g, w in zip(got, want):
+        if g.index in clear:
+            assert (g.output, g.score) == (w.output, w.score) == (refs[g.index][0], float(g.index % 2 == 0))
+
+
+def test_multiple_choice_agrees_with_hf_backend(engine, dirs):
+    engine.load_weights(*weights_of(tiny_model(0)))
+    hf = HFBackend(dirs["a"])
+    rows = [(hf._encode(p), hf._encode(c, special=False)) for p in PROMPTS for c in CHOICES]
+    hf_ll = [ll for ll, _ in hf._loglikelihood(rows)]
+    assert engine.loglikelihoods(rows) == pytest.approx(hf_ll, abs=1e-3)
+
+    def margin(i):                     # gap between the best and second-best choice of prompt i
+        lls = sorted(hf_ll[i * len(CHOICES):(i + 1) * len(CHOICES)], reverse=True)
+        return lls[0] - lls[1]
+
+    task = mc_task()
+    got, want = engine.score(task, range(len(PROMPTS))), hf.score(task, range(len(PROMPTS)))
+    assert 0 < sum(r.score for r in want) < len(PROMPTS)          # the task separates right from wrong
+    for g, w in zip(got, want):
+        if margin(g.index) > MARGIN:
+            assert (g.output, g.score) == (w.output, w.score)
+
+
+def test_zoo_task_items_agree_with_hf_backend(engine, dirs):
+    """A shipped task file, 40 items, through both backends: same per-item correctness."""
+    engine.load_weights(*weights_of(tiny_model(0)))
+    task = load_task("zoo/arith")
+    idx = list(range(40))
+    got, want = engine.score(task, idx), HFBackend(dirs["a"]).score(task, idx)
+    same = sum(g.output == w.output for g, w in zip(got, want))
+    assert same >= 36, [(g.output, w.output) for g, w in zip(got, want) if g.output != w.output]
+    assert [g.score for g in got] == [w.score for w in want]
+
+
+def test_bad_candidate_weights_name_the_tensor_and_keep_the_engine(engine):
+    state, config = weights_of(tiny_model(0))
+    with pytest.raises(CheckpointError, match="model.norm.weight"):
+        engine.load_weights({k: v for k, v in state.items() if k != "model.norm.weight"}, config)
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight"):
+        engine.load_weights({**state, "model.layers.1.mlp.up_proj.weight": torch.zeros(3, 64)}, config)
+    with pytest.raises(CheckpointError, match="model.layers.9.extra"):
+        engine.load_weights({**state, "model.layers.9.extra": torch.zeros(3)}, config)
+    engine.load_weights(state, config)
+    assert len(engine.score(generate_task(["1"] * len(PROMPTS)), [0, 1])) == 2
+
+
+def test_out_of_range_index_and_unsupported_head_size(engine, tmp_path):
+    with pytest.raises(EvomergeError, match="index 99"):
+        engine.score(generate_task(["1"] * len(PROMPTS)), [99])
+    small_heads = LlamaForCausalLM(LlamaConfig(vocab_size=build_tokenizer().get_vocab_size(), hidden_size=64,
+                                               intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                               num_key_value_heads=4, tie_word_embeddings=True))
+    with pytest.raises(EvomergeError, match="head dimension 16"):
+        VLLMBackend(save(small_heads, tmp_path / "h16"), device="cpu")
+
+
+@pytest.mark.slow
+def test_layer_count_change_restarts_the_engine(engine, tmp_path):
+    """Runs last: a 3-layer candidate cannot be reloaded in place; the engine restarts on it."""
+    deeper = tiny_model(2, layers=3)
+    deeper_dir = save(deeper, tmp_path / "deeper")
+    engine.load_weights(*weights_of(deeper))
+    assert engine.restarts == 1 and engine.config["num_hidden_layers"] == 3
+    hf = HFBackend(deeper_dir)
+    refs = [greedy_with_margin(hf.model, hf.tokenizer, p) for p in PROMPTS]
+    got = engine.score(generate_task(["1"] * len(PROMPTS)), range(len(PROMPTS)))
+    for r, (out, margin) in zip(got, refs):
+        if margin > MARGIN:
+            assert r.output == out
