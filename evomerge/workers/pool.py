@@ -216,15 +216,12 @@ class RayPool:
         self._slots = [self._start_actor(i, 0) for i in range(n_workers)]
         # Wait for the first actors: a source that does not load stops the search here,
         # before the caller has written anything.
-        deadline = None if startup_timeout is None else time.monotonic() + startup_timeout
-        while self._starting:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _ = ray.wait(list(self._starting), num_returns=1, timeout=remaining)
-            if not ready:
-                self.close()
-                raise EvomergeError(f"Ray workers did not start within {startup_timeout:.0f} s "
-                                    f"(asked for num_cpus={num_cpus}, num_gpus={num_gpus} each)")
-            self._on_ready(ready[0])
+        try:
+            self.wait_for_workers(startup_timeout)
+        except TimeoutError:
+            self.close()
+            raise EvomergeError(f"Ray workers did not start within {startup_timeout:.0f} s "
+                                f"(asked for num_cpus={num_cpus:g}, num_gpus={num_gpus:g} each)") from None
         # Level by level: every worker gets one candidate before any gets its second.
         self._tickets = deque((index, slot.incarnation) for _ in range(queue_depth)
                               for index, slot in enumerate(self._slots))
@@ -257,6 +254,17 @@ class RayPool:
                 self._on_ready(ref)
             else:
                 self._on_result(ref)
+
+    def wait_for_workers(self, timeout: float | None = None) -> list[WorkerInfo]:
+        """Block until every worker (replacements included) has built its evaluator."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._starting:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = self._ray.wait(list(self._starting), num_returns=1, timeout=remaining)
+            if not ready:
+                raise TimeoutError(f"{len(self._starting)} worker(s) not ready within {timeout} s")
+            self._on_ready(ready[0])
+        return self.workers()
 
     def workers(self) -> list[WorkerInfo]:
         """The live workers that have started (name and pid of each actor process)."""

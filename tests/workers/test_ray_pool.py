@@ -15,18 +15,7 @@ ray = pytest.importorskip("ray")
 from evomerge.errors import EvomergeError  # noqa: E402
 from evomerge.workers import ray_cluster  # noqa: E402
 from evomerge.workers.pool import LocalPool, RayPool  # noqa: E402
-from tests.workers import evaluators  # noqa: E402
 from tests.workers.evaluators import QuadraticEvaluator, calls, make_candidates  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    # Test evaluators travel to the actors by value: the workers need not import tests/.
-    ray.cloudpickle.register_pickle_by_value(evaluators)
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def drain(pool, timeout=60.0) -> dict:
@@ -77,19 +66,27 @@ def test_a_killed_worker_is_replaced_and_every_candidate_ends_evaluated_or_faile
             result = pool.next_result(timeout=60)
             assert result.candidate_id not in results
             results[result.candidate_id] = result
-        replacements = {w.name for w in pool.workers()} - originals
         assert pool.replacements == 1
+        replacement = next(w for w in pool.wait_for_workers(timeout=60) if w.name not in originals)
+        assert replacement.slot == victim.slot and replacement.pid != victim.pid
+        # The pool goes on with both workers; a fresh worker takes the next candidate first.
+        for candidate in make_candidates(14)[10:]:
+            pool.submit(candidate)
+        later = drain(pool)
 
     assert sorted(results) == list(range(10))
     assert all(r.status in ("ok", "failed") for r in results.values())
     assert all(r.status == "ok" for r in results.values()), \
         [r.error for r in results.values() if r.status != "ok"]
-    assert len(replacements) == 1
-    assert any(r.worker in replacements for r in results.values()), \
-        "the replacement worker should have evaluated candidates"
-    # Nothing was evaluated twice except, at most, the one the victim was running.
+    assert {r.worker for r in later.values()} == {replacement.name, pool_survivor(originals, victim)}
+    # Nothing ran twice except, at most, the candidate the victim was running.
     ran = calls(log)
     assert len(ran) - len(set(ran)) <= 1
+
+
+def pool_survivor(originals: set[str], victim) -> str:
+    (survivor,) = originals - {victim.name}
+    return survivor
 
 
 def test_a_candidate_that_kills_its_worker_is_retried_then_failed_with_the_reason(local_ray, tmp_path):

@@ -1,0 +1,110 @@
+"""A whole search through RayPool: the same archive as the single-process path, and a
+search that survives a worker killed in the middle of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import pytest
+import yaml
+
+pytest.importorskip("ray")
+
+from evomerge.search.archive import Archive  # noqa: E402
+from evomerge.search.run import SearchRun  # noqa: E402
+
+
+def comparable(records: list[dict]) -> list[tuple]:
+    """What must match between runs: everything but where and when it was evaluated."""
+    return [(r["candidate_id"], r["generation"], r["genome"], r["plan"], r["status"], r["error"],
+             {name: (s["value"], s["stderr"], s["n_items"]) for name, s in r["objectives"].items()})
+            for r in sorted(records, key=lambda r: r["candidate_id"])]
+
+
+def run_search(config: dict, root, name: str) -> list[dict]:
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = SearchRun.create(path, root / f"run-{name}", start_pool=True)
+    run.run(progress=False)
+    run.close()
+    archive = Archive(root / f"run-{name}", readonly=True)
+    try:
+        return archive.records()
+    finally:
+        archive.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_merge_config(tmp_path_factory):
+    """Three tiny Llamas (a base and two noisy 'fine-tunes') and two small multiple-choice
+    tasks: real merges, real HF scoring, in well under a second per candidate."""
+    from evomerge.io.synthetic import make_tiny_llama
+    from evomerge.zoo.tokenizer import build_tokenizer, save_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-merge")
+    save_tokenizer(root / "tok")
+    vocab = build_tokenizer().get_vocab_size()
+    base = make_tiny_llama(root / "base", vocab_size=vocab, hidden_size=32, num_layers=2, tokenizer_from=root / "tok")
+    a = make_tiny_llama(root / "a", base=base, noise=0.5, seed=1, tokenizer_from=root / "tok")
+    b = make_tiny_llama(root / "b", base=base, noise=0.5, seed=2, tokenizer_from=root / "tok")
+    for name, words in (("t1", ["cat", "dog", "sun", "sea"]), ("t2", ["red", "blue", "one", "two"])):
+        rows = [{"id": f"{name}-{i}", "prompt": f"{i} {w} is", "choices": words[:3], "answer": words[i % 3]}
+                for i, w in enumerate(words * 2)]
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (root / f"{name}.yaml").write_text(yaml.safe_dump({"name": name, "kind": "multiple_choice",
+                                                           "data": f"{name}.jsonl"}))
+    return root, {
+        "seed": 3, "sources": {"base": str(base), "a": str(a), "b": str(b)}, "base": "base",
+        "genome": {"kind": "parameter", "method": "task_arithmetic", "granularity": "model"},
+        "objectives": [{"name": "t1", "task": str(root / "t1.yaml")}, {"name": "t2", "task": str(root / "t2.yaml")}],
+        "evaluator": {"kind": "merge", "backend": "hf", "device": "cpu"},
+        "optimizer": {"name": "nsga2", "population": 4, "generations": 2}, "audit": {"every": 0},
+    }
+
+
+@pytest.mark.slow
+def test_a_search_on_two_ray_workers_writes_the_same_archive_as_one_process(local_ray, tiny_merge_config):
+    root, config = tiny_merge_config
+    local = run_search({**config, "workers": {"backend": "local"}}, root, "local")
+    on_ray = run_search({**config, "workers": {"backend": "ray", "count": 2, "num_cpus": 1}}, root, "ray")
+
+    assert len(local) == 8 and all(r["status"] == "ok" for r in local)
+    assert comparable(on_ray) == comparable(local)
+    scores = {(r["objectives"]["t1"]["value"], r["objectives"]["t2"]["value"]) for r in local}
+    assert len(scores) > 1, "the merges should differ in score, or the comparison proves little"
+    workers = {r["worker"].split("@")[0] for r in on_ray}
+    assert workers == {"ray-worker-0.0", "ray-worker-1.0"}
+
+
+def test_a_search_finishes_when_a_worker_is_killed_in_the_middle(local_ray, tmp_path):
+    config = {
+        "seed": 1, "genome": {"kind": "box", "dim": 3, "lower": 0.0, "upper": 1.0},
+        "objectives": [{"name": "f1", "task": "synthetic"}, {"name": "f2", "task": "synthetic"}],
+        "evaluator": {"kind": "synthetic", "sleep": 0.15},
+        "optimizer": {"name": "nsga2", "population": 6, "generations": 3}, "audit": {"every": 0},
+        "workers": {"backend": "ray", "count": 2, "num_cpus": 1, "max_retries": 2},
+    }
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = SearchRun.create(path, tmp_path / "run", start_pool=True)
+    pool = run.pool
+    victim = pool.workers()[1]
+    killer = threading.Timer(0.8, os.kill, (victim.pid, signal.SIGKILL))
+    killer.start()
+    try:
+        run.run(progress=False)
+    finally:
+        killer.cancel()
+        run.close()
+    assert pool.replacements == 1
+
+    archive = Archive(tmp_path / "run", readonly=True)
+    records = archive.records()
+    archive.close()
+    assert sorted(r["candidate_id"] for r in records) == list(range(18))
+    assert all(r["status"] in ("ok", "failed") for r in records)
+    assert all(r["error"] is None for r in records if r["status"] == "ok")
+    assert sum(r["status"] == "ok" for r in records) >= 17, "only the killed worker's candidate may fail"
