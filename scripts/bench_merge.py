@@ -168,7 +168,8 @@ def main() -> int:
     print(f"cpus: {os.cpu_count()}, load average at start: {os.getloadavg()}")
     models, t_build = build_models(work)
     n_bytes = sum(f.stat().st_size for f in models["base"].glob("*.safetensors"))
-    print(f"models ready in {t_build:.1f}s: 3 x {n_bytes / 1e9:.2f} GB float32 under {work / 'models'}")
+    print(f"models ready in {t_build:.1f}s: 3 x {n_bytes / 1e9:.2f} GB float32 under {work / 'models'}",
+          flush=True)
 
     results: dict = {"shape": SHAPE, "model_bytes": n_bytes, "cpus": os.cpu_count(),
                      "load_at_start": os.getloadavg(), "methods": {}}
@@ -181,7 +182,7 @@ def main() -> int:
     imports["evomerge"] = measure_rss([PY, "-c", "import evomerge.cli, evomerge.merge.command"], env)
     results["import"] = {k: {"wall_s": v["wall_s"], "load": v["load_before"], "rc": v["rc"]}
                          for k, v in imports.items()}
-    print("import: " + ", ".join(f"{k} {v['wall_s']:.2f}s" for k, v in imports.items()))
+    print("import: " + ", ".join(f"{k} {v['wall_s']:.2f}s" for k, v in imports.items()), flush=True)
 
     for method in args.methods.split(","):
         recipe = with_paths(RECIPES[method], models)
@@ -222,7 +223,10 @@ def main() -> int:
                                       "rc": 0, **inner}
         results["methods"][method] = row
         print(f"[{method}] done: " + ", ".join(
-            f"{k} {v.get('wall_s', float('nan')):.1f}s" for k, v in row.items() if isinstance(v, dict)))
+            f"{k} {v.get('wall_s', float('nan')):.1f}s {v.get('peak_rss_gb', float('nan')):.2f}GB"
+            for k, v in row.items() if isinstance(v, dict)), flush=True)
+        if args.json:  # partial results survive an interrupted run
+            args.json.write_text(json.dumps(results, indent=2))
 
     # ---------------------------------------------------------------- table
     print("\nwall time / peak RSS per merge (fresh process each; load = 1-min load average before)")
