@@ -136,20 +136,22 @@ def _f(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _kth_smallest_bits(bits: Tensor, k: int) -> tuple[int, int]:
-    """Value of the k-th smallest (0-based) of non-negative int32 ``bits`` and how many are smaller.
+def _kth_smallest_bits(bits: Tensor, k: int) -> tuple[int, int, int]:
+    """The k-th smallest (0-based) of non-negative int32 ``bits``: (value, #smaller, #equal).
 
-    Two radix passes over 15 + 16 bits (bit patterns of non-negative floats sort like the floats).
+    Two radix passes over 15 + 16 bits (bit patterns of non-negative floats sort like the floats),
+    linear time instead of a sort.
     """
-    high = bits >> 16
-    counts = torch.bincount(high.reshape(-1), minlength=1 << 15).cumsum_(0)
+    flat = bits.reshape(-1)
+    high = flat >> 16
+    counts = torch.bincount(high, minlength=1 << 15).cumsum_(0)
     bucket = int(torch.searchsorted(counts, k, right=True))
     below = int(counts[bucket - 1]) if bucket else 0
-    low = bits[high == bucket] & 0xFFFF
+    low = flat[high == bucket] & 0xFFFF
     counts = torch.bincount(low, minlength=1 << 16).cumsum_(0)
     sub = int(torch.searchsorted(counts, k - below, right=True))
-    below += int(counts[sub - 1]) if sub else 0
-    return (bucket << 16) | sub, below
+    before = int(counts[sub - 1]) if sub else 0
+    return (bucket << 16) | sub, below + before, int(counts[sub]) - before
 
 
 def _rank_below(bits: Tensor, r: int) -> Tensor:
@@ -159,15 +161,28 @@ def _rank_below(bits: Tensor, r: int) -> Tensor:
         return torch.zeros_like(bits, dtype=torch.bool)
     if r >= n:
         return torch.ones_like(bits, dtype=torch.bool)
-    value, below = _kth_smallest_bits(bits, r - 1)
+    value, below, equal = _kth_smallest_bits(bits, r - 1)
+    if below + equal == r:  # no tie straddles the cut
+        return bits <= value
     mask = bits < value
-    need = r - below
-    eq = bits == value
-    n_eq = int(eq.sum())
-    if need >= n_eq:
-        return mask | eq
-    idx = eq.reshape(-1).nonzero().squeeze(1)[:need]
+    idx = (bits == value).reshape(-1).nonzero().squeeze(1)[: r - below]
     mask.view(-1)[idx] = True
+    return mask
+
+
+def _rank_at_least(bits: Tensor, r: int) -> Tensor:
+    """Mask of all but the ``r`` smallest elements (ties broken by position, as ``_rank_below``)."""
+    n = bits.numel()
+    if r <= 0:
+        return torch.ones_like(bits, dtype=torch.bool)
+    if r >= n:
+        return torch.zeros_like(bits, dtype=torch.bool)
+    value, below, equal = _kth_smallest_bits(bits, r - 1)
+    if below + equal == r:
+        return bits > value
+    mask = bits >= value
+    idx = (bits == value).reshape(-1).nonzero().squeeze(1)[: r - below]
+    mask.view(-1)[idx] = False
     return mask
 
 
@@ -184,7 +199,7 @@ def magnitude_mask(delta: Tensor, density: float) -> Tensor:
     if density <= 0 or n == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
     k = max(1, int(density * n))
-    return ~_rank_below(_magnitude_bits(delta), n - k)
+    return _rank_at_least(_magnitude_bits(delta), n - k)
 
 
 def magnitude_outliers_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
@@ -291,10 +306,12 @@ def generalized_task_arithmetic(
             else:
                 raise ValueError(f"unknown sparsification {sparsify!r}")
             l1 = d.abs().sum() if rescale else None
-            d.mul_(keep)
+            d = torch.where(keep, d, 0.0)
+            del keep
             if rescale:
                 rescale_l1_(d, l1)
-        d.mul_(weights[i])
+        if weights[i] != 1:
+            d.mul_(weights[i])
         deltas.append(d)
 
     if consensus == "sum":
@@ -306,12 +323,12 @@ def generalized_task_arithmetic(
         mixed = total.zero_()
         divisor = torch.zeros_like(mixed) if normalize else None
         for d, w in zip(deltas, weights):
-            agree = (d * majority) > 0  # sign(d) == majority; zero deltas never agree
-            mixed.add_(d * agree)
+            agree = d.mul(majority) > 0  # sign(d) == majority; zero deltas never agree
+            mixed.add_(torch.where(agree, d, 0.0))
             if normalize:
-                divisor.add_(agree, alpha=w)
+                divisor.add_(torch.where(agree, w, 0.0).to(divisor.dtype))
         if normalize:
-            divisor[divisor == 0] = 1
+            divisor.masked_fill_(divisor == 0, 1)
             mixed.div_(divisor)
     else:
         mixed = deltas[0]
