@@ -22,6 +22,7 @@ tests and for benchmarking the controller and the pools, not for real searches.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -153,7 +154,7 @@ def _field_error(exc: ValidationError, where: str) -> str:
 
 
 def _resolve(value: str, root: Path) -> str:
-    path = Path(value).expanduser()
+    path = Path(os.path.expandvars(value)).expanduser()
     return str(path if path.is_absolute() else (root / path).resolve())
 
 
