@@ -108,3 +108,41 @@ def test_a_search_finishes_when_a_worker_is_killed_in_the_middle(local_ray, tmp_
     assert all(r["status"] in ("ok", "failed") for r in records)
     assert all(r["error"] is None for r in records if r["status"] == "ok")
     assert sum(r["status"] == "ok" for r in records) >= 17, "only the killed worker's candidate may fail"
+
+
+def synthetic_config(**workers) -> dict:
+    return {
+        "seed": 0, "genome": {"kind": "box", "dim": 2, "lower": 0.0, "upper": 1.0},
+        "objectives": [{"name": "f1", "task": "synthetic"}], "evaluator": {"kind": "synthetic"},
+        "optimizer": {"name": "random", "population": 2, "generations": 1}, "audit": {"every": 0},
+        "workers": {"backend": "ray", **workers},
+    }
+
+
+def test_more_gpus_than_the_cluster_has_stops_the_search_before_it_writes_anything(local_ray, tmp_path):
+    from evomerge.errors import EvomergeError
+
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(synthetic_config(count=2, num_gpus=1)))
+    with pytest.raises(EvomergeError, match="need 2 GPUs but the Ray cluster has 2 CPUs and 0 GPUs"):
+        SearchRun.create(path, tmp_path / "run", start_pool=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_search_with_an_unreachable_address_is_one_line_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(synthetic_config(count=1)))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(path), "--run-dir",
+                           str(tmp_path / "run"), "--address", "127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines == ["error: cannot reach the Ray cluster at 127.0.0.1:1 (Connection refused); start it with "
+                     "`ray start --head`, or leave out --address to run locally"]
+    assert not (tmp_path / "run").exists()
+    assert time.monotonic() - start < 60
