@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,7 +21,6 @@ from pathlib import Path
 
 import yaml
 
-from evomerge.cli import main as evomerge_main
 from evomerge.io.atomic import atomic_write_text
 from evomerge.zoo.build import EXPERTS, ensure_zoo
 from evomerge.zoo.skills import TASKS
@@ -54,6 +55,7 @@ def main() -> int:
     parser.add_argument("--zoo", type=Path, default=None)
     parser.add_argument("--split", default="all", choices=["all", "search", "heldout"])
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=1, help="run this many `evomerge eval` processes at once")
     args = parser.parse_args()
 
     zoo = ensure_zoo(args.zoo, verbose=True)
@@ -63,15 +65,22 @@ def main() -> int:
         path = tmp / f"{len(labels)}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         labels[str(path)] = name
-    out = tmp / "items.jsonl"
     tasks = ",".join(f"zoo/{t}:{args.split}" for t in TASKS)
     start = time.perf_counter()
-    cmd = ["eval", *labels, "--tasks", tasks, "--out", str(out)] + (["--limit", str(args.limit)] if args.limit else [])
-    if evomerge_main(cmd) != 0:
-        return 1
+    outs, running = [], []
+    for i, model in enumerate(labels):
+        out = tmp / f"items-{i}.jsonl"
+        outs.append(out)
+        cmd = [sys.executable, "-m", "evomerge.cli", "eval", model, "--tasks", tasks, "--out", str(out)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": "1"} if args.jobs > 1 else {})}
+        running.append(subprocess.Popen(cmd + (["--limit", str(args.limit)] if args.limit else []), env=env))
+        while len(running) >= args.jobs or (i == len(labels) - 1 and running):
+            if running[0].wait() != 0:
+                return 1
+            running.pop(0)
     seconds = time.perf_counter() - start
     scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for line in out.read_text().splitlines():
+    for line in (ln for out in outs for ln in out.read_text().splitlines()):
         row = json.loads(line)
         scores[labels[row["model"]]][row["task"].split(":")[0]].append(row["score"])
     matrix = {m: {t: sum(v) / len(v) for t, v in per.items()} for m, per in scores.items()}
