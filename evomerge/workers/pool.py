@@ -165,6 +165,7 @@ class _Slot:
     incarnation: int
     info: WorkerInfo | None = None          # None until ready() answered
     running: deque = field(default_factory=deque)   # object refs in submit order
+    head_since: float = 0.0                 # when the oldest of them (the one running) started
 
 
 class RayPool:
@@ -178,7 +179,8 @@ class RayPool:
 
     def __init__(self, evaluator_factory: EvaluatorFactory, n_workers: int = 2, *,
                  num_cpus: float = 1, num_gpus: float = 0, memory: int | None = None,
-                 max_retries: int = 2, queue_depth: int = 2, startup_timeout: float | None = None):
+                 max_retries: int = 2, queue_depth: int = 2, startup_timeout: float | None = None,
+                 task_timeout: float | None = None):
         import ray
 
         from evomerge.workers import ray_cluster
@@ -203,6 +205,7 @@ class RayPool:
         self._actor_class = ray.remote(**options)(_WorkerActor)
         self._factory_ref = ray.put(evaluator_factory)   # pickled once, shared by replacements
         self.max_retries = max_retries
+        self.task_timeout = task_timeout   # a worker silent this long on one candidate is hung
         self.queue_depth = queue_depth
         self.replacements = 0
         self._queue: deque[Candidate] = deque()
@@ -246,9 +249,18 @@ class RayPool:
             if not waiting:
                 raise RuntimeError("next_result() called with no candidate pending")
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _ = self._ray.wait(waiting, num_returns=1, timeout=remaining)
+            hung_at = self._next_hang_deadline()
+            if hung_at is not None and time.monotonic() >= hung_at and self._replace_hung_workers():
+                continue   # checked before waiting, so a busy pool cannot hide a hung worker
+            wait = remaining if hung_at is None else max(0.0, hung_at - time.monotonic())
+            if remaining is not None:
+                wait = min(wait, remaining)
+            ready, _ = self._ray.wait(waiting, num_returns=1, timeout=wait)
             if not ready:
-                raise TimeoutError(f"no result within {timeout} s ({self.pending()} pending)")
+                self._replace_hung_workers()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"no result within {timeout} s ({self.pending()} pending)")
+                continue
             ref = ready[0]
             if ref in self._starting:
                 self._on_ready(ref)
@@ -290,6 +302,24 @@ class RayPool:
 
     # -- internals
 
+    def _next_hang_deadline(self) -> float | None:
+        if self.task_timeout is None:
+            return None
+        started = [slot.head_since for slot in self._slots if slot.running]
+        return min(started) + self.task_timeout if started else None
+
+    def _replace_hung_workers(self) -> bool:
+        """Replace workers whose running candidate is overdue (a hung GPU, a deadlock)."""
+        if self.task_timeout is None:
+            return False
+        now = time.monotonic()
+        hung = [index for index, slot in enumerate(self._slots)
+                if slot.running and now - slot.head_since >= self.task_timeout]
+        for index in hung:
+            self._replace(index, f"no result within task_timeout={self.task_timeout:g} s (worker hung)",
+                          charge_first=True)
+        return bool(hung)
+
     def _shutdown_own_ray(self) -> None:
         if self._owns_ray:
             self._ray.shutdown()
@@ -324,6 +354,8 @@ class RayPool:
                 continue   # that actor was replaced; its successor brings its own tickets
             candidate = self._queue.popleft()
             ref = slot.actor.evaluate.remote(candidate)
+            if not slot.running:
+                slot.head_since = time.monotonic()
             slot.running.append(ref)
             self._tasks[ref] = (index, candidate)
 
@@ -357,6 +389,7 @@ class RayPool:
         slot = self._slots[index]
         if ref in slot.running:
             slot.running.remove(ref)
+            slot.head_since = time.monotonic()   # the next one (if any) starts now
         self._tickets.append((index, slot.incarnation))
 
     def _replace(self, index: int, reason: str, charge_first: bool) -> None:

@@ -11,15 +11,6 @@ from evomerge.workers.pool import LocalPool, make_pool
 from tests.workers.evaluators import QuadraticEvaluator, calls, make_candidates
 
 
-def drain(pool) -> dict[int, object]:
-    results = {}
-    while pool.pending():
-        result = pool.next_result()
-        assert result.candidate_id not in results, "a candidate came back twice"
-        results[result.candidate_id] = result
-    return results
-
-
 def test_local_pool_evaluates_every_candidate_in_submit_order():
     pool = LocalPool(QuadraticEvaluator)
     for candidate in make_candidates(5):
@@ -46,7 +37,7 @@ def test_local_pool_results_carry_objectives_worker_and_time():
 def test_a_candidate_that_raises_is_failed_once_with_the_reason(tmp_path):
     log = tmp_path / "calls.log"
     pool = LocalPool(functools.partial(QuadraticEvaluator, str(log)))
-    bad = make_candidates(1, raise_="x")[0]
+    bad = make_candidates(1)[0]
     bad.plan = {"raise": "engine exploded on layer 3"}
     pool.submit(bad)
     pool.submit(make_candidates(2)[1])

@@ -136,6 +136,23 @@ def test_a_cuda_fault_replaces_the_worker_and_retries_elsewhere(local_ray, tmp_p
     assert calls(log).count(0) == 2
 
 
+def test_a_hung_worker_is_replaced_after_the_task_timeout(local_ray):
+    with RayPool(QuadraticEvaluator, 1, num_cpus=1, max_retries=0, task_timeout=1.5) as pool:
+        hung = make_candidates(1, sleep=600)[0]
+        pool.submit(hung)
+        pool.submit(make_candidates(2)[1])
+        start = time.monotonic()
+        first = pool.next_result(timeout=60)
+        assert time.monotonic() - start < 30
+        second = pool.next_result(timeout=60)
+        assert pool.replacements == 1
+
+    assert first.candidate_id == 0 and first.status == "failed"
+    assert "no result within task_timeout=1.5 s" in first.error
+    assert second.status == "ok" and second.worker.startswith("ray-worker-0.1@"), \
+        "the candidate queued behind the hung one runs on the replacement, uncharged"
+
+
 def test_a_worker_that_cannot_load_a_source_stops_the_search_with_one_line(local_ray):
     factory = functools.partial(QuadraticEvaluator, fail_to_load="zoo/missing-model")
     start = time.monotonic()
