@@ -16,10 +16,11 @@ An architecture change (another layer count, e.g. a data-flow merge) cannot be r
 place -- the KV cache is laid out per layer -- so the engine is restarted on a temporary
 checkpoint of the candidate. ``restarts`` counts those.
 
-The engine runs in this process by default (``multiprocess=False``): the weights then travel
+The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the weights reach it
 by reference, with no serialization, and scripts need no ``if __name__ == "__main__"`` guard.
-With ``multiprocess=True`` vLLM runs its engine core in a spawned process and the tensors
-are serialized through its RPC.
+Run one backend per worker process (a Ray actor). vLLM's multiprocess mode is not used: its
+RPC turns the (name, tensor) pairs into lists (tried with vLLM 0.32.0: "'list' object has no
+attribute 'dtype'").
 
 Scoring matches ``HFBackend``: prompts are tokenized here with the model's HF tokenizer and
 passed as token ids; generation is greedy (temperature 0); multiple choice sums the
@@ -78,7 +79,7 @@ class VLLMBackend:
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.5,
                  kv_cache_memory_bytes: int | None = None, seed: int = 0, enforce_eager: bool = True,
-                 multiprocess: bool = False, **engine_kwargs):
+                 **engine_kwargs):
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").exists():
             raise CheckpointError(f"{self.model_dir}: not a model directory (no config.json)")
@@ -101,7 +102,6 @@ class VLLMBackend:
             self.engine_options["gpu_memory_utilization"] = gpu_memory_utilization
             if kv_cache_memory_bytes:
                 self.engine_options["kv_cache_memory_bytes"] = kv_cache_memory_bytes
-        self.multiprocess = multiprocess
         self.restarts = 0                  # engine restarts forced by architecture changes
         self._restart_dir: Path | None = None
         self.llm = self._start(self.model_dir)
@@ -109,7 +109,7 @@ class VLLMBackend:
 
     # ------------------------------------------------------------ engine
     def _start(self, model_dir: Path):
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.multiprocess else "0"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
             from vllm import LLM
             from vllm.platforms import current_platform
