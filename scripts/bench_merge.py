@@ -65,14 +65,15 @@ plan = MergePlan.from_yaml(cfg)
 t0 = time.perf_counter()
 sources = SourceSet.load({r: r for r in refs}, resident=True)
 t_load = time.perf_counter() - t0
-times, n_params = [], 0
+times, cpu_times, n_params = [], [], 0
 for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     weights = merge(plan, sources)
     times.append(time.perf_counter() - t0)
+    cpu_times.append(time.process_time() - c0)
     n_params = sum(t.numel() for t in weights.values())
     del weights
-print("RESULT " + json.dumps({"import_s": t_import, "load_s": t_load, "merge_s": times,
+print("RESULT " + json.dumps({"import_s": t_import, "load_s": t_load, "merge_s": times, "merge_cpu_s": cpu_times,
                               "n_params": n_params, "threads": torch.get_num_threads()}))
 """
 
@@ -153,14 +154,75 @@ def fmt_ratio(x: float | None, target: str) -> str:
     return "-" if x is None else f"{x:.2f}x ({target})"
 
 
+def print_table(results: dict) -> None:
+    print("\nwall time / peak RSS per merge (fresh process each; load = 1-min load average before)")
+    hdr = (f"{'method':<16} {'mergekit':>18} {'evomerge disk':>18} {'evomerge mem':>22}  "
+           f"{'wall mk/evo':>16} {'mem evo/mk':>17} {'mk/in-mem':>17}  max|diff|")
+    print(hdr)
+    print("-" * len(hdr))
+    cpu_rows: list[str] = []
+    for method, row in results["methods"].items():
+        mk, ed, em = row.get("mergekit"), row.get("evomerge_disk"), row.get("evomerge_memory")
+
+        def cell(m):
+            if not m or m.get("rc"):
+                return "failed" if m else "-"
+            return f"{m['wall_s']:.1f}s {m['peak_rss_gb']:.2f}GB L{m['load_before']:.1f}"
+
+        mem_cell = "failed"
+        t_mem = None
+        if em and not em.get("rc"):
+            t_mem = sorted(em["merge_s"])[len(em["merge_s"]) // 2]
+            mem_cell = f"{t_mem:.2f}s {em['peak_rss_gb']:.2f}GB L{em['load_before']:.1f}"
+        ok_mk = mk and not mk.get("rc")
+        ok_ed = ed and not ed.get("rc")
+        r_wall = mk["wall_s"] / ed["wall_s"] if ok_mk and ok_ed else None
+        r_mem = ed["peak_rss_gb"] / mk["peak_rss_gb"] if ok_mk and ok_ed else None
+        r_inmem = mk["wall_s"] / t_mem if ok_mk and t_mem else None
+        # CPU seconds (user + sys) are far less sensitive than wall time to other users' load.
+        cpu = lambda m: m["user_s"] + m["sys_s"]
+        r_cpu = cpu(mk) / cpu(ed) if ok_mk and ok_ed else None
+        cpu_rows.append(f"  {method}: CPU s mergekit {cpu(mk) if ok_mk else float('nan'):.1f}, "
+                        f"evomerge disk {cpu(ed) if ok_ed else float('nan'):.1f}"
+                        + (f" -> {r_cpu:.2f}x" if r_cpu else "")
+                        + (f"; in-memory merge CPU s {min(em['merge_cpu_s']):.1f} -> "
+                           f"{cpu(mk) / min(em['merge_cpu_s']):.1f}x" if ok_mk and em and em.get("merge_cpu_s") else ""))
+        row["ratios"] = {"wall_mergekit_over_evomerge_disk": r_wall,
+                         "cpu_mergekit_over_evomerge_disk": r_cpu,
+                         "peak_mem_evomerge_disk_over_mergekit": r_mem,
+                         "mergekit_wall_over_in_memory_merge": r_inmem}
+        row["targets_met"] = {"wall>=5": r_wall is not None and r_wall >= 5,
+                              "mem<=0.5": r_mem is not None and r_mem <= 0.5,
+                              "in_memory>=10": r_inmem is not None and r_inmem >= 10}
+        diff = row.get("max_abs_diff_vs_mergekit")
+        print(f"{method:<16} {cell(mk):>18} {cell(ed):>18} {mem_cell:>22}  "
+              f"{fmt_ratio(r_wall, '>=5'):>16} {fmt_ratio(r_mem, '<=0.5'):>17} "
+              f"{fmt_ratio(r_inmem, '>=10'):>17}  {'-' if diff is None else f'{diff:.1e}'}")
+    print("\n".join(cpu_rows))
+    for method, row in results["methods"].items():
+        em = row.get("evomerge_memory", {})
+        if em and not em.get("rc"):
+            print(f"  {method}: in-memory import {em['import_s']:.2f}s, load sources {em['load_s']:.1f}s, "
+                  f"merges {', '.join(f'{t:.2f}s' for t in em['merge_s'])} ({em['threads']} torch threads)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/evomerge-bench"))
     ap.add_argument("--methods", default=",".join(RECIPES), help="comma-separated subset")
     ap.add_argument("--repeats", type=int, default=3, help="in-memory merges timed per method")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--small", action="store_true", help="tiny models: a smoke test of this script")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--table-from", type=Path, default=None,
+                    help="only print the table of an earlier run's --json file")
     args = ap.parse_args()
+    if args.table_from:
+        print_table(json.loads(args.table_from.read_text()))
+        return 0
+    if args.small:
+        SHAPE.update(num_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                     num_key_value_heads=4, vocab_size=256)
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -228,45 +290,7 @@ def main() -> int:
         if args.json:  # partial results survive an interrupted run
             args.json.write_text(json.dumps(results, indent=2))
 
-    # ---------------------------------------------------------------- table
-    print("\nwall time / peak RSS per merge (fresh process each; load = 1-min load average before)")
-    hdr = (f"{'method':<16} {'mergekit':>18} {'evomerge disk':>18} {'evomerge mem':>22}  "
-           f"{'wall mk/evo':>16} {'mem evo/mk':>17} {'mk/in-mem':>17}  max|diff|")
-    print(hdr)
-    print("-" * len(hdr))
-    for method, row in results["methods"].items():
-        mk, ed, em = row.get("mergekit"), row.get("evomerge_disk"), row.get("evomerge_memory")
-
-        def cell(m):
-            if not m or m.get("rc"):
-                return "failed" if m else "-"
-            return f"{m['wall_s']:.1f}s {m['peak_rss_gb']:.2f}GB L{m['load_before']:.1f}"
-
-        mem_cell = "failed"
-        t_mem = None
-        if em and not em.get("rc"):
-            t_mem = sorted(em["merge_s"])[len(em["merge_s"]) // 2]
-            mem_cell = f"{t_mem:.2f}s {em['peak_rss_gb']:.2f}GB L{em['load_before']:.1f}"
-        ok_mk = mk and not mk.get("rc")
-        ok_ed = ed and not ed.get("rc")
-        r_wall = mk["wall_s"] / ed["wall_s"] if ok_mk and ok_ed else None
-        r_mem = ed["peak_rss_gb"] / mk["peak_rss_gb"] if ok_mk and ok_ed else None
-        r_inmem = mk["wall_s"] / t_mem if ok_mk and t_mem else None
-        row["ratios"] = {"wall_mergekit_over_evomerge_disk": r_wall,
-                         "peak_mem_evomerge_disk_over_mergekit": r_mem,
-                         "mergekit_wall_over_in_memory_merge": r_inmem}
-        row["targets_met"] = {"wall>=5": r_wall is not None and r_wall >= 5,
-                              "mem<=0.5": r_mem is not None and r_mem <= 0.5,
-                              "in_memory>=10": r_inmem is not None and r_inmem >= 10}
-        diff = row.get("max_abs_diff_vs_mergekit")
-        print(f"{method:<16} {cell(mk):>18} {cell(ed):>18} {mem_cell:>22}  "
-              f"{fmt_ratio(r_wall, '>=5'):>16} {fmt_ratio(r_mem, '<=0.5'):>17} "
-              f"{fmt_ratio(r_inmem, '>=10'):>17}  {'-' if diff is None else f'{diff:.1e}'}")
-    for method, row in results["methods"].items():
-        em = row.get("evomerge_memory", {})
-        if em and not em.get("rc"):
-            print(f"  {method}: in-memory import {em['import_s']:.2f}s, load sources {em['load_s']:.1f}s, "
-                  f"merges {', '.join(f'{t:.2f}s' for t in em['merge_s'])} ({em['threads']} torch threads)")
+    print_table(results)
     results["load_at_end"] = os.getloadavg()
     print(f"load average at end: {results['load_at_end']}")
     if args.json:
