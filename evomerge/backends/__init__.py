@@ -18,7 +18,7 @@ def make_backend(kind: str, model_dir: str | Path, device: str = "cpu", **kw) ->
         return HFBackend(model_dir, device=device, **kw)
     if kind == "vllm":
         try:
-            from evomerge.backends.vllm import VLLMBackend
+            from evomerge.backends.vllm_backend import VLLMBackend
         except ImportError as exc:
             raise EvomergeError(f"backend 'vllm' needs the vllm extra (pip install 'evomerge[vllm]'): {exc}") from None
         return VLLMBackend(model_dir, device=device, **kw)
