@@ -292,6 +292,7 @@ class RayPool:
         self._tasks.clear()
         self._starting.clear()
         self._queue.clear()
+        self._done.clear()
         self._shutdown_own_ray()
 
     def __enter__(self) -> "RayPool":
@@ -443,7 +444,8 @@ def _ray_reason(exc: BaseException) -> str:
 
 def make_pool(evaluator_factory: EvaluatorFactory, backend: str = "local", count: int = 1, *,
               num_cpus: float = 1, num_gpus: float = 0, memory: int | None = None,
-              max_retries: int = 2, address: str | None = None, **_ignored: Any) -> LocalPool | RayPool:
+              max_retries: int = 2, address: str | None = None, task_timeout: float | None = None,
+              **_ignored: Any) -> LocalPool | RayPool:
     """Build the pool a config's ``workers:`` section asks for.
 
     ``make_pool(factory, **config.workers.model_dump())``. With ``backend="ray"`` and an
@@ -457,4 +459,4 @@ def make_pool(evaluator_factory: EvaluatorFactory, backend: str = "local", count
 
     ray_cluster.connect(address, num_cpus=max(1, math.ceil(count * num_cpus)))
     return RayPool(evaluator_factory, count, num_cpus=num_cpus, num_gpus=num_gpus, memory=memory,
-                   max_retries=max_retries)
+                   max_retries=max_retries, task_timeout=task_timeout)
