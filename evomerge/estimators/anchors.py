@@ -88,3 +88,46 @@ def stratified_random(item_means: np.ndarray, k: int, seed: int = 0) -> np.ndarr
     rng = np.random.default_rng(seed)
     order = np.argsort(item_means, kind="stable")
     return np.array([rng.choice(stratum) for stratum in np.array_split(order, k)])
+
+
+def forward_select(responses: np.ndarray, target: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Greedy forward selection of k items whose responses best predict `target` linearly.
+
+    Each step adds the item that most reduces the least-squares residual of the target
+    regressed on the items chosen so far (orthogonal matching pursuit over correctness
+    columns). This optimises the anchors for predicting the FULL score, which is what
+    tinyBenchmarks' clustering and metabench's information filter only approximate.
+    Missing cells count as the item's mean. Once the chosen items span the subjects
+    (few subjects), the rest are stratified random items."""
+    _check_k(k, responses.shape[1])
+    x = np.where(np.isnan(responses), np.nanmean(responses, 0), responses)
+    x = np.nan_to_num(x - x.mean(0))  # an all-missing column becomes a constant zero column
+    r = np.asarray(target, float) - np.mean(target)
+    norm0 = (x**2).sum(0)
+    chosen: list[int] = []
+    for _ in range(k):
+        den = (x**2).sum(0)
+        # A column already (almost) explained by the chosen ones carries no new information.
+        alive = den > 1e-6 * norm0 + 1e-12
+        alive[chosen] = False
+        if not alive.any():
+            break
+        gain = np.where(alive, (r @ x) ** 2 / np.where(alive, den, 1.0), -1.0)
+        j = int(np.argmax(gain))
+        chosen.append(j)
+        q = x[:, j] / np.sqrt(den[j])
+        x -= np.outer(q, q @ x)
+        r -= q * (q @ r)
+    if len(chosen) < k:
+        rest = np.setdiff1d(np.arange(responses.shape[1]), chosen)
+        means = np.nan_to_num(np.nanmean(responses[:, rest], 0), nan=0.5)
+        chosen += list(rest[stratified_random(means, k - len(chosen), seed)])
+    return np.array(chosen, dtype=int)
+
+
+def mass_weights(embeddings: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+    """Weights of given anchors: the share of items nearest to each (as k-means weights are)."""
+    d2 = ((embeddings[:, None, :] - embeddings[anchors][None, :, :]) ** 2).sum(-1)
+    counts = np.bincount(d2.argmin(1), minlength=len(anchors)).astype(float)
+    counts[counts == 0] = 1e-9
+    return counts / counts.sum()

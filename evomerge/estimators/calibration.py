@@ -7,10 +7,16 @@ score when the matrix holds only part of the benchmark (metabench). It
 
 1. binarizes graded scores at the mean-preserving threshold;
 2. picks the IRT dimension by validation error on held-out subjects;
-3. fits a multidimensional 2PL, picks k-means anchors and a stratified random set;
-4. tunes gp-IRT's lambda on the validation subjects;
+3. picks anchors: by default ("select") greedy forward selection of the items that best
+   predict the full score (anchors/forward_select), else k-means over IRT embeddings or
+   correctness columns (tinyBenchmarks); plus a stratified random set as the baseline;
+4. fits a multidimensional 2PL and tunes gp-IRT's lambda on the validation subjects;
 5. learns, per estimator, the map from its item-pool estimate to the full score,
-   using features computed from the anchors only (as a candidate will have them).
+   using features computed from the anchors only (as a candidate will have them);
+6. fits the "learned" estimator: a ridge regression of the full score on the anchor
+   responses plus a cubic in their mean (metabench reconstructs full scores with a
+   learned map too), its penalty chosen and its residual sd measured on the
+   validation subjects, which gives the estimate's standard error.
 
 The artifact is JSON with a version and a SHA-256 of its payload; `load` refuses a
 file that fails either check. No pickle anywhere.
@@ -30,7 +36,9 @@ from evomerge.estimators import anchors as anchor_sel
 from evomerge.estimators import estimators as est
 from evomerge.estimators.irt import ItemParams, binarize, fit_irt, fit_theta
 
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # version 1 files simply lack the learned estimator
+LEARNED_LAMBDAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 RIDGE = 1e-4
 LAMBDA_GRID = np.linspace(0.0, 1.0, 21)
 # Which item-pool estimate each full-score estimator starts from, and its map's features.
@@ -41,6 +49,8 @@ MAPPED = {
     # Stronger maps: a cubic of the random mean (a fair baseline for the regressions below),
     # and a regression of the full score on gp-IRT plus a cubic in each ability dimension.
     "random_cubic": ("random", "cubic"), "gpirt_reg": ("gpirt", "reg"), "gmpirt_reg": ("gmpirt", "reg"),
+    # Ridge on the anchor responses straight to the full score (no item-pool stage).
+    "learned": ("learned", "direct"),
 }
 
 
@@ -79,6 +89,7 @@ class Calibration:
     maps: dict[str, list[float]]
     residual_sd: dict[str, float]
     info: dict = field(default_factory=dict)  # dims tried, validation errors, seeds
+    learned: dict = field(default_factory=dict)  # coef, coef_pool, item_means, lam (the "learned" map)
 
     @property
     def params(self) -> ItemParams:
@@ -90,9 +101,9 @@ class Calibration:
 
     # ---- fitting ---------------------------------------------------------------------------
     @classmethod
-    def fit(cls, responses: np.ndarray, n_anchors: int, method: str = "irt", dims: int | list[int] = (1, 2, 3),
+    def fit(cls, responses: np.ndarray, n_anchors: int, method: str = "select", dims: int | list[int] = (1, 2, 3),
             seed: int = 0, full_scores: np.ndarray | None = None, items: list[str] | None = None,
-            val_frac: float = 0.2) -> Calibration:
+            val_frac: float = 0.2, max_iter: int = 300) -> Calibration:
         responses = np.asarray(responses, float)
         n, m = responses.shape
         dims_list = [dims] if isinstance(dims, int) else list(dims)
@@ -109,29 +120,42 @@ class Calibration:
         if len(fit_part) <= max(dims_list):
             raise EvomergeError(f"{n} calibration subjects are too few to hold out validation subjects for {max(dims_list)} IRT dimensions")
 
+        if method not in ("select", "irt", "correct"):
+            raise EvomergeError(f"unknown anchor method {method!r} (select, irt, correct)")
+        # Anchors chosen for predicting the target do not depend on the IRT fit: pick them once.
+        selected = anchor_sel.forward_select(responses[fit_part], target[fit_part], n_anchors, seed) \
+            if method == "select" else None
         trials = {}
         for d in dims_list:
-            calib = cls._fit_once(responses, binary, threshold, target, fit_part, n_anchors, method, d, seed)
-            lam = calib._tune_lambda(responses[val], target[val])
-            calib.lam = lam
+            calib = cls._fit_once(responses, binary, threshold, target, fit_part, n_anchors, method, d, seed,
+                                  selected, max_iter)
+            calib.lam = calib._tune_lambda(responses[val], target[val])
             err = calib._validation_errors(responses[val], target[val])
-            trials[d] = (err["gpirt_reg"], lam, err)
+            trials[d] = (err["gpirt_reg"], calib, err)
         best = min(trials, key=lambda d: trials[d][0])
-        calib = cls._fit_once(responses, binary, threshold, target, np.arange(n), n_anchors, method, best, seed)
-        calib.lam = trials[best][1]
+        # The item parameters stay those fitted on the fit part (a refit on every subject costs
+        # as much again and moves them little); the maps are refitted on every subject.
+        calib = trials[best][1]
         calib._fit_maps(responses, target)
         # Held-out error is the honest uncertainty of a mapped estimate.
         calib.residual_sd = {k: float(v) for k, v in trials[best][2].items()}
+        calib._fit_learned(responses, target, fit_part, val)
         calib.info = {"dims": best, "dims_tried": {str(d): trials[d][0] for d in trials}, "seed": seed,
-                      "method": method, "n_subjects": n, "validation_rmse": trials[best][2]}
+                      "method": method, "n_subjects": n, "validation_rmse": trials[best][2],
+                      "learned_lambda": calib.learned["lam"]}
         calib.items = list(items) if items is not None else [str(j) for j in range(m)]
         return calib
 
     @classmethod
-    def _fit_once(cls, responses, binary, threshold, target, rows, n_anchors, method, dims, seed) -> Calibration:
-        params, _ = fit_irt(binary[rows], dims, seed=seed)
-        emb = anchor_sel.item_embeddings(method, binary[rows], params.a, params.b)
-        anchors, weights = anchor_sel.select_anchors(emb, n_anchors, seed)
+    def _fit_once(cls, responses, binary, threshold, target, rows, n_anchors, method, dims, seed,
+                  selected=None, max_iter=300) -> Calibration:
+        params, _ = fit_irt(binary[rows], dims, seed=seed, max_iter=max_iter)
+        if selected is not None:
+            anchors = selected
+            weights = anchor_sel.mass_weights(anchor_sel.item_embeddings("irt", a=params.a, b=params.b), anchors)
+        else:
+            emb = anchor_sel.item_embeddings(method, binary[rows], params.a, params.b)
+            anchors, weights = anchor_sel.select_anchors(emb, n_anchors, seed)
         random_items = anchor_sel.stratified_random(np.nanmean(responses[rows], 0), n_anchors, seed)
         calib = cls([], params.a, params.b, threshold, anchors, weights, random_items, 0.5, {}, {})
         calib._fit_maps(responses[rows], target[rows])
@@ -148,6 +172,8 @@ class Calibration:
             "pirt": est.pirt(self.params, theta, cov, self.anchors, anchor_scores),
         }
         out["gpirt"] = est.combine(self.lam, out["anchor"], out["pirt"])
+        if self.learned:
+            out["learned"] = self._learned(anchor_scores, "pool")
         if random_scores is not None:
             random_scores = np.atleast_2d(random_scores)
             out["random"] = est.weighted_mean(random_scores, np.ones(random_scores.shape[1]), self.n_items)
@@ -157,12 +183,40 @@ class Calibration:
         pool, theta = self._pool_estimates(responses[:, self.anchors], responses[:, self.random_items])
         self.maps = {}
         for name, (source, kind) in MAPPED.items():
-            if source in pool:
+            if source in pool and kind != "direct":
                 self.maps[name] = _fit_map(kind, pool[source][0], theta, target).tolist()
         # Merge-aware estimators share their counterparts' maps: on calibration subjects
         # (no sources) they reduce to p-IRT / gp-IRT.
         self.maps["mpirt"], self.maps["gmpirt"] = self.maps["pirt"], self.maps["gpirt"]
         self.maps["gmpirt_reg"] = self.maps["gpirt_reg"]
+
+    def _fit_learned(self, responses: np.ndarray, target: np.ndarray, fit_part: np.ndarray,
+                     val: np.ndarray) -> None:
+        """Ridge map from anchor responses to the target (and to the pool mean): penalty
+        chosen on the validation subjects, coefficients refitted on every subject."""
+        x = responses[:, self.anchors]
+        item_means = np.nan_to_num(np.nanmean(x[fit_part], 0), nan=0.5)
+        f = est.learned_features(x, item_means)
+        scale = len(fit_part) / 1000.0  # penalties relative to the data term's size
+        errors = {}
+        for lam in LEARNED_LAMBDAS:
+            coef = est.fit_ridge(f[fit_part], target[fit_part], lam * scale)
+            errors[lam] = float(np.sqrt(np.mean((f[val] @ coef - target[val]) ** 2)))
+        lam = min(errors, key=errors.get)
+        item_means = np.nan_to_num(np.nanmean(x, 0), nan=0.5)
+        f = est.learned_features(x, item_means)
+        pool_mean = np.nanmean(responses, 1)
+        self.learned = {"coef": est.fit_ridge(f, target, lam * scale).tolist(),
+                        "coef_pool": est.fit_ridge(f, pool_mean, lam * scale).tolist(),
+                        "item_means": item_means.tolist(), "lam": lam}
+        self.residual_sd["learned"] = errors[lam]
+
+    def _learned(self, anchor_scores: np.ndarray, target: str = "full") -> tuple[np.ndarray, np.ndarray]:
+        if not self.learned:
+            raise EvomergeError("this calibration has no learned estimator (made by an older evomerge); refit it")
+        coef = np.array(self.learned["coef" if target == "full" else "coef_pool"])
+        return est.learned(coef, np.array(self.learned["item_means"]), self.residual_sd.get("learned", 0.0),
+                           anchor_scores)
 
     def _tune_lambda(self, responses: np.ndarray, target: np.ndarray) -> float:
         pool, theta = self._pool_estimates(responses[:, self.anchors])
@@ -201,6 +255,9 @@ class Calibration:
         if scale == "pool":
             return pool
         out = {}
+        if self.learned:
+            value, sd = self._learned(anchor_scores)
+            out["learned"] = (np.clip(value, 0.0, 1.0), sd)
         for name, (source, kind) in MAPPED.items():
             if source not in pool or name not in self.maps:
                 continue
@@ -233,6 +290,12 @@ class Calibration:
             value, sd = est.pirt(self.params, theta, cov, self.anchors, scores[None])
             if source == "gmpirt":
                 value, sd = est.combine(self.lam, est.weighted_mean(scores[None], self.anchor_weights, self.n_items), (value, sd))
+        elif source == "learned":
+            if len(scores) != len(self.anchors):
+                raise EvomergeError(f"got {len(scores)} anchor scores, the calibration has {len(self.anchors)} anchors")
+            value, sd = self._learned(scores[None], "full" if scale == "full" else "pool")
+            value = np.clip(value, 0.0, 1.0) if scale == "full" else value
+            return Estimate(float(value[0]), float(sd[0]), int(np.sum(~np.isnan(scores))))
         else:
             pool, theta = self._pool_estimates(scores[None])
             value, sd = pool[source]
@@ -248,7 +311,7 @@ class Calibration:
         return {"items": self.items, "a": self.a.tolist(), "b": self.b.tolist(), "threshold": self.threshold,
                 "anchors": self.anchors.tolist(), "anchor_weights": self.anchor_weights.tolist(),
                 "random_items": self.random_items.tolist(), "lam": self.lam, "maps": self.maps,
-                "residual_sd": self.residual_sd, "info": self.info}
+                "residual_sd": self.residual_sd, "info": self.info, "learned": self.learned}
 
     def save(self, path: str | Path) -> Path:
         from evomerge.io.atomic import atomic_write_text
@@ -270,7 +333,7 @@ class Calibration:
             raise EvomergeError(f"{path}: not a calibration file (bad JSON: {exc})") from None
         if not isinstance(doc, dict) or doc.get("format") != "evomerge-calibration":
             raise EvomergeError(f"{path}: not an evomerge calibration file")
-        if doc.get("version") != VERSION:
+        if doc.get("version") not in READS:
             raise EvomergeError(f"{path}: calibration version {doc.get('version')!r}, this evomerge reads {VERSION}")
         payload = doc.get("payload")
         body = json.dumps(payload, sort_keys=True)
@@ -279,7 +342,8 @@ class Calibration:
         p = payload
         return cls(p["items"], np.array(p["a"], float), np.array(p["b"], float), p["threshold"],
                    np.array(p["anchors"], int), np.array(p["anchor_weights"], float),
-                   np.array(p["random_items"], int), float(p["lam"]), p["maps"], p["residual_sd"], p["info"])
+                   np.array(p["random_items"], int), float(p["lam"]), p["maps"], p["residual_sd"], p["info"],
+                   p.get("learned", {}))
 
 
 def estimate(name: str, calib: Calibration, anchor_scores: np.ndarray, **kw) -> Estimate:

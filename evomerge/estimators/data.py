@@ -74,6 +74,33 @@ def _number(text: str, path: Path, line: int, column: str) -> float:
     return value
 
 
+def _fast_values(rows: list[list[str]]) -> np.ndarray | None:
+    """All cells at once (each distinct cell text converted once); None when any cell is bad,
+    so that the slow path can name it."""
+    seen: dict[str, float] = {}
+
+    def convert(text: str) -> float:
+        t = text.strip().lower()
+        if t in MISSING:
+            return np.nan
+        v = float(t)
+        if not (0.0 <= v <= 1.0):  # also false for nan / inf spelled differently
+            raise ValueError(text)
+        return v
+
+    try:
+        flat = []
+        for row in rows:
+            for cell in row[1:]:
+                v = seen.get(cell)
+                if v is None:
+                    v = seen[cell] = convert(cell)
+                flat.append(v)
+    except ValueError:
+        return None
+    return np.array(flat, dtype=float).reshape(len(rows), len(rows[0]) - 1)
+
+
 def load_responses(path: str | Path) -> ResponseMatrix:
     """Read a subjects x items response CSV (optionally .gz), validating every cell."""
     path = Path(path)
@@ -86,13 +113,17 @@ def load_responses(path: str | Path) -> ResponseMatrix:
         raise EvomergeError(f"{path}: item column {dup!r} appears twice")
     if not rows:
         raise EvomergeError(f"{path}: no subject rows")
+    for r, row in enumerate(rows):
+        if len(row) != len(header):
+            raise EvomergeError(f"{path}: row {r + 2} has {len(row)} cells, the header has {len(header)}")
+    subjects = [row[0].strip() for row in rows]
+    values = _fast_values(rows)
+    if values is not None:
+        return ResponseMatrix(subjects, items, values)
+    # Something is wrong somewhere: walk the cells to name the first bad one.
     values = np.empty((len(rows), len(items)))
-    subjects = []
     for r, row in enumerate(rows):
         line = r + 2  # 1-based, after the header
-        if len(row) != len(header):
-            raise EvomergeError(f"{path}: row {line} has {len(row)} cells, the header has {len(header)}")
-        subjects.append(row[0].strip())
         for c, cell in enumerate(row[1:]):
             v = _number(cell, path, line, items[c])
             if not np.isnan(v) and not 0.0 <= v <= 1.0:

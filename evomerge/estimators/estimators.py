@@ -15,7 +15,7 @@ import torch
 
 from evomerge.estimators.irt import ItemParams, fit_theta, one_thread
 
-NAMES = ("random", "anchor", "irt", "pirt", "gpirt", "mpirt", "gmpirt")
+NAMES = ("random", "anchor", "irt", "pirt", "gpirt", "mpirt", "gmpirt", "learned")
 
 
 def weighted_mean(scores: np.ndarray, weights: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,3 +93,41 @@ def merge_theta(params: ItemParams, anchors: np.ndarray, binary_scores: np.ndarr
             opt.step(closure)
     centre = (torch.softmax(z, 0) @ src).detach().numpy()
     return fit_theta(params, y_np[None, :], items=anchors, prior_mean=centre, prior_sd=spread)
+
+
+# ---- learned map (metabench-style score reconstruction, anchors picked for it) ----------------
+# Features of a subject's anchor scores x (missing cells -> the item's calibration mean):
+# [1, m, m^2, m^3 | x], m = mean(x). The cubic in m is unpenalized, so with few calibration
+# subjects the map falls back to a smooth function of the anchor mean; the per-item weights
+# are ridge-penalized and take over as the population grows.
+N_FREE = 4
+
+
+def learned_features(scores: np.ndarray, item_means: np.ndarray) -> np.ndarray:
+    x = np.atleast_2d(np.asarray(scores, float))
+    x = np.where(np.isnan(x), item_means, x)
+    m = x.mean(1, keepdims=True)
+    return np.hstack([np.ones_like(m), m, m**2, m**3, x])
+
+
+def fit_ridge(features: np.ndarray, target: np.ndarray, lam: float) -> np.ndarray:
+    """Least squares with an L2 penalty lam on the per-item weights only."""
+    penalty = np.zeros(features.shape[1])
+    penalty[N_FREE:] = lam
+    penalty[1:N_FREE] = 1e-8 * len(features)  # keeps the cubic solvable when m is nearly constant
+    return np.linalg.solve(features.T @ features + np.diag(penalty), features.T @ target)
+
+
+def learned(coef: np.ndarray, item_means: np.ndarray, residual_sd: float,
+            scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Prediction of the learned map; stderr = its held-out residual sd, widened by the
+    Bernoulli variance of anchors that were not observed (imputed by their mean)."""
+    scores = np.atleast_2d(np.asarray(scores, float))
+    value = learned_features(scores, item_means) @ coef
+    # d value / d x_j, evaluated at the observed mean (the cubic in m couples all items).
+    x = np.where(np.isnan(scores), item_means, scores)
+    m = x.mean(1)
+    k = scores.shape[1]
+    slope = coef[N_FREE:][None, :] + ((coef[1] + 2 * coef[2] * m + 3 * coef[3] * m**2) / k)[:, None]
+    var_missing = (np.isnan(scores) * slope**2 * item_means * (1 - item_means)).sum(1)
+    return value, np.sqrt(residual_sd**2 + var_missing)
