@@ -1,0 +1,272 @@
+"""What the experiments share: the zoo's sources, a resident scorer, calibration, bookkeeping.
+
+Every experiment counts cost in *scored items* (one item = one prompt answered by one
+candidate), so methods with different per-candidate costs get the same budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+CONFIGS = ROOT / "configs" / "experiments"
+EXPERT_NAMES = {"arith": "expert-arith", "strings": "expert-strings", "lang": "expert-lang"}
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def one_thread() -> None:
+    """The machine's 2 cores are shared by many processes; a second torch thread then
+    mostly spins. Measured on this machine at load ~15: 200 items in 20 s with 2 threads,
+    1 s with 1."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def load_settings(name: str, quick: bool) -> dict[str, Any]:
+    """configs/experiments/NAME.yaml; its ``quick:`` mapping overrides for --quick."""
+    import yaml
+
+    data = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    quick_part = data.pop("quick", {}) or {}
+    if quick:
+        data.update(quick_part)
+    return data
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    return {
+        "cpu_cores": os.cpu_count(),
+        "gpu": torch.cuda.is_available(),
+        "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def command_line() -> str:
+    rel = Path(sys.argv[0]).resolve()
+    try:
+        rel = rel.relative_to(ROOT)
+    except ValueError:
+        pass
+    return " ".join([".venv/bin/python", str(rel), *sys.argv[1:]])
+
+
+def write_json(path: Path, data: dict) -> Path:
+    from evomerge.io.atomic import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, json.dumps(data, indent=1, default=_jsonable))
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def zoo(zoo_dir: str | Path | None):
+    """The zoo (built first if missing) and its sources as {plan name: model dir}."""
+    from evomerge.zoo.build import ensure_zoo
+
+    paths = ensure_zoo(zoo_dir, verbose=True)
+    sources = {"base": str(paths.base), **{s: str(paths.experts[s]) for s in EXPERT_NAMES}}
+    return paths, sources
+
+
+def zoo_fingerprint(sources: dict[str, str]) -> dict[str, str]:
+    """SHA-256 (first 16 hex) of each source's weights: which zoo a result was measured on."""
+    out = {}
+    for name, path in sources.items():
+        digest = hashlib.sha256()
+        for f in sorted(Path(path).glob("*.safetensors")):
+            digest.update(f.read_bytes())
+        out[name] = digest.hexdigest()[:16]
+    return out
+
+
+def source_plan(name: str) -> dict:
+    """A plan that reproduces one source model unchanged."""
+    return {"merge_method": "linear", "models": [{"model": name, "parameters": {"weight": 1.0}}]}
+
+
+def mean_spread(values) -> dict[str, float]:
+    v = np.asarray([x for x in values if x is not None], float)
+    if v.size == 0:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
+
+
+class Scorer:
+    """Sources and one HF model kept resident; scores a plan on every item of a task.
+
+    Used for what every method gets the same way: calibration populations, the baselines'
+    full evaluations, and the final held-out evaluation. Results are cached by plan.
+    """
+
+    def __init__(self, sources: dict[str, str], model_dir: str | None = None) -> None:
+        from evomerge.backends import make_backend
+        from evomerge.merge.engine import SourceSet
+
+        self.sources = SourceSet.load(sources, device="cpu", resident=True)
+        self.backend = make_backend("hf", Path(model_dir or sources["base"]), device="cpu")
+        self._tasks: dict[str, Any] = {}
+        self._cache: dict[tuple[str, str], np.ndarray] = {}
+        self.seconds = 0.0
+        self.items = 0
+
+    def task(self, spec: str):
+        from evomerge.tasks.task import load_task
+
+        if spec not in self._tasks:
+            self._tasks[spec] = load_task(spec)
+        return self._tasks[spec]
+
+    def scores(self, plan: dict, task_spec: str) -> np.ndarray:
+        from evomerge.search.genome import merge_plan, plan_from_dict, plan_output_config
+
+        key = (hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest(), task_spec)
+        if key not in self._cache:
+            t = time.perf_counter()
+            parsed = plan_from_dict(plan)
+            weights = merge_plan(parsed, self.sources)
+            self.backend.load_weights(weights, plan_output_config(parsed, self.sources))
+            task = self.task(task_spec)
+            results = self.backend.score(task, range(len(task.items)))
+            self._cache[key] = np.array([r.score for r in sorted(results, key=lambda r: r.index)], float)
+            self.seconds += time.perf_counter() - t
+            self.items += len(task.items)
+        return self._cache[key]
+
+    def accuracy(self, plan: dict, task_spec: str) -> float:
+        return float(self.scores(plan, task_spec).mean())
+
+
+# Estimators the search can run (mp-IRT needs source abilities the search does not pass).
+SEARCH_ESTIMATORS = ("anchor", "irt", "pirt", "gpirt", "gpirt_reg", "random", "random_cubic")
+
+
+def calibrate(scorer: Scorer, space, tasks: dict[str, str], n_random: int, anchor_frac: float, seed: int,
+              out_dir: Path) -> dict[str, Any]:
+    """Fit one calibration per objective on the sources + ``n_random`` random merges, each
+    scored on every item (that cost is returned: it belongs to the search's budget).
+
+    The estimator is the one with the lowest held-out error in the calibration's own
+    validation split (no look at the search or held-out results)."""
+    from evomerge.estimators.calibration import Calibration
+
+    rng = np.random.default_rng(10_000 + seed)
+    plans = [source_plan(name) for name in scorer.sources.names]
+    plans += [space.decode(rng.uniform(space.lower, space.upper)).to_dict() for _ in range(n_random)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"objectives": {}, "items_spent": 0, "population": len(plans), "candidates": []}
+    per_plan: list[dict[str, float]] = [{} for _ in plans]
+    t0 = time.perf_counter()
+    for name, spec in tasks.items():
+        task = scorer.task(spec)
+        responses = np.stack([scorer.scores(p, spec) for p in plans])
+        result["items_spent"] += int(responses.size)
+        for i, row in enumerate(responses):
+            per_plan[i][name] = float(row.mean())
+        n_anchors = max(2, int(round(anchor_frac * responses.shape[1])))
+        calib = Calibration.fit(responses, n_anchors, items=[it.id for it in task.items], seed=seed)
+        path = calib.save(out_dir / f"calibration-{name}-seed{seed}.json")
+        errors = calib.info.get("validation_rmse", {})
+        estimator = min((e for e in SEARCH_ESTIMATORS if e in errors), key=lambda e: errors[e])
+        result["objectives"][name] = {"path": str(path), "estimator": estimator, "anchors": n_anchors,
+                                      "validation_rmse": {k: float(v) for k, v in errors.items()},
+                                      "irt_dims": calib.info.get("dims")}
+    result["seconds"] = time.perf_counter() - t0
+    # Calibration merges are fully scored candidates: the search may pick them as its result.
+    per_candidate = result["items_spent"] // len(plans)
+    result["candidates"] = [{"plan": p, "fitness": per_plan[i], "items": per_candidate}
+                            for i, p in enumerate(plans)]
+    return result
+
+
+def archive_events(run_dir: Path, objectives: list[str]) -> list[dict[str, Any]]:
+    """A finished search's evaluations in order: items spent, fitness per objective, plan."""
+    from evomerge.search.archive import Archive
+
+    archive = Archive(run_dir, readonly=True)
+    try:
+        events = []
+        for r in archive.records():
+            ok = r["status"] == "ok" and all(o in r["objectives"] for o in objectives)
+            events.append({"items": int(r["items_scored"] or 0), "plan": r["plan"], "seconds": r["seconds"],
+                           "fitness": {o: r["objectives"][o]["value"] for o in objectives} if ok else None,
+                           "full": {o: r["objectives"][o]["full"] for o in objectives} if ok else None})
+        return events
+    finally:
+        archive.close()
+
+
+def run_search(config: dict, run_dir: Path) -> dict[str, Any]:
+    """Run evomerge's own search (SearchRun, local pool) on a config mapping."""
+    import shutil
+
+    from evomerge.search.config import parse_config
+    from evomerge.search.run import SearchRun
+
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg = parse_config(config, "experiment config", ROOT)
+    t = time.perf_counter()
+    run = SearchRun.create(cfg, run_dir)
+    try:
+        run.run(progress=False)
+    finally:
+        run.close()
+    return {"seconds": time.perf_counter() - t,
+            "events": archive_events(run_dir, [o["name"] for o in config["objectives"]])}
+
+
+def run_seeds(script: Path, seeds: list[int], jobs: int, args: list[str], workdir: Path) -> dict[int, dict]:
+    """Run ``script --only-seed S --partial FILE`` for every seed, ``jobs`` at a time, and
+    collect the partial results. Separate processes: the machine's cores are shared, and
+    one process per seed is the simplest way to use what is free."""
+    import subprocess
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    pending, running, results = list(seeds), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed = pending.pop(0)
+            partial = workdir / f"partial-seed{seed}.json"
+            partial.unlink(missing_ok=True)
+            log = open(workdir / f"seed{seed}.log", "w")
+            cmd = [sys.executable, str(script), "--only-seed", str(seed), "--partial", str(partial), *args]
+            running[seed] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), partial, log)
+            print(f"started seed {seed}: {' '.join(cmd)}", flush=True)
+        time.sleep(2)
+        for seed, (proc, partial, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[seed]
+            if proc.returncode != 0 or not partial.exists():
+                tail = (workdir / f"seed{seed}.log").read_text().strip().splitlines()[-3:]
+                raise RuntimeError(f"seed {seed} failed (exit {proc.returncode}): {' | '.join(tail)}")
+            results[seed] = json.loads(partial.read_text())
+            print(f"seed {seed} done", flush=True)
+    return results

@@ -1,0 +1,210 @@
+"""Estimator cost and fidelity during a real search on the zoo.
+
+    .venv/bin/python experiments/estimator_fidelity.py [--zoo DIR] [--quick]
+
+Settings: configs/experiments/estimator_fidelity.yaml. Writes
+experiments/results/estimator_fidelity.json and estimator_fidelity.png.
+
+Per seed:
+1. calibrate on the sources + random merges (every search item scored), choose the estimator
+   by the calibration's own validation error;
+2. run evomerge's search with that estimator on 10% anchors, auditing every k-th candidate
+   (the audit scores every item, recorded beside the estimate);
+3. run the same search (optimizer, seed, number of candidates) with full evaluation.
+Reported: items scored and wall time per candidate (estimate vs full), Spearman rank
+correlation between estimate and full score over the audited candidates (for the search's
+estimator, and for every estimator recomputed from the audited candidates' item scores), and
+the held-out accuracy of each search's best candidate (best by its own fitness).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (RESULTS, SEARCH_ESTIMATORS, Scorer, calibrate, command_line, load_settings,  # noqa: E402
+                    machine_info, mean_spread, one_thread, run_search, run_seeds, write_json, zoo,
+                    zoo_fingerprint)
+
+
+def spearman(a, b) -> float | None:
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(spearmanr(a, b).statistic)
+
+
+def config(sources, seed, S, objective: dict, n: int) -> dict:
+    return {"seed": seed, "sources": sources, "base": "base", "genome": S["genome"], "objectives": [objective],
+            "optimizer": {"name": S["optimizer"], "population": S["population"],
+                          "generations": math.ceil(n / S["population"]), "max_evaluations": n},
+            "audit": {"every": 0}, "workers": {"backend": "local", "count": 1}}
+
+
+def one_seed(scorer, sources, S, seed: int, workdir: Path) -> dict:
+    from evomerge.estimators.calibration import Calibration
+    from evomerge.search.genome import build_space
+
+    task = S["task"]
+    search, heldout = f"{task}:search", f"{task}:heldout"
+    layers = int(json.loads((Path(sources["base"]) / "config.json").read_text())["num_hidden_layers"])
+    space = build_space(S["genome"], [n for n in sources if n != "base"], "base", layers)
+    calib = calibrate(scorer, space, {"calc": search}, S["calibration_random"], S["anchor_frac"], seed,
+                      workdir / "calibration")
+    c = calib["objectives"]["calc"]
+    n = S["candidates"]
+
+    est_cfg = config(sources, seed, S, {"name": "calc", "task": search, "estimator": c["estimator"],
+                                        "calibration": c["path"]}, n)
+    est_cfg["audit"] = {"every": S["audit_every"]}
+    estimated = run_search(est_cfg, workdir / f"estimator-seed{seed}")
+    full = run_search(config(sources, seed, S, {"name": "calc", "task": search}, n), workdir / f"full-seed{seed}")
+
+    ev_e = [e for e in estimated["events"] if e["fitness"] is not None]
+    ev_f = [e for e in full["events"] if e["fitness"] is not None]
+    audited = [e for e in ev_e if e["full"] and e["full"]["calc"] is not None]
+    plain = [e for e in ev_e if not (e["full"] and e["full"]["calc"] is not None)]
+
+    # Every estimator, recomputed from the audited candidates' item scores on the anchors.
+    cal = Calibration.load(c["path"])
+    item_scores = [scorer.scores(e["plan"], search) for e in audited]
+    truth = [float(s.mean()) for s in item_scores]
+    per_estimator = {}
+    for name in SEARCH_ESTIMATORS:
+        idx = cal.random_items if name.startswith("random") else cal.anchors
+        values = [cal.estimate(name, s[idx]).value for s in item_scores]
+        per_estimator[name] = {"spearman": spearman(values, truth),
+                               "mae": float(np.mean(np.abs(np.array(values) - truth))) if truth else None}
+
+    best_e = max(ev_e, key=lambda e: e["fitness"]["calc"])
+    best_f = max(ev_f, key=lambda e: e["fitness"]["calc"])
+    held_e, held_f = scorer.accuracy(best_e["plan"], heldout), scorer.accuracy(best_f["plan"], heldout)
+    return {
+        "estimator": c["estimator"], "anchors": c["anchors"], "calibration_items": calib["items_spent"],
+        "calibration_validation_rmse": c["validation_rmse"],
+        "items_per_candidate": {"estimate": float(np.mean([e["items"] for e in plain])),
+                                "full": float(np.mean([e["items"] for e in ev_f]))},
+        "seconds_per_candidate": {"estimate": float(np.median([e["seconds"] for e in plain])),
+                                  "full": float(np.median([e["seconds"] for e in ev_f]))},
+        "items_total": {"estimate_search_incl_audits": int(sum(e["items"] for e in estimated["events"])),
+                        "estimate_search_plus_calibration": int(sum(e["items"] for e in estimated["events"])
+                                                                + calib["items_spent"]),
+                        "full_search": int(sum(e["items"] for e in full["events"]))},
+        "wall_seconds": {"estimate_search": estimated["seconds"], "full_search": full["seconds"],
+                         "calibration": calib["seconds"]},
+        "audited": len(audited),
+        "audit_spearman": spearman([e["fitness"]["calc"] for e in audited], [e["full"]["calc"] for e in audited]),
+        "audit_mae": float(np.mean([abs(e["fitness"]["calc"] - e["full"]["calc"]) for e in audited])) if audited else None,
+        "audit_pairs": [[e["fitness"]["calc"], e["full"]["calc"]] for e in audited],
+        "all_estimators_on_audited": per_estimator,
+        "heldout_best": {"estimate_search": held_e, "full_search": held_f, "difference": held_e - held_f},
+        "search_full_of_best": {"estimate_search": scorer.accuracy(best_e["plan"], search),
+                                "full_search": scorer.accuracy(best_f["plan"], search)},
+        "best_fitness": {"estimate_search": best_e["fitness"]["calc"], "full_search": best_f["fitness"]["calc"]},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--zoo", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/evomerge-experiments/estimator_fidelity"))
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--jobs", type=int, default=3, help="seeds run in parallel processes")
+    ap.add_argument("--only-seed", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--partial", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    one_thread()
+    S = load_settings("estimator_fidelity", args.quick)
+    if args.only_seed is not None:          # a child: one seed, partial result
+        _, sources = zoo(args.zoo)
+        write_json(args.partial, one_seed(Scorer(sources), sources, S, args.only_seed, args.workdir))
+        return 0
+    out = args.out or RESULTS / ("estimator_fidelity.quick.json" if args.quick else "estimator_fidelity.json")
+    started, machine_start = time.time(), machine_info()
+    zoo_paths, sources = zoo(args.zoo)
+    child_args = ["--workdir", str(args.workdir)] + (["--zoo", str(args.zoo)] if args.zoo else []) \
+        + (["--quick"] if args.quick else [])
+    parts = run_seeds(Path(__file__).resolve(), S["seeds"], args.jobs, child_args, args.workdir)
+    seeds = {str(s): parts[s] for s in S["seeds"]}
+
+    rows = list(seeds.values())
+    pooled = [p for r in rows for p in r["audit_pairs"]]
+    ratio_items = [r["items_per_candidate"]["full"] / r["items_per_candidate"]["estimate"] for r in rows]
+    ratio_time = [r["seconds_per_candidate"]["full"] / r["seconds_per_candidate"]["estimate"] for r in rows]
+    diffs = [r["heldout_best"]["difference"] for r in rows]
+    summary = {
+        "items_reduction": mean_spread(ratio_items),
+        "time_reduction_per_candidate": mean_spread(ratio_time),
+        "audit_spearman_per_seed": mean_spread([r["audit_spearman"] for r in rows]),
+        "audit_spearman_pooled": spearman([p[0] for p in pooled], [p[1] for p in pooled]),
+        "audited_candidates": len(pooled),
+        "heldout_estimate_search": mean_spread([r["heldout_best"]["estimate_search"] for r in rows]),
+        "heldout_full_search": mean_spread([r["heldout_best"]["full_search"] for r in rows]),
+        "heldout_difference": mean_spread(diffs),
+        "all_estimators_spearman": {name: mean_spread([r["all_estimators_on_audited"][name]["spearman"] for r in rows])
+                                    for name in SEARCH_ESTIMATORS},
+    }
+    mean_diff = summary["heldout_difference"]["mean"]
+    summary["claims"] = {
+        "items_cut_at_least_10x": {"ratio": summary["items_reduction"]["mean"],
+                                   "met": bool(summary["items_reduction"]["mean"] >= 10)},
+        "final_heldout_within_1_point": {"mean_difference": mean_diff,
+                                         "per_seed": diffs,
+                                         "met": bool(abs(mean_diff) <= 0.01),
+                                         "met_every_seed": bool(all(abs(d) <= 0.01 for d in diffs))},
+    }
+    result = {"experiment": "estimator_fidelity", "command": command_line(), "settings": S,
+              "machine_start": machine_start, "machine_end": machine_info(), "wall_seconds": time.time() - started,
+              "zoo": str(zoo_paths.root), "zoo_fingerprint": zoo_fingerprint(sources),
+              "summary": summary, "per_seed": seeds}
+    write_json(out, result)
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    ax = axes[0]
+    for seed, r in result["per_seed"].items():
+        pairs = np.array(r["audit_pairs"]) if r["audit_pairs"] else np.zeros((0, 2))
+        ax.scatter(pairs[:, 1], pairs[:, 0], label=f"seed {seed} ({r['estimator']})", s=18)
+    ax.plot([0, 1], [0, 1], color="gray", lw=1, ls="--")
+    ax.set_xlabel("full accuracy (all search items)")
+    ax.set_ylabel(f"estimate ({result['per_seed'][next(iter(result['per_seed']))]['anchors']} anchors)")
+    rho = result["summary"]["audit_spearman_pooled"]
+    ax.set_title(f"audited candidates (Spearman pooled {rho:.2f})" if rho is not None else "audited candidates")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    seeds = list(result["per_seed"])
+    x = np.arange(len(seeds))
+    ax.bar(x - 0.2, [result["per_seed"][s]["heldout_best"]["full_search"] for s in seeds], 0.4, label="full evaluation")
+    ax.bar(x + 0.2, [result["per_seed"][s]["heldout_best"]["estimate_search"] for s in seeds], 0.4, label="estimator")
+    ax.set_xticks(x, [f"seed {s}" for s in seeds])
+    ax.set_ylabel("held-out accuracy of the search's best")
+    ax.set_title("same search, full evaluation vs estimator")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Build the results section (experiments/results/RESULTS.md) from the experiments' JSON files.
+
+    .venv/bin/python experiments/make_readme_tables.py [--results DIR] [--out FILE]
+
+Every number comes from experiments/results/*.json written by the experiment scripts; a
+missing file is listed as not run. Each table says what was measured, on what machine and
+the command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _f(x, digits=3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _ms(stats: dict | None, digits=3) -> str:
+    """mean ± std [min, max] of a mean_spread dict."""
+    if not stats or stats.get("mean") is None:
+        return "n/a"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f} [{stats['min']:.{digits}f}, {stats['max']:.{digits}f}]"
+
+
+def machine(result: dict) -> str:
+    a, b = result.get("machine_start", {}), result.get("machine_end", {})
+    la, lb = a.get("load_average_1_5_15"), b.get("load_average_1_5_15")
+    return (f"{a.get('cpu_cores')} CPU cores, {'a GPU' if a.get('gpu') else 'no GPU'}, torch {a.get('torch')} "
+            f"({a.get('torch_threads')} thread); 1/5/15-min load average {la} at start, {lb} at the end "
+            f"-- the cores are shared with other jobs, so wall times are inflated and noisy; compare "
+            f"times within one table only. Whole run: {result.get('wall_seconds', 0) / 60:.1f} min.")
+
+
+def header(title: str, result: dict, what: str) -> list[str]:
+    return [f"### {title}", "", f"**Measured:** {what}", "", f"**Machine:** {machine(result)}", "",
+            f"**Reproduce:** `{result.get('command')}`", ""]
+
+
+def claim_line(name: str, claim: dict, text: str) -> str:
+    return f"- {text}: **{'met' if claim.get('met') else 'NOT met'}** ({', '.join(f'{k} = {_f(v) if isinstance(v, float) else v}' for k, v in claim.items() if k != 'met')})"
+
+
+# --------------------------------------------------------------------------- search quality
+def search_quality(r: dict) -> list[str]:
+    s = r["single_objective"]
+    S = r["settings"]
+    lines = header("Search quality per budget (zoo, composite task)", r,
+                   f"{len(S['seeds'])} seeds; every method gets {s['budget_items']} scored items on "
+                   f"`{s['task']}:search` ({s['budget_items'] // 200} full evaluations of its 200 items). At each "
+                   "budget point the candidate with the best search fitness so far is re-evaluated in full on "
+                   f"the 100 held-out items (`{s['task']}:heldout`). Cells: held-out accuracy, mean ± std "
+                   "[min, max] over seeds.")
+    fr = s["fractions"]
+    lines += ["| method | " + " | ".join(f"{int(f * s['budget_items'])} items" for f in fr)
+              + " | candidates evaluated | items / candidate | s / candidate |",
+              "|---" * (len(fr) + 4) + "|"]
+    descr = {"evomerge": "evomerge (CMA-ES, estimator on 10% anchors, calibration paid from the budget)",
+             "random": "random search (evomerge `random`, same genome, full evaluation)",
+             "cmaes_weights": "CMA-ES over per-model weight + density (mergekit-evolve's algorithm, full evaluation)",
+             "mergenetic": "Mergenetic 0.1.1 (its GA + mergekit merges on disk, full evaluation)"}
+    for method, rows in s["heldout"].items():
+        seeds = s["per_seed"][method]
+        evals = [v["evaluations"] for v in seeds.values()]
+        ipc = [v.get("items_per_candidate") for v in seeds.values()]
+        spc = [v.get("wall_seconds_per_candidate") for v in seeds.values() if v.get("wall_seconds_per_candidate")]
+        lines.append(f"| {descr.get(method, method)} | " + " | ".join(_ms(x) for x in rows)
+                     + f" | {min(evals)}-{max(evals)} | {ipc[0]} | {_f(sum(spc) / len(spc), 2) if spc else 'n/a'} |")
+    for method, seeds in s["per_seed"].items():
+        if method not in s["heldout"]:
+            errors = "; ".join(str(v.get("error")) for v in seeds.values() if v.get("error"))
+            lines.append(f"| {descr.get(method, method)} | did not produce results: {errors or 'no evaluations'} |")
+    src = s["sources_heldout"]
+    lines += ["", "Source models on the held-out items: " + ", ".join(f"{k} {_f(v)}" for k, v in src.items()) + ".",
+              ""]
+    evo = s["per_seed"].get("evomerge", {})
+    if evo:
+        first = next(iter(evo.values()))
+        cal = first.get("calibration", {})
+        obj = next(iter(cal.get("objectives", {}).values()), {})
+        lines += [f"evomerge's calibration: {cal.get('population')} models (the sources + random merges) scored on "
+                  f"every search item = {cal.get('items_spent')} items of the budget; {obj.get('anchors')} anchors; "
+                  "estimator chosen per seed by the calibration's validation error: "
+                  + ", ".join(f"seed {k}: {next(iter(v['calibration']['objectives'].values()))['estimator']}"
+                              for k, v in evo.items()) + ".", ""]
+    mg = s["per_seed"].get("mergenetic", {})
+    if mg:
+        first = next(iter(mg.values()))
+        summ = first.get("summary") or {}
+        lines += ["Mergenetic ran its own `Searcher` / pymoo `GA` / `TiesMerger` (mergekit 0.0.6 merges written to "
+                  "disk and loaded with `from_pretrained`) with a custom metric hook scoring the zoo task; imports it "
+                  "only needs for its predefined lm-eval problems were shimmed ("
+                  + ", ".join(summ.get("shimmed_modules", []) or ["none"]) + "), and its `low_cpu_memory=True` "
+                  "merge option (which mergekit 0.0.6 maps to CUDA storage) is cleared on CPU -- see "
+                  "experiments/mergenetic_adapter.py.", ""]
+    c = s.get("claims", {})
+    lines += ["Claims:"]
+    if "evomerge_half_budget_reaches_random_final" in c:
+        lines.append(claim_line("", c["evomerge_half_budget_reaches_random_final"],
+                                "evomerge reaches random search's final held-out accuracy with half the budget (means over seeds)"))
+    if "evomerge_beats_cmaes_weights_at_equal_budget" in c:
+        lines.append(claim_line("", c["evomerge_beats_cmaes_weights_at_equal_budget"],
+                                "at equal budget evomerge beats the CMA-ES-over-weights baseline (means over seeds)"))
+    lines.append("")
+    m = r.get("multi_objective")
+    if m:
+        lines += [f"Multi-objective ({' + '.join(m['objectives'])}), {m['budget_items']} items per run: hypervolume "
+                  "(reference 0, 0) of the held-out scores of the front found so far (front = non-dominated by "
+                  "search fitness), mean ± std [min, max] over seeds.", "",
+                  "| method | " + " | ".join(f"{int(f * m['budget_items'])} items" for f in m["fractions"]) + " |",
+                  "|---" * (len(m["fractions"]) + 1) + "|"]
+        names = {"evomerge": "evomerge (NSGA-II + estimator)", "random": "random search (full evaluation)"}
+        for method, rows in m["hypervolume"].items():
+            lines.append(f"| {names.get(method, method)} | " + " | ".join(_ms(x) for x in rows) + " |")
+        lines.append("")
+    lines += [f"![search quality](search_quality.png)", ""]
+    return lines
+
+
+# --------------------------------------------------------------------------- estimator fidelity
+def estimator_fidelity(r: dict) -> list[str]:
+    S, s = r["settings"], r["summary"]
+    lines = header("Estimator cost and fidelity during a real search (zoo)", r,
+                   f"per seed ({len(S['seeds'])} seeds), evomerge's search on `{S['task']}:search` with "
+                   f"{S['candidates']} candidates ({S['optimizer']}), once with the estimator on "
+                   f"{int(S['anchor_frac'] * 100)}% anchors (every {S['audit_every']}nd candidate audited on all "
+                   "items) and once with full evaluation; then each search's best candidate scored on the held-out "
+                   "items.")
+    per = r["per_seed"]
+    lines += ["| seed | estimator | items / candidate (estimate vs full) | s / candidate (estimate vs full) | "
+              "Spearman (audited) | held-out best: estimator search | held-out best: full search |",
+              "|---|---|---|---|---|---|---|"]
+    for seed, p in per.items():
+        lines.append(f"| {seed} | {p['estimator']} | {p['items_per_candidate']['estimate']:.0f} vs "
+                     f"{p['items_per_candidate']['full']:.0f} | {p['seconds_per_candidate']['estimate']:.2f} vs "
+                     f"{p['seconds_per_candidate']['full']:.2f} | {_f(p['audit_spearman'], 2)} (n={p['audited']}) | "
+                     f"{_f(p['heldout_best']['estimate_search'])} | {_f(p['heldout_best']['full_search'])} |")
+    lines += ["", f"Items per candidate cut {_ms(s['items_reduction'], 1)}x; wall time per candidate cut "
+              f"{_ms(s['time_reduction_per_candidate'], 2)}x (merging is a fixed cost per candidate). Spearman over "
+              f"all {s['audited_candidates']} audited candidates pooled: {_f(s['audit_spearman_pooled'], 2)}.", "",
+              "Every estimator, recomputed from the audited candidates' item scores (Spearman vs full accuracy, "
+              "mean ± std [min, max] over seeds):", "", "| estimator | Spearman |", "|---|---|"]
+    for name, st in s["all_estimators_spearman"].items():
+        lines.append(f"| {name} | {_ms(st, 2)} |")
+    c = s["claims"]
+    lines += ["", "Claims:",
+              claim_line("", c["items_cut_at_least_10x"], "the estimator cuts scored items per candidate by at least 10x"),
+              claim_line("", c["final_heldout_within_1_point"],
+                         "the search's final held-out result stays within 1 point of the same search with full evaluation"),
+              "", "![estimator fidelity](estimator_fidelity.png)", ""]
+    return lines
+
+
+# --------------------------------------------------------------------------- throughput
+def throughput(r: dict) -> list[str]:
+    t = r["turnaround"]
+    lines = header("Candidate turnaround and merge throughput", r,
+                   f"the same {t['candidates']} random TIES recipes of the zoo's 3 experts, each materialized, loaded "
+                   f"into the inference engine and scored on {t['items_per_candidate']} items; median seconds per "
+                   "candidate. evomerge: in-memory merge from resident sources, weights copied into the resident "
+                   "model. mergekit-style: mergekit 0.1.5 `run_merge` to disk (in process), `from_pretrained`, score "
+                   "(experiments/mergekit_turnaround_worker.py).")
+    lines += ["| path | materialize | load | score | turnaround | one-time startup |", "|---|---|---|---|---|---|"]
+    for name, label in (("evomerge", "evomerge (in memory)"), ("mergekit", "mergekit 0.1.5 (disk)")):
+        m = t[name].get("median") or {}
+        lines.append(f"| {label} | {_f(m.get('merge_s'))} | {_f(m.get('load_s'))} | {_f(m.get('score_s'))} | "
+                     f"{_f(m.get('turnaround_s'))} | {_f(t[name].get('startup_s'), 1)} |")
+    agree = t.get("agreement") or {}
+    lines += ["", f"Turnaround speed-up: {_f(t.get('speedup_turnaround'), 1)}x; materialize + load: "
+              f"{_f(t.get('speedup_materialize_and_load'), 1)}x. Per-item outputs identical between the two paths "
+              f"for {_f(100 * agree['items_equal_fraction'], 1) if agree else 'n/a'}% of the items.", ""]
+    if t["mergekit"].get("error"):
+        lines += [f"mergekit path error: {t['mergekit']['error']}", ""]
+    bench = r.get("merge_benchmark", {})
+    data = bench.get("data")
+    if data and "methods" in data:
+        lines += [f"Merge throughput, from `{bench.get('measured_by')}` ({bench.get('source')}): "
+                  f"{data.get('model_bytes', 0) / 1e9:.2f} GB float32 checkpoints "
+                  f"({data.get('shape', {}).get('num_layers')} layers, hidden {data.get('shape', {}).get('hidden_size')}), "
+                  f"load average at start {data.get('load_at_start')}.", "",
+                  "| method | mergekit to disk (s) | evomerge to disk (s) | evomerge in memory (s, median) | "
+                  "peak RSS mergekit / evomerge disk (GB) | max abs diff vs mergekit |", "|---|---|---|---|---|---|"]
+        for method, v in data["methods"].items():
+            mk, ed, em = v.get("mergekit", {}), v.get("evomerge_disk", {}), v.get("evomerge_memory", {})
+            mem = sorted(em.get("merge_s") or [])
+            med = mem[len(mem) // 2] if mem else None
+            lines.append(f"| {method} | {_f(mk.get('wall_s'), 1)} | {_f(ed.get('wall_s'), 1)} | {_f(med, 1)} | "
+                         f"{_f(mk.get('peak_rss_gb'), 2)} / {_f(ed.get('peak_rss_gb'), 2)} | "
+                         f"{v.get('max_abs_diff_vs_mergekit', 'n/a')} |")
+        lines.append("")
+    elif bench.get("error"):
+        lines += [f"Merge benchmark: {bench['error']}", ""]
+    lines += ["![throughput](throughput.png)", ""]
+    return lines
+
+
+def build(results: Path) -> str:
+    lines = ["## Results", "",
+             "Generated by `experiments/make_readme_tables.py` from the JSON files in `experiments/results/`; "
+             "nothing here is typed by hand. Budgets are counted in scored items (one prompt answered by one "
+             "candidate).", ""]
+    for name, fn in (("search_quality", search_quality), ("estimator_fidelity", estimator_fidelity),
+                     ("throughput", throughput)):
+        path = results / f"{name}.json"
+        if not path.exists():
+            lines += [f"### {name}", "", f"not run yet (`.venv/bin/python experiments/{name}.py`)", ""]
+            continue
+        lines += fn(json.loads(path.read_text()))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    out = args.out or args.results / "RESULTS.md"
+    text = build(args.results)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from evomerge.io.atomic import atomic_write_text
+
+    atomic_write_text(out, text)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

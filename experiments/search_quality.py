@@ -1,0 +1,445 @@
+"""Search quality per budget on the zoo: evomerge vs random search, a mergekit-evolve style
+CMA-ES and Mergenetic, all paid in scored items.
+
+    .venv/bin/python experiments/search_quality.py [--zoo DIR] [--quick] [--skip-mergenetic]
+
+Settings: configs/experiments/search_quality.yaml. Writes experiments/results/search_quality.json
+and search_quality.png.
+
+Single objective (the composite task ``zoo/calc``), per seed and method, with the same item
+budget B:
+- ``evomerge``: its genome space (TIES weight + density per expert per layer), CMA-ES, and the
+  IRT-family estimator on 10% anchors. Its calibration (4 sources + random merges scored on every
+  search item) is paid from B; those merges are fully scored candidates it may also return.
+- ``random``: evomerge's random optimizer on the same genome space, full evaluation.
+- ``cmaes_weights``: what mergekit-evolve does -- pycma over one weight and one density per model
+  (TIES), x0 and sigma0 as mergekit-evolve's defaults, full evaluation.
+- ``mergenetic``: Mergenetic's own Searcher + pymoo GA + TiesMerger (mergekit 0.0.6 to disk), run
+  in .venv-mergenetic by experiments/mergenetic_adapter.py, full evaluation.
+Each method's result at a budget point is the candidate with the best *search fitness* among
+those paid for so far, re-evaluated in full on the task's held-out items (the same scorer for all).
+
+Multi-objective (calc + strings): evomerge (NSGA-II + estimator) vs random search (full
+evaluation); hypervolume (reference 0, 0) of the held-out scores of each front found so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (RESULTS, ROOT, Scorer, calibrate, command_line, load_settings, machine_info,  # noqa: E402
+                    mean_spread, one_thread, run_search, run_seeds, source_plan, write_json, zoo,
+                    zoo_fingerprint)
+
+MERGENETIC_PY = ROOT / ".venv-mergenetic" / "bin" / "python"
+EXPERTS = ["arith", "strings", "lang"]
+
+
+# --------------------------------------------------------------------------- methods
+def n_items(task_spec: str) -> int:
+    from evomerge.tasks.task import load_task
+
+    return len(load_task(task_spec).items)
+
+
+def num_layers(sources: dict[str, str]) -> int:
+    return int(json.loads((Path(sources["base"]) / "config.json").read_text())["num_hidden_layers"])
+
+
+def make_space(genome: dict, sources: dict[str, str]):
+    from evomerge.search.genome import build_space
+
+    return build_space(genome, [n for n in sources if n != "base"], "base", num_layers(sources))
+
+
+def search_config(sources, seed, genome, objectives: list[dict], optimizer: str, population: int,
+                  n_candidates: int) -> dict:
+    return {"seed": seed, "sources": sources, "base": "base", "genome": genome, "objectives": objectives,
+            "optimizer": {"name": optimizer, "population": population,
+                          "generations": math.ceil(n_candidates / population), "max_evaluations": n_candidates},
+            "audit": {"every": 0}, "workers": {"backend": "local", "count": 1}}
+
+
+def run_evomerge(scorer, sources, tasks: dict[str, str], settings: dict, budget: int, seed: int,
+                 workdir: Path) -> dict[str, Any]:
+    """Calibrate (paid from the budget), then search with the estimator on the anchors."""
+    space = make_space(settings.get("genome", {"kind": "parameter", "method": "ties", "granularity": "layer"}),
+                       sources)
+    calib = calibrate(scorer, space, {n: f"{t}:search" for n, t in tasks.items()},
+                      settings["calibration_random"], settings["anchor_frac"], seed, workdir / "calibration")
+    per_candidate = sum(o["anchors"] for o in calib["objectives"].values())
+    n = (budget - calib["items_spent"]) // per_candidate
+    objectives = [{"name": name, "task": f"{tasks[name]}:search", "estimator": o["estimator"],
+                   "calibration": o["path"]} for name, o in calib["objectives"].items()]
+    config = search_config(sources, seed, settings.get("genome") or {"kind": "parameter", "method": "ties",
+                                                                     "granularity": "layer"},
+                           objectives, settings["optimizer"], settings["population"], max(n, 1))
+    result = run_search(config, workdir / f"evomerge-seed{seed}") if n > 0 else {"seconds": 0.0, "events": []}
+    events = [{"items": c["items"], "plan": c["plan"], "fitness": c["fitness"], "kind": "calibration"}
+              for c in calib["candidates"]]
+    events += [dict(e, kind="search") for e in result["events"]]
+    return {"events": events, "seconds": result["seconds"] + calib["seconds"], "search_candidates": n,
+            "items_per_candidate": per_candidate, "calibration": {k: v for k, v in calib.items() if k != "candidates"},
+            "config": _portable(config)}
+
+
+def run_random(sources, tasks: dict[str, str], settings: dict, budget: int, seed: int, workdir: Path):
+    per_candidate = sum(n_items(f"{t}:search") for t in tasks.values())
+    n = budget // per_candidate
+    objectives = [{"name": name, "task": f"{t}:search"} for name, t in tasks.items()]
+    config = search_config(sources, seed, settings["genome"], objectives, "random", settings["population"], n)
+    result = run_search(config, workdir / f"random-seed{seed}")
+    return {"events": [dict(e, kind="search") for e in result["events"]], "seconds": result["seconds"],
+            "search_candidates": n, "items_per_candidate": per_candidate, "config": _portable(config)}
+
+
+def mergekit_evolve_plan(x: np.ndarray) -> dict:
+    """mergekit-evolve's decoding of a (weight..., density...) genotype: |w|, clamp(|d|, 0, 1), TIES, normalize."""
+    k = len(EXPERTS)
+    weights, densities = np.abs(x[:k]), np.clip(np.abs(x[k:]), 0.0, 1.0)
+    return {"merge_method": "ties", "base_model": "base", "parameters": {"normalize": True},
+            "models": [{"model": m, "parameters": {"weight": float(w), "density": float(d)}}
+                       for m, w, d in zip(EXPERTS, weights, densities)]}
+
+
+def run_cmaes_weights(scorer, task: str, settings: dict, budget: int, seed: int) -> dict[str, Any]:
+    import cma
+
+    per_candidate = n_items(f"{task}:search")
+    n = budget // per_candidate
+    k = len(EXPERTS)
+    x0 = np.concatenate([np.full(k, 1.0 / k), np.ones(k)])        # mergekit-evolve's initial genotype
+    es = cma.CMAEvolutionStrategy(x0, settings["sigma0"], {"seed": seed + 1, "verbose": -9, "maxfevals": n})
+    events, t0 = [], time.perf_counter()
+    while len(events) < n and not es.stop():
+        xs = es.ask()
+        losses = []
+        for x in xs:
+            if len(events) >= n:
+                losses.append(0.0)  # budget spent: not scored (pycma still needs a value)
+                continue
+            plan = mergekit_evolve_plan(np.asarray(x))
+            acc = scorer.accuracy(plan, f"{task}:search")
+            events.append({"items": per_candidate, "plan": plan, "fitness": {"calc": acc}, "kind": "search"})
+            losses.append(-acc)
+        es.tell(xs, losses)
+    return {"events": events, "seconds": time.perf_counter() - t0, "search_candidates": len(events),
+            "items_per_candidate": per_candidate, "popsize": es.popsize, "x0": x0.tolist()}
+
+
+def mergenetic_plan(config: dict, zoo_paths) -> dict:
+    """Mergenetic's mergekit config with model paths mapped to our source names."""
+    names = {str(zoo_paths.base): "base", **{str(p): s for s, p in zoo_paths.experts.items()}}
+    models = [{"model": names[m["model"]], "parameters": {k: v for k, v in m["parameters"].items()}}
+              for m in config["models"] if m.get("parameters")]
+    return {"merge_method": config["merge_method"], "base_model": names[config["base_model"]], "models": models}
+
+
+def run_mergenetic(zoo_paths, task: str, settings: dict, budget: int, seed: int, workdir: Path) -> dict[str, Any]:
+    per_candidate = n_items(f"{task}:search")
+    n = budget // per_candidate
+    pop = settings["pop"]
+    iters = math.ceil(n / pop)
+    out = workdir / f"mergenetic-seed{seed}" / "evals.jsonl"
+    if out.parent.exists():
+        shutil.rmtree(out.parent)
+    out.parent.mkdir(parents=True)
+    if not MERGENETIC_PY.exists():
+        return {"error": f"{MERGENETIC_PY} missing: run scripts/setup_mergenetic_venv.sh", "events": []}
+    cmd = [str(MERGENETIC_PY), str(ROOT / "experiments" / "mergenetic_adapter.py"), "--zoo", str(zoo_paths.root),
+           "--task", f"{task}:search", "--seed", str(seed), "--pop", str(pop), "--iters", str(iters), "--max-evals", str(n),
+           "--workdir", str(out.parent), "--out", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    summary = next((json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+                    if line.startswith("MERGENETIC_SUMMARY ")), None)
+    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    events = [{"items": r["items_scored"], "plan": mergenetic_plan(r["config"], zoo_paths),
+               "fitness": {"calc": r["accuracy"]}, "kind": "search", "seconds": r["seconds"],
+               "timings": r["timings"]} for r in records]
+    result = {"events": events, "seconds": seconds, "search_candidates": len(events), "items_per_candidate": per_candidate,
+              "pop": pop, "iters": iters, "summary": summary, "command": " ".join(cmd)}
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        result["error"] = f"mergenetic_adapter exited {proc.returncode}: {tail[0][:300]}"
+    return result
+
+
+def _portable(config: dict) -> dict:
+    """A config as it would be written in a YAML file (paths shortened for the JSON)."""
+    return json.loads(json.dumps(config).replace(str(ROOT) + "/", ""))
+
+
+# --------------------------------------------------------------------------- analysis
+def _within(events: list[dict], limit: float) -> list[dict]:
+    out, spent = [], 0
+    for e in events:
+        spent += e["items"]
+        if spent > limit + 1e-9:
+            break
+        out.append(e)
+    return out
+
+
+def best_curve(scorer, events, budget, fractions, objective: str, heldout: str, search_only: bool = False) -> list[dict]:
+    """Best-by-fitness candidate at each budget point, re-evaluated on held-out items.
+    ``search_only``: ignore calibration candidates (the sources and random merges evomerge
+    scores before searching), so only merges the optimizer proposed can be returned."""
+    curve = []
+    for f in fractions:
+        paid = [e for e in _within(events, f * budget) if e["fitness"] is not None
+                and not (search_only and e.get("kind") == "calibration")]
+        if not paid:
+            curve.append({"fraction": f, "items": f * budget, "candidates": 0, "heldout": None, "fitness": None})
+            continue
+        best = max(paid, key=lambda e: e["fitness"][objective])  # first of equals: earliest
+        curve.append({"fraction": f, "items": f * budget, "candidates": len(paid),
+                      "fitness": best["fitness"][objective], "heldout": scorer.accuracy(best["plan"], heldout),
+                      "search_full": scorer.accuracy(best["plan"], heldout.replace(":heldout", ":search")),
+                      "plan": best["plan"]})
+    return curve
+
+
+def hv_curve(scorer, events, budget, fractions, tasks: dict[str, str]) -> list[dict]:
+    from evomerge.search.archive import hypervolume, non_dominated
+
+    names = list(tasks)
+    curve = []
+    for f in fractions:
+        paid = [e for e in _within(events, f * budget) if e["fitness"] is not None]
+        if not paid:
+            curve.append({"fraction": f, "items": f * budget, "hypervolume": 0.0, "front": 0})
+            continue
+        points = np.array([[e["fitness"][n] for n in names] for e in paid])
+        front = [paid[i] for i in np.flatnonzero(non_dominated(points))]
+        held = np.array([[scorer.accuracy(e["plan"], f"{tasks[n]}:heldout") for n in names] for e in front])
+        curve.append({"fraction": f, "items": f * budget, "candidates": len(paid), "front": len(front),
+                      "hypervolume": float(hypervolume(held, np.zeros(len(names)))),
+                      "search_hypervolume": float(hypervolume(points[non_dominated(points)], np.zeros(len(names))))})
+    return curve
+
+
+def summarize(curves: dict[str, list[list[dict]]], key: str) -> dict[str, list[dict]]:
+    out = {}
+    for method, per_seed in curves.items():
+        rows = []
+        for i, point in enumerate(per_seed[0]):
+            rows.append({"fraction": point["fraction"], "items": point["items"],
+                         **mean_spread([seed_curve[i].get(key) for seed_curve in per_seed])})
+        out[method] = rows
+    return out
+
+
+def at(summary_rows, fraction):
+    return next((r for r in summary_rows if abs(r["fraction"] - fraction) < 1e-9), None)
+
+
+# --------------------------------------------------------------------------- main
+def run_one_seed(args, S: dict, seed: int) -> dict[str, Any]:
+    """Every method on one seed (single objective, then multi-objective); curves included."""
+    zoo_paths, sources = zoo(args.zoo)
+    scorer = Scorer(sources)
+    task, budget, fractions = S["task"], S["budget_items"], S["fractions"]
+    heldout = f"{task}:heldout"
+    workdir = args.workdir / f"seed{seed}"
+    runs: dict[str, dict] = {}
+
+    # Mergenetic runs in its own venv and process: start it now, beside the rest.
+    thread = None
+    if not args.skip_mergenetic:
+        def mergenetic():
+            runs["mergenetic"] = run_mergenetic(zoo_paths, task, S["mergenetic"], budget, seed, workdir)
+        thread = threading.Thread(target=mergenetic, daemon=True)
+        thread.start()
+    print(f"[seed {seed}] evomerge", flush=True)
+    runs["evomerge"] = run_evomerge(scorer, sources, {"calc": task}, S["evomerge"], budget, seed, workdir)
+    print(f"[seed {seed}] random", flush=True)
+    runs["random"] = run_random(sources, {"calc": task}, S["random"], budget, seed, workdir)
+    print(f"[seed {seed}] cmaes_weights", flush=True)
+    runs["cmaes_weights"] = run_cmaes_weights(scorer, task, S["cmaes_weights"], budget, seed)
+    if thread is not None:
+        print(f"[seed {seed}] waiting for mergenetic", flush=True)
+        thread.join()
+    curves, curves_search_only, info = {}, {}, {}
+    for method, run in runs.items():
+        curves[method] = best_curve(scorer, run["events"], budget, fractions, "calc", heldout) if run["events"] else None
+        curves_search_only[method] = best_curve(scorer, run["events"], budget, fractions, "calc", heldout,
+                                                search_only=True) if run["events"] else None
+        info[method] = {**{k: v for k, v in run.items() if k != "events"}, "evaluations": len(run["events"]),
+                        "items_spent": sum(e["items"] for e in run["events"]),
+                        "wall_seconds_per_candidate": _per_candidate_seconds(run)}
+    out = {"single": {"curves": curves, "curves_search_only": curves_search_only, "info": info,
+                      "events": {m: _compact(r["events"]) for m, r in runs.items()}}}
+    if not args.skip_multi:
+        out["multi"] = run_multi(scorer, sources, S["multi_objective"], S.get("evomerge", {}), seed, workdir / "multi")
+    return out
+
+
+def _compact(events: list[dict]) -> list[dict]:
+    """Events as kept in the partial results (for re-analysis): cost, fitness, kind, recipe."""
+    return [{k: e.get(k) for k in ("items", "fitness", "kind", "plan", "seconds")} for e in events]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--zoo", type=Path, default=None, help="zoo directory (default: the cache dir; built if missing)")
+    ap.add_argument("--quick", action="store_true", help="tiny budgets, one seed: a plumbing check")
+    ap.add_argument("--skip-mergenetic", action="store_true")
+    ap.add_argument("--skip-multi", action="store_true", help="skip the multi-objective (hypervolume) part")
+    ap.add_argument("--jobs", type=int, default=3, help="seeds run in parallel processes")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/evomerge-experiments/search_quality"))
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--only-seed", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--partial", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    one_thread()
+    S = load_settings("search_quality", args.quick)
+    if args.only_seed is not None:          # a child: one seed, partial result
+        write_json(args.partial, run_one_seed(args, S, args.only_seed))
+        return 0
+
+    out = args.out or RESULTS / ("search_quality.quick.json" if args.quick else "search_quality.json")
+    started, machine_start = time.time(), machine_info()
+    zoo_paths, sources = zoo(args.zoo)     # built here once, before the children start
+    child_args = ["--workdir", str(args.workdir)] + (["--zoo", str(args.zoo)] if args.zoo else []) \
+        + (["--quick"] if args.quick else []) + (["--skip-mergenetic"] if args.skip_mergenetic else []) \
+        + (["--skip-multi"] if args.skip_multi else [])
+    parts = run_seeds(Path(__file__).resolve(), S["seeds"], args.jobs, child_args, args.workdir)
+    seeds = S["seeds"]
+    scorer = Scorer(sources)
+    task, budget, fractions = S["task"], S["budget_items"], S["fractions"]
+    methods = [m for m in parts[seeds[0]]["single"]["curves"]
+               if all(parts[s]["single"]["curves"].get(m) for s in seeds)]
+    curves = {m: [parts[s]["single"]["curves"][m] for s in seeds] for m in methods}
+    curves_so = {m: [parts[s]["single"]["curves_search_only"][m] for s in seeds] for m in methods}
+    single = {
+        "budget_items": budget, "fractions": fractions, "task": task,
+        "heldout": summarize(curves, "heldout"), "search_full": summarize(curves, "search_full"),
+        "heldout_search_only": summarize(curves_so, "heldout"),
+        "per_seed": {m: {str(s): {"curve": parts[s]["single"]["curves"].get(m),
+                                  "curve_search_only": parts[s]["single"]["curves_search_only"].get(m),
+                                  **parts[s]["single"]["info"][m]}
+                         for s in seeds} for m in parts[seeds[0]]["single"]["info"]},
+        "sources_heldout": {n: scorer.accuracy(source_plan(n), f"{task}:heldout") for n in sources},
+    }
+    single["claims"] = claims(single["heldout"])
+    single["claims_search_only"] = claims(single["heldout_search_only"])
+    for s in seeds:  # the per-seed event logs stay in the work dir's partial files
+        parts[s]["single"].pop("events", None)
+    multi = None
+    if not args.skip_multi:
+        M = S["multi_objective"]
+        hv = {m: [parts[s]["multi"]["curves"][m] for s in seeds] for m in parts[seeds[0]]["multi"]["curves"]}
+        multi = {"budget_items": M["budget_items"], "fractions": M["fractions"], "objectives": M["objectives"],
+                 "hypervolume": summarize(hv, "hypervolume"),
+                 "per_seed": {m: {str(s): {"curve": parts[s]["multi"]["curves"][m], **parts[s]["multi"]["info"][m]}
+                                  for s in seeds} for m in hv},
+                 "sources_heldout": {n: {t: scorer.accuracy(source_plan(n), f"{spec}:heldout")
+                                         for t, spec in M["objectives"].items()} for n in sources}}
+    result = {"experiment": "search_quality", "command": command_line(), "settings": S,
+              "machine_start": machine_start, "machine_end": machine_info(),
+              "wall_seconds": time.time() - started, "zoo": str(zoo_paths.root),
+              "zoo_fingerprint": zoo_fingerprint(sources), "single_objective": single, "multi_objective": multi}
+    write_json(out, result)
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps({"claims": single["claims"], "heldout_final": {m: at(r, 1.0) for m, r in single["heldout"].items()}},
+                     indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def _per_candidate_seconds(run: dict) -> float | None:
+    secs = [e.get("seconds") for e in run["events"] if e.get("seconds") is not None and e["kind"] == "search"]
+    return float(np.median(secs)) if secs else None
+
+
+def claims(heldout: dict[str, list[dict]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    evo, rnd, cma_ = heldout.get("evomerge"), heldout.get("random"), heldout.get("cmaes_weights")
+    if evo and rnd:
+        half, final = at(evo, 0.5), at(rnd, 1.0)
+        if half and final and half["mean"] is not None and final["mean"] is not None:
+            out["evomerge_half_budget_reaches_random_final"] = {
+                "evomerge_at_half": half["mean"], "random_at_full": final["mean"],
+                "met": bool(half["mean"] >= final["mean"])}
+    if evo and cma_:
+        a, b = at(evo, 1.0), at(cma_, 1.0)
+        if a and b and a["mean"] is not None and b["mean"] is not None:
+            out["evomerge_beats_cmaes_weights_at_equal_budget"] = {
+                "evomerge": a["mean"], "cmaes_weights": b["mean"], "met": bool(a["mean"] > b["mean"])}
+    return out
+
+
+def run_multi(scorer, sources, M: dict, evo: dict, seed: int, workdir: Path) -> dict[str, Any]:
+    tasks, budget, fractions = M["objectives"], M["budget_items"], M["fractions"]
+    genome = evo.get("genome") or {"kind": "parameter", "method": "ties", "granularity": "layer"}
+    runs = {}
+    print(f"[multi seed {seed}] evomerge", flush=True)
+    runs["evomerge"] = run_evomerge(scorer, sources, tasks, {**M["evomerge"], "genome": genome}, budget, seed, workdir)
+    print(f"[multi seed {seed}] random", flush=True)
+    runs["random"] = run_random(sources, tasks, {**M["random"], "genome": genome}, budget, seed, workdir)
+    curves = {m: hv_curve(scorer, r["events"], budget, fractions, tasks) for m, r in runs.items()}
+    info = {m: {**{k: v for k, v in r.items() if k != "events"}, "evaluations": len(r["events"]),
+                "items_spent": sum(e["items"] for e in r["events"])} for m, r in runs.items()}
+    return {"curves": curves, "info": info}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    single, multi = result["single_objective"], result["multi_objective"]
+    fig, axes = plt.subplots(1, 2 if multi else 1, figsize=(12 if multi else 6.5, 4.5), squeeze=False)
+    ax = axes[0][0]
+    for method, rows in single["heldout"].items():
+        x = [r["items"] for r in rows if r["mean"] is not None]
+        y = np.array([r["mean"] for r in rows if r["mean"] is not None])
+        lo = np.array([r["min"] for r in rows if r["mean"] is not None])
+        hi = np.array([r["max"] for r in rows if r["mean"] is not None])
+        ax.plot(x, y, marker="o", label=method)
+        ax.fill_between(x, lo, hi, alpha=0.15)
+    for method, rows in single.get("heldout_search_only", {}).items():
+        if method != "evomerge":
+            continue
+        pts = [(r["items"], r["mean"]) for r in rows if r["mean"] is not None]
+        if pts:
+            ax.plot(*zip(*pts), ls="--", marker="x", label=f"{method}, optimizer's merges only")
+    best_source = max(single["sources_heldout"].items(), key=lambda kv: kv[1])
+    ax.axhline(best_source[1], color="gray", ls="--", lw=1, label=f"best source ({best_source[0]})")
+    ax.set_xlabel("budget (scored items)")
+    ax.set_ylabel(f"held-out accuracy on {single['task']}")
+    ax.set_title("best-by-search-fitness candidate, held-out\n(mean, min-max over seeds)")
+    ax.legend(fontsize=8)
+    if multi:
+        ax = axes[0][1]
+        for method, rows in multi["hypervolume"].items():
+            x = [r["items"] for r in rows]
+            ax.errorbar(x, [r["mean"] for r in rows], yerr=[r["std"] or 0 for r in rows], marker="o", capsize=3,
+                        label=method)
+        ax.set_xlabel("budget (scored items)")
+        ax.set_ylabel("hypervolume of the front, held-out scores")
+        ax.set_title(" + ".join(multi["objectives"]) + " (mean, std over seeds)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The results section is built only from the experiments' JSON files."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _builder():
+    spec = importlib.util.spec_from_file_location("make_readme_tables", ROOT / "experiments" / "make_readme_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _throughput_json() -> dict:
+    machine = {"cpu_cores": 2, "gpu": False, "torch": "2.13.0+cpu", "torch_threads": 1,
+               "load_average_1_5_15": [3.5, 2.0, 1.0]}
+    median = lambda m, l, s: {"merge_s": m, "load_s": l, "score_s": s, "turnaround_s": m + l + s}  # noqa: E731
+    return {"command": ".venv/bin/python experiments/throughput.py", "machine_start": machine,
+            "machine_end": machine, "wall_seconds": 90.0,
+            "turnaround": {"candidates": 2, "items_per_candidate": 100, "task": "zoo/calc:heldout",
+                           "evomerge": {"startup_s": 4.0, "median": median(0.125, 0.004, 0.5)},
+                           "mergekit": {"startup_s": 9.0, "median": median(2.5, 1.25, 0.5)},
+                           "agreement": {"items_equal_fraction": 1.0},
+                           "speedup_turnaround": 6.543, "speedup_materialize_and_load": 29.1},
+            "merge_benchmark": {"error": "scripts/bench_merge.py wrote no JSON"}}
+
+
+def test_tables_come_from_the_json_files(tmp_path):
+    (tmp_path / "throughput.json").write_text(json.dumps(_throughput_json()))
+    text = _builder().build(tmp_path)
+    # numbers, machine and command are taken from the file
+    assert "| evomerge (in memory) | 0.125 | 0.004 | 0.500 | 0.629 | 4.0 |" in text
+    assert "6.5x" in text and "100.0%" in text
+    assert "2 CPU cores, no GPU" in text and "[3.5, 2.0, 1.0]" in text
+    assert "`.venv/bin/python experiments/throughput.py`" in text
+    assert "scripts/bench_merge.py wrote no JSON" in text
+    # experiments without a result file are listed as not run, with their command
+    assert "not run yet (`.venv/bin/python experiments/search_quality.py`)" in text
+    assert "not run yet (`.venv/bin/python experiments/estimator_fidelity.py`)" in text
+
+
+def test_main_writes_results_md(tmp_path):
+    (tmp_path / "throughput.json").write_text(json.dumps(_throughput_json()))
+    builder = _builder()
+    import sys
+
+    argv = sys.argv
+    sys.argv = ["make_readme_tables.py", "--results", str(tmp_path)]
+    try:
+        assert builder.main() == 0
+    finally:
+        sys.argv = argv
+    assert (tmp_path / "RESULTS.md").read_text().startswith("## Results")
