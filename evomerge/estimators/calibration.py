@@ -129,14 +129,16 @@ class Calibration:
         for d in dims_list:
             calib = cls._fit_once(responses, binary, threshold, target, fit_part, n_anchors, method, d, seed,
                                   selected, max_iter)
-            calib.lam = calib._tune_lambda(responses[val], target[val])
-            err = calib._validation_errors(responses[val], target[val])
+            tc_val = tuple(t[val] for t in calib._theta_all)
+            calib.lam = calib._tune_lambda(responses[val], target[val], tc_val)
+            err = calib._validation_errors(responses[val], target[val], tc_val)
             trials[d] = (err["gpirt_reg"], calib, err)
         best = min(trials, key=lambda d: trials[d][0])
         # The item parameters stay those fitted on the fit part (a refit on every subject costs
         # as much again and moves them little); the maps are refitted on every subject.
         calib = trials[best][1]
-        calib._fit_maps(responses, target)
+        calib._fit_maps(responses, target, calib._theta_all)
+        del calib._theta_all
         # Held-out error is the honest uncertainty of a mapped estimate.
         calib.residual_sd = {k: float(v) for k, v in trials[best][2].items()}
         calib._fit_learned(responses, target, fit_part, val)
@@ -158,7 +160,10 @@ class Calibration:
             anchors, weights = anchor_sel.select_anchors(emb, n_anchors, seed)
         random_items = anchor_sel.stratified_random(np.nanmean(responses[rows], 0), n_anchors, seed)
         calib = cls([], params.a, params.b, threshold, anchors, weights, random_items, 0.5, {}, {})
-        calib._fit_maps(responses[rows], target[rows])
+        # Every subject's anchor-only abilities, computed once: the maps, lambda and the
+        # validation errors all need them.
+        calib._theta_all = calib.theta(responses[:, anchors])
+        calib._fit_maps(responses[rows], target[rows], tuple(t[rows] for t in calib._theta_all))
         return calib
 
     def _pool_estimates(self, anchor_scores: np.ndarray, random_scores: np.ndarray | None = None,
@@ -179,8 +184,8 @@ class Calibration:
             out["random"] = est.weighted_mean(random_scores, np.ones(random_scores.shape[1]), self.n_items)
         return out, theta
 
-    def _fit_maps(self, responses: np.ndarray, target: np.ndarray) -> None:
-        pool, theta = self._pool_estimates(responses[:, self.anchors], responses[:, self.random_items])
+    def _fit_maps(self, responses: np.ndarray, target: np.ndarray, theta_cov=None) -> None:
+        pool, theta = self._pool_estimates(responses[:, self.anchors], responses[:, self.random_items], theta_cov)
         self.maps = {}
         for name, (source, kind) in MAPPED.items():
             if source in pool and kind != "direct":
@@ -218,16 +223,16 @@ class Calibration:
         return est.learned(coef, np.array(self.learned["item_means"]), self.residual_sd.get("learned", 0.0),
                            anchor_scores)
 
-    def _tune_lambda(self, responses: np.ndarray, target: np.ndarray) -> float:
-        pool, theta = self._pool_estimates(responses[:, self.anchors])
+    def _tune_lambda(self, responses: np.ndarray, target: np.ndarray, theta_cov=None) -> float:
+        pool, theta = self._pool_estimates(responses[:, self.anchors], None, theta_cov)
         errors = []
         for lam in LAMBDA_GRID:
             x = lam * pool["anchor"][0] + (1 - lam) * pool["pirt"][0]
             errors.append(np.mean(np.abs(x - np.nanmean(responses, 1))))
         return float(LAMBDA_GRID[int(np.argmin(errors))])
 
-    def _validation_errors(self, responses: np.ndarray, target: np.ndarray) -> dict[str, float]:
-        values = self.estimate_many(responses[:, self.anchors], responses[:, self.random_items])
+    def _validation_errors(self, responses: np.ndarray, target: np.ndarray, theta_cov=None) -> dict[str, float]:
+        values = self.estimate_many(responses[:, self.anchors], responses[:, self.random_items], theta_cov=theta_cov)
         return {name: float(np.sqrt(np.mean((v[0] - target) ** 2))) for name, v in values.items()}
 
     # ---- estimating ------------------------------------------------------------------------
@@ -249,9 +254,11 @@ class Calibration:
         return fit_theta(self.params, binary)
 
     def estimate_many(self, anchor_scores: np.ndarray, random_scores: np.ndarray | None = None,
-                      scale: str = "full") -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Every estimator at once for many subjects: {name: (values, stderrs)}."""
-        pool, theta = self._pool_estimates(anchor_scores, random_scores)
+                      scale: str = "full", theta_cov: tuple[np.ndarray, np.ndarray] | None = None,
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Every estimator at once for many subjects: {name: (values, stderrs)}. `theta_cov`:
+        abilities already computed by `self.theta(anchor_scores)`, to skip recomputing them."""
+        pool, theta = self._pool_estimates(anchor_scores, random_scores, theta_cov)
         if scale == "pool":
             return pool
         out = {}

@@ -72,8 +72,9 @@ def bench(responses_path: str, scores_path: str | None, n_anchors: int, seeds: l
         calib = Calibration.fit(values[train], n_anchors, method=method, dims=dims, seed=seed,
                                 full_scores=full[train], items=matrix.items, max_iter=max_iter)
         a_scores, r_scores = values[test][:, calib.anchors], values[test][:, calib.random_items]
-        pool = calib.estimate_many(a_scores, r_scores, scale="pool")
-        mapped = calib.estimate_many(a_scores, r_scores)
+        theta_cov = calib.theta(a_scores)
+        pool = calib.estimate_many(a_scores, r_scores, scale="pool", theta_cov=theta_cov)
+        mapped = calib.estimate_many(a_scores, r_scores, theta_cov=theta_cov)
         result = {"estimators": {}}
         for name, (value, _) in mapped.items():
             source = MAPPED[name][0]

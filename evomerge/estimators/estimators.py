@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from evomerge.estimators.irt import ItemParams, fit_theta, one_thread
+from evomerge.estimators.irt import ItemParams, _lbfgs, fit_theta, one_thread
 
 NAMES = ("random", "anchor", "irt", "pirt", "gpirt", "mpirt", "gmpirt", "learned")
 
@@ -78,19 +78,15 @@ def merge_theta(params: ItemParams, anchors: np.ndarray, binary_scores: np.ndarr
     b = torch.tensor(params.b[anchors][observed])
     y = torch.tensor(y_np[observed])
     z = torch.zeros(len(src), dtype=torch.float64, requires_grad=True)
-    with one_thread():
-        opt = torch.optim.LBFGS([z], max_iter=100, line_search_fn="strong_wolfe")
 
-        def closure():
-            opt.zero_grad()
-            theta = torch.softmax(z, 0) @ src
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(a @ theta - b, y, reduction="sum")
-            loss = loss + 1e-3 * (z**2).sum()  # keeps z bounded when one source explains everything
-            loss.backward()
-            return loss
+    def loss():
+        theta = torch.softmax(z, 0) @ src
+        value = torch.nn.functional.binary_cross_entropy_with_logits(a @ theta - b, y, reduction="sum")
+        return value + 1e-3 * (z**2).sum()  # keeps z bounded when one source explains everything
 
-        if observed.any():
-            opt.step(closure)
+    if observed.any():
+        with one_thread():
+            _lbfgs([z], loss, 100)
     centre = (torch.softmax(z, 0) @ src).detach().numpy()
     return fit_theta(params, y_np[None, :], items=anchors, prior_mean=centre, prior_sd=spread)
 

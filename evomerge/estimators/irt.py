@@ -64,16 +64,31 @@ def one_thread():
 
 
 def _lbfgs(params: list[torch.Tensor], loss_fn, max_iter: int) -> None:
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-6, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+    """Minimise loss_fn over params in place with scipy's L-BFGS-B, torch giving the gradient.
 
-    def closure():
-        opt.zero_grad()
+    (scipy rather than torch.optim.LBFGS: constructing a torch optimizer imports torch._dynamo,
+    which alone takes longer than these fits.)"""
+    from scipy.optimize import minimize
+
+    sizes = [p.numel() for p in params]
+
+    def unpack(x: np.ndarray) -> None:
+        with torch.no_grad():
+            for p, chunk in zip(params, np.split(x, np.cumsum(sizes)[:-1])):
+                p.copy_(torch.from_numpy(chunk).view(p.shape))
+
+    def value_and_grad(x: np.ndarray):
+        unpack(x)
+        for p in params:
+            p.grad = None
         loss = loss_fn()
         loss.backward()
-        return loss
+        return float(loss.detach()), np.concatenate([p.grad.reshape(-1).numpy() for p in params])
 
-    opt.step(closure)
+    x0 = np.concatenate([p.detach().reshape(-1).numpy() for p in params])
+    result = minimize(value_and_grad, x0, jac=True, method="L-BFGS-B",
+                      options={"maxiter": max_iter, "maxcor": 20, "gtol": 1e-6, "ftol": 1e-12})
+    unpack(result.x)
 
 
 def fit_irt(responses: np.ndarray, dims: int, seed: int = 0, max_iter: int = 500) -> tuple[ItemParams, np.ndarray]:

@@ -15,9 +15,9 @@ def simulate_2pl(n_subjects: int, n_items: int, dims: int, seed: int):
 
 @pytest.fixture(scope="session")
 def simulated_1d():
-    return simulate_2pl(1500, 40, 1, seed=0)
+    return simulate_2pl(900, 40, 1, seed=0)
 
 
 @pytest.fixture(scope="session")
 def simulated_2d():
-    return simulate_2pl(1200, 120, 2, seed=1)
+    return simulate_2pl(750, 80, 2, seed=1)

@@ -12,7 +12,7 @@ from evomerge.estimators import Calibration
 @pytest.fixture(scope="module")
 def calib(simulated_1d):
     y, *_ = simulated_1d
-    return Calibration.fit(y[:600], n_anchors=10, dims=[1, 2], seed=0)
+    return Calibration.fit(y[:600], n_anchors=10, dims=[1, 2], seed=0, max_iter=150)
 
 
 def test_round_trip_gives_identical_estimates(calib, simulated_1d, tmp_path):
@@ -20,7 +20,7 @@ def test_round_trip_gives_identical_estimates(calib, simulated_1d, tmp_path):
     path = calib.save(tmp_path / "calib.json")
     loaded = Calibration.load(path)
     assert np.array_equal(loaded.anchors, calib.anchors)
-    for name in ("anchor", "irt", "pirt", "gpirt", "gpirt_reg"):
+    for name in ("anchor", "irt", "pirt", "gpirt", "gpirt_reg", "learned"):
         assert loaded.estimate(name, y[700, calib.anchors]) == calib.estimate(name, y[700, calib.anchors])
     assert loaded.info["dims"] in (1, 2) and set(loaded.info["dims_tried"]) == {"1", "2"}
 
