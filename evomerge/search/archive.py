@@ -52,6 +52,13 @@ CREATE TABLE IF NOT EXISTS scores (
     PRIMARY KEY (candidate_id, objective)
 );
 CREATE TABLE IF NOT EXISTS front (candidate_id INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS responses (   -- per-item scores of full evaluations (calibration, sources)
+    subject TEXT NOT NULL,         -- "candidate:<id>" or "source:<name>"
+    objective TEXT NOT NULL,
+    split TEXT NOT NULL,           -- "search" (the objective's task) or "heldout"
+    scores TEXT NOT NULL,          -- JSON list, one score per item of the task, in task order
+    PRIMARY KEY (subject, objective, split)
+);
 CREATE INDEX IF NOT EXISTS evaluations_generation ON evaluations(generation);
 """
 
@@ -67,6 +74,22 @@ def non_dominated(points: np.ndarray) -> np.ndarray:
     keep = [i for i in range(len(points))
             if not any(dominates(points[j], points[i]) for j in range(len(points)) if j != i)]
     return np.array(keep, dtype=int)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(1, len(x) + 1)
+    for value in np.unique(x):
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (numpy only: importing scipy.stats takes seconds)."""
+    return float(np.corrcoef(_ranks(np.asarray(x, float)), _ranks(np.asarray(y, float)))[0, 1])
 
 
 def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
@@ -137,10 +160,16 @@ class Archive:
         with self.transaction():
             self._set_meta(values)
 
-    def add(self, candidate: Candidate, result: EvalResult, submitted_at: float | None = None) -> None:
-        """Record one result and update the front + hypervolume, in one transaction."""
+    def add(self, candidate: Candidate, result: EvalResult, submitted_at: float | None = None,
+            responses: dict[str, list[float]] | None = None) -> None:
+        """Record one result and update the front + hypervolume, in one transaction.
+
+        ``responses`` ({objective: per-item scores}) of a full evaluation go in with it, so a
+        calibration interrupted at any moment has each evaluation either whole or absent."""
         ok = result.status == "ok"
         with self.transaction():
+            for name, scores in (responses or {}).items():
+                self._add_responses(f"candidate:{candidate.candidate_id}", name, "search", scores)
             self.db.execute(
                 "INSERT INTO evaluations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (candidate.candidate_id, candidate.generation, json.dumps([float(v) for v in candidate.genome]),
@@ -153,6 +182,16 @@ class Archive:
             if ok and all(name in result.objectives for name in self.objectives):
                 point = np.array([result.objectives[name].value for name in self.objectives])
                 self._update_front(candidate.candidate_id, point)
+
+    def _add_responses(self, subject: str, objective: str, split: str, scores) -> None:
+        self.db.execute("INSERT OR REPLACE INTO responses VALUES (?,?,?,?)",
+                        (subject, objective, split, json.dumps([float(v) for v in scores])))
+
+    def add_responses(self, subject: str, responses: dict[str, list[float]], split: str = "search") -> None:
+        """Per-item scores of one subject (e.g. ``source:base``), one transaction."""
+        with self.transaction():
+            for name, scores in responses.items():
+                self._add_responses(subject, name, split, scores)
 
     def _update_front(self, candidate_id: int, point: np.ndarray) -> None:
         front = self._front_points()
@@ -205,6 +244,12 @@ class Archive:
     def front(self) -> list[dict[str, Any]]:
         return self.records("WHERE candidate_id IN (SELECT candidate_id FROM front)")
 
+    def responses(self, objective: str, split: str = "search") -> dict[str, np.ndarray]:
+        """{subject: per-item scores} of one objective's full evaluations, in subject order."""
+        rows = self.db.execute("SELECT subject, scores FROM responses WHERE objective = ? AND split = ? "
+                               "ORDER BY subject", (objective, split)).fetchall()
+        return {row[0]: np.asarray(json.loads(row[1]), dtype=float) for row in rows}
+
     def hypervolume(self) -> float:
         return float(self.meta().get("hypervolume", 0.0))
 
@@ -236,9 +281,7 @@ class Archive:
             entry = {"n": len(pairs), "mae": float(np.mean(np.abs(error))), "bias": float(np.mean(error)),
                      "spearman": float("nan")}
             if len(pairs) >= 3 and np.ptp(pairs[:, 0]) > 0 and np.ptp(pairs[:, 1]) > 0:
-                from scipy.stats import spearmanr
-
-                entry["spearman"] = float(spearmanr(pairs[:, 0], pairs[:, 1]).statistic)
+                entry["spearman"] = spearman(pairs[:, 0], pairs[:, 1])
             stats[name] = entry
         return stats
 

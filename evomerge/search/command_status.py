@@ -9,6 +9,8 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="run directory of `evomerge search`")
+    parser.add_argument("--heldout", action="store_true",
+                        help="also judge the Pareto front by full evaluation on the held-out items (slow: merges)")
 
 
 def status_lines(run_dir: str | Path) -> list[str]:
@@ -47,6 +49,30 @@ def status_lines(run_dir: str | Path) -> list[str]:
                          f"(bias {s['bias']:+.4f}), Spearman {rho}")
     else:
         lines.append("audit:        no audited candidates yet")
+    for name in archive.objectives:
+        path = run_dir / "calibration" / f"{name}.sources.json"
+        if path.is_file():
+            import json
+
+            calib = json.loads(path.read_text()).get("calibration")
+            lines.append(f"calibration {name}: {calib}")
+    for model, scores in (meta.get("source_scores") or {}).items():
+        held = (meta.get("source_heldout_scores") or {}).get(model, {})
+        text = ", ".join(f"{o}={s['value']:.3f}" + (f" (held-out {held[o]['value']:.3f})" if o in held else "")
+                         for o, s in scores.items())
+        lines.append(f"source {model}: {text}")
+    return lines
+
+
+def heldout_lines(run_dir: str | Path) -> list[str]:
+    """The front judged by full evaluation on each objective's held-out items."""
+    from evomerge.search.run import judge_candidates
+
+    judged = judge_candidates(run_dir, progress=True)
+    lines = []
+    for cid, scores in judged.items():
+        text = ", ".join(f"{o}={s['value']:.3f}±{s['stderr']:.3f} ({s['n_items']} items)" for o, s in scores.items())
+        lines.append(f"held-out candidate {cid}: {text}")
     return lines
 
 
@@ -56,4 +82,6 @@ def print_status(run_dir: str | Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     print_status(args.run_dir)
+    if args.heldout:
+        print("\n".join(heldout_lines(args.run_dir)))
     return 0

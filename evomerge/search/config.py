@@ -6,8 +6,10 @@
     base: base                         # one of the sources, or omitted
     genome: {kind: parameter, method: ties, granularity: layer}  # see evomerge/search/genome.py
     objectives:                        # one per task; all maximised
-      - {name: arith, task: "zoo/arith:search", estimator: gpirt, calibration: calib/arith.json}
+      - {name: arith, task: "zoo/arith:search", estimator: gpirt}   # calibrated before generation 0
+      - {name: calc, task: "zoo/calc:search", estimator: irt, calibration: calib/calc.json}  # given
       - {name: lang, task: "zoo/lang:search"}           # no estimator: score every item
+    calibration: {random_merges: 24, anchors: 0.1}     # IRT calibration population + anchor count
     evaluator: {kind: merge, backend: hf, device: cpu}
     optimizer: {name: nsga2, population: 8, generations: 6}
     audit: {every: 10}                 # every 10th candidate also scored on the whole pool
@@ -45,14 +47,32 @@ class ObjectiveConfig(_Strict):
     name: str
     task: str                                   # zoo/NAME[:split], a task YAML, or an lm-eval task
     estimator: str = "full"                     # full = mean over every item of the task
-    calibration: str | None = None              # evomerge calibration JSON (anchors + item params)
+    calibration: str | None = None              # evomerge calibration JSON; default: fit one before the search
+    heldout: str | None = None                  # held-out task for judging; default: task with :search -> :heldout
     weight: float = 1.0                         # for single-objective optimizers (weighted sum)
 
-    @model_validator(mode="after")
-    def _calibrated(self) -> "ObjectiveConfig":
-        if self.estimator != "full" and self.calibration is None:
-            raise ValueError(f"estimator {self.estimator!r} needs a calibration file")
-        return self
+    @property
+    def heldout_task(self) -> str | None:
+        if self.heldout is not None:
+            return self.heldout
+        base, sep, split = self.task.rpartition(":")
+        return f"{base}:heldout" if sep and split == "search" else None
+
+
+class CalibrationConfig(_Strict):
+    """How a run fits IRT item parameters for objectives whose estimator needs them and
+    whose ``calibration`` file is not given: the source models plus ``random_merges`` random
+    genomes, each scored on every item of the task, make the calibration population."""
+
+    random_merges: int = Field(24, ge=0)
+    anchors: float = Field(0.1, gt=0)           # < 1: fraction of the task's items; >= 1: a count
+    method: str = "irt"                         # anchor clustering: irt (item embeddings) | correct
+    dims: list[int] = [1, 2]                    # IRT dimensions tried (chosen by validation error)
+    seed: int | None = None                     # default: the run's seed
+
+    def n_anchors(self, n_items: int) -> int:
+        k = round(self.anchors * n_items) if self.anchors < 1 else int(self.anchors)
+        return max(1, min(k, n_items))
 
 
 class EvaluatorConfig(_Strict):
@@ -60,6 +80,7 @@ class EvaluatorConfig(_Strict):
     backend: str = "hf"                         # merge: inference engine (hf | vllm)
     device: str = "cpu"
     model_dir: str | None = None                # tokenizer + architecture; default: the base or first source
+    threads: int | None = Field(None, ge=1)     # torch CPU threads per worker; default: torch's choice
     sleep: float = Field(0.0, ge=0)             # synthetic: seconds per evaluation
     fail_every: int = Field(0, ge=0)            # synthetic: every N-th candidate fails (0: never)
 
@@ -106,6 +127,7 @@ class SearchConfig(_Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     audit: AuditConfig = AuditConfig()
     workers: WorkersConfig = WorkersConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -181,6 +203,9 @@ def parse_config(data: Any, where: str, root: Path) -> SearchConfig:
             obj.task = _resolve(base, root) + sep + split
         if obj.calibration is not None:
             obj.calibration = _resolve(obj.calibration, root)
+        if obj.heldout is not None and _is_task_file(obj.heldout):
+            base, sep, split = obj.heldout.partition(":")
+            obj.heldout = _resolve(base, root) + sep + split
     return cfg
 
 

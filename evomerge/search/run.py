@@ -6,6 +6,11 @@ A run directory holds
     meta.json          format + evomerge version + objectives, written once
     archive.sqlite     every evaluation, the front and its hypervolume (archive.py)
     checkpoints/       controller state at the start of the latest generations (state.py)
+    calibration/       IRT calibrations + source abilities per objective (calibrate.py)
+
+A merge search starts with a pre-search phase (``calibrate.presearch``): the source
+models are scored as reference points and IRT estimators are calibrated; the pool of
+workers starts after it, so every worker loads the finished calibration by path.
 
 Each generation: ask ``population`` genomes, decode them to plans, submit them all to the
 pool, record each result in the archive the moment it arrives, and tell the optimizer once
@@ -73,6 +78,7 @@ class Setup:
     space: Any
     optimizer: Optimizer
     spec: EvaluatorSpec
+    ready: bool = True          # False: the pre-search phase (sources, calibration) is still to run
 
 
 def prepare(cfg: SearchConfig) -> Setup:
@@ -84,11 +90,35 @@ def prepare(cfg: SearchConfig) -> Setup:
     optimizer = make_optimizer(cfg.optimizer.name, space, n_obj, cfg.seed, population=cfg.optimizer.population,
                                budget=budget, options=cfg.optimizer.options)
     spec = EvaluatorSpec.from_config(cfg, space)
+    ready = True
     if spec.kind == "merge":
-        for objective in spec.objectives:
-            prepare_objective(objective)  # task exists, calibration fits it
+        from evomerge.search.calibrate import fill_spec
+
+        ready = cfg.run_dir is not None and fill_spec(spec, cfg, Path(cfg.run_dir))
+        check_objectives(spec, ready, Path(cfg.run_dir) if cfg.run_dir else None)
         _check_sources(cfg)
-    return Setup(cfg, space, optimizer, spec)
+    return Setup(cfg, space, optimizer, spec, ready)
+
+
+def check_objectives(spec: EvaluatorSpec, ready: bool, run_dir: Path | None) -> None:
+    """Every objective's task exists and its estimator is known; once the pre-search phase is
+    done, also that its calibration loads and fits the task."""
+    from evomerge.estimators.calibration import MAPPED
+    from evomerge.search.calibrate import calibration_path
+    from evomerge.workers.evaluator import ObjectiveSpec
+
+    for o in spec.objectives:
+        if ready:
+            prepare_objective(o)
+            continue
+        if o.estimator != "full" and o.estimator not in MAPPED:
+            raise ConfigError(f"objectives.{o.name}.estimator: unknown estimator {o.estimator!r} "
+                              f"(choose from full, {', '.join(MAPPED)})")
+        given = o.calibration is not None and (run_dir is None or Path(o.calibration) != calibration_path(run_dir, o.name))
+        if given:   # a calibration from the config: check it now (abilities come later)
+            prepare_objective(ObjectiveSpec(o.name, o.task, o.estimator, o.calibration, [[0.0]]))
+        else:
+            prepare_objective(ObjectiveSpec(o.name, o.task))
 
 
 def _check_sources(cfg: SearchConfig) -> None:
@@ -141,7 +171,7 @@ class SearchRun:
                                 "or choose another run_dir)")
         setup = prepare(cfg)
         state = ControllerState(generation=0, next_candidate_id=0, optimizer=setup.optimizer.state_dict())
-        pool = make_pool(setup) if start_pool else None
+        pool = make_pool(setup) if start_pool and setup.ready else None
         if run_dir.is_dir():
             run_dir.rmdir()  # empty (checked above); atomic_dir wants to create it
         with atomic_dir(run_dir) as tmp:
@@ -166,7 +196,7 @@ class SearchRun:
         except Exception as exc:
             raise CheckpointError(f"{run_dir}: checkpoint does not fit this run's optimizer ({exc})") from None
         run = cls(run_dir, setup, state)
-        if start_pool and not state.finished:
+        if start_pool and not state.finished and setup.ready:
             run.pool = make_pool(setup)
         return run
 
@@ -175,6 +205,14 @@ class SearchRun:
         return self.state.finished
 
     # -- running -----------------------------------------------------------------------------
+    def presearch(self, progress: bool = True) -> None:
+        """Score the sources and calibrate the IRT objectives (resumable; see calibrate.py)."""
+        from evomerge.search.calibrate import fill_spec, presearch
+
+        presearch(self, progress)
+        self.setup.ready = fill_spec(self.setup.spec, self.config, self.run_dir)
+        check_objectives(self.setup.spec, True, self.run_dir)
+
     def _budget_left(self) -> int:
         opt = self.config.optimizer
         if self.state.generation >= opt.generations:
@@ -193,6 +231,8 @@ class SearchRun:
             if own_pool and pool is not None:
                 pool.close()
             return
+        if not self.setup.ready:
+            self.presearch(progress)
         if pool is None:
             pool = make_pool(self.setup)
         try:
@@ -281,3 +321,67 @@ def _result_from_record(record: dict[str, Any]) -> EvalResult:
     objectives = {name: ObjectiveScore(**score) for name, score in record["objectives"].items()}
     return EvalResult(record["candidate_id"], record["status"], objectives, record["error"], record["worker"],
                       record["seconds"] or 0.0, record["items_scored"] or 0, record["timings"])
+
+
+# --------------------------------------------------------------------------- held-out judging
+
+
+def judge(run_dir: str | Path, plans: dict[str, dict], split: str = "heldout",
+          extra_tasks: dict[str, str] | None = None, progress: bool = False) -> dict[str, dict[str, dict]]:
+    """Score merge plans by FULL evaluation: {label: {objective: {value, stderr, n_items}}}.
+
+    ``plans`` maps a row label to a plan dict (a candidate's stored plan, a one-shot
+    recipe, ``calibrate.source_plan(name)`` for a source model); model names in the plans
+    are the run's source names. ``split="heldout"`` scores each objective's held-out task
+    (objectives without one are skipped), ``"search"`` the task searched on;
+    ``extra_tasks`` ({column: task}) adds columns, e.g. the other skills."""
+    from tqdm import tqdm
+
+    from evomerge.tasks.task import load_task
+    from evomerge.workers.evaluator import CandidateEvaluator, EvaluatorSpec, ObjectiveSpec
+
+    if split not in ("heldout", "search"):
+        raise EvomergeError(f"split: expected 'heldout' or 'search', got {split!r}")
+    run_dir = Path(run_dir)
+    read_meta(run_dir)
+    cfg = load_run_config(run_dir)
+    if cfg.evaluator.kind != "merge":
+        raise EvomergeError(f"{run_dir}: judging needs a merge search (this run's evaluator is {cfg.evaluator.kind!r})")
+    tasks = {o.name: (o.heldout_task if split == "heldout" else o.task) for o in cfg.objectives}
+    tasks = {name: task for name, task in tasks.items() if task}
+    tasks.update(extra_tasks or {})
+    if not tasks:
+        raise EvomergeError(f"{run_dir}: no objective has a held-out task (set objectives[].heldout)")
+    spec = EvaluatorSpec.from_config(cfg, build_genome_space(cfg))
+    spec.objectives = [ObjectiveSpec(name, task) for name, task in tasks.items()]
+    evaluator = CandidateEvaluator(spec)
+    loaded = {name: load_task(task) for name, task in tasks.items()}
+    out: dict[str, dict[str, dict]] = {}
+    bar = tqdm(total=len(plans), desc=f"judging on {split} items", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    for i, (label, plan) in enumerate(plans.items()):
+        bar.set_postfix_str(label, refresh=True)
+        result, _ = evaluator.evaluate_full(Candidate(i, 0, [], plan, audit=True), loaded)
+        if result.status != "ok":
+            raise EvomergeError(f"{label}: cannot be evaluated ({result.error})")
+        out[label] = {name: {"value": s.value, "stderr": s.stderr, "n_items": s.n_items}
+                      for name, s in result.objectives.items()}
+        bar.update(1)
+    bar.close()
+    return out
+
+
+def judge_candidates(run_dir: str | Path, candidate_ids: list[int] | None = None, split: str = "heldout",
+                     progress: bool = False) -> dict[int, dict[str, dict]]:
+    """Judge archived candidates (default: the Pareto front) by full evaluation on ``split``."""
+    archive = Archive(run_dir, readonly=True)
+    try:
+        records = archive.front() if candidate_ids is None else [archive.record(i) for i in candidate_ids]
+    finally:
+        archive.close()
+    missing = [i for i, r in zip(candidate_ids or [], records) if r is None]
+    if missing:
+        raise EvomergeError(f"{run_dir}: no candidate {missing[0]} in the archive")
+    plans = {str(r["candidate_id"]): r["plan"] for r in records if r["status"] == "ok" and r["plan"]}
+    judged = judge(run_dir, plans, split=split, progress=progress)
+    return {int(k): v for k, v in judged.items()}

@@ -37,6 +37,7 @@ class ObjectiveSpec:
     task: str
     estimator: str = "full"
     calibration: str | None = None
+    source_thetas: list[list[float]] | None = None  # sources x dims: the merge-aware estimators' prior
 
 
 @dataclass
@@ -53,6 +54,7 @@ class EvaluatorSpec:
     upper: list[float] | None = None
     sleep: float = 0.0
     fail_every: int = 0
+    threads: int | None = None                      # torch CPU threads per worker (None: torch's default)
 
     @classmethod
     def from_config(cls, cfg, space) -> "EvaluatorSpec":
@@ -62,7 +64,8 @@ class EvaluatorSpec:
             or next(iter(cfg.sources.values()), None)
         return cls(kind=ev.kind, objectives=objectives, sources=dict(cfg.sources), backend=ev.backend,
                    device=ev.device, model_dir=model_dir, lower=[float(v) for v in space.lower],
-                   upper=[float(v) for v in space.upper], sleep=ev.sleep, fail_every=ev.fail_every)
+                   upper=[float(v) for v in space.upper], sleep=ev.sleep, fail_every=ev.fail_every,
+                   threads=ev.threads)
 
 
 def make_evaluator(spec: EvaluatorSpec):
@@ -101,9 +104,9 @@ def prepare_objective(spec: ObjectiveSpec):
     if spec.estimator not in MAPPED:
         raise EvomergeError(f"{where}.estimator: unknown estimator {spec.estimator!r} "
                             f"(choose from full, {', '.join(MAPPED)})")
-    if MAPPED[spec.estimator][0] in ("mpirt", "gmpirt"):
-        raise EvomergeError(f"{where}.estimator: {spec.estimator!r} needs the sources' abilities, "
-                            "which the search does not provide yet")
+    if MAPPED[spec.estimator][0] in ("mpirt", "gmpirt") and not spec.source_thetas:
+        raise EvomergeError(f"{where}.estimator: {spec.estimator!r} needs the sources' abilities "
+                            "(the search computes them before generation 0)")
     try:
         calib = Calibration.load(spec.calibration)
     except EvomergeError as exc:
@@ -139,6 +142,10 @@ class CandidateEvaluator:
 
         self.spec = spec
         self.torch = torch
+        if spec.threads:
+            # Tiny models on a busy CPU: extra threads mostly wait on each other (30x slower
+            # with 2 threads than with 1 on a 2-core box at load 15).
+            torch.set_num_threads(spec.threads)
         self.objectives = [prepare_objective(o) for o in spec.objectives]
         self.sources = SourceSet.load(spec.sources, device=spec.device, resident=True)
         self.sources.check_compatible()
@@ -146,11 +153,26 @@ class CandidateEvaluator:
         self.backend = make_backend(spec.backend, Path(model_dir), device=spec.device)
 
     def evaluate(self, candidate: Candidate) -> EvalResult:
+        result, _ = self._evaluate(candidate, None)
+        return result
+
+    def evaluate_full(self, candidate: Candidate, tasks: dict[str, Any] | None = None
+                      ) -> tuple[EvalResult, dict[str, list[float]]]:
+        """Score every item (of each objective's task, or of ``tasks``: {name: Task}) and
+        return the per-item scores too: calibration populations, sources, held-out judging.
+        Each objective's value is then the exact mean, and ``full`` equals it."""
+        if tasks is None:
+            tasks = {obj.spec.name: obj.task for obj in self.objectives}
+        return self._evaluate(candidate, tasks)
+
+    def _evaluate(self, candidate: Candidate, full_tasks: dict[str, Any] | None
+                  ) -> tuple[EvalResult, dict[str, list[float]]]:
         from evomerge.search.genome import merge_plan, plan_from_dict, plan_output_config
 
         start = time.perf_counter()
         timings: dict[str, float] = {}
         items = 0
+        responses: dict[str, list[float]] = {}
         try:
             plan = plan_from_dict(candidate.plan)
             t = time.perf_counter()
@@ -161,23 +183,33 @@ class CandidateEvaluator:
                         if w.is_floating_point() and not bool(self.torch.isfinite(w).all())), None)
             if bad is not None:
                 return EvalResult(candidate.candidate_id, "failed", error=f"merged tensor {bad} has NaN/inf values",
-                                  seconds=time.perf_counter() - start, timings=timings)
+                                  seconds=time.perf_counter() - start, timings=timings), {}
             t = time.perf_counter()
             self.backend.load_weights(weights, config)
             del weights
             timings["load"] = time.perf_counter() - t
             t = time.perf_counter()
             scores = {}
-            for obj in self.objectives:
-                scores[obj.spec.name], n = self._score(obj, candidate.audit)
-                items += n
+            if full_tasks is None:
+                for obj in self.objectives:
+                    scores[obj.spec.name], n = self._score(obj, candidate.audit)
+                    items += n
+            else:
+                for name, task in full_tasks.items():
+                    results = self.backend.score(task, range(len(task.items)))
+                    by_index = {r.index: r.score for r in results}
+                    responses[name] = [float(by_index[i]) for i in range(len(task.items))]
+                    score = _mean_estimate(np.array(responses[name]))
+                    score.full = score.value
+                    scores[name] = score
+                    items += len(task.items)
             timings["score"] = time.perf_counter() - t
         except Exception as exc:  # the engine or backend rejected this candidate
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             return EvalResult(candidate.candidate_id, "failed", error=f"{type(exc).__name__}: {message}"[:300],
-                              seconds=time.perf_counter() - start, items_scored=items, timings=timings)
+                              seconds=time.perf_counter() - start, items_scored=items, timings=timings), {}
         return EvalResult(candidate.candidate_id, "ok", objectives=scores, seconds=time.perf_counter() - start,
-                          items_scored=items, timings=timings)
+                          items_scored=items, timings=timings), responses
 
     def _score(self, obj: _Objective, audit: bool) -> tuple[ObjectiveScore, int]:
         full_indices = np.arange(len(obj.task.items))
@@ -188,7 +220,8 @@ class CandidateEvaluator:
         if obj.calibration is None:
             score = _mean_estimate(anchor_scores)
         else:
-            est = obj.calibration.estimate(obj.spec.estimator, anchor_scores)
+            thetas = np.asarray(obj.spec.source_thetas, float) if obj.spec.source_thetas else None
+            est = obj.calibration.estimate(obj.spec.estimator, anchor_scores, source_thetas=thetas)
             score = ObjectiveScore(est.value, est.stderr, est.n_items)
         if audit:
             score.full = float(np.mean([by_index[int(i)] for i in full_indices]))

@@ -1,0 +1,210 @@
+"""Before generation 0: the source models as reference points, and IRT calibration.
+
+A merge search first
+
+1. scores every source model on every item of each objective's task (and of its
+   held-out task, where there is one) -- the reference points of the report's Pareto
+   plot (``archive.meta()["source_scores"]``) and the abilities (thetas) that the
+   merge-aware mp-IRT / gmp-IRT estimators pull a candidate toward;
+2. for objectives whose estimator needs item parameters and whose config gives no
+   calibration file: scores ``calibration.random_merges`` random genomes of the space on
+   every item (random merges make the population diverse enough for IRT when there are
+   only 2-4 sources), fits the item parameters on sources + random merges, picks the
+   anchors and saves the result as ``calibration/<objective>.json`` (a versioned JSON
+   artifact with a checksum, see ``evomerge.estimators.calibration``) that every worker
+   loads by path.
+
+Everything is recorded as it completes: source responses in the archive's ``responses``
+table, calibration merges as ordinary archive evaluations (``generation = -1``, negative
+candidate ids, never told to the optimizer) together with their per-item scores. So a
+run killed during calibration resumes without redoing a finished evaluation, and since
+the random genomes come from the run's seed, it ends with the same calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evomerge.errors import EvomergeError
+from evomerge.io.atomic import atomic_write_text
+from evomerge.workers.types import Candidate
+
+CALIBRATION_DIR = "calibration"
+CALIBRATION_GENERATION = -1
+SOURCE_ID = -10**6            # candidate id of a source model's evaluation (not archived as a candidate)
+DONE_FILE = "sources.json"     # written last: the pre-search phase is complete
+
+
+def needs_calibration(objective) -> bool:
+    """An objective whose estimator needs item parameters the config does not give."""
+    return objective.estimator != "full" and objective.calibration is None
+
+
+def calibration_path(run_dir: Path, name: str) -> Path:
+    return Path(run_dir) / CALIBRATION_DIR / f"{name}.json"
+
+
+def thetas_path(run_dir: Path, name: str) -> Path:
+    return Path(run_dir) / CALIBRATION_DIR / f"{name}.sources.json"
+
+
+def source_plan(name: str) -> dict:
+    """A plan that reproduces one source model exactly (linear, weight 1)."""
+    return {"merge_method": "linear", "models": [{"model": name, "parameters": {"weight": 1.0}}]}
+
+
+def calibration_genomes(space, seed: int, n: int) -> list[np.ndarray]:
+    """The random merges of the calibration population: a pure function of the seed."""
+    rng = np.random.default_rng([int(seed), 0xCA11B])
+    return [space.random(rng) for _ in range(n)]
+
+
+def fill_spec(spec, cfg, run_dir: Path) -> bool:
+    """Point the evaluator spec at the run's calibration artifacts; True when every
+    objective that needs them has them (i.e. the pre-search phase is done)."""
+    ready = (Path(run_dir) / CALIBRATION_DIR / DONE_FILE).is_file()
+    for obj_spec, obj in zip(spec.objectives, cfg.objectives):
+        if obj.estimator == "full":
+            continue
+        if needs_calibration(obj):
+            obj_spec.calibration = str(calibration_path(run_dir, obj.name))
+            ready &= Path(obj_spec.calibration).is_file()
+        path = thetas_path(run_dir, obj.name)
+        if path.is_file():
+            obj_spec.source_thetas = json.loads(path.read_text())["thetas"]
+        else:
+            ready = False
+    return ready
+
+
+def _subject(name: str) -> str:
+    return f"source:{name}"
+
+
+def presearch(run, progress: bool = True) -> None:
+    """Source scores + calibration for ``run`` (a SearchRun); idempotent and resumable."""
+    from tqdm import tqdm
+
+    from evomerge.tasks.task import load_task
+    from evomerge.workers.evaluator import CandidateEvaluator, EvaluatorSpec, ObjectiveSpec
+
+    cfg, archive, run_dir = run.config, run.archive, run.run_dir
+    calibrated = [o for o in cfg.objectives if needs_calibration(o)]
+    irt = [o for o in cfg.objectives if o.estimator != "full"]
+    heldout = {o.name: o.heldout_task for o in cfg.objectives if o.heldout_task}
+    genomes = calibration_genomes(run.space, cfg.calibration.seed if cfg.calibration.seed is not None else cfg.seed,
+                                  cfg.calibration.random_merges) if calibrated else []
+
+    have = {o.name: archive.responses(o.name) for o in cfg.objectives}
+    have_heldout = {name: archive.responses(name, "heldout") for name in heldout}
+    todo_sources = [s for s in cfg.sources
+                    if any(_subject(s) not in have[o] for o in have)
+                    or any(_subject(s) not in have_heldout[o] for o in have_heldout)]
+    todo_merges = [i for i in range(len(genomes)) if archive.record(-(i + 1)) is None]
+    if todo_sources or todo_merges:
+        full = EvaluatorSpec(kind="merge", objectives=[ObjectiveSpec(o.name, o.task) for o in cfg.objectives],
+                             sources=dict(run.setup.spec.sources), backend=run.setup.spec.backend,
+                             device=run.setup.spec.device, model_dir=run.setup.spec.model_dir,
+                             threads=run.setup.spec.threads)
+        evaluator = CandidateEvaluator(full)
+        heldout_tasks = {name: load_task(task) for name, task in heldout.items()}
+        bar = tqdm(total=len(todo_sources) + len(todo_merges), desc="sources + calibration", disable=not progress,
+                   file=sys.stderr, leave=True, dynamic_ncols=True)
+        for s in todo_sources:
+            bar.set_postfix_str(s, refresh=True)
+            cand = Candidate(SOURCE_ID, CALIBRATION_GENERATION, [], source_plan(s), audit=True)
+            result, responses = evaluator.evaluate_full(cand)
+            if result.status != "ok":
+                raise EvomergeError(f"sources.{s}: the source model cannot be evaluated ({result.error})")
+            if heldout_tasks:
+                result, held = evaluator.evaluate_full(cand, heldout_tasks)
+                if result.status != "ok":
+                    raise EvomergeError(f"sources.{s}: held-out evaluation failed ({result.error})")
+                archive.add_responses(_subject(s), held, split="heldout")
+            archive.add_responses(_subject(s), responses)  # last: marks this source done
+            bar.update(1)
+        for i in todo_merges:
+            x = genomes[i]
+            cand = run._candidate(-(i + 1), CALIBRATION_GENERATION, x)
+            cand.audit = True
+            bar.set_postfix_str(f"random merge {i + 1}/{len(genomes)}", refresh=True)
+            if cand.plan is None:   # the decoder rejected it: recorded as failed, not evaluated
+                from evomerge.workers.types import EvalResult
+                archive.add(cand, EvalResult(cand.candidate_id, "failed",
+                                             error=run._decode_errors.pop(cand.candidate_id, "decode failed")))
+            else:
+                t = time.time()
+                result, responses = evaluator.evaluate_full(cand)
+                archive.add(cand, result, t, responses=responses)
+            bar.update(1)
+        bar.close()
+        del evaluator
+
+    _record_source_scores(cfg, archive)
+    for obj in irt:
+        _calibrate(obj, cfg, run_dir, archive)
+    meta = archive.meta()
+    done = Path(run_dir) / CALIBRATION_DIR / DONE_FILE
+    done.parent.mkdir(exist_ok=True)
+    atomic_write_text(done, json.dumps({"source_scores": meta["source_scores"],
+                                        "source_heldout_scores": meta["source_heldout_scores"]}, indent=2))
+
+
+def _score(values: np.ndarray) -> dict[str, Any]:
+    p, n = float(np.mean(values)), len(values)
+    return {"value": p, "stderr": float(np.sqrt(max(p * (1 - p), 0.0) / n)) if n > 1 else 0.0,
+            "n_items": n, "full": p}
+
+
+def _record_source_scores(cfg, archive) -> None:
+    search = {o.name: archive.responses(o.name) for o in cfg.objectives}
+    held = {o.name: archive.responses(o.name, "heldout") for o in cfg.objectives}
+    scores = {s: {o: _score(search[o][_subject(s)]) for o in search if _subject(s) in search[o]}
+              for s in cfg.sources}
+    heldout = {s: {o: _score(held[o][_subject(s)]) for o in held if _subject(s) in held[o]} for s in cfg.sources}
+    archive.set_meta(source_scores=scores, source_heldout_scores={s: v for s, v in heldout.items() if v})
+
+
+def _calibrate(obj, cfg, run_dir: Path, archive) -> None:
+    from evomerge.estimators.calibration import Calibration
+    from evomerge.tasks.task import load_task
+
+    task = load_task(obj.task)
+    items = [item.id for item in task.items]
+    responses = archive.responses(obj.name)
+    sources = [_subject(s) for s in cfg.sources]
+    where = f"objectives.{obj.name}"
+    if needs_calibration(obj):
+        path = calibration_path(run_dir, obj.name)
+        if not path.is_file():
+            merges = [k for k in responses if k.startswith("candidate:")]
+            rows = np.array([responses[k] for k in sources + merges], dtype=float)
+            c = cfg.calibration
+            try:
+                calib = Calibration.fit(rows, c.n_anchors(len(items)), method=c.method, dims=c.dims,
+                                        seed=c.seed if c.seed is not None else cfg.seed, items=items)
+            except EvomergeError as exc:
+                raise EvomergeError(f"{where}: calibration failed ({exc}); raise calibration.random_merges") from None
+            calib.info["population"] = {"sources": list(cfg.sources), "random_merges": len(merges)}
+            path.parent.mkdir(exist_ok=True)
+            calib.save(path)
+    else:
+        path = Path(obj.calibration)
+    calib = Calibration.load(path)
+    position = {item: i for i, item in enumerate(items)}
+    missing = [i for i in calib.items if i not in position]
+    if missing:
+        raise EvomergeError(f"{where}.calibration: item {missing[0]!r} is not in task {obj.task!r}")
+    order = [position[i] for i in calib.items]
+    source_rows = np.array([responses[k][order] for k in sources], dtype=float)
+    theta, _ = calib.theta_full(source_rows)
+    out = thetas_path(run_dir, obj.name)
+    out.parent.mkdir(exist_ok=True)
+    atomic_write_text(out, json.dumps({"sources": list(cfg.sources), "calibration": str(path),
+                                       "thetas": np.asarray(theta, float).tolist()}, indent=2))

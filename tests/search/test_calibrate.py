@@ -1,0 +1,144 @@
+"""Before generation 0: sources as reference points, IRT calibration on sources + random merges.
+
+Real tiny Llamas (a base and two noisy fine-tunes), a 40-item multiple-choice task with a
+search and a held-out split, real HF scoring.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from evomerge.estimators.calibration import Calibration
+from evomerge.search.archive import Archive
+from evomerge.search.calibrate import calibration_path, thetas_path
+from evomerge.search.run import SearchRun, judge, judge_candidates
+from evomerge.workers import evaluator as evaluator_module
+
+WORDS = ["cat", "dog", "sun", "sea", "red", "blue", "one", "two", "tree", "rock"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from evomerge.io.synthetic import make_tiny_llama
+    from evomerge.zoo.tokenizer import build_tokenizer, save_tokenizer
+
+    root = tmp_path_factory.mktemp("calibrate")
+    save_tokenizer(root / "tok")
+    vocab = build_tokenizer().get_vocab_size()
+    base = make_tiny_llama(root / "base", vocab_size=vocab, hidden_size=32, num_layers=2, tokenizer_from=root / "tok")
+    a = make_tiny_llama(root / "a", base=base, noise=0.6, seed=1, tokenizer_from=root / "tok")
+    b = make_tiny_llama(root / "b", base=base, noise=0.6, seed=2, tokenizer_from=root / "tok")
+    rng = np.random.default_rng(0)
+    for split, n in (("search", 40), ("heldout", 20)):
+        rows = []
+        for i in range(n):
+            choices = list(rng.choice(WORDS, 3, replace=False))
+            rows.append({"id": f"{split}-{i}", "prompt": f"{i} {choices[0]} is", "choices": choices,
+                         "answer": choices[i % 3]})
+        (root / f"mc.{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "mc.yaml").write_text(yaml.safe_dump({"name": "mc", "kind": "multiple_choice", "default_split": "search",
+                                                  "splits": {"search": "mc.search.jsonl", "heldout": "mc.heldout.jsonl"}}))
+    config = {
+        "seed": 5, "sources": {"base": str(base), "a": str(a), "b": str(b)}, "base": "base",
+        "genome": {"kind": "parameter", "method": "task_arithmetic", "granularity": "layer", "weight": [0.0, 1.5]},
+        "objectives": [{"name": "mc", "task": f"{root / 'mc.yaml'}:search", "estimator": "gmpirt"}],
+        "calibration": {"random_merges": 9, "anchors": 0.2, "dims": [1]},
+        "evaluator": {"kind": "merge", "threads": 1},
+        "optimizer": {"name": "random", "population": 4, "generations": 2}, "audit": {"every": 2},
+    }
+    return root, config
+
+
+def start(root, config, name):
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return SearchRun.create(path, root / name)
+
+
+@pytest.fixture(scope="module")
+def finished(tiny):
+    root, config = tiny
+    run = start(root, config, "run")
+    run.run(progress=False)
+    run.close()
+    return root / "run"
+
+
+def test_the_calibration_is_a_versioned_artifact_fitted_on_sources_and_random_merges(finished, tiny):
+    calib = Calibration.load(calibration_path(finished, "mc"))        # checksummed JSON, loads
+    assert len(calib.items) == 40 and len(calib.anchors) == 8           # 20% of the search items
+    assert sorted(calib.info["population"]["sources"]) == ["a", "b", "base"]
+    assert calib.info["population"]["random_merges"] == 9
+    thetas = json.loads(thetas_path(finished, "mc").read_text())
+    assert sorted(thetas["sources"]) == ["a", "b", "base"] and np.asarray(thetas["thetas"]).shape == (3, calib.a.shape[1])
+
+    archive = Archive(finished, readonly=True)
+    records = archive.records()
+    calibration = [r for r in records if r["generation"] == -1]
+    assert [r["candidate_id"] for r in calibration] == list(range(-9, 0))
+    assert all(r["audit"] and r["objectives"]["mc"]["full"] == r["objectives"]["mc"]["value"] for r in calibration)
+    responses = archive.responses("mc")
+    assert set(responses) == {"source:base", "source:a", "source:b"} | {f"candidate:{i}" for i in range(-9, 0)}
+    assert len({tuple(v) for v in responses.values()}) > 3, "a calibration population of identical subjects"
+    # search candidates are estimated from the anchors (8 items), audited ones also scored on all 40
+    search = [r for r in records if r["generation"] >= 0]
+    assert len(search) == 8 and all(r["status"] == "ok" for r in search)
+    assert all(r["objectives"]["mc"]["n_items"] == 8 for r in search)
+    assert [r["candidate_id"] for r in search if r["objectives"]["mc"]["full"] is not None] == [0, 2, 4, 6]
+    stats = archive.audit_stats()["mc"]
+    assert stats["n"] == 4 + 9 and np.isfinite(stats["mae"])
+    meta = archive.meta()
+    archive.close()
+    for name in ("base", "a", "b"):
+        source = meta["source_scores"][name]["mc"]
+        assert source["n_items"] == 40 and source["value"] == pytest.approx(np.mean(responses[f"source:{name}"]))
+        assert meta["source_heldout_scores"][name]["mc"]["n_items"] == 20
+
+
+def test_sources_judged_again_score_what_the_search_recorded(finished):
+    from evomerge.search.calibrate import source_plan
+
+    archive = Archive(finished, readonly=True)
+    meta = archive.meta()
+    archive.close()
+    judged = judge(finished, {"a": source_plan("a")}, split="heldout")
+    assert judged["a"]["mc"]["value"] == pytest.approx(meta["source_heldout_scores"]["a"]["mc"]["value"])
+    front = judge_candidates(finished)
+    assert front and all(s["mc"]["n_items"] == 20 for s in front.values())
+
+
+def test_a_crash_during_calibration_resumes_without_redoing_finished_evaluations(tiny, finished, monkeypatch):
+    root, config = tiny
+    calls = []
+    real = evaluator_module.CandidateEvaluator.evaluate_full
+
+    def crashing(self, candidate, tasks=None):
+        if len(calls) == 9:   # 3 sources x (search + held-out), then 3 random merges
+            raise KeyboardInterrupt("killed")   # the run dies in the middle of its calibration
+        calls.append(candidate.candidate_id)
+        return real(self, candidate, tasks)
+
+    monkeypatch.setattr(evaluator_module.CandidateEvaluator, "evaluate_full", crashing)
+    run = start(root, config, "crash")
+    with pytest.raises(KeyboardInterrupt):
+        run.run(progress=False)
+    run.close()
+    done = list(calls)
+    calls.clear()
+    monkeypatch.setattr(evaluator_module.CandidateEvaluator, "evaluate_full",
+                        lambda self, c, tasks=None: (calls.append(c.candidate_id), real(self, c, tasks))[1])
+    resumed = SearchRun.resume(root / "crash")
+    resumed.run(progress=False)
+    resumed.close()
+    assert sorted(c for c in done if c > -10**6) == [-3, -2, -1]
+    assert sorted(calls) == list(range(-9, -3)), "resuming redid finished evaluations"
+    # ... and ends with the same calibration and the same archive as the uninterrupted run
+    assert calibration_path(root / "crash", "mc").read_text() == calibration_path(finished, "mc").read_text()
+    one, two = Archive(finished, readonly=True), Archive(root / "crash", readonly=True)
+    strip = lambda rs: [(r["candidate_id"], r["genome"], r["objectives"]) for r in rs]  # noqa: E731
+    assert strip(one.records()) == strip(two.records())
+    one.close(), two.close()
