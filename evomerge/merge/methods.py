@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from evomerge.merge import fused
+
 _REQUIRED = object()
 
 
@@ -253,6 +255,10 @@ def rescale_l1_(masked: Tensor, original_l1: Tensor, eps: float = 1e-7) -> Tenso
 
 def linear(tensors: list[Tensor], weights: list[float], normalize: bool = True) -> Tensor:
     """Weighted average (model soup): sum(w_i x_i), divided by sum(w_i) when ``normalize``."""
+    if normalize and sum(weights) == 0:
+        raise ValueError("linear weights sum to 0 with normalize: true")
+    if tensors[0].numel() >= fused.MIN_FUSED and fused.usable(*tensors):
+        return fused.linear(tensors, weights, normalize, sum(weights))
     out = _f(tensors[0]).mul(weights[0])
     for x, w in zip(tensors[1:], weights[1:]):
         out.add_(_f(x), alpha=w)
@@ -290,6 +296,11 @@ def generalized_task_arithmetic(
     b = _f(base)
     if not tensors:
         return b.clone()
+    if (sparsify in (None, "magnitude") and not (rescale and sparsify) and base.numel() >= fused.MIN_FUSED
+            and fused.usable(base, *tensors)):
+        out = _fused_gta(base, tensors, weights, densities, sparsify, consensus, normalize, lam)
+        if out is not None:
+            return out
     deltas: list[Tensor] = []
     for i, x in enumerate(tensors):
         d = _f(x) - b  # fresh tensor: safe to modify in place
@@ -342,6 +353,28 @@ def generalized_task_arithmetic(
     if lam != 1:
         mixed.mul_(lam)
     return mixed.add_(b)
+
+
+def _fused_gta(base: Tensor, tensors: list[Tensor], weights: list[float], densities: list[float],
+               sparsify: str | None, consensus: str | None, normalize: bool, lam: float) -> Tensor | None:
+    """The same computation as the torch code, fused into one pass (None: take the torch path)."""
+    n = base.numel()
+    thresholds = []
+    for x, density in zip(tensors, densities):
+        if sparsify is None or density >= 1:
+            thresholds.append(None)
+            continue
+        drop = n - max(1, int(density * n)) if density > 0 else n
+        if drop <= 0:
+            thresholds.append(None)
+        elif drop >= n:
+            thresholds.append((math.inf, n))
+        else:
+            t = fused.magnitude_threshold(x, base, drop)
+            if t is None:  # NaN deltas: the torch code defines what happens
+                return None
+            thresholds.append(t)
+    return fused.gta(base, tensors, weights, thresholds, consensus == "sum", normalize, lam)
 
 
 def task_arithmetic(base: Tensor, tensors: list[Tensor], weights: list[float], lam: float = 1.0,

@@ -1,0 +1,102 @@
+"""The fused numba kernels give the torch reference code's results bit for bit."""
+
+import pytest
+import torch
+
+from evomerge.merge import fused
+from evomerge.merge import methods as M
+
+pytestmark = pytest.mark.skipif(not fused.ENABLED, reason="numba not installed")
+
+
+def _reference(monkeypatch, fn):
+    """fn() computed by the fused kernels and by the torch code."""
+    fast = fn()
+    monkeypatch.setattr(fused, "ENABLED", False)
+    slow = fn()
+    monkeypatch.setattr(fused, "ENABLED", True)
+    return fast, slow
+
+
+def _bits_equal(a, b):
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.fixture(scope="module")
+def tensors():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(257, 301, generator=g)  # odd sizes: partial blocks and chunks
+    fine = [base + 0.01 * torch.randn(base.shape, generator=g) for _ in range(3)]
+    # Deltas on a coarse grid: many equal magnitudes straddle every threshold.
+    grid = [base + torch.round(4 * torch.randn(base.shape, generator=g)) / 4 for _ in range(2)]
+    return base, fine, grid
+
+
+CASES = {
+    "ties": lambda b, f, g: M.ties(b, f[:2], [1.0, 0.7], [0.5, 0.5]),
+    "ties three models, lambda, negative weight": lambda b, f, g: M.ties(b, f, [1.0, 0.7, -0.3], [0.5, 0.2, 0.9],
+                                                                         lam=1.3),
+    "ties without normalize": lambda b, f, g: M.ties(b, f[:2], [1.0, 0.7], [0.3, 0.6], normalize=False),
+    "ties with tied magnitudes": lambda b, f, g: M.ties(b, g, [1.0, 0.7], [0.5, 0.37]),
+    "ties density 0 and 1": lambda b, f, g: M.ties(b, f[:2], [1.0, 0.7], [0.0, 1.0]),
+    "ties density near 1": lambda b, f, g: M.ties(b, f[:2], [1.0, 0.7], [0.9999999, 0.999]),
+    "ties density near 0": lambda b, f, g: M.ties(b, g, [1.0, 0.7], [1e-6, 0.001]),
+    "task arithmetic": lambda b, f, g: M.task_arithmetic(b, f[:2], [0.6, 0.4]),
+    "task arithmetic normalized, lambda": lambda b, f, g: M.task_arithmetic(b, f, [0.6, 0.4, 0.3], lam=0.8,
+                                                                           normalize=True),
+    "linear": lambda b, f, g: M.linear([b] + f[:2], [1.0, 1.0, 1.0]),
+    "linear unnormalized": lambda b, f, g: M.linear([b] + f[:2], [0.3, 1.7, 0.2], normalize=False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_equals_torch_bit_for_bit(monkeypatch, tensors, case):
+    base, fine, grid = tensors
+    assert base.numel() >= fused.MIN_FUSED
+    fast, slow = _reference(monkeypatch, lambda: CASES[case](base, fine, grid))
+    assert _bits_equal(fast, slow)
+
+
+def test_threshold_matches_magnitude_mask(tensors):
+    base, _, grid = tensors
+    n = base.numel()
+    for density in (0.1, 0.37, 0.5, 0.9):
+        keep = M.magnitude_mask(grid[0] - base, density)
+        drop = n - max(1, int(density * n))
+        t, cut = fused.magnitude_threshold(grid[0], base, drop)
+        mag = (grid[0] - base).abs().reshape(-1)
+        pos = torch.arange(n)
+        mine = (mag > t) | ((mag == t) & (pos >= cut))
+        assert torch.equal(mine, keep.reshape(-1))
+        assert int(mine.sum()) == max(1, int(density * n))
+
+
+def test_bracket_miss_falls_back_to_exact_select(monkeypatch, tensors):
+    # A zero-width bracket around the sampled rank misses the true rank almost always.
+    base, fine, _ = tensors
+    monkeypatch.setattr(fused, "BRACKET", (0.0, 0))
+    calls = []
+    exact = fused._exact_threshold
+    monkeypatch.setattr(fused, "_exact_threshold", lambda *a: calls.append(a) or exact(*a))
+    for density in (0.05, 0.5, 0.95):
+        fast, slow = _reference(monkeypatch, lambda: M.ties(base, fine[:2], [1.0, 0.5], [density, density]))
+        assert _bits_equal(fast, slow)
+    assert calls
+
+
+def test_nan_deltas_take_the_torch_path(monkeypatch, tensors):
+    base, fine, _ = tensors
+    broken = fine[0].clone()
+    broken[3, 5] = float("nan")
+    assert fused.magnitude_threshold(broken, base, base.numel() // 2) is None
+    fast, slow = _reference(monkeypatch, lambda: M.ties(base, [broken, fine[1]], [1.0, 1.0], [0.5, 0.5]))
+    assert torch.equal(fast.isnan(), slow.isnan())
+    assert torch.equal(torch.nan_to_num(fast), torch.nan_to_num(slow))
+
+
+def test_inputs_are_not_modified(tensors):
+    base, fine, _ = tensors
+    before = [t.clone() for t in [base, *fine]]
+    M.ties(base, fine, [1.0, 0.7, 0.5], [0.5, 0.5, 0.5])
+    M.linear(fine, [1.0, 2.0, 3.0])
+    assert all(torch.equal(a, b) for a, b in zip(before, [base, *fine]))
