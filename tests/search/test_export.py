@@ -157,3 +157,44 @@ def test_export_refuses_bad_requests_with_one_line(run, tmp_path, capsys):
     assert cli_main(["export", str(run["dir"]), str(out), "--id", "1"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert cli_main(["export", str(run["dir"]), str(out), "--id", "1", "--overwrite"]) == 0
+
+
+def test_an_exported_model_scores_what_its_candidate_scored_in_the_search(tmp_path):
+    """A real (tiny) search with full evaluation; the exported best candidate, loaded from
+    disk by transformers, scores the same on the same items with the same backend."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.backends import make_backend
+    from evomerge.search.run import SearchRun
+    from evomerge.tasks.task import load_task
+    from evomerge.zoo.tokenizer import build_tokenizer, save_tokenizer
+
+    save_tokenizer(tmp_path / "tok")
+    vocab = build_tokenizer().get_vocab_size()
+    base = make_tiny_llama(tmp_path / "base", vocab_size=vocab, num_layers=2, seed=1, tokenizer_from=tmp_path / "tok")
+    paths = {"base": str(base)} | {n: str(make_tiny_llama(tmp_path / n, base=base, noise=0.6, seed=s,
+                                                          tokenizer_from=tmp_path / "tok")) for n, s in (("a", 2), ("b", 3))}
+    words = ["cat", "dog", "sun", "sea", "red", "blue"]
+    rows = [{"id": f"q{i}", "prompt": f"{i} {words[i % 6]} is", "choices": [words[(i + k) % 6] for k in range(3)],
+             "answer": words[(i + i % 3) % 6]} for i in range(18)]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump({"name": "q", "kind": "multiple_choice", "data": "q.jsonl"}))
+    config = {"seed": 2, "sources": paths, "base": "base", "run_dir": str(tmp_path / "run"),
+              "genome": {"method": "task_arithmetic", "granularity": "layer", "weight": [0.0, 1.5]},
+              "objectives": [{"name": "q", "task": str(tmp_path / "q.yaml")}], "evaluator": {"threads": 1},
+              "optimizer": {"name": "random", "population": 4, "generations": 1}, "audit": {"every": 0}}
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(config))
+    search = SearchRun.create(tmp_path / "search.yaml")
+    search.run(progress=False)
+    search.close()
+
+    records = load_records(tmp_path / "run")
+    assert len({r.value("q") for r in records}) > 1, "identical scores would make the comparison weak"
+    best = top_k(records, 1, "q")[0]
+    out = tmp_path / "export"
+    assert cli_main(["export", str(tmp_path / "run"), str(out), "--id", str(best.candidate_id)]) == 0
+    exported = out / f"candidate-{best.candidate_id}"
+    AutoModelForCausalLM.from_pretrained(exported, local_files_only=True)   # loads with transformers
+    task = load_task(str(tmp_path / "q.yaml"))
+    results = make_backend("hf", exported).score(task, range(len(task.items)))
+    assert np.mean([r.score for r in results]) == best.value("q")
