@@ -268,10 +268,11 @@ class Archive:
 
     def audit_stats(self) -> dict[str, dict[str, float]]:
         """Per objective, over audited candidates: how far the estimate is from the full
-        score (mean absolute error, bias) and how well it ranks them (Spearman)."""
+        score (mean absolute error, bias) and how well it ranks them (Spearman). Calibration
+        evaluations (generation -1) are exact full scores, so they do not count."""
         rows = self.db.execute(
             "SELECT s.objective, s.value, s.full FROM scores s JOIN evaluations e USING (candidate_id) "
-            "WHERE e.status = 'ok' AND s.full IS NOT NULL ORDER BY s.candidate_id").fetchall()
+            "WHERE e.status = 'ok' AND e.generation >= 0 AND s.full IS NOT NULL ORDER BY s.candidate_id").fetchall()
         stats = {}
         for name in self.objectives:
             pairs = np.array([(r[1], r[2]) for r in rows if r[0] == name], dtype=float).reshape(-1, 2)
