@@ -17,8 +17,10 @@ norm and lm_head from the last.
 from __future__ import annotations
 
 import copy
+import queue
 import random
 import re
+import threading
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -293,15 +295,64 @@ def iter_merge(plan: MergePlan, sources: SourceSet, device: str | torch.device |
     return _run(plan, sources, jobs, device)
 
 
-def _run(plan: MergePlan, sources: SourceSet, jobs: list[TensorJob], device) -> Iterator[tuple[str, Tensor]]:
+def _background(items: Iterator, depth: int) -> Iterator:
+    """Run an iterator in a thread up to ``depth`` items ahead of its consumer.
+
+    Reading (pread), merging (numba / torch kernels) and writing all release the GIL,
+    so a disk merge overlaps the three; ``depth`` bounds the tensors held in between.
+    An exception in the thread is re-raised here; closing early stops the thread.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put((None, item)):
+                    return
+            put((None, done))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put((exc, None))
+
+    thread = threading.Thread(target=work, name="evomerge-pipeline", daemon=True)
+    thread.start()
+    try:
+        while True:
+            exc, item = q.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _inputs(sources: SourceSet, jobs: list[TensorJob], prefetch: bool) -> Iterator[tuple[TensorJob, list[Tensor]]]:
+    loaded = ((job, [sources.tensor(m, n) for m, n in zip(job.models, job.names)]) for job in jobs)
+    return _background(loaded, 1) if prefetch else loaded
+
+
+def _run(plan: MergePlan, sources: SourceSet, jobs: list[TensorJob], device, prefetch: bool = False
+         ) -> Iterator[tuple[str, Tensor]]:
     spec = M.METHODS[plan.merge_method]
     in_dtype = TORCH_DTYPES[plan.dtype] if plan.dtype else None
     out_dtype = TORCH_DTYPES[plan.out_dtype] if plan.out_dtype else None
     device = torch.device(device) if device is not None else None
     seed = plan.random_seed if plan.random_seed is not None else random.SystemRandom().randrange(2**31)
     with torch.no_grad():
-        for job in jobs:
-            tensors = [sources.tensor(m, n) for m, n in zip(job.models, job.names)]
+        for job, tensors in _inputs(sources, jobs, prefetch):
             if device is not None and tensors[0].device != device:
                 tensors = [x.to(device) for x in tensors]
             if not tensors[0].is_floating_point():
@@ -390,10 +441,14 @@ def merge_to_disk(plan: MergePlan, sources: SourceSet, out_dir: str | Path, toke
     tok = _tokenizer_dir(plan, sources, tokenizer_from)
     readme = "---\ntags: [merge, evomerge]\n---\n# Merged model\n\nMade by evomerge with this mergekit-compatible recipe:\n\n```yaml\n" \
         + plan.to_yaml() + "```\n"
-    return write_checkpoint(out_dir, _run(plan, sources, jobs, None), config, tokenizer_from=tok,
-                            max_shard_size=max_shard_size, extra_files={"mergekit_config.yml": plan.to_yaml(),
-                                                                        "README.md": readme},
-                            overwrite=overwrite, layout=_output_layout(plan, sources, jobs))
+    # Three stages at once: read the next tensors, merge the current ones, write the last result.
+    merged = _background(_run(plan, sources, jobs, None, prefetch=not sources.resident), 1)
+    try:
+        return write_checkpoint(out_dir, merged, config, tokenizer_from=tok, max_shard_size=max_shard_size,
+                                extra_files={"mergekit_config.yml": plan.to_yaml(), "README.md": readme},
+                                overwrite=overwrite, layout=_output_layout(plan, sources, jobs))
+    finally:
+        merged.close()  # stops the merging thread if writing failed
 
 
 def _output_layout(plan: MergePlan, sources: SourceSet, jobs: list[TensorJob]) -> list[tuple]:

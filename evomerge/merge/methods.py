@@ -145,6 +145,11 @@ def _kth_smallest_bits(bits: Tensor, k: int) -> tuple[int, int, int]:
     linear time instead of a sort.
     """
     flat = bits.reshape(-1)
+    if flat.numel() <= 1 << 16:  # small tensors (norms): a sort beats two 32K-64K-bin histograms
+        ordered = flat.sort().values
+        value = ordered[k]
+        below = int(torch.searchsorted(ordered, value))
+        return int(value), below, int(torch.searchsorted(ordered, value, right=True)) - below
     high = flat >> 16
     counts = torch.bincount(high, minlength=1 << 15).cumsum_(0)
     bucket = int(torch.searchsorted(counts, k, right=True))
