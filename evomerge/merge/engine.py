@@ -98,7 +98,8 @@ class SourceSet:
     def tensor(self, model: str, name: str) -> Tensor:
         if model in self._tensors:
             return self._tensors[model][name]
-        return self.checkpoints[model].get(name).to(self.device)
+        # Streaming: map the bytes from the page cache rather than copying them (CPU only).
+        return self.checkpoints[model].get(name, mapped=self.device.type == "cpu").to(self.device)
 
     def layout(self, model: str) -> Layout:
         return self._layouts[model]

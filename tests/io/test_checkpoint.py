@@ -99,3 +99,13 @@ def test_unknown_tensor_is_an_error_naming_model_and_tensor(tmp_path):
     ck = Checkpoint(make_tiny_llama(tmp_path / "m", num_layers=1))
     with pytest.raises(CheckpointError, match=r"has no tensor model.layers.7"):
         ck.get("model.layers.7.mlp.up_proj.weight")
+
+
+def test_mapped_reads_equal_copied_reads(tmp_path):
+    from evomerge.io.synthetic import make_tiny_llama
+
+    path = make_tiny_llama(tmp_path / "m", shards=3, seed=4)
+    ck = Checkpoint(path)
+    for name in ck.tensor_names:
+        mapped = ck.get(name, mapped=True)
+        assert mapped.shape == ck.get(name).shape and torch.equal(mapped, ck.get(name))
