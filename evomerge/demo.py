@@ -25,6 +25,7 @@ from evomerge.errors import ConfigError, EvomergeError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
+MAX_EXPORT = 4                                  # models written to RUN_DIR/export
 TOP_K = 4                                       # candidates re-scored on all search items
 SKILL_COLUMNS = ("arith", "strings", "lang")    # extra held-out columns, for context
 
@@ -42,7 +43,7 @@ def one_shot_recipes(experts: list[str], base: str) -> dict[str, dict]:
             "merge_method": "linear", "models": [{"model": e, "parameters": {"weight": 1.0}} for e in experts]},
         "task_arithmetic (weight 1)": over_base("task_arithmetic"),
         "ties (weight 1, density 0.5)": over_base("ties", density=0.5),
-        "dare_ties (weight 1, density 0.5)": over_base("dare_ties", density=0.5),
+        "dare_ties (weight 1, density 0.5)": {**over_base("dare_ties", density=0.5), "random_seed": 0},
     }
 
 
@@ -148,8 +149,11 @@ def run_demo(config: Path = DEFAULT_CONFIG, run_dir: Path | None = None, results
           f"{others[runner_up]:.3f} -> {'better' if won else 'NOT better'}", flush=True)
 
     records = load_records(run_dir)
+    # The best merge plus the search's front; with one objective many candidates can tie
+    # on the front, so at most MAX_EXPORT models are written.
     front = pareto_front([r for r in records if r.generation >= 0], cfg.objective_names)
-    chosen = front + [r for r in records if r.candidate_id == best_id and r not in front]
+    chosen = [r for r in records if r.candidate_id == best_id]
+    chosen += [r for r in front if r.candidate_id != best_id][: MAX_EXPORT - 1]
     exported = export_records(chosen, run_dir, run_dir / "export", overwrite=True)
     report = write_report(run_dir)
     print(f"exported {len(exported)} merge(s) to {run_dir / 'export'}; report: {report}")
