@@ -186,7 +186,11 @@ def plot(result: dict, path: Path) -> None:
     for seed, r in result["per_seed"].items():
         pairs = np.array(r["audit_pairs"]) if r["audit_pairs"] else np.zeros((0, 2))
         ax.scatter(pairs[:, 1], pairs[:, 0], label=f"seed {seed} ({r['estimator']})", s=18)
-    ax.plot([0, 1], [0, 1], color="gray", lw=1, ls="--")
+    allp = np.array([p for r in result["per_seed"].values() for p in r["audit_pairs"]] or [[0.0, 1.0]])
+    lo, hi = float(allp.min()) - 0.01, float(allp.max()) + 0.01
+    ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls="--")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
     ax.set_xlabel("full accuracy (all search items)")
     ax.set_ylabel(f"estimate ({result['per_seed'][next(iter(result['per_seed']))]['anchors']} anchors)")
     rho = result["summary"]["audit_spearman_pooled"]

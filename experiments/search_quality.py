@@ -213,13 +213,16 @@ def best_curve(scorer, events, budget, fractions, objective: str, heldout: str, 
     return curve
 
 
-def hv_curve(scorer, events, budget, fractions, tasks: dict[str, str]) -> list[dict]:
+def hv_curve(scorer, events, budget, fractions, tasks: dict[str, str], search_only: bool = False) -> list[dict]:
+    """Hypervolume of the held-out scores of the front (by search fitness) at each budget
+    point; ``search_only`` as in ``best_curve``. Budget positions always count every event."""
     from evomerge.search.archive import hypervolume, non_dominated
 
     names = list(tasks)
     curve = []
     for f in fractions:
-        paid = [e for e in _within(events, f * budget) if e["fitness"] is not None]
+        paid = [e for e in _within(events, f * budget) if e["fitness"] is not None
+                and not (search_only and e.get("kind") == "calibration")]
         if not paid:
             curve.append({"fraction": f, "items": f * budget, "hypervolume": 0.0, "front": 0})
             continue
@@ -302,6 +305,9 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=3, help="seeds run in parallel processes")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/evomerge-experiments/search_quality"))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--plot-only", action="store_true", help="only redraw the PNG from the result JSON")
+    ap.add_argument("--reanalyze-multi", action="store_true",
+                    help="only add the search-only hypervolume to an existing result, from its work dir's archives")
     ap.add_argument("--only-seed", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--partial", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -313,6 +319,11 @@ def main() -> int:
         return 0
 
     out = args.out or RESULTS / ("search_quality.quick.json" if args.quick else "search_quality.json")
+    if args.reanalyze_multi:
+        reanalyze_multi(args, S, out)
+    if args.reanalyze_multi or args.plot_only:
+        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+        return 0
     started, machine_start = time.time(), machine_info()
     zoo_paths, sources = zoo(args.zoo)     # built here once, before the children start
     child_args = ["--workdir", str(args.workdir)] + (["--zoo", str(args.zoo)] if args.zoo else []) \
@@ -344,8 +355,10 @@ def main() -> int:
     if not args.skip_multi:
         M = S["multi_objective"]
         hv = {m: [parts[s]["multi"]["curves"][m] for s in seeds] for m in parts[seeds[0]]["multi"]["curves"]}
+        hv_so = {m: [parts[s]["multi"]["curves_search_only"][m] for s in seeds] for m in hv}
         multi = {"budget_items": M["budget_items"], "fractions": M["fractions"], "objectives": M["objectives"],
                  "hypervolume": summarize(hv, "hypervolume"),
+                 "hypervolume_search_only": summarize(hv_so, "hypervolume"),
                  "per_seed": {m: {str(s): {"curve": parts[s]["multi"]["curves"][m], **parts[s]["multi"]["info"][m]}
                                   for s in seeds} for m in hv},
                  "sources_heldout": {n: {t: scorer.accuracy(source_plan(n), f"{spec}:heldout")
@@ -393,9 +406,37 @@ def run_multi(scorer, sources, M: dict, evo: dict, seed: int, workdir: Path) -> 
     print(f"[multi seed {seed}] random", flush=True)
     runs["random"] = run_random(sources, tasks, {**M["random"], "genome": genome}, budget, seed, workdir)
     curves = {m: hv_curve(scorer, r["events"], budget, fractions, tasks) for m, r in runs.items()}
+    curves_so = {m: hv_curve(scorer, r["events"], budget, fractions, tasks, search_only=True) for m, r in runs.items()}
     info = {m: {**{k: v for k, v in r.items() if k != "events"}, "evaluations": len(r["events"]),
                 "items_spent": sum(e["items"] for e in r["events"])} for m, r in runs.items()}
-    return {"curves": curves, "info": info}
+    return {"curves": curves, "curves_search_only": curves_so, "info": info}
+
+
+def reanalyze_multi(args, S: dict, out: Path) -> None:
+    """Add the search-only hypervolume to a finished run's JSON, from the archives in its
+    work dir (calibration candidates come first, so budget positions shift by their cost)."""
+    from common import archive_events
+
+    M = S["multi_objective"]
+    tasks, budget, fractions = M["objectives"], M["budget_items"], M["fractions"]
+    result = json.loads(out.read_text())
+    _, sources = zoo(args.zoo)
+    scorer = Scorer(sources)
+    curves: dict[str, list] = {"evomerge": [], "random": []}
+    for seed in S["seeds"]:
+        base = args.workdir / f"seed{seed}" / "multi"
+        for method in curves:
+            events = [dict(e, kind="search") for e in archive_events(base / f"{method}-seed{seed}", list(tasks))]
+            if method == "evomerge":
+                calib = result["multi_objective"]["per_seed"]["evomerge"][str(seed)]["calibration"]
+                events = [{"items": calib["items_spent"], "fitness": None, "kind": "calibration"}] + events
+            curves[method].append(hv_curve(scorer, events, budget, fractions, tasks, search_only=True))
+    result["multi_objective"]["hypervolume_search_only"] = summarize(curves, "hypervolume")
+    result["multi_objective"]["hypervolume_search_only_by"] = command_line()
+    for method, per in curves.items():
+        for seed, curve in zip(S["seeds"], per):
+            result["multi_objective"]["per_seed"][method][str(seed)]["curve_search_only"] = curve
+    write_json(out, result)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -432,6 +473,10 @@ def plot(result: dict, path: Path) -> None:
             x = [r["items"] for r in rows]
             ax.errorbar(x, [r["mean"] for r in rows], yerr=[r["std"] or 0 for r in rows], marker="o", capsize=3,
                         label=method)
+        rows = (multi.get("hypervolume_search_only") or {}).get("evomerge")
+        if rows:
+            ax.plot([r["items"] for r in rows], [r["mean"] for r in rows], ls="--", marker="x",
+                    label="evomerge, optimizer's merges only")
         ax.set_xlabel("budget (scored items)")
         ax.set_ylabel("hypervolume of the front, held-out scores")
         ax.set_title(" + ".join(multi["objectives"]) + " (mean, std over seeds)")
