@@ -13,13 +13,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from evomerge.search.command_status import print_status
-    from evomerge.search.run import SearchRun
+    from evomerge.search.run import SearchRun, read_meta
+    from evomerge.search.state import load_latest
 
-    search = SearchRun.resume(args.run_dir, start_pool=True)
-    if search.finished:
-        print(f"{search.run_dir}: the search already finished (generation {search.state.generation}); "
+    # A finished run answers before anything heavy (torch, sources, tasks) is loaded.
+    read_meta(args.run_dir.resolve())
+    state = load_latest(args.run_dir.resolve())
+    if state.finished:
+        print(f"{args.run_dir.resolve()}: the search already finished (generation {state.generation}); "
               "nothing to resume")
         return 0
+    search = SearchRun.resume(args.run_dir, start_pool=True)
     print(f"resuming {search.run_dir} at generation {search.state.generation + 1}")
     search.run(progress=not args.no_progress)
     print_status(search.run_dir)
