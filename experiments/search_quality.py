@@ -131,8 +131,10 @@ def run_cmaes_weights(scorer, task: str, settings: dict, budget: int, seed: int)
                 losses.append(0.0)  # budget spent: not scored (pycma still needs a value)
                 continue
             plan = mergekit_evolve_plan(np.asarray(x))
+            t = time.perf_counter()
             acc = scorer.accuracy(plan, f"{task}:search")
-            events.append({"items": per_candidate, "plan": plan, "fitness": {"calc": acc}, "kind": "search"})
+            events.append({"items": per_candidate, "plan": plan, "fitness": {"calc": acc}, "kind": "search",
+                           "seconds": time.perf_counter() - t})
             losses.append(-acc)
         es.tell(xs, losses)
     return {"events": events, "seconds": time.perf_counter() - t0, "search_candidates": len(events),
