@@ -206,7 +206,8 @@ class _TensorView:
     def __contains__(self, name: str) -> bool:
         return name in self._names
 
-    def get(self, name: str):
+    def get(self, name: str, mapped: bool = False):
+        # Already in memory: ``mapped`` (zero-copy read) is what we give anyway.
         return self._get(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
