@@ -396,12 +396,29 @@ class RayPool:
     def _replace(self, index: int, reason: str, charge_first: bool) -> None:
         """Start a new actor in slot ``index``; retry or requeue what the old one held.
 
-        Actor tasks run in submit order, so only the oldest one was running when the
-        worker died: that candidate is charged an attempt, the others never started.
+        Actor tasks run in submit order, so of the tasks still unanswered only the oldest
+        can have been running when the worker died: that candidate is charged an attempt,
+        the others are re-sent uncharged. One case cannot be told apart from the controller:
+        the oldest finished but its reply died with the process, and the next one had
+        already started. Both then run again (no result is lost or returned twice), and
+        the attempt is charged to the oldest. So a dead worker costs at most
+        ``queue_depth`` re-runs, each of a candidate it held.
         """
         slot = self._slots[index]
         name = slot.info.name if slot.info else f"ray-worker-{index}.{slot.incarnation}"
-        held = [self._tasks.pop(ref)[1] for ref in slot.running if ref in self._tasks]
+        refs = [ref for ref in slot.running if ref in self._tasks]
+        # A result the worker delivered just before it died is kept, not recomputed: the
+        # failure of a later task can reach us before the success of an earlier one.
+        finished, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+        finished = set(finished)
+        held = []
+        for ref in refs:
+            candidate = self._tasks.pop(ref)[1]
+            result = self._delivered(ref) if ref in finished else None
+            if result is not None and not (result.status == "failed" and is_process_fault(result.error)):
+                self._done.append(result)
+            else:
+                held.append(candidate)
         for position, candidate in reversed(list(enumerate(held))):
             if position == 0 and charge_first:
                 self._retry_or_fail(candidate, reason, name)
@@ -413,6 +430,12 @@ class RayPool:
             pass
         self.replacements += 1
         self._slots[index] = self._start_actor(index, slot.incarnation + 1)
+
+    def _delivered(self, ref: Any) -> EvalResult | None:
+        try:
+            return self._ray.get(ref, timeout=0)
+        except Exception:
+            return None
 
     def _retry_or_fail(self, candidate: Candidate, reason: str, worker: str | None) -> None:
         if candidate.attempt >= self.max_retries:

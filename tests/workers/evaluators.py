@@ -54,3 +54,10 @@ def calls(log_path: Path) -> list[int]:
     if not log_path.exists():
         return []
     return [int(line.split()[0]) for line in log_path.read_text().splitlines()]
+
+
+def runs(log_path: Path) -> list[tuple[int, int]]:
+    """(candidate id, worker pid) of every call, in the order they started."""
+    if not log_path.exists():
+        return []
+    return [(int(cid), int(pid)) for cid, pid in (line.split() for line in log_path.read_text().splitlines())]
