@@ -223,7 +223,8 @@ class Archive:
         ``objectives`` mapping ``name -> {value, stderr, n_items, full}``."""
         rows = self.db.execute(f"SELECT * FROM evaluations {where} ORDER BY candidate_id", params).fetchall()
         scores: dict[int, dict[str, dict[str, Any]]] = {}
-        for s in self.db.execute("SELECT * FROM scores"):
+        chosen = f"WHERE candidate_id IN (SELECT candidate_id FROM evaluations {where})" if where else ""
+        for s in self.db.execute(f"SELECT * FROM scores {chosen}", params if where else ()):
             scores.setdefault(s["candidate_id"], {})[s["objective"]] = {
                 "value": s["value"], "stderr": s["stderr"], "n_items": s["n_items"], "full": s["full"]}
         out = []

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -151,6 +152,11 @@ class SearchRun:
         self.weights = np.array([o.weight for o in self.config.objectives], dtype=float)
         self.pool = None                     # a pool started before the run directory was written
         self._decode_errors: dict[int, str] = {}
+        # Search candidates evaluated before an interruption: asked again on resume, their
+        # stored results are reused. Read once, so a fresh run never queries per candidate.
+        self._stored = {row[0] for row in self.archive.db.execute(
+            "SELECT candidate_id FROM evaluations WHERE generation >= 0")}
+        self._best: dict[str, float] | None = None   # best search value per objective, for the bar
 
     # -- creating and reopening --------------------------------------------------------------
     @classmethod
@@ -257,7 +263,7 @@ class SearchRun:
         bar = tqdm(total=len(candidates), desc=f"gen {g + 1}/{self.config.optimizer.generations}",
                    disable=not progress, file=sys.stderr, leave=True, dynamic_ncols=True)
         for c in candidates:
-            stored = self.archive.record(c.candidate_id)
+            stored = self.archive.record(c.candidate_id) if c.candidate_id in self._stored else None
             if stored is not None:                      # evaluated before an interruption
                 if not np.allclose(stored["genome"], c.genome, rtol=0, atol=1e-12):
                     raise CheckpointError(f"{self.run_dir}: archive candidate {c.candidate_id} differs from the "
@@ -278,8 +284,10 @@ class SearchRun:
             self.archive.add(candidate, result, submitted_at.get(result.candidate_id))
             results[result.candidate_id] = result
             bar.update(1)
-            bar.set_postfix_str(self._best_text(), refresh=False)
-        bar.set_postfix_str(self._best_text())
+            if progress:
+                bar.set_postfix_str(self._best_text(result), refresh=False)
+        if progress:
+            bar.set_postfix_str(self._best_text())
         bar.close()
         told = np.array([self._told_values(results[c.candidate_id]) for c in candidates])
         self.optimizer.tell(xs, told)
@@ -309,9 +317,16 @@ class SearchRun:
             values = np.full(len(self.objectives), failed, dtype=float)
         return values if self.multi else np.array([float(self.weights @ values)])
 
-    def _best_text(self) -> str:
-        best = self.archive.best()
-        return " ".join(f"{name}={value:.3f}" for name, value in best.items())
+    def _best_text(self, result: EvalResult | None = None) -> str:
+        """Best search value per objective so far: read from the archive once, then kept
+        current from each new result (no query per result)."""
+        if self._best is None:
+            self._best = self.archive.best()
+        elif result is not None and result.status == "ok":
+            for name, score in result.objectives.items():
+                if name in self.objectives and math.isfinite(score.value):
+                    self._best[name] = max(score.value, self._best.get(name, -math.inf))
+        return " ".join(f"{name}={self._best[name]:.3f}" for name in self.objectives if name in self._best)
 
     def close(self) -> None:
         self.archive.close()
