@@ -114,6 +114,9 @@ class WorkersConfig(_Strict):
     memory: int | None = Field(None, ge=1)      # bytes per worker (Ray)
     max_retries: int = Field(2, ge=0)
     address: str | None = None                  # Ray cluster: "auto" or HOST:PORT
+    # Seconds one candidate may run before its worker counts as hung and is replaced (the
+    # candidate is retried like one whose worker died). None: wait forever. Ray only.
+    task_timeout: float | None = Field(None, gt=0)
 
 
 class SearchConfig(_Strict):

@@ -199,3 +199,16 @@ def test_an_unreachable_address_is_a_quick_one_line_error(monkeypatch):
     assert time.monotonic() - start < 10
     with pytest.raises(EvomergeError, match="HOST:PORT"):
         ray_cluster.connect("not-an-address", timeout=5)
+
+
+def test_the_workers_section_of_a_config_reaches_the_pool(local_ray):
+    from evomerge.search.config import WorkersConfig
+    from evomerge.workers.pool import make_pool
+
+    workers = WorkersConfig(backend="ray", count=1, max_retries=4, task_timeout=7.5)
+    pool = make_pool(QuadraticEvaluator, **workers.model_dump())
+    try:
+        assert isinstance(pool, RayPool)
+        assert (pool.task_timeout, pool.max_retries, len(pool.workers())) == (7.5, 4, 1)
+    finally:
+        pool.close()
