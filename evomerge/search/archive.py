@@ -147,6 +147,22 @@ class Archive:
             raise EvomergeError(f"{self.path}: archive has no objectives recorded")
         self.objectives: list[str] = meta["objectives"]
         self.reference = np.asarray(meta["reference"], dtype=float)
+        if not readonly and self.db.execute(
+                "SELECT 1 FROM front JOIN evaluations USING (candidate_id) WHERE generation < 0 LIMIT 1").fetchone():
+            self._rebuild_front()
+
+    def _rebuild_front(self) -> None:
+        """Recompute the front over search candidates only (archives from before calibration
+        merges were kept out of it)."""
+        rows = [r for r in self.records("WHERE status = 'ok' AND generation >= 0")
+                if all(o in r["objectives"] for o in self.objectives)]
+        points = np.array([[r["objectives"][o]["value"] for o in self.objectives] for r in rows]).reshape(len(rows), -1)
+        keep = non_dominated(points) if rows else np.array([], dtype=int)
+        with self.transaction():
+            self.db.execute("DELETE FROM front")
+            for i in keep:
+                self.db.execute("INSERT INTO front VALUES (?)", (rows[i]["candidate_id"],))
+            self._set_meta({"hypervolume": hypervolume(points[keep], self.reference) if len(keep) else 0.0})
 
     # -- writing ---------------------------------------------------------------------------
     def transaction(self):
@@ -179,7 +195,7 @@ class Archive:
             for name, score in result.objectives.items():
                 self.db.execute("INSERT INTO scores VALUES (?,?,?,?,?,?)",
                                 (candidate.candidate_id, name, score.value, score.stderr, score.n_items, score.full))
-            if ok and all(name in result.objectives for name in self.objectives):
+            if ok and candidate.generation >= 0 and all(name in result.objectives for name in self.objectives):
                 point = np.array([result.objectives[name].value for name in self.objectives])
                 self._update_front(candidate.candidate_id, point)
 
@@ -242,8 +258,15 @@ class Archive:
         found = self.records("WHERE candidate_id = ?", (candidate_id,))
         return found[0] if found else None
 
-    def front(self) -> list[dict[str, Any]]:
-        return self.records("WHERE candidate_id IN (SELECT candidate_id FROM front)")
+    def front(self, calibration: bool = False) -> list[dict[str, Any]]:
+        """The non-dominated search candidates. Calibration merges (generation -1) are kept
+        out: they are random merges scored on every item, not search results.
+        ``calibration=True`` gives the front over both (computed on demand, for audits)."""
+        if not calibration:
+            return self.records("WHERE candidate_id IN (SELECT candidate_id FROM front)")
+        ok = [r for r in self.records("WHERE status = 'ok'") if all(o in r["objectives"] for o in self.objectives)]
+        points = np.array([[r["objectives"][o]["value"] for o in self.objectives] for r in ok]).reshape(len(ok), -1)
+        return [ok[i] for i in non_dominated(points)] if ok else []
 
     def responses(self, objective: str, split: str = "search") -> dict[str, np.ndarray]:
         """{subject: per-item scores} of one objective's full evaluations, in subject order."""
@@ -259,11 +282,13 @@ class Archive:
         counts = {row[0]: row[1] for row in rows}
         return {"ok": counts.get("ok", 0), "failed": counts.get("failed", 0), "total": sum(counts.values())}
 
-    def best(self) -> dict[str, float]:
-        """The best value per objective over successful evaluations."""
+    def best(self, calibration: bool = False) -> dict[str, float]:
+        """The best value per objective over successful search evaluations (and calibration
+        merges too with ``calibration=True``)."""
+        lowest = -1 if calibration else 0
         rows = self.db.execute(
             "SELECT s.objective, MAX(s.value) FROM scores s JOIN evaluations e USING (candidate_id) "
-            "WHERE e.status = 'ok' GROUP BY s.objective").fetchall()
+            "WHERE e.status = 'ok' AND e.generation >= ? GROUP BY s.objective", (lowest,)).fetchall()
         found = {row[0]: float(row[1]) for row in rows}
         return {name: found[name] for name in self.objectives if name in found}
 

@@ -1,6 +1,7 @@
 """``evomerge export RUN_DIR [--front | --top K | --id N] OUT``: chosen merges as HF models.
 
-Each chosen candidate becomes ``OUT/candidate-<id>/``: safetensors + config +
+Each chosen candidate becomes ``OUT/candidate-<id>/`` (a calibration merge, chosen by its
+negative id, ``OUT/calibration-<n>/``): safetensors + config +
 tokenizer, a ``README.md`` model card (recipe, scores with their standard errors
 and full-pool audits, the run it came from, the evomerge version) and
 ``mergekit.yaml``, the recipe for reproducing it with mergekit alone. Every model
@@ -86,13 +87,24 @@ def open_archive(run_dir: str | Path):
         raise EvomergeError(f"{run_dir}: the archive cannot be read ({exc})") from None
 
 
-def load_records(run_dir: str | Path) -> list[RunRecord]:
-    """Every evaluated candidate of a run, ordered by candidate id."""
+def load_records(run_dir: str | Path, calibration: bool = False) -> list[RunRecord]:
+    """Every evaluated search candidate of a run, ordered by candidate id.
+
+    Calibration merges (generation -1, negative ids: random merges scored on every item
+    before the search) are left out unless ``calibration=True``, so fronts, tops and bests
+    are the search's own."""
     archive = open_archive(run_dir)
     try:
-        return [_as_record(r) for r in archive.records()]
+        return [_as_record(r) for r in archive.records("" if calibration else "WHERE generation >= 0")]
     finally:
         archive.close()
+
+
+def export_name(record: RunRecord) -> str:
+    """``candidate-<id>`` for a search candidate, ``calibration-<n>`` for calibration merge -n."""
+    if record.candidate_id < 0:
+        return f"calibration-{-record.candidate_id}"
+    return f"candidate-{record.candidate_id}"
 
 
 def load_source_scores(run_dir: str | Path) -> dict[str, dict[str, dict]]:
@@ -200,9 +212,11 @@ def mergekit_yaml(plan: MergePlan | StagedPlan, paths: dict[str, str]) -> str:
 def model_card(record: RunRecord, run_dir: Path, plan: MergePlan | StagedPlan, paths: dict[str, str]) -> str:
     lines = [
         "---", "tags: [merge, evomerge]", "library_name: transformers", "---", "",
-        f"# evomerge candidate {record.candidate_id}", "",
-        f"Found by an evolutionary merge search (evomerge {evomerge.__version__}) in run `{run_dir.resolve()}`, "
-        f"generation {record.generation}.", "", "## Scores", "",
+        f"# evomerge {export_name(record).replace('-', ' ', 1)}", "",
+        (f"Found by an evolutionary merge search (evomerge {evomerge.__version__}) in run `{run_dir.resolve()}`, "
+         f"generation {record.generation}." if record.candidate_id >= 0 else
+         f"A random calibration merge (candidate id {record.candidate_id}) of the pre-search phase of run "
+         f"`{run_dir.resolve()}` (evomerge {evomerge.__version__}), scored on every item."), "", "## Scores", "",
         "Estimates from the search's item subsets (± standard error); *full* is the score on the whole "
         "item pool where the candidate was audited.", "",
         "| objective | estimate | ± stderr | items | full |", "|---|---|---|---|---|",
@@ -226,7 +240,8 @@ def model_card(record: RunRecord, run_dir: Path, plan: MergePlan | StagedPlan, p
 
 def export_records(records: list[RunRecord], run_dir: str | Path, out: str | Path, sources=None,
                    paths: dict[str, str] | None = None, overwrite: bool = False) -> list[Path]:
-    """Write each record as ``out/candidate-<id>``; returns the directories written."""
+    """Write each record as ``out/candidate-<id>`` (``out/calibration-<n>`` for a calibration
+    merge); returns the directories written."""
     from evomerge.io.checkpoint import write_checkpoint
     from evomerge.merge.engine import SourceSet
 
@@ -244,7 +259,7 @@ def export_records(records: list[RunRecord], run_dir: str | Path, out: str | Pat
         tok = final.tokenizer_source or final.base_model or final.referenced_models()[0]
         tok_path = paths.get(tok, paths.get(plan.stages[0][1].base_model, None) if isinstance(plan, StagedPlan) else None)
         tensors, config = _materialize(plan, sources)
-        target = out / f"candidate-{rec.candidate_id}"
+        target = out / export_name(rec)
         write_checkpoint(target, tensors, config, tokenizer_from=tok_path, overwrite=overwrite,
                          extra_files={"README.md": model_card(rec, run_dir, plan, paths),
                                       "mergekit.yaml": mergekit_yaml(plan, paths),
@@ -262,7 +277,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--front", action="store_true", help="every merge on the Pareto front (default)")
     which.add_argument("--top", type=int, metavar="K", help="the K best by --objective")
-    which.add_argument("--id", type=int, metavar="N", dest="candidate_id", help="one candidate by id")
+    which.add_argument("--id", type=int, metavar="N", dest="candidate_id",
+                       help="one candidate by id (a negative id: that calibration merge)")
     parser.add_argument("--objective", help="objective for --top (default: the mean of all objectives)")
     parser.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
                         help="override where a source model lives (repeatable)")
@@ -285,7 +301,7 @@ def select(records: list[RunRecord], args: argparse.Namespace) -> list[RunRecord
 
 
 def run(args: argparse.Namespace) -> int:
-    records = load_records(args.run_dir)
+    records = load_records(args.run_dir, calibration=args.candidate_id is not None and args.candidate_id < 0)
     chosen = select(records, args)
     if not chosen:
         raise EvomergeError(f"{args.run_dir}: no successful candidates to export")

@@ -104,3 +104,42 @@ def test_audit_statistics(tmp_path):
     assert stats["a"]["bias"] == pytest.approx(0.0)
     assert stats["a"]["spearman"] == pytest.approx(1.0)
     assert stats["b"]["spearman"] == pytest.approx(0.8)  # ranks (4,3,2,1) vs (4,2,3,1)
+
+
+def test_calibration_merges_stay_in_the_archive_but_out_of_the_front_and_best(tmp_path):
+    archive = Archive(tmp_path, objectives=["a", "b"])
+    for cid, point in POINTS.items():
+        add(archive, cid, point)
+    calibration = Candidate(-4, -1, [0.3, 0.3], {"merge_method": "linear"}, audit=True)
+    archive.add(calibration, EvalResult(-4, "ok", {"a": ObjectiveScore(0.95, 0.0, 40, 0.95),
+                                                   "b": ObjectiveScore(0.95, 0.0, 40, 0.95)}))
+    # it would dominate every search candidate, yet the search's front, best and
+    # hypervolume are the search's own
+    assert {r["candidate_id"] for r in archive.front()} == {2, 3, 4, 5}
+    assert archive.best() == {"a": 0.9, "b": 0.9}
+    assert archive.hypervolume() == pytest.approx(0.09 + 0.30 + 0.03)
+    # ... and the audit views still see it
+    assert archive.record(-4)["objectives"]["a"]["value"] == 0.95
+    assert [r["candidate_id"] for r in archive.front(calibration=True)] == [-4]
+    assert archive.best(calibration=True) == {"a": 0.95, "b": 0.95}
+    # An archive written before calibration rows were kept out of the front is repaired
+    # when the search reopens it.
+    with archive.transaction():
+        archive.db.execute("DELETE FROM front")
+        archive.db.execute("INSERT INTO front VALUES (-4)")
+    archive.close()
+    reopened = Archive(tmp_path)
+    assert {r["candidate_id"] for r in reopened.front()} == {2, 3, 4, 5}
+    assert reopened.hypervolume() == pytest.approx(0.42)
+    reopened.close()
+
+
+def test_records_filtered_by_a_where_carry_only_their_own_scores(tmp_path):
+    archive = Archive(tmp_path, objectives=["a", "b"])
+    for cid, point in POINTS.items():
+        add(archive, cid, point)
+    (record,) = archive.records("WHERE candidate_id = ?", (4,))
+    assert record["objectives"]["a"]["value"] == 0.1 and record["objectives"]["b"]["value"] == 0.9
+    assert [r["candidate_id"] for r in archive.records("WHERE generation = ?", (1,))] == [3, 4, 5]
+    assert archive.record(99) is None
+    archive.close()

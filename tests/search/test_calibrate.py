@@ -142,3 +142,20 @@ def test_a_crash_during_calibration_resumes_without_redoing_finished_evaluations
     strip = lambda rs: [(r["candidate_id"], r["genome"], r["objectives"]) for r in rs]  # noqa: E731
     assert strip(one.records()) == strip(two.records())
     one.close(), two.close()
+
+
+def test_front_and_exports_are_the_searchs_own_and_a_calibration_merge_exports_by_its_id(finished, tmp_path):
+    from evomerge.cli import main
+    from evomerge.search.export import load_records
+
+    archive = Archive(finished, readonly=True)
+    search = [r for r in archive.records() if r["generation"] >= 0 and r["status"] == "ok"]
+    assert archive.front() and all(r["generation"] >= 0 for r in archive.front())
+    assert archive.best() == {"mc": max(r["objectives"]["mc"]["value"] for r in search)}
+    archive.close()
+    assert [r.candidate_id for r in load_records(finished)] == list(range(8))
+    assert main(["export", str(finished), "--id", "-4", str(tmp_path / "out")]) == 0
+    (exported,) = (tmp_path / "out").iterdir()
+    assert exported.name == "calibration-4"
+    card = (exported / "README.md").read_text()
+    assert "# evomerge calibration 4" in card and "calibration merge (candidate id -4)" in card
