@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,14 +54,29 @@ def _config_object(config: dict):
     return AutoConfig.for_model(model_type, **config)
 
 
+def _in_worker_pool() -> bool:
+    if os.environ.get("EVOMERGE_WORKER"):
+        return True
+    ray = sys.modules.get("ray")
+    try:
+        return bool(ray and ray.is_initialized() and ray.get_runtime_context().get_actor_id())
+    except Exception:                      # not inside a Ray actor
+        return False
+
+
 class HFBackend:
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None,
                  batch_size: int = 64, num_threads: int | None = None, allow_bin: bool = False):
+        """``num_threads``: torch intra-op threads for this process. Default: 1 inside a worker
+        pool (a Ray actor, or ``EVOMERGE_WORKER`` set), where workers already fill the cores
+        and tiny matmuls lose more to thread hand-offs than they gain; else torch's default."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").exists():
             raise CheckpointError(f"{self.model_dir}: not a model directory (no config.json)")
+        if num_threads is None and _in_worker_pool():
+            num_threads = 1
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device)
@@ -144,12 +160,15 @@ class HFBackend:
         for _ in range(task.max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
             out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                             use_cache=True, **{self._cache_kw: cache})
+                             use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
             cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
             nxt = out.logits[:, -1].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             new_tokens.append(nxt)
             done |= nxt == eos
+            if task.stop:                  # decode only when the task has stop strings
+                texts = self.tokenizer.batch_decode(torch.stack(new_tokens, 1).tolist(), skip_special_tokens=True)
+                done |= torch.tensor([any(st in t for st in task.stop) for t in texts], device=self.device)
             if bool(done.all()):
                 break
             step_ids = nxt[:, None]
