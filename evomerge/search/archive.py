@@ -59,6 +59,10 @@ CREATE TABLE IF NOT EXISTS responses (   -- per-item scores of full evaluations 
     scores TEXT NOT NULL,          -- JSON list, one score per item of the task, in task order
     PRIMARY KEY (subject, objective, split)
 );
+CREATE TABLE IF NOT EXISTS told (        -- steady-state runs: the order results reached the optimizer
+    seq INTEGER PRIMARY KEY,       -- 1, 2, ...
+    candidate_id INTEGER NOT NULL UNIQUE REFERENCES evaluations(candidate_id)
+);
 CREATE INDEX IF NOT EXISTS evaluations_generation ON evaluations(generation);
 """
 
@@ -177,7 +181,7 @@ class Archive:
             self._set_meta(values)
 
     def add(self, candidate: Candidate, result: EvalResult, submitted_at: float | None = None,
-            responses: dict[str, list[float]] | None = None) -> None:
+            responses: dict[str, list[float]] | None = None, told_seq: int | None = None) -> None:
         """Record one result and update the front + hypervolume, in one transaction.
 
         ``responses`` ({objective: per-item scores}) of a full evaluation go in with it, so a
@@ -192,6 +196,8 @@ class Archive:
                  json.dumps(candidate.plan) if candidate.plan is not None else None, int(candidate.audit),
                  result.status, result.error, result.worker, result.seconds, result.items_scored,
                  json.dumps(result.timings), submitted_at, time.time()))
+            if told_seq is not None:
+                self.db.execute("INSERT INTO told VALUES (?, ?)", (told_seq, candidate.candidate_id))
             for name, score in result.objectives.items():
                 self.db.execute("INSERT INTO scores VALUES (?,?,?,?,?,?)",
                                 (candidate.candidate_id, name, score.value, score.stderr, score.n_items, score.full))
@@ -257,6 +263,11 @@ class Archive:
     def record(self, candidate_id: int) -> dict[str, Any] | None:
         found = self.records("WHERE candidate_id = ?", (candidate_id,))
         return found[0] if found else None
+
+    def told_after(self, seq: int) -> list[tuple[int, int]]:
+        """(seq, candidate id) of the results told after the ``seq``-th, in told order."""
+        return [tuple(row) for row in self.db.execute(
+            "SELECT seq, candidate_id FROM told WHERE seq > ? ORDER BY seq", (seq,))]
 
     def front(self, calibration: bool = False) -> list[dict[str, Any]]:
         """The non-dominated search candidates. Calibration merges (generation -1) are kept

@@ -93,6 +93,10 @@ class OptimizerConfig(_Strict):
     options: dict[str, Any] = {}                # passed to the library's algorithm
     reference_point: list[float] | None = None  # hypervolume reference; default 0 per objective
     failed_value: float = 0.0                   # objective value told for a failed candidate
+    # Steady state: ask one new candidate whenever a result arrives, so no worker waits for
+    # the slowest candidate of a generation. Only for optimizers that take results in any
+    # order (random, nevergrad); pymoo's need generation barriers.
+    steady_state: bool = False
 
     @field_validator("name")
     @classmethod
@@ -156,6 +160,9 @@ class SearchConfig(_Strict):
             raise ValueError(f"base: {self.base!r} is not one of the sources ({', '.join(self.sources) or 'none'})")
         if self.evaluator.kind == "merge" and len(self.sources) < 1:
             raise ValueError("sources: a merge search needs at least one source model")
+        if self.optimizer.steady_state and OPTIMIZERS[self.optimizer.name][0] == "pymoo":
+            raise ValueError(f"optimizer.steady_state: {self.optimizer.name} needs generation barriers "
+                             "(steady state works with random and the nevergrad optimizers)")
         ref = self.optimizer.reference_point
         if ref is not None and len(ref) != len(self.objectives):
             raise ValueError(f"optimizer.reference_point: {len(ref)} values for {len(self.objectives)} objectives")

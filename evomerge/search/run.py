@@ -242,6 +242,8 @@ class SearchRun:
         if pool is None:
             pool = make_pool(self.setup)
         try:
+            if self.config.optimizer.steady_state:
+                self._steady(pool, progress)
             while (n := self._budget_left()) > 0:
                 self._generation(pool, n, progress)
             self.state.finished = True
@@ -295,6 +297,87 @@ class SearchRun:
                                      self.optimizer.state_dict())
         save_state(self.run_dir, self.state)
         self.archive.set_meta(generation=g + 1)
+
+    def _steady(self, pool, progress: bool) -> None:
+        """Steady state: one new candidate asked whenever a result is told, so the pool stays
+        full. Exact on resume: results are told in the archive's ``told`` order, the
+        checkpoint holds the optimizer after some prefix of it (and what was out then), and
+        resuming replays the rest of that order -- each tell followed by its one ask --
+        before sending what is still out. Candidate ids are the ask order; a candidate's
+        generation is its id // population."""
+        from collections import deque
+
+        from tqdm import tqdm
+
+        opt = self.config.optimizer
+        total = opt.population * opt.generations
+        if opt.max_evaluations is not None:
+            total = min(total, opt.max_evaluations)
+        told, next_id = self.state.told, self.state.next_candidate_id
+        out: dict[int, Candidate] = {}          # asked, not yet told, in ask order
+
+        def ask(k: int) -> list[Candidate]:
+            nonlocal next_id
+            fresh = []
+            for x in self.optimizer.ask(min(k, total - next_id)):
+                fresh.append(self._candidate(next_id, next_id // opt.population, x))
+                out[next_id] = fresh[-1]
+                next_id += 1
+            return fresh
+
+        def tell(candidate: Candidate, result: EvalResult) -> None:
+            self.optimizer.tell([np.asarray(candidate.genome)], self._told_values(result)[None, :])
+
+        for cid, genome in self.state.pending:
+            out[cid] = self._candidate(cid, cid // opt.population, np.asarray(genome))
+        if not out and told == 0 and next_id == 0:
+            ask(opt.population)
+        for seq, cid in self.archive.told_after(told):   # told before an interruption
+            candidate, record = out.pop(cid, None), self.archive.record(cid)
+            if candidate is None or not np.allclose(record["genome"], candidate.genome, rtol=0, atol=1e-12):
+                raise CheckpointError(f"{self.run_dir}: archive candidate {cid} is not the one the checkpoint "
+                                      "asks next (archive and checkpoint disagree)")
+            self._decode_errors.pop(cid, None)
+            tell(candidate, _result_from_record(record))
+            told = seq
+            ask(1)
+        instant: deque[tuple[Candidate, EvalResult]] = deque()
+        submitted_at: dict[int, float] = {}
+
+        def launch(candidates: list[Candidate]) -> None:
+            for c in candidates:
+                if c.candidate_id in self._decode_errors:   # decoding failed: record, do not evaluate
+                    instant.append((c, EvalResult(c.candidate_id, "failed",
+                                                  error=self._decode_errors.pop(c.candidate_id))))
+                else:
+                    submitted_at[c.candidate_id] = time.time()
+                    pool.submit(c)
+
+        launch(list(out.values()))
+        bar = tqdm(total=total, initial=told, desc="steady state", disable=not progress, file=sys.stderr,
+                   leave=True, dynamic_ncols=True)
+        while out:
+            if instant:
+                candidate, result = instant.popleft()
+            else:
+                result = pool.next_result()
+                candidate = out[result.candidate_id]
+            del out[candidate.candidate_id]
+            told += 1
+            self.archive.add(candidate, result, submitted_at.pop(candidate.candidate_id, None), told_seq=told)
+            tell(candidate, result)
+            launch(ask(1))
+            bar.update(1)
+            if progress:
+                bar.set_postfix_str(self._best_text(result), refresh=False)
+            if told % opt.population == 0 or not out:
+                self.state = ControllerState(told // opt.population, next_id, self.optimizer.state_dict(), told=told,
+                                             pending=tuple((c.candidate_id, c.genome) for c in out.values()))
+                save_state(self.run_dir, self.state)
+                self.archive.set_meta(generation=self.state.generation)
+        bar.close()
+        # Whatever the generational loop checks next sees the budget spent.
+        self.state.generation = max(self.state.generation, opt.generations)
 
     def _candidate(self, candidate_id: int, generation: int, x: np.ndarray) -> Candidate:
         every = self.config.audit.every

@@ -37,6 +37,11 @@ class ControllerState:
     next_candidate_id: int             # first candidate id of that generation
     optimizer: dict[str, Any]          # Optimizer.state_dict()
     finished: bool = False
+    # Steady-state runs (optimizer.steady_state) checkpoint between results instead:
+    # the optimizer after ``told`` results (archive ``told`` order), and the candidates
+    # asked but not yet told then, as (candidate id, genome). Defaults keep older files readable.
+    told: int = 0
+    pending: tuple = ()
 
 
 def checkpoint_path(run_dir: Path, generation: int) -> Path:

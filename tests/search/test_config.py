@@ -27,6 +27,7 @@ def one_line_error(capsys, *args: str) -> str:
      r"config.yaml: optimizer.name: unknown optimizer 'foo' \(choose from random, nsga2, nsga3"),
     ({"workers": {"backend": "slurm"}}, r"workers.backend: Input should be 'local' or 'ray'"),
     ({"workers": {"task_timeout": 0}}, r"workers.task_timeout: Input should be greater than 0"),
+    ({"optimizer": {"steady_state": True}}, r"optimizer.steady_state: nsga2 needs generation barriers"),
     ({"genome": {"kind": "box", "dim": 2, "lower": [0, 5], "upper": [1, 1], "integer": []}},
      r"genome: gene 1: lower bound 5.0 is above upper bound 1.0"),
     ({"optimizer": {"population": 0}}, r"optimizer.population: Input should be greater than or equal to 1"),

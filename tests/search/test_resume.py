@@ -172,3 +172,42 @@ def test_both_checkpoints_corrupted_is_a_one_line_error_and_nothing_changes(writ
     after = snapshot(tmp_path / "run")
     assert {k: v for k, v in after.items() if not k.endswith(("-wal", "-shm"))} == \
            {k: v for k, v in before.items() if not k.endswith(("-wal", "-shm"))}
+
+
+class Recording(StopAfter):
+    """Evaluates in process and records how many candidates were out at each result."""
+
+    def __init__(self, run: SearchRun):
+        super().__init__(run, 10**9)
+        self.out_at_result: list[int] = []
+
+    def next_result(self, timeout=None):
+        self.out_at_result.append(self.pending())
+        return super().next_result(timeout)
+
+
+@pytest.mark.parametrize("name", ["random", "cmaes", "ng_mo"])
+def test_steady_state_keeps_the_pool_full_and_resumes_identically(name, write_config, tmp_path):
+    config = write_config(optimizer={"name": name, "population": 5, "generations": 3, "steady_state": True})
+    reference = SearchRun.create(config, tmp_path / "reference")
+    pool = Recording(reference)
+    reference.run(pool=pool, progress=False)
+    reference.close()
+    # one new candidate per result: the pool holds a full population until the budget runs out
+    assert pool.out_at_result == [5] * 11 + [4, 3, 2, 1]
+    expected = outcome(tmp_path / "reference")
+    assert [row[0] for row in expected[0]] == list(range(15))
+    assert [row[1] for row in expected[0]] == [0] * 5 + [1] * 5 + [2] * 5   # generation = id // population
+
+    run = SearchRun.create(config, tmp_path / "run")
+    for stop_after in (7, 4):   # interrupted between checkpoints (one every 5 results), twice
+        with pytest.raises(KeyboardInterrupt):
+            run.run(pool=StopAfter(run, stop_after), progress=False)
+        run.close()
+        run = SearchRun.resume(tmp_path / "run")
+    run.run(progress=False)
+    run.close()
+    assert outcome(tmp_path / "run") == expected
+    db = sqlite3.connect(tmp_path / "run" / "archive.sqlite")
+    assert [r[0] for r in db.execute("SELECT candidate_id FROM told ORDER BY seq")] == list(range(15))
+    db.close()

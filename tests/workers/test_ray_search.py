@@ -146,3 +146,29 @@ def test_search_with_an_unreachable_address_is_one_line_and_writes_nothing(tmp_p
                      "`ray start --head`, or leave out --address to run locally"]
     assert not (tmp_path / "run").exists()
     assert time.monotonic() - start < 60
+
+
+def test_a_steady_state_search_keeps_both_ray_workers_fed(local_ray, tmp_path):
+    config = {
+        "seed": 2, "genome": {"kind": "box", "dim": 3, "lower": 0.0, "upper": 1.0},
+        "objectives": [{"name": "f1", "task": "synthetic"}], "evaluator": {"kind": "synthetic", "sleep": 0.05},
+        "optimizer": {"name": "cmaes", "population": 4, "generations": 3, "steady_state": True},
+        "audit": {"every": 0}, "workers": {"backend": "ray", "count": 2, "num_cpus": 1},
+    }
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = SearchRun.create(path, tmp_path / "run", start_pool=True)
+    pool, out_at_result = run.pool, []
+    next_result = pool.next_result
+    pool.next_result = lambda timeout=None: (out_at_result.append(pool.pending()), next_result(timeout))[1]
+    run.run(progress=False)
+    run.close()
+    # a new candidate goes out with every result: 4 out (2 running, 2 queued) until the budget ends
+    assert out_at_result == [4] * 9 + [3, 2, 1]
+    archive = Archive(tmp_path / "run", readonly=True)
+    records = archive.records()
+    told = [cid for _, cid in archive.told_after(0)]
+    archive.close()
+    assert sorted(r["candidate_id"] for r in records) == list(range(12))
+    assert all(r["status"] == "ok" for r in records) and sorted(told) == list(range(12))
+    assert {r["worker"].split("@")[0] for r in records} == {"ray-worker-0.0", "ray-worker-1.0"}
