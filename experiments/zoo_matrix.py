@@ -47,6 +47,11 @@ def recipes(zoo) -> dict[str, dict]:
         "ties(3 experts, d=0.5, w=1)": ties(experts),
         "task_arithmetic(arith+lang, w=1)": ta(pair, 1.0),
         "ties(arith+lang, d=0.5, w=1)": ties(pair),
+        # per-layer probe: lang's task vector in the outer layers (+ embeddings, t = 0), arith's
+        # in the middle ones -- does a non-uniform merge beat the uniform recipes on calc?
+        "hand per-layer recipe": {"merge_method": "task_arithmetic", "base_model": base, "models": [
+            {"model": str(zoo.experts["arith"]), "parameters": {"weight": [0.0, 1.0, 1.0, 0.0]}},
+            {"model": str(zoo.experts["lang"]), "parameters": {"weight": [1.0, 0.0, 0.0, 1.0]}}]},
     }
 
 
@@ -97,7 +102,9 @@ def main() -> int:
     md = (
         f"# Zoo accuracy matrix ({args.split} split, {n_items} items per task)\n\n"
         f"Measured with `evomerge eval` by `experiments/zoo_matrix.py` (HF backend, CPU, greedy). "
-        f"Zoo build: {meta['build_seconds']} s. Bold: best source model per task.\n\n"
+        f"Zoo build: {meta['build_seconds']} s wall"
+        + (f", {meta['build_cpu_seconds']} CPU-s" if "build_cpu_seconds" in meta else "")
+        + " (1 thread, shared machine). Bold: best source model per task.\n\n"
         + "\n".join(lines) + "\n\n"
         "Merges: task_arithmetic / TIES of the fine-tuned experts over the base, mergekit parameter names.\n"
     )
