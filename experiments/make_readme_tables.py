@@ -324,8 +324,29 @@ def scaling(results: Path) -> list[str]:
     if not path.exists():
         return lines + ["not run yet", ""]
     r = json.loads(path.read_text())
-    lines += ["```json", json.dumps(r, indent=1)[:4000], "```", ""]
-    return lines
+    load = r.get("machine", {}).get("load_average_at_start")
+    lines += [f"Real local Ray on {r.get('machine', {}).get('cpus')} cores (load average at start {load}).", "",
+              "| workload | workers | candidates / min | speed-up |", "|---|---|---|---|"]
+    for key, label in (("throughput", "real in-memory merges of tiny Llamas (CPU-bound)"),
+                       ("throughput_device_bound", "device-bound candidates (sleep, CPU idle)")):
+        rows = r.get(key, [])
+        first = rows[0]["candidates_per_minute"] if rows else None
+        for row in rows:
+            lines.append(f"| {label} | {row['workers']} | {row['candidates_per_minute']:.0f} | "
+                         f"{row['candidates_per_minute'] / first:.2f}x |")
+    overhead = r.get("controller_overhead_per_candidate_s", {})
+    lines += ["", f"Controller time per candidate (the whole search loop: optimizer ask/tell, pool dispatch, "
+              f"archive writes with fsync, with evaluations that cost nothing): "
+              f"{1e3 * overhead.get('wall', float('nan')):.2f} ms wall, {1e3 * overhead.get('cpu', float('nan')):.2f} "
+              "ms CPU. Workers one controller keeps busy at a given candidate turnaround:", "",
+              "| turnaround (s) | workers (wall) | workers (CPU) |", "|---|---|---|"]
+    for t, w in r.get("workers_supported", {}).items():
+        lines.append(f"| {float(t):.3g} | {w['wall']:.0f} | {w['cpu']:.0f} |")
+    be = r.get("break_even_turnaround_s", {})
+    if be:
+        lines += ["", f"So the controller is not the bottleneck at 256 workers for candidates slower than "
+                  f"{be['wall']:.2f} s (wall) / {be['cpu']:.2f} s (CPU)."]
+    return lines + [""]
 
 
 def build(results: Path) -> str:
