@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -27,3 +27,27 @@ class Backend(Protocol):
     def score(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
         """Score the items ``task.items[i] for i in indices``, results in the same order."""
         ...
+
+
+def choice_rows(task: Task, indices: Sequence[int], encode: Callable[..., list[int]]
+                ) -> tuple[list[tuple[list[int], list[int]]], list[tuple[int, int]]]:
+    """For multiple choice: one (context tokens, continuation tokens) row per (item, choice),
+    and the (item index, choice index) each row belongs to.
+
+    The continuation is taken from the tokenized prompt+choice when the prompt's tokens are a
+    prefix of it, so both backends score exactly the tokens the model would see; when the
+    tokenizer merged across the boundary the choice is tokenized on its own.
+    """
+    rows, owners = [], []
+    for i in indices:
+        item = task.items[i]
+        context = encode(item.prompt)
+        for c, choice in enumerate(item.choices or []):
+            whole = encode(item.prompt + choice)
+            if whole[: len(context)] == context and len(whole) > len(context):
+                continuation = whole[len(context):]
+            else:
+                continuation = encode(choice, special=False)
+            rows.append((context, continuation))
+            owners.append((i, c))
+    return rows, owners

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from evomerge.backends.base import ItemResult
+from evomerge.backends.base import ItemResult, choice_rows
 from evomerge.errors import CheckpointError, EvomergeError
 from evomerge.tasks.task import Task
 
@@ -183,18 +183,7 @@ class HFBackend:
         return results
 
     def _choose(self, task: Task, chunk: list[int]) -> list[ItemResult]:
-        rows, owners = [], []              # one row per (item, choice)
-        for i in chunk:
-            item = task.items[i]
-            context = self._encode(item.prompt)
-            for c, choice in enumerate(item.choices or []):
-                whole = self._encode(item.prompt + choice)
-                if whole[: len(context)] == context and len(whole) > len(context):
-                    cont = whole[len(context):]
-                else:                      # tokenizer merged across the boundary
-                    cont = self._encode(choice, special=False)
-                rows.append((context, cont))
-                owners.append((i, c))
+        rows, owners = choice_rows(task, chunk, self._encode)
         loglik = self._loglikelihood(rows)
         best: dict[int, tuple[float, int]] = {}
         for (i, c), (ll, n_tokens), choice_text in zip(owners, loglik,

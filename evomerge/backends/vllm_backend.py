@@ -42,7 +42,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from evomerge.backends.base import ItemResult
+from evomerge.backends.base import ItemResult, choice_rows
 from evomerge.backends.hf import SHAPE_KEYS, load_tokenizer
 from evomerge.errors import CheckpointError, EvomergeError
 from evomerge.tasks.task import Task
@@ -220,18 +220,7 @@ class VLLMBackend:
         return results
 
     def _choose(self, task: Task, indices: list[int]) -> list[ItemResult]:
-        rows, owners = [], []              # one request per (item, choice)
-        for i in indices:
-            item = task.items[i]
-            context = self._encode(item.prompt)
-            for c, choice in enumerate(item.choices or []):
-                whole = self._encode(item.prompt + choice)
-                if whole[: len(context)] == context and len(whole) > len(context):
-                    cont = whole[len(context):]
-                else:                      # the tokenizer merged across the boundary
-                    cont = self._encode(choice, special=False)
-                rows.append((context, cont))
-                owners.append((i, c))
+        rows, owners = choice_rows(task, indices, self._encode)
         best: dict[int, tuple[float, int]] = {}
         for (i, c), ll in zip(owners, self.loglikelihoods(rows)):
             value = ll / max(1, len(task.items[i].choices[c])) if task.mc_normalize else ll
