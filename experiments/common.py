@@ -167,12 +167,13 @@ SEARCH_ESTIMATORS = ("anchor", "irt", "pirt", "gpirt", "gpirt_reg", "random", "r
 
 
 def calibrate(scorer: Scorer, space, tasks: dict[str, str], n_random: int, anchor_frac: float, seed: int,
-              out_dir: Path) -> dict[str, Any]:
+              out_dir: Path, estimator: str | None = None) -> dict[str, Any]:
     """Fit one calibration per objective on the sources + ``n_random`` random merges, each
     scored on every item (that cost is returned: it belongs to the search's budget).
 
-    The estimator is the one with the lowest held-out error in the calibration's own
-    validation split (no look at the search or held-out results)."""
+    The estimator is ``estimator`` when given (the demo's setup names one); otherwise the one
+    with the lowest held-out error in the calibration's own validation split (no look at the
+    search or held-out results)."""
     from evomerge.estimators.calibration import Calibration
 
     rng = np.random.default_rng(10_000 + seed)
@@ -192,8 +193,11 @@ def calibrate(scorer: Scorer, space, tasks: dict[str, str], n_random: int, ancho
         calib = Calibration.fit(responses, n_anchors, items=[it.id for it in task.items], seed=seed)
         path = calib.save(out_dir / f"calibration-{name}-seed{seed}.json")
         errors = calib.info.get("validation_rmse", {})
-        estimator = min((e for e in SEARCH_ESTIMATORS if e in errors), key=lambda e: errors[e])
-        result["objectives"][name] = {"path": str(path), "estimator": estimator, "anchors": n_anchors,
+        if estimator is not None and estimator not in SEARCH_ESTIMATORS:
+            raise ValueError(f"estimator {estimator!r} is not one of {', '.join(SEARCH_ESTIMATORS)}")
+        chosen = estimator or min((e for e in SEARCH_ESTIMATORS if e in errors), key=lambda e: errors[e])
+        result["objectives"][name] = {"path": str(path), "estimator": chosen, "anchors": n_anchors,
+                                      "estimator_chosen_by": "config" if estimator else "validation error",
                                       "validation_rmse": {k: float(v) for k, v in errors.items()},
                                       "irt_dims": calib.info.get("dims")}
     result["seconds"] = time.perf_counter() - t0

@@ -59,7 +59,7 @@ def one_seed(scorer, sources, S, seed: int, workdir: Path) -> dict:
     layers = int(json.loads((Path(sources["base"]) / "config.json").read_text())["num_hidden_layers"])
     space = build_space(S["genome"], [n for n in sources if n != "base"], "base", layers)
     calib = calibrate(scorer, space, {"calc": search}, S["calibration_random"], S["anchor_frac"], seed,
-                      workdir / "calibration")
+                      workdir / "calibration", estimator=S.get("estimator"))
     c = calib["objectives"]["calc"]
     n = S["candidates"]
 

@@ -73,6 +73,22 @@ def _shim_missing_modules() -> list[str]:
     return shimmed
 
 
+class _Transformers4:
+    """evomerge's scorer asks for ``logits_to_keep`` (transformers 5); transformers 4.45, pinned
+    by Mergenetic, names that argument ``num_logits_to_keep``. Same computation, other name."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        if "logits_to_keep" in kwargs:
+            kwargs["num_logits_to_keep"] = kwargs.pop("logits_to_keep")
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
 def _fix_tokenizer_class(model_dir: Path) -> None:
     """The zoo is saved by transformers 5, whose tokenizer_config.json names the class
     "TokenizersBackend"; transformers 4.45 (pinned by Mergenetic) does not know it. The
@@ -138,7 +154,7 @@ def main() -> int:
 
     def score(model, tokenizer) -> list[float]:
         scorer = HFBackend.__new__(HFBackend)  # the scoring methods only, on Mergenetic's model
-        scorer.model, scorer.tokenizer, scorer.device = model, tokenizer, torch.device("cpu")
+        scorer.model, scorer.tokenizer, scorer.device = _Transformers4(model), tokenizer, torch.device("cpu")
         scorer.batch_size = 64
         scorer._cache_kw = "past_key_values"
         if tokenizer.pad_token_id is None:

@@ -78,7 +78,8 @@ def run_evomerge(scorer, sources, tasks: dict[str, str], settings: dict, budget:
     space = make_space(settings.get("genome", {"kind": "parameter", "method": "ties", "granularity": "layer"}),
                        sources)
     calib = calibrate(scorer, space, {n: f"{t}:search" for n, t in tasks.items()},
-                      settings["calibration_random"], settings["anchor_frac"], seed, workdir / "calibration")
+                      settings["calibration_random"], settings["anchor_frac"], seed, workdir / "calibration",
+                      estimator=settings.get("estimator"))
     per_candidate = sum(o["anchors"] for o in calib["objectives"].values())
     n = (budget - calib["items_spent"]) // per_candidate
     objectives = [{"name": name, "task": f"{tasks[name]}:search", "estimator": o["estimator"],
