@@ -71,6 +71,24 @@ def claim_line(name: str, claim: dict, text: str) -> str:
 
 
 # --------------------------------------------------------------------------- search quality
+def heldout_size(task: str) -> int:
+    """Number of held-out items of a task, read from the task itself."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from evomerge.tasks.task import load_task
+
+    return len(load_task(f"{task}:heldout").items)
+
+
+def verdict(best_merge: float | None, best_source: float, stderr: float) -> str:
+    """Whether the best merge beats the best source by more than two standard errors."""
+    if best_merge is None:
+        return "no method returned a merge."
+    if best_merge > best_source + 2 * stderr:
+        return "the best merge beats the best source by more than two standard errors."
+    return ("the differences between methods in these tables are within noise: no method found a merge "
+            "clearly better than the sources at the composite task.")
+
+
 def search_quality(r: dict) -> list[str]:
     s = r["single_objective"]
     S = r["settings"]
@@ -101,7 +119,7 @@ def search_quality(r: dict) -> list[str]:
             lines.append(f"| {descr.get(method, method)} | did not produce results: {errors or 'no evaluations'} |")
     src = s["sources_heldout"]
     best_name, best_acc = max(src.items(), key=lambda kv: kv[1])
-    n_held = 100
+    n_held = heldout_size(r["settings"]["task"])
     stderr = (best_acc * (1 - best_acc) / n_held) ** 0.5
     lines += ["", "Source models on the held-out items: " + ", ".join(f"{k} {_f(v)}" for k, v in src.items()) + ".",
               ""]
@@ -125,9 +143,8 @@ def search_quality(r: dict) -> list[str]:
                   + (f" ({', '.join(sorted({p['models'][0]['model'] for p in from_sources}))})" if from_sources else "")
                   + f". At the full budget the best merge any method returns scores {_f(max(finals) if finals else None)} on the held-out "
                   f"items, against {_f(best_acc)} for the best source ({best_name}); one held-out item is "
-                  f"{1 / n_held:.2f} and the binomial standard error at that accuracy is {stderr:.3f}, so the "
-                  "differences between methods in these tables are within noise: on this zoo no method found a "
-                  "merge that is better than the sources at the composite task.", ""]
+                  f"{1 / n_held:.2f} and the binomial standard error at that accuracy is {stderr:.3f}: "
+                  + verdict(max(finals) if finals else None, best_acc, stderr), ""]
     evo = s["per_seed"].get("evomerge", {})
     if evo:
         first = next(iter(evo.values()))
@@ -135,7 +152,9 @@ def search_quality(r: dict) -> list[str]:
         obj = next(iter(cal.get("objectives", {}).values()), {})
         lines += [f"evomerge's calibration: {cal.get('population')} models (the sources + random merges) scored on "
                   f"every search item = {cal.get('items_spent')} items of the budget; {obj.get('anchors')} anchors; "
-                  "estimator chosen per seed by the calibration's validation error: "
+                  "estimator (" + str(next(iter(next(iter(evo.values()))["calibration"]["objectives"].values()))
+                                      .get("estimator_chosen_by", "chosen by the calibration's validation error"))
+                  + "): "
                   + ", ".join(f"seed {k}: {next(iter(v['calibration']['objectives'].values()))['estimator']}"
                               for k, v in evo.items()) + ".", ""]
     mg = s["per_seed"].get("mergenetic", {})
