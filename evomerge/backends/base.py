@@ -51,3 +51,19 @@ def choice_rows(task: Task, indices: Sequence[int], encode: Callable[..., list[i
             rows.append((context, continuation))
             owners.append((i, c))
     return rows, owners
+
+
+def pick_choices(task: Task, indices: Sequence[int], owners: list[tuple[int, int]],
+                 logliks: Sequence[float]) -> list[ItemResult]:
+    """Per item, the choice with the highest log-likelihood (per character when the task asks
+    for ``mc_normalize``); the score is whether it is the answer."""
+    best: dict[int, tuple[float, int]] = {}
+    for (i, c), ll in zip(owners, logliks):
+        value = ll / max(1, len(task.items[i].choices[c])) if task.mc_normalize else ll
+        if i not in best or value > best[i][0]:
+            best[i] = (value, c)
+    results = []
+    for i in indices:
+        choice = task.items[i].choices[best[i][1]]
+        results.append(ItemResult(i, float(choice == task.items[i].answer), choice))
+    return results

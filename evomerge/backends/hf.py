@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from evomerge.backends.base import ItemResult, choice_rows
+from evomerge.backends.base import ItemResult, choice_rows, pick_choices
 from evomerge.errors import CheckpointError, EvomergeError
 from evomerge.tasks.task import Task
 
@@ -184,18 +184,7 @@ class HFBackend:
 
     def _choose(self, task: Task, chunk: list[int]) -> list[ItemResult]:
         rows, owners = choice_rows(task, chunk, self._encode)
-        loglik = self._loglikelihood(rows)
-        best: dict[int, tuple[float, int]] = {}
-        for (i, c), (ll, n_tokens), choice_text in zip(owners, loglik,
-                                                        (task.items[i].choices[c] for i, c in owners)):
-            value = ll / max(1, len(choice_text)) if task.mc_normalize else ll
-            if i not in best or value > best[i][0]:
-                best[i] = (value, c)
-        results = []
-        for i in chunk:
-            choice = task.items[i].choices[best[i][1]]
-            results.append(ItemResult(i, float(choice == task.items[i].answer), choice))
-        return results
+        return pick_choices(task, chunk, owners, [ll for ll, _ in self._loglikelihood(rows)])
 
     def _loglikelihood(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
         out = []

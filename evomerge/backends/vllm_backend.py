@@ -42,7 +42,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from evomerge.backends.base import ItemResult, choice_rows
+from evomerge.backends.base import ItemResult, choice_rows, pick_choices
 from evomerge.backends.hf import SHAPE_KEYS, load_tokenizer
 from evomerge.errors import CheckpointError, EvomergeError
 from evomerge.tasks.task import Task
@@ -221,16 +221,7 @@ class VLLMBackend:
 
     def _choose(self, task: Task, indices: list[int]) -> list[ItemResult]:
         rows, owners = choice_rows(task, indices, self._encode)
-        best: dict[int, tuple[float, int]] = {}
-        for (i, c), ll in zip(owners, self.loglikelihoods(rows)):
-            value = ll / max(1, len(task.items[i].choices[c])) if task.mc_normalize else ll
-            if i not in best or value > best[i][0]:
-                best[i] = (value, c)
-        results = []
-        for i in indices:
-            choice = task.items[i].choices[best[i][1]]
-            results.append(ItemResult(i, float(choice == task.items[i].answer), choice))
-        return results
+        return pick_choices(task, indices, owners, self.loglikelihoods(rows))
 
     def loglikelihoods(self, rows: list[tuple[list[int], list[int]]]) -> list[float]:
         """Summed log-probability of each continuation given its context (token ids)."""

@@ -179,18 +179,7 @@ def _rank_below(bits: Tensor, r: int) -> Tensor:
 
 def _rank_at_least(bits: Tensor, r: int) -> Tensor:
     """Mask of all but the ``r`` smallest elements (ties broken by position, as ``_rank_below``)."""
-    n = bits.numel()
-    if r <= 0:
-        return torch.ones_like(bits, dtype=torch.bool)
-    if r >= n:
-        return torch.zeros_like(bits, dtype=torch.bool)
-    value, below, equal = _kth_smallest_bits(bits, r - 1)
-    if below + equal == r:
-        return bits > value
-    mask = bits >= value
-    idx = (bits == value).reshape(-1).nonzero().squeeze(1)[: r - below]
-    mask.view(-1)[idx] = False
-    return mask
+    return ~_rank_below(bits, r)
 
 
 def _magnitude_bits(x: Tensor) -> Tensor:
