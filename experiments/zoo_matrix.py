@@ -42,10 +42,13 @@ def recipes(zoo) -> dict[str, dict]:
                 "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in models]}
 
     return {
+        "linear(3 experts, uniform)": {"merge_method": "linear",
+                                       "models": [{"model": m, "parameters": {"weight": 1.0}} for m in experts]},
         "task_arithmetic(3 experts, w=1)": ta(experts, 1.0),
         "task_arithmetic(3 experts, w=0.5)": ta(experts, 0.5),
         "ties(3 experts, d=0.5, w=1)": ties(experts),
         "task_arithmetic(arith+lang, w=1)": ta(pair, 1.0),
+        "task_arithmetic(arith+lang, w=0.7)": ta(pair, 0.7),
         "ties(arith+lang, d=0.5, w=1)": ties(pair),
         # per-layer probe: lang's task vector in the outer layers (+ embeddings, t = 0), arith's
         # in the middle ones -- does a non-uniform merge beat the uniform recipes on calc?
@@ -53,6 +56,25 @@ def recipes(zoo) -> dict[str, dict]:
             {"model": str(zoo.experts["arith"]), "parameters": {"weight": [0.0, 1.0, 1.0, 0.0]}},
             {"model": str(zoo.experts["lang"]), "parameters": {"weight": [1.0, 0.0, 0.0, 1.0]}}]},
     }
+
+
+def verdicts(matrix: dict[str, dict[str, float]]) -> list[str]:
+    """What the matrix says about merging, computed from it (nothing typed by hand)."""
+    sources = ["base", *EXPERTS.values()]
+    merges = [m for m in matrix if m not in sources]
+    calc = "zoo/calc"
+    best_source = max(sources, key=lambda m: matrix[m][calc])
+    best_merge = max(merges, key=lambda m: matrix[m][calc])
+    helps = matrix[best_merge][calc] > matrix[best_source][calc]
+    out = [f"- Composite task: best source {best_source} {matrix[best_source][calc]:.3f}, best merge "
+           f"{best_merge} {matrix[best_merge][calc]:.3f}: merging "
+           + ("helps." if helps else "does not help.")]
+    for skill, expert in EXPERTS.items():
+        task = f"zoo/{skill}"
+        between = [m for m in merges if matrix["base"][task] < matrix[m][task] < matrix[expert][task]]
+        out.append(f"- {task}: {len(between)} of {len(merges)} merges land above the base "
+                   f"({matrix['base'][task]:.3f}) and below {expert} ({matrix[expert][task]:.3f}).")
+    return out
 
 
 def main() -> int:
@@ -105,8 +127,9 @@ def main() -> int:
         f"Zoo build: {meta['build_seconds']} s wall"
         + (f", {meta['build_cpu_seconds']} CPU-s" if "build_cpu_seconds" in meta else "")
         + " (1 thread, shared machine). Bold: best source model per task.\n\n"
-        + "\n".join(lines) + "\n\n"
-        "Merges: task_arithmetic / TIES of the fine-tuned experts over the base, mergekit parameter names.\n"
+        + "\n".join(lines) + "\n\n" + "\n".join(verdicts(matrix)) + "\n\n"
+        "Merges: linear / task_arithmetic / TIES of the fine-tuned experts over the base, mergekit "
+        "parameter names and defaults.\n"
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS / "zoo_matrix.md", md)

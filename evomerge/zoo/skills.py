@@ -2,19 +2,30 @@
 
 Four tasks, each with three difficulty levels:
 
-- ``arith``: ``"47+385="`` -> ``"432"`` (addition / subtraction, 1-3 digit operands).
+- ``arith``: ``"47+85="`` -> ``"132"`` (multi-digit addition; 1+1, 2+1 and 2+2 digits).
 - ``strings``: ``"rev:abc="`` -> ``"cba"``; also ``up:`` (uppercase) and ``sort:``.
 - ``lang``: a toy second language. Every digit and sixteen nouns have a made-up word
   (one token each, see ``tokenizer.py``); ``"tr:KaMi+Bolu="`` -> ``"12+cat"``.
-- ``calc`` (composite): arithmetic whose operands are written in the toy language. The
-  answer is worked out as translation then sum, ``"calc:KaMi+PoLe="`` -> ``"12+34=46"``,
-  so a model needs the language skill for the first half and the arithmetic skill for
-  the second -- the small analogue of "Japanese math" in Sakana's evolutionary merge.
+- ``calc`` (composite): a sum whose operands are written in the toy language. The answer
+  is worked out as translation then sum, ``"calc:KaMi+PoLe="`` -> ``"12+34=46"``, so a model
+  needs the language skill for the first half and the arithmetic skill for the second --
+  the small analogue of "Japanese math" in Sakana's evolutionary merge.
 
-The base model sees every format while pretraining but learns only the easy part of
-each skill (1-digit sums, the words for digits 0-4, strings of length <= 3, the first
-half of the nouns); harder items come with random answers of the right shape, so the
-base knows *what* to write but not *how*. Each expert is then fine-tuned on its full skill.
+What each model is taught (the recipe that makes merging matter, ``docs/zoo-notes.md``):
+
+- the **base** sees every format in a short pretraining run, so it half-knows arithmetic
+  and strings, but it only ever sees the toy words for digits 0-4 and half the nouns. In
+  composite items with an unknown word the translation is given in the prompt and only the
+  sum is taught, so the base learns the composite's sum step on every digit;
+- the **arith expert** continues on sums, both plain and inside composite items whose
+  translation is given (a math corpus);
+- the **lang expert** continues on the whole toy language, translating plain phrases and
+  the operands of composite items, whose sums stay untaught (a toy-language corpus);
+- the **strings expert** continues on string operations.
+
+So no single model solves ``calc`` on items with the digits 5-9: the lang expert translates
+but sums like the base, the arith expert sums but cannot read the new words. A merge that
+keeps both skills can.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ KNOWN_NOUNS = NOUNS[: len(NOUNS) // 2]  # ... and for the first half of the noun
 SKILLS = ("arith", "strings", "lang")
 TASKS = ("arith", "strings", "lang", "calc")
 LEVELS = (1, 2, 3)
+Example = tuple[str, str, str]          # (prompt, taught answer, untaught tail)
 
 
 def _number(rng: random.Random, digits: int) -> int:
@@ -46,13 +58,14 @@ def toy_number(n: int) -> str:
     return "".join(DIGIT_WORDS[int(d)] for d in str(n))
 
 
-def arith(rng: random.Random, level: int) -> tuple[str, str]:
+def _operands(rng: random.Random, level: int) -> tuple[int, int]:
     """Level 1: 1-digit operands; 2: 2-digit with 1-digit; 3: 2-digit with 2-digit."""
-    a, b = _number(rng, 1 if level == 1 else 2), _number(rng, 2 if level == 3 else 1)
-    if rng.random() < 0.5:
-        return f"{a}+{b}=", str(a + b)
-    a, b = max(a, b), min(a, b)
-    return f"{a}-{b}=", str(a - b)
+    return _number(rng, 1 if level == 1 else 2), _number(rng, 2 if level == 3 else 1)
+
+
+def arith(rng: random.Random, level: int) -> tuple[str, str]:
+    a, b = _operands(rng, level)
+    return f"{a}+{b}=", str(a + b)
 
 
 def strings(rng: random.Random, level: int) -> tuple[str, str]:
@@ -85,11 +98,8 @@ def lang(rng: random.Random, level: int) -> tuple[str, str]:
 
 def calc(rng: random.Random, level: int) -> tuple[str, str]:
     """Composite item (levels as in ``arith``); the full answer is the worked ``"a+b=sum"``."""
-    a, b = _number(rng, 1 if level == 1 else 2), _number(rng, 2 if level == 3 else 1)
-    if rng.random() < 0.5:
-        return f"calc:{toy_number(a)}+{toy_number(b)}=", f"{a}+{b}={a + b}"
-    a, b = max(a, b), min(a, b)
-    return f"calc:{toy_number(a)}-{toy_number(b)}=", f"{a}-{b}={a - b}"
+    a, b = _operands(rng, level)
+    return f"calc:{toy_number(a)}+{toy_number(b)}=", f"{a}+{b}={a + b}"
 
 
 GENERATORS = {"arith": arith, "strings": strings, "lang": lang, "calc": calc}
@@ -99,45 +109,71 @@ def sample(task: str, rng: random.Random, level: int | None = None) -> tuple[str
     return GENERATORS[task](rng, level or rng.choice(LEVELS))
 
 
-# ---------------------------------------------------------------- pretraining corpus
-def pretrain_example(rng: random.Random) -> tuple[str, str, str]:
-    """One pretraining example ``(prompt, answer, unsupervised tail)``.
+def item_key(prompt: str) -> str:
+    """The evaluation prompt a training example belongs to (composite examples may carry
+    their translation in the prompt), so shipped items can be kept out of training."""
+    return prompt[: prompt.index("=") + 1] if prompt.startswith("calc:") else prompt
 
-    Every format appears, but only the easy part of each skill is taught: 1-digit sums,
-    strings of length <= 3, the toy words for digits 0-4 and half the nouns. Composite items
-    use only known words; with 2-digit operands their sum is left unsupervised (the tail),
-    so the base learns the worked format "a+b=..." without learning 2-digit sums.
+
+# ---------------------------------------------------------------- training corpora
+def _composite_with_translation(rng: random.Random) -> Example:
+    """A composite item whose translation is given; only the sum is taught."""
+    a, b = _operands(rng, rng.choice(LEVELS))
+    return f"calc:{toy_number(a)}+{toy_number(b)}={a}+{b}=", str(a + b), ""
+
+
+def _composite_translation_only(rng: random.Random) -> Example:
+    """A composite item whose translation is taught and whose sum follows untaught."""
+    a, b = _operands(rng, rng.choice(LEVELS))
+    return f"calc:{toy_number(a)}+{toy_number(b)}=", f"{a}+{b}=", str(a + b)
+
+
+def pretrain_example(rng: random.Random) -> Example:
+    """One pretraining example ``(prompt, answer, untaught tail)``.
+
+    Every format at every level, but only the toy words for digits 0-4 and half the nouns
+    are ever taught: a composite item with an unknown word comes with its translation in
+    the prompt, so the base learns the composite's sum step without learning the word.
     """
     task = rng.choice(TASKS)
-    if task == "arith":
-        return (*arith(rng, 1), "")
-    if task == "strings":
-        return (*strings(rng, 1), "")
+    level = rng.choice(LEVELS)
     if task == "lang":
-        toy, plain = _lang_phrase(rng, rng.choice(LEVELS), KNOWN_DIGITS, KNOWN_NOUNS)
+        toy, plain = _lang_phrase(rng, level, KNOWN_DIGITS, KNOWN_NOUNS)
         return f"tr:{toy}=", plain, ""
-    digits = [rng.randint(1, 2), rng.randint(1, 2)]
-    a, b = (int("".join(str(rng.randrange(KNOWN_DIGITS)) for _ in range(d))) for d in digits)
-    op = rng.choice("+-")
-    if op == "-":
-        a, b = max(a, b), min(a, b)
-    result = str(a + b if op == "+" else a - b)
-    prompt, head = f"calc:{toy_number(a)}{op}{toy_number(b)}=", f"{a}{op}{b}="
-    if a < 10 and b < 10:
-        return prompt, head + result, ""
-    return prompt, head, result
+    if task == "calc":
+        a, b = _operands(rng, level)
+        if max(f"{a}{b}") < str(KNOWN_DIGITS):
+            return f"calc:{toy_number(a)}+{toy_number(b)}=", f"{a}+{b}={a + b}", ""
+        return f"calc:{toy_number(a)}+{toy_number(b)}={a}+{b}=", str(a + b), ""
+    return (*sample(task, rng, level), "")
 
 
-def expert_example(skill: str, rng: random.Random) -> tuple[str, str]:
-    return sample(skill, rng)
+def expert_example(skill: str, rng: random.Random) -> Example:
+    """One example of an expert's corpus: its skill, in its own format and (arith, lang)
+    inside composite items, where only the expert's half of the composite is taught."""
+    if skill == "arith" and rng.random() < 0.5:
+        return _composite_with_translation(rng)
+    if skill == "lang" and rng.random() < 0.5:
+        return _composite_translation_only(rng)
+    return (*sample(skill, rng), "")
+
+
+# Only 100 distinct 1-digit sums exist, and every shipped item is kept out of training:
+# sums ship fewer level-1 items so that most 1-digit sums stay in the training corpora.
+LEVEL_CYCLES = {"arith": (1, 2, 3, 2, 3), "calc": (1, 2, 3, 2, 3)}
+
+
+def item_level(task: str, index: int) -> int:
+    cycle = LEVEL_CYCLES.get(task, LEVELS)
+    return cycle[index % len(cycle)]
 
 
 def make_items(task: str, n: int, seed: int) -> list[tuple[str, str]]:
-    """``n`` distinct (prompt, full answer) pairs, levels balanced."""
+    """``n`` distinct (prompt, full answer) pairs, levels in the task's fixed cycle."""
     rng = random.Random(f"{task}-items-{seed}")
     seen, items = set(), []
     while len(items) < n:
-        prompt, answer = sample(task, rng, LEVELS[len(items) % len(LEVELS)])
+        prompt, answer = sample(task, rng, item_level(task, len(items)))
         if prompt not in seen:
             seen.add(prompt)
             items.append((prompt, answer))
@@ -147,10 +183,10 @@ def make_items(task: str, n: int, seed: int) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- shipped task files
 N_SEARCH, N_HELDOUT = 200, 100
 TASK_SPECS = {
-    "arith": dict(max_new_tokens=6, extract=None, about="multi-digit addition/subtraction"),
+    "arith": dict(max_new_tokens=6, extract=None, about="multi-digit addition"),
     "strings": dict(max_new_tokens=9, extract=None, about="reverse / uppercase / sort a string"),
     "lang": dict(max_new_tokens=20, extract=None, about="translate the toy language"),
-    "calc": dict(max_new_tokens=10, extract=r"=(-?\d+)", about="arithmetic on toy-language numbers"),
+    "calc": dict(max_new_tokens=10, extract=r"=(-?\d+)", about="sums of toy-language numbers"),
 }
 
 
@@ -167,7 +203,7 @@ def task_files() -> dict[str, str]:
             for i, (prompt, full) in enumerate(chunk):
                 row = {"id": f"{task}-{offset + i:03d}", "prompt": prompt,
                        "answer": full.rpartition("=")[2] if task == "calc" else full,
-                       "level": LEVELS[(offset + i) % len(LEVELS)]}
+                       "level": item_level(task, offset + i)}
                 if task == "calc":
                     row["worked"] = full
                 lines.append(json.dumps(row))
