@@ -62,3 +62,25 @@ def test_real_zoo_each_expert_is_best_on_its_skill():
     for skill, expert in EXPERTS.items():
         others = [m for m in acc if m != expert]
         assert acc[expert][skill] > max(acc[m][skill] for m in others), (skill, acc)
+
+
+@pytest.mark.slow
+def test_real_zoo_a_merge_of_the_experts_beats_every_source_on_the_composite():
+    """What the search exploits: the composite needs the arith and lang experts together."""
+    from evomerge.merge.engine import SourceSet, merge, output_config
+    from evomerge.merge.plan import MergePlan
+
+    zoo = ensure_zoo()
+    task = load_task("zoo/calc:heldout")
+    sources = SourceSet.load({name: path for name, path in zoo.models.items()})
+    backend = make_backend("hf", zoo.base)
+
+    def accuracy(plan: dict) -> float:
+        plan = MergePlan.from_dict(plan)
+        backend.load_weights(merge(plan, sources), output_config(plan, sources))
+        return sum(r.score for r in backend.score(task, range(len(task.items)))) / len(task.items)
+
+    singles = {name: accuracy({"merge_method": "passthrough", "models": [{"model": name}]}) for name in zoo.models}
+    pair = accuracy({"merge_method": "ties", "base_model": "base", "models": [
+        {"model": EXPERTS[s], "parameters": {"weight": 1.0, "density": 0.5}} for s in ("arith", "lang")]})
+    assert pair > max(singles.values()) + 0.05, (pair, singles)
