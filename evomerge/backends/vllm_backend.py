@@ -36,8 +36,10 @@ import gc
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import Tensor
@@ -54,6 +56,21 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 def _head_dim(config: dict) -> int:
     return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+@contextmanager
+def _llvmlite_hidden():
+    """vLLM 0.32's CPU build, when an engine starts, scans every loaded module and reads
+    ``vars(value).get("kernel")`` of each attribute. llvmlite's ``ffi.lib`` (loaded with numba,
+    which evomerge's fused merge kernels use) answers ``vars()`` with a C-function wrapper, and the
+    engine fails to start ("'_lib_fn_wrapper' object has no attribute 'get'"). Hide it meanwhile."""
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    lib = ffi.__dict__.pop("lib", None) if ffi is not None else None
+    try:
+        yield
+    finally:
+        if lib is not None:
+            ffi.lib = lib
 
 
 def _reference_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
@@ -125,8 +142,9 @@ class VLLMBackend:
             raise EvomergeError(f"{model_dir}: head dimension {_head_dim(config)} is not supported by vLLM's "
                                 f"CPU attention (needs one of {', '.join(map(str, CPU_HEAD_SIZES))})")
         try:
-            return LLM(model=str(model_dir), tokenizer=str(self.model_dir), trust_remote_code=False,
-                       **self.engine_options)
+            with _llvmlite_hidden():
+                return LLM(model=str(model_dir), tokenizer=str(self.model_dir), trust_remote_code=False,
+                           **self.engine_options)
         except (ValueError, RuntimeError, OSError) as exc:
             raise EvomergeError(f"{model_dir}: vLLM engine failed to start ({str(exc).splitlines()[0]})") from None
 
