@@ -34,7 +34,7 @@ from common import (RESULTS, ROOT, command_line, load_settings, machine_info, on
                     zoo, zoo_fingerprint)
 
 MERGEKIT_PY = ROOT / ".venv-mergekit" / "bin" / "python"
-BENCH_PLACES = [RESULTS / "bench_merge.json", Path("/tmp/evomerge-bench/bench.json")]
+BENCH_PLACES = [RESULTS / "merge_bench.json", Path("/tmp/evomerge-bench/bench.json")]
 EXPERTS = ["arith", "strings", "lang"]
 
 
