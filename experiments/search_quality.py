@@ -1,10 +1,10 @@
 """Search quality per budget on the zoo: evomerge vs random search, a mergekit-evolve style
 CMA-ES and Mergenetic, all paid in scored items.
 
-    .venv/bin/python experiments/search_quality.py [--zoo DIR] [--quick] [--skip-mergenetic]
+    .venv/bin/python experiments/search_quality.py [--zoo DIR] [--quick] [--skip-mergenetic] [--settings NAME]
 
-Settings: configs/experiments/search_quality.yaml. Writes experiments/results/search_quality.json
-and search_quality.png.
+Settings: configs/experiments/NAME.yaml (default search_quality; search_quality_large is the
+same comparison at a 4x budget). Writes experiments/results/NAME.json and NAME.png.
 
 Single objective (the composite task ``zoo/calc``), per seed and method, with the same item
 budget B:
@@ -303,6 +303,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", type=Path, default=None, help="zoo directory (default: the cache dir; built if missing)")
     ap.add_argument("--quick", action="store_true", help="tiny budgets, one seed: a plumbing check")
+    ap.add_argument("--settings", default="search_quality",
+                    help="settings file configs/experiments/NAME.yaml (default search_quality); results go to "
+                         "experiments/results/NAME.json")
     ap.add_argument("--skip-mergenetic", action="store_true")
     ap.add_argument("--skip-multi", action="store_true", help="skip the multi-objective (hypervolume) part")
     ap.add_argument("--jobs", type=int, default=3, help="seeds run in parallel processes")
@@ -316,12 +319,12 @@ def main() -> int:
     args = ap.parse_args()
 
     one_thread()
-    S = load_settings("search_quality", args.quick)
+    S = load_settings(args.settings, args.quick)
     if args.only_seed is not None:          # a child: one seed, partial result
         write_json(args.partial, run_one_seed(args, S, args.only_seed))
         return 0
 
-    out = args.out or RESULTS / ("search_quality.quick.json" if args.quick else "search_quality.json")
+    out = args.out or RESULTS / (f"{args.settings}.quick.json" if args.quick else f"{args.settings}.json")
     if args.reanalyze_multi:
         reanalyze_multi(args, S, out)
     if args.reanalyze_multi or args.plot_only:
@@ -331,7 +334,7 @@ def main() -> int:
     zoo_paths, sources = zoo(args.zoo)     # built here once, before the children start
     child_args = ["--workdir", str(args.workdir)] + (["--zoo", str(args.zoo)] if args.zoo else []) \
         + (["--quick"] if args.quick else []) + (["--skip-mergenetic"] if args.skip_mergenetic else []) \
-        + (["--skip-multi"] if args.skip_multi else [])
+        + (["--skip-multi"] if args.skip_multi else []) + ["--settings", args.settings]
     parts = run_seeds(Path(__file__).resolve(), S["seeds"], args.jobs, child_args, args.workdir)
     seeds = S["seeds"]
     scorer = Scorer(sources)
