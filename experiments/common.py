@@ -69,6 +69,15 @@ def command_line() -> str:
     return " ".join([".venv/bin/python", str(rel), *sys.argv[1:]])
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write (110 dpi) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_json(path: Path, data: dict) -> Path:
     from evomerge.io.atomic import atomic_write_text
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, SEARCH_ESTIMATORS, Scorer, calibrate, command_line, load_settings,  # noqa: E402
+from common import (save_figure, RESULTS, SEARCH_ESTIMATORS, Scorer, calibrate, command_line, load_settings,  # noqa: E402
                     machine_info, mean_spread, one_thread, run_search, run_seeds, write_json, zoo,
                     zoo_fingerprint)
 
@@ -205,9 +205,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("held-out accuracy of the search's best")
     ax.set_title("same search, full evaluation vs estimator")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

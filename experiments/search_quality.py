@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, ROOT, Scorer, calibrate, command_line, load_settings, machine_info,  # noqa: E402
+from common import (save_figure, RESULTS, ROOT, Scorer, calibrate, command_line, load_settings, machine_info,  # noqa: E402
                     mean_spread, one_thread, run_search, run_seeds, source_plan, write_json, zoo,
                     zoo_fingerprint)
 
@@ -487,9 +487,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("hypervolume of the front, held-out scores")
         ax.set_title(" + ".join(multi["objectives"]) + " (mean, std over seeds)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, ROOT, command_line, load_settings, machine_info, one_thread, write_json,  # noqa: E402
+from common import (save_figure, RESULTS, ROOT, command_line, load_settings, machine_info, one_thread, write_json,  # noqa: E402
                     zoo, zoo_fingerprint)
 
 MERGEKIT_PY = ROOT / ".venv-mergekit" / "bin" / "python"
@@ -185,9 +185,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("seconds per candidate (median)")
     ax.set_title("candidate turnaround on the zoo")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
