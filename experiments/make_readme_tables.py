@@ -102,7 +102,9 @@ def search_quality(r: dict, name: str = "search_quality") -> list[str]:
     lines += ["| method | " + " | ".join(f"{int(f * s['budget_items'])} items" for f in fr)
               + " | candidates evaluated | items / candidate | s / candidate |",
               "|---" * (len(fr) + 4) + "|"]
-    descr = {"evomerge": "evomerge (CMA-ES, estimator on 10% anchors, calibration paid from the budget)",
+    evo = S.get("evomerge", {})
+    descr = {"evomerge": f"evomerge ({evo.get('optimizer')}, estimator on {evo.get('anchor_frac', 0.1):.0%} anchors, "
+                         "calibration paid from the budget)",
              "random": "random search (evomerge `random`, same genome, full evaluation)",
              "cmaes_weights": "CMA-ES over per-model weight + density (mergekit-evolve's algorithm, full evaluation)",
              "mergenetic": "Mergenetic 0.1.1 (its GA + mergekit merges on disk, full evaluation)"}
