@@ -105,6 +105,8 @@ def search_quality(r: dict, name: str = "search_quality") -> list[str]:
     evo = S.get("evomerge", {})
     descr = {"evomerge": f"evomerge ({evo.get('optimizer')}, estimator on {evo.get('anchor_frac', 0.1):.0%} anchors, "
                          "calibration paid from the budget)",
+             "evomerge_top": f"evomerge, its pick re-scored: the top {evo.get('rescore_top')} by estimate scored on "
+                             "every search item (paid from the budget)",
              "random": "random search (evomerge `random`, same genome, full evaluation)",
              "cmaes_weights": "CMA-ES over per-model weight + density (mergekit-evolve's algorithm, full evaluation)",
              "mergenetic": "Mergenetic 0.1.1 (its GA + mergekit merges on disk, full evaluation)"}
@@ -170,7 +172,8 @@ def search_quality(r: dict, name: str = "search_quality") -> list[str]:
                   "merge option (which mergekit 0.0.6 maps to CUDA storage) is cleared on CPU -- see "
                   "experiments/mergenetic_adapter.py.", ""]
     lines += ["Claims (means over seeds):"]
-    for key, label in (("claims", "any candidate it scored"), ("claims_search_only", "only its optimizer's merges")):
+    for key, label in (("claims", "any candidate it scored"), ("claims_search_only", "only its optimizer's merges"),
+                       ("claims_top", f"its pick re-scored, top {S.get('evomerge', {}).get('rescore_top')}")):
         c = s.get(key, {})
         if "evomerge_half_budget_reaches_random_final" in c:
             lines.append(claim_line("", c["evomerge_half_budget_reaches_random_final"],
@@ -178,6 +181,11 @@ def search_quality(r: dict, name: str = "search_quality") -> list[str]:
         if "evomerge_beats_cmaes_weights_at_equal_budget" in c:
             lines.append(claim_line("", c["evomerge_beats_cmaes_weights_at_equal_budget"],
                                     f"at equal budget evomerge beats the CMA-ES-over-weights baseline ({label})"))
+    n_held = heldout_size(s["task"])
+    se = (0.4 * 0.6 / n_held) ** 0.5
+    lines += ["", f"Noise: one seed's held-out score has a binomial standard error of about {se:.3f} at accuracy 0.4 "
+              f"({n_held} items), and every mean above is over {len(S['seeds'])} seeds; a claim met or missed by "
+              f"less than {2 * se / len(S['seeds']) ** 0.5:.3f} (two standard errors of such a mean) is within noise."]
     lines.append("")
     m = r.get("multi_objective")
     if m:

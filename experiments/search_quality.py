@@ -216,6 +216,29 @@ def best_curve(scorer, events, budget, fractions, objective: str, heldout: str, 
     return curve
 
 
+def rescored_curve(scorer, events, budget, fractions, objective: str, heldout: str, k: int, full_cost: int,
+                   search_only: bool = False) -> list[dict]:
+    """evomerge's own way of picking its result (as the demo does): the top ``k`` candidates by
+    estimate are scored on every search item -- ``k x full_cost`` items reserved from the budget
+    point -- and the best exact search score wins (calibration candidates are exact already)."""
+    search = heldout.replace(":heldout", ":search")
+    curve = []
+    for f in fractions:
+        paid = [e for e in _within(events, f * budget - k * full_cost) if e["fitness"] is not None
+                and not (search_only and e.get("kind") == "calibration")]
+        if not paid:
+            curve.append({"fraction": f, "items": f * budget, "candidates": 0, "heldout": None, "fitness": None})
+            continue
+        exact = [(e["fitness"][objective], e) for e in paid if e.get("kind") == "calibration"]
+        estimated = sorted((e for e in paid if e.get("kind") != "calibration"),
+                           key=lambda e: -e["fitness"][objective])[:k]
+        exact += [(scorer.accuracy(e["plan"], search), e) for e in estimated]
+        score, best = max(exact, key=lambda pair: pair[0])
+        curve.append({"fraction": f, "items": f * budget, "candidates": len(paid), "fitness": score,
+                      "heldout": scorer.accuracy(best["plan"], heldout), "search_full": score, "plan": best["plan"]})
+    return curve
+
+
 def hv_curve(scorer, events, budget, fractions, tasks: dict[str, str], search_only: bool = False) -> list[dict]:
     """Hypervolume of the held-out scores of the front (by search fitness) at each budget
     point; ``search_only`` as in ``best_curve``. Budget positions always count every event."""
@@ -287,6 +310,13 @@ def run_one_seed(args, S: dict, seed: int) -> dict[str, Any]:
         info[method] = {**{k: v for k, v in run.items() if k != "events"}, "evaluations": len(run["events"]),
                         "items_spent": sum(e["items"] for e in run["events"]),
                         "wall_seconds_per_candidate": _per_candidate_seconds(run)}
+    k = S["evomerge"].get("rescore_top", 0)
+    if k and runs["evomerge"]["events"]:
+        cost = n_items(f"{task}:search")
+        for target, only in ((curves, False), (curves_search_only, True)):
+            target["evomerge_top"] = rescored_curve(scorer, runs["evomerge"]["events"], budget, fractions, "calc",
+                                                    heldout, k, cost, search_only=only)
+        info["evomerge_top"] = {**info["evomerge"], "rescore_top": k}
     out = {"single": {"curves": curves, "curves_search_only": curves_search_only, "info": info,
                       "events": {m: _compact(r["events"]) for m, r in runs.items()}}}
     if not args.skip_multi:
@@ -314,6 +344,8 @@ def main() -> int:
     ap.add_argument("--plot-only", action="store_true", help="only redraw the PNG from the result JSON")
     ap.add_argument("--reanalyze-multi", action="store_true",
                     help="only add the search-only hypervolume to an existing result, from its work dir's archives")
+    ap.add_argument("--reanalyze-top", action="store_true",
+                    help="only add evomerge's re-scored pick (settings evomerge.rescore_top) from the work dir's partials")
     ap.add_argument("--only-seed", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--partial", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -327,7 +359,9 @@ def main() -> int:
     out = args.out or RESULTS / (f"{args.settings}.quick.json" if args.quick else f"{args.settings}.json")
     if args.reanalyze_multi:
         reanalyze_multi(args, S, out)
-    if args.reanalyze_multi or args.plot_only:
+    if args.reanalyze_top:
+        reanalyze_top(args, S, out)
+    if args.reanalyze_multi or args.reanalyze_top or args.plot_only:
         plot(json.loads(out.read_text()), out.with_suffix(".png"))
         return 0
     started, machine_start = time.time(), machine_info()
@@ -355,6 +389,8 @@ def main() -> int:
     }
     single["claims"] = claims(single["heldout"])
     single["claims_search_only"] = claims(single["heldout_search_only"])
+    if "evomerge_top" in single["heldout"]:
+        single["claims_top"] = claims(single["heldout"], "evomerge_top")
     for s in seeds:  # the per-seed event logs stay in the work dir's partial files
         parts[s]["single"].pop("events", None)
     multi = None
@@ -386,9 +422,9 @@ def _per_candidate_seconds(run: dict) -> float | None:
     return float(np.median(secs)) if secs else None
 
 
-def claims(heldout: dict[str, list[dict]]) -> dict[str, Any]:
+def claims(heldout: dict[str, list[dict]], method: str = "evomerge") -> dict[str, Any]:
     out: dict[str, Any] = {}
-    evo, rnd, cma_ = heldout.get("evomerge"), heldout.get("random"), heldout.get("cmaes_weights")
+    evo, rnd, cma_ = heldout.get(method), heldout.get("random"), heldout.get("cmaes_weights")
     if evo and rnd:
         half, final = at(evo, 0.5), at(rnd, 1.0)
         if half and final and half["mean"] is not None and final["mean"] is not None:
@@ -416,6 +452,32 @@ def run_multi(scorer, sources, M: dict, evo: dict, seed: int, workdir: Path) -> 
     info = {m: {**{k: v for k, v in r.items() if k != "events"}, "evaluations": len(r["events"]),
                 "items_spent": sum(e["items"] for e in r["events"])} for m, r in runs.items()}
     return {"curves": curves, "curves_search_only": curves_so, "info": info}
+
+
+def reanalyze_top(args, S: dict, out: Path) -> None:
+    """Add evomerge's re-scored pick (``rescored_curve``) to a finished run's JSON, from the
+    event logs its seeds left in the work dir's partial files: no search is re-run."""
+    result = json.loads(out.read_text())
+    single, k = result["single_objective"], S["evomerge"]["rescore_top"]
+    _, sources = zoo(args.zoo)
+    scorer = Scorer(sources)
+    task, budget, fractions = single["task"], single["budget_items"], single["fractions"]
+    cost = n_items(f"{task}:search")
+    curves: dict[bool, list] = {False: [], True: []}
+    for seed in S["seeds"]:
+        events = json.loads((args.workdir / f"partial-seed{seed}.json").read_text())["single"]["events"]["evomerge"]
+        for only in curves:
+            curves[only].append(rescored_curve(scorer, events, budget, fractions, "calc", f"{task}:heldout", k, cost,
+                                               search_only=only))
+    single["heldout"]["evomerge_top"] = summarize({"m": curves[False]}, "heldout")["m"]
+    single["heldout_search_only"]["evomerge_top"] = summarize({"m": curves[True]}, "heldout")["m"]
+    single["per_seed"]["evomerge_top"] = {
+        str(seed): {**single["per_seed"]["evomerge"][str(seed)], "curve": c, "curve_search_only": c_so,
+                    "rescore_top": k} for seed, c, c_so in zip(S["seeds"], curves[False], curves[True])}
+    single["claims_top"] = claims(single["heldout"], "evomerge_top")
+    single["evomerge_top_by"] = command_line()
+    result["settings"] = {**result["settings"], "evomerge": {**result["settings"]["evomerge"], "rescore_top": k}}
+    write_json(out, result)
 
 
 def reanalyze_multi(args, S: dict, out: Path) -> None:
