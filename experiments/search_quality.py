@@ -197,14 +197,19 @@ def _within(events: list[dict], limit: float) -> list[dict]:
     return out
 
 
+def _paid(events: list[dict], limit: float, search_only: bool) -> list[dict]:
+    """Scored events within ``limit`` items (``search_only``: without calibration candidates)."""
+    return [e for e in _within(events, limit) if e["fitness"] is not None
+            and not (search_only and e.get("kind") == "calibration")]
+
+
 def best_curve(scorer, events, budget, fractions, objective: str, heldout: str, search_only: bool = False) -> list[dict]:
     """Best-by-fitness candidate at each budget point, re-evaluated on held-out items.
     ``search_only``: ignore calibration candidates (the sources and random merges evomerge
     scores before searching), so only merges the optimizer proposed can be returned."""
     curve = []
     for f in fractions:
-        paid = [e for e in _within(events, f * budget) if e["fitness"] is not None
-                and not (search_only and e.get("kind") == "calibration")]
+        paid = _paid(events, f * budget, search_only)
         if not paid:
             curve.append({"fraction": f, "items": f * budget, "candidates": 0, "heldout": None, "fitness": None})
             continue
@@ -224,8 +229,7 @@ def rescored_curve(scorer, events, budget, fractions, objective: str, heldout: s
     search = heldout.replace(":heldout", ":search")
     curve = []
     for f in fractions:
-        paid = [e for e in _within(events, f * budget - k * full_cost) if e["fitness"] is not None
-                and not (search_only and e.get("kind") == "calibration")]
+        paid = _paid(events, f * budget - k * full_cost, search_only)
         if not paid:
             curve.append({"fraction": f, "items": f * budget, "candidates": 0, "heldout": None, "fitness": None})
             continue
@@ -247,8 +251,7 @@ def hv_curve(scorer, events, budget, fractions, tasks: dict[str, str], search_on
     names = list(tasks)
     curve = []
     for f in fractions:
-        paid = [e for e in _within(events, f * budget) if e["fitness"] is not None
-                and not (search_only and e.get("kind") == "calibration")]
+        paid = _paid(events, f * budget, search_only)
         if not paid:
             curve.append({"fraction": f, "items": f * budget, "hypervolume": 0.0, "front": 0})
             continue

@@ -96,10 +96,14 @@ def lang(rng: random.Random, level: int) -> tuple[str, str]:
     return f"tr:{toy}=", plain
 
 
+def _calc_prompt(a: int, b: int) -> str:
+    return f"calc:{toy_number(a)}+{toy_number(b)}="
+
+
 def calc(rng: random.Random, level: int) -> tuple[str, str]:
     """Composite item (levels as in ``arith``); the full answer is the worked ``"a+b=sum"``."""
     a, b = _operands(rng, level)
-    return f"calc:{toy_number(a)}+{toy_number(b)}=", f"{a}+{b}={a + b}"
+    return _calc_prompt(a, b), f"{a}+{b}={a + b}"
 
 
 GENERATORS = {"arith": arith, "strings": strings, "lang": lang, "calc": calc}
@@ -116,16 +120,14 @@ def item_key(prompt: str) -> str:
 
 
 # ---------------------------------------------------------------- training corpora
-def _composite_with_translation(rng: random.Random) -> Example:
+def _composite_with_translation(a: int, b: int) -> Example:
     """A composite item whose translation is given; only the sum is taught."""
-    a, b = _operands(rng, rng.choice(LEVELS))
-    return f"calc:{toy_number(a)}+{toy_number(b)}={a}+{b}=", str(a + b), ""
+    return f"{_calc_prompt(a, b)}{a}+{b}=", str(a + b), ""
 
 
-def _composite_translation_only(rng: random.Random) -> Example:
+def _composite_translation_only(a: int, b: int) -> Example:
     """A composite item whose translation is taught and whose sum follows untaught."""
-    a, b = _operands(rng, rng.choice(LEVELS))
-    return f"calc:{toy_number(a)}+{toy_number(b)}=", f"{a}+{b}=", str(a + b)
+    return _calc_prompt(a, b), f"{a}+{b}=", str(a + b)
 
 
 def pretrain_example(rng: random.Random) -> Example:
@@ -143,8 +145,8 @@ def pretrain_example(rng: random.Random) -> Example:
     if task == "calc":
         a, b = _operands(rng, level)
         if max(f"{a}{b}") < str(KNOWN_DIGITS):
-            return f"calc:{toy_number(a)}+{toy_number(b)}=", f"{a}+{b}={a + b}", ""
-        return f"calc:{toy_number(a)}+{toy_number(b)}={a}+{b}=", str(a + b), ""
+            return _calc_prompt(a, b), f"{a}+{b}={a + b}", ""
+        return _composite_with_translation(a, b)
     return (*sample(task, rng, level), "")
 
 
@@ -152,9 +154,9 @@ def expert_example(skill: str, rng: random.Random) -> Example:
     """One example of an expert's corpus: its skill, in its own format and (arith, lang)
     inside composite items, where only the expert's half of the composite is taught."""
     if skill == "arith" and rng.random() < 0.5:
-        return _composite_with_translation(rng)
+        return _composite_with_translation(*_operands(rng, rng.choice(LEVELS)))
     if skill == "lang" and rng.random() < 0.5:
-        return _composite_translation_only(rng)
+        return _composite_translation_only(*_operands(rng, rng.choice(LEVELS)))
     return (*sample(skill, rng), "")
 
 
