@@ -140,7 +140,7 @@ class Scorer:
         self.sources = SourceSet.load(sources, device="cpu", resident=True)
         self.backend = make_backend("hf", Path(model_dir or sources["base"]), device="cpu")
         self._tasks: dict[str, Any] = {}
-        self._cache: dict[tuple[str, str], np.ndarray] = {}
+        self._cache: dict[tuple[str, str, bool], np.ndarray] = {}
         self.seconds = 0.0
         self.items = 0
 
@@ -151,17 +151,18 @@ class Scorer:
             self._tasks[spec] = load_task(spec)
         return self._tasks[spec]
 
-    def scores(self, plan: dict, task_spec: str) -> np.ndarray:
+    def scores(self, plan: dict, task_spec: str, likelihood: bool = False) -> np.ndarray:
         from evomerge.search.genome import merge_plan, plan_from_dict, plan_output_config
 
-        key = (hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest(), task_spec)
+        key = (hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest(), task_spec, likelihood)
         if key not in self._cache:
             t = time.perf_counter()
             parsed = plan_from_dict(plan)
             weights = merge_plan(parsed, self.sources)
             self.backend.load_weights(weights, plan_output_config(parsed, self.sources))
             task = self.task(task_spec)
-            results = self.backend.score(task, range(len(task.items)))
+            score = self.backend.likelihood if likelihood else self.backend.score
+            results = score(task, range(len(task.items)))
             self._cache[key] = np.array([r.score for r in sorted(results, key=lambda r: r.index)], float)
             self.seconds += time.perf_counter() - t
             self.items += len(task.items)
@@ -169,6 +170,10 @@ class Scorer:
 
     def accuracy(self, plan: dict, task_spec: str) -> float:
         return float(self.scores(plan, task_spec).mean())
+
+    def graded(self, plan: dict, task_spec: str) -> np.ndarray:
+        """Likelihood scores (``Backend.likelihood``) of every item: for measuring estimators."""
+        return self.scores(plan, task_spec, likelihood=True)
 
 
 # Estimators the search can run (mp-IRT needs source abilities the search does not pass).

@@ -1,6 +1,7 @@
 """The optimizer sweep of docs/search-notes.md: evomerge's search (as in search_quality.py,
 3000-item budget) with settings overridden per variant, on seeds 10-12 (not the seeds the
-reported runs use); prints held-out calc at half and full budget, mean over the seeds.
+reported runs use); prints held-out calc at half and full budget, mean over the seeds, for the
+highest-estimate pick and for the top ``rescore_top`` (default 3) re-scored on every search item.
 
     HF_HUB_OFFLINE=1 .venv/bin/python experiments/optimizer_sweep.py '{"ng_de": {"optimizer": "ng_de"}}'
 """
@@ -32,10 +33,12 @@ def main() -> int:
             run = SQ.run_evomerge(scorer, sources, {"calc": "zoo/calc"}, {**BASE, **override}, 3000, seed,
                                   Path(f"/tmp/evomerge-experiments/sweep/{name}/s{seed}"))
             curve = SQ.best_curve(scorer, run["events"], 3000, [0.5, 1.0], "calc", "zoo/calc:heldout")
-            per_seed.append([point["heldout"] for point in curve])
-        half = sum(r[0] or 0 for r in per_seed) / len(per_seed)
-        full = sum(r[1] for r in per_seed) / len(per_seed)
-        print(f"{name:14s} half {half:.3f} full {full:.3f} per seed {per_seed}", flush=True)
+            top = SQ.rescored_curve(scorer, run["events"], 3000, [0.5, 1.0], "calc", "zoo/calc:heldout",
+                                    override.get("rescore_top", 3), 200)
+            per_seed.append([point["heldout"] or 0.0 for point in curve + top])
+        mean = [sum(r[i] for r in per_seed) / len(per_seed) for i in range(4)]
+        print(f"{name:14s} highest estimate: half {mean[0]:.3f} full {mean[1]:.3f} | top-k re-scored: "
+              f"half {mean[2]:.3f} full {mean[3]:.3f} | per seed {per_seed}", flush=True)
     return 0
 
 

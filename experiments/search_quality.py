@@ -74,9 +74,13 @@ def search_config(sources, seed, genome, objectives: list[dict], optimizer: str,
 
 def run_evomerge(scorer, sources, tasks: dict[str, str], settings: dict, budget: int, seed: int,
                  workdir: Path) -> dict[str, Any]:
-    """Calibrate (paid from the budget), then search with the estimator on the anchors."""
-    space = make_space(settings.get("genome", {"kind": "parameter", "method": "ties", "granularity": "layer"}),
-                       sources)
+    """Search with the estimator on a tenth of the items. With ``scoring: likelihood`` (graded
+    scores on a fixed random subset) nothing is calibrated; otherwise IRT is calibrated first,
+    paid from the budget."""
+    genome = settings.get("genome") or {"kind": "parameter", "method": "ties", "granularity": "layer"}
+    if settings.get("scoring") == "likelihood":
+        return _run_evomerge_graded(sources, tasks, settings, genome, budget, seed, workdir)
+    space = make_space(genome, sources)
     calib = calibrate(scorer, space, {n: f"{t}:search" for n, t in tasks.items()},
                       settings["calibration_random"], settings["anchor_frac"], seed, workdir / "calibration",
                       estimator=settings.get("estimator"))
@@ -84,9 +88,7 @@ def run_evomerge(scorer, sources, tasks: dict[str, str], settings: dict, budget:
     n = (budget - calib["items_spent"]) // per_candidate
     objectives = [{"name": name, "task": f"{tasks[name]}:search", "estimator": o["estimator"],
                    "calibration": o["path"]} for name, o in calib["objectives"].items()]
-    config = search_config(sources, seed, settings.get("genome") or {"kind": "parameter", "method": "ties",
-                                                                     "granularity": "layer"},
-                           objectives, settings["optimizer"], settings["population"], max(n, 1))
+    config = search_config(sources, seed, genome, objectives, settings["optimizer"], settings["population"], max(n, 1))
     result = run_search(config, workdir / f"evomerge-seed{seed}") if n > 0 else {"seconds": 0.0, "events": []}
     events = [{"items": c["items"], "plan": c["plan"], "fitness": c["fitness"], "kind": "calibration"}
               for c in calib["candidates"]]
@@ -94,6 +96,24 @@ def run_evomerge(scorer, sources, tasks: dict[str, str], settings: dict, budget:
     return {"events": events, "seconds": result["seconds"] + calib["seconds"], "search_candidates": n,
             "items_per_candidate": per_candidate, "calibration": {k: v for k, v in calib.items() if k != "candidates"},
             "config": _portable(config)}
+
+
+def _run_evomerge_graded(sources, tasks, settings, genome, budget, seed, workdir) -> dict[str, Any]:
+    from evomerge.workers.evaluator import subset_indices
+
+    frac, estimator = settings["anchor_frac"], settings.get("estimator", "subset")
+    if estimator not in ("subset", "full"):
+        raise ValueError(f"evomerge.estimator: likelihood scoring runs with subset or full, not {estimator!r}")
+    per_candidate = sum(len(subset_indices(n_items(f"{t}:search"), frac, seed)) if estimator == "subset"
+                        else n_items(f"{t}:search") for t in tasks.values())
+    n = budget // per_candidate
+    objectives = [{"name": name, "task": f"{t}:search", "scoring": "likelihood", "estimator": estimator}
+                  for name, t in tasks.items()]
+    config = search_config(sources, seed, genome, objectives, settings["optimizer"], settings["population"], n)
+    config["calibration"] = {"anchors": frac, "random_merges": 0}
+    result = run_search(config, workdir / f"evomerge-seed{seed}")
+    return {"events": [dict(e, kind="search") for e in result["events"]], "seconds": result["seconds"],
+            "search_candidates": n, "items_per_candidate": per_candidate, "config": _portable(config)}
 
 
 def run_random(sources, tasks: dict[str, str], settings: dict, budget: int, seed: int, workdir: Path):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
+from evomerge.errors import EvomergeError
 from evomerge.tasks.task import Task
 
 
@@ -27,6 +29,20 @@ class Backend(Protocol):
     def score(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
         """Score the items ``task.items[i] for i in indices``, results in the same order."""
         ...
+
+    def likelihood(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
+        """Graded scores in [0, 1]: for generate tasks the probability of the reference output
+        (``task.reference``) given the prompt, teacher-forced; for multiple choice the correct
+        choice's share of the choices' probability mass. One forward pass per item, no decoding."""
+        ...
+
+
+def check_indices(task: Task, indices: Sequence[int]) -> list[int]:
+    indices = list(indices)
+    for i in indices:
+        if not 0 <= i < len(task.items):
+            raise EvomergeError(f"task {task.name}: item index {i} out of range (0..{len(task.items) - 1})")
+    return indices
 
 
 def choice_rows(task: Task, indices: Sequence[int], encode: Callable[..., list[int]]
@@ -66,4 +82,50 @@ def pick_choices(task: Task, indices: Sequence[int], owners: list[tuple[int, int
     for i in indices:
         choice = task.items[i].choices[best[i][1]]
         results.append(ItemResult(i, float(choice == task.items[i].answer), choice))
+    return results
+
+
+def reference_rows(task: Task, indices: Sequence[int], encode: Callable[..., list[int]],
+                   eos_token_id: int | None) -> list[tuple[list[int], list[int]]]:
+    """For likelihood scoring of a generate task: one (prompt tokens, reference tokens) row per
+    item, the reference ending with end-of-sequence when the task says its outputs do."""
+    rows = []
+    for i in indices:
+        prompt = task.items[i].prompt
+        context, whole = encode(prompt), encode(prompt + task.reference(i))
+        if whole[: len(context)] == context and len(whole) > len(context):
+            continuation = whole[len(context):]
+        else:
+            continuation = encode(task.reference(i), special=False)
+        if task.target_eos and eos_token_id is not None:
+            continuation = continuation + [eos_token_id]
+        rows.append((context, continuation))
+    return rows
+
+
+def likelihood_rows(task: Task, indices: Sequence[int], encode: Callable[..., list[int]],
+                    eos_token_id: int | None) -> tuple[list[tuple[list[int], list[int]]], list[tuple[int, int]]]:
+    """The rows a backend scores for ``likelihood``, and the (item, choice) each belongs to
+    (choice 0 for generate tasks)."""
+    if task.kind == "multiple_choice":
+        return choice_rows(task, indices, encode)
+    return reference_rows(task, indices, encode, eos_token_id), [(i, 0) for i in indices]
+
+
+def graded_results(task: Task, indices: Sequence[int], owners: list[tuple[int, int]],
+                   logliks: Sequence[float]) -> list[ItemResult]:
+    """Likelihood scores from the rows' log-likelihoods (see ``Backend.likelihood``)."""
+    per_item: dict[int, dict[int, float]] = {}
+    for (i, c), ll in zip(owners, logliks):
+        per_item.setdefault(i, {})[c] = float(ll)
+    results = []
+    for i in indices:
+        lls = per_item[i]
+        if task.kind == "multiple_choice":
+            correct = task.items[i].choices.index(task.items[i].answer)
+            top = max(lls.values())
+            total = sum(math.exp(v - top) for v in lls.values())
+            results.append(ItemResult(i, math.exp(lls[correct] - top) / total, task.items[i].answer))
+        else:
+            results.append(ItemResult(i, math.exp(min(lls[0], 0.0)), task.reference(i)))
     return results

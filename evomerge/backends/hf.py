@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from evomerge.backends.base import ItemResult, choice_rows, pick_choices
+from evomerge.backends.base import (ItemResult, check_indices, choice_rows, graded_results, likelihood_rows,
+                                    pick_choices)
 from evomerge.errors import CheckpointError, EvomergeError
 from evomerge.tasks.task import Task
 
@@ -133,16 +134,20 @@ class HFBackend:
 
     # ------------------------------------------------------------ scoring
     def score(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
-        indices = list(indices)
-        for i in indices:
-            if not 0 <= i < len(task.items):
-                raise EvomergeError(f"task {task.name}: item index {i} out of range (0..{len(task.items) - 1})")
+        indices = check_indices(task, indices)
         results: list[ItemResult] = []
         run = self._generate if task.kind == "generate" else self._choose
         with torch.inference_mode():
             for start in range(0, len(indices), self.batch_size):
                 results.extend(run(task, indices[start:start + self.batch_size]))
         return results
+
+    def likelihood(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
+        indices = check_indices(task, indices)
+        rows, owners = likelihood_rows(task, indices, self._encode, self.tokenizer.eos_token_id)
+        with torch.inference_mode():
+            logliks = [ll for ll, _ in self._loglikelihood(rows)]
+        return graded_results(task, indices, owners, logliks)
 
     def _encode(self, text: str, special: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]

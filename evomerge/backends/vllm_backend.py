@@ -44,7 +44,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-from evomerge.backends.base import ItemResult, choice_rows, pick_choices
+from evomerge.backends.base import (ItemResult, check_indices, choice_rows, graded_results, likelihood_rows,
+                                    pick_choices)
 from evomerge.backends.hf import SHAPE_KEYS, load_tokenizer
 from evomerge.errors import CheckpointError, EvomergeError
 from evomerge.tasks.task import Task
@@ -209,15 +210,22 @@ class VLLMBackend:
 
     # ------------------------------------------------------------ scoring
     def score(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
-        if self.llm is None:
-            raise EvomergeError("vllm backend is closed")
-        indices = list(indices)
-        for i in indices:
-            if not 0 <= i < len(task.items):
-                raise EvomergeError(f"task {task.name}: item index {i} out of range (0..{len(task.items) - 1})")
+        indices = self._checked(task, indices)
         if not indices:
             return []
         return self._generate(task, indices) if task.kind == "generate" else self._choose(task, indices)
+
+    def likelihood(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
+        indices = self._checked(task, indices)
+        if not indices:
+            return []
+        rows, owners = likelihood_rows(task, indices, self._encode, self.tokenizer.eos_token_id)
+        return graded_results(task, indices, owners, self.loglikelihoods(rows))
+
+    def _checked(self, task: Task, indices: Sequence[int]) -> list[int]:
+        if self.llm is None:
+            raise EvomergeError("vllm backend is closed")
+        return check_indices(task, indices)
 
     def _encode(self, text: str, special: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]

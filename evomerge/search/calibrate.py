@@ -33,6 +33,7 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.io.atomic import atomic_write_text
+from evomerge.workers.evaluator import CALIBRATION_FREE
 from evomerge.workers.types import Candidate
 
 CALIBRATION_DIR = "calibration"
@@ -43,7 +44,7 @@ DONE_FILE = "sources.json"     # written last: the pre-search phase is complete
 
 def needs_calibration(objective) -> bool:
     """An objective whose estimator needs item parameters the config does not give."""
-    return objective.estimator != "full" and objective.calibration is None
+    return objective.estimator not in CALIBRATION_FREE and objective.calibration is None
 
 
 def calibration_path(run_dir: Path, name: str) -> Path:
@@ -70,7 +71,7 @@ def fill_spec(spec, cfg, run_dir: Path) -> bool:
     objective that needs them has them (i.e. the pre-search phase is done)."""
     ready = (Path(run_dir) / CALIBRATION_DIR / DONE_FILE).is_file()
     for obj_spec, obj in zip(spec.objectives, cfg.objectives):
-        if obj.estimator == "full":
+        if obj.estimator in CALIBRATION_FREE:
             continue
         if needs_calibration(obj):
             obj_spec.calibration = str(calibration_path(run_dir, obj.name))
@@ -96,7 +97,7 @@ def presearch(run, progress: bool = True) -> None:
 
     cfg, archive, run_dir = run.config, run.archive, run.run_dir
     calibrated = [o for o in cfg.objectives if needs_calibration(o)]
-    irt = [o for o in cfg.objectives if o.estimator != "full"]
+    irt = [o for o in cfg.objectives if o.estimator not in CALIBRATION_FREE]
     heldout = {o.name: o.heldout_task for o in cfg.objectives if o.heldout_task}
     genomes = calibration_genomes(run.space, cfg.calibration.seed if cfg.calibration.seed is not None else cfg.seed,
                                   cfg.calibration.random_merges) if calibrated else []

@@ -9,6 +9,8 @@
       - {name: arith, task: "zoo/arith:search", estimator: gpirt}   # calibrated before generation 0
       - {name: calc, task: "zoo/calc:search", estimator: irt, calibration: calib/calc.json}  # given
       - {name: lang, task: "zoo/lang:search"}           # no estimator: score every item
+      - {name: graded, task: "zoo/calc:search", scoring: likelihood, estimator: subset}
+                                       # probability of the reference output on a fixed 10% subset
     calibration: {random_merges: 24, anchors: 0.1}     # IRT calibration population + anchor count
     evaluator: {kind: merge, backend: hf, device: cpu}
     optimizer: {name: nsga2, population: 8, generations: 6}
@@ -36,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.search.optimizers import OPTIMIZERS, BoxSpace, check_space
 
-ESTIMATORS_WITHOUT_CALIBRATION = ("full",)
+from evomerge.workers.evaluator import CALIBRATION_FREE
 
 
 class _Strict(BaseModel):
@@ -50,6 +52,16 @@ class ObjectiveConfig(_Strict):
     calibration: str | None = None              # evomerge calibration JSON; default: fit one before the search
     heldout: str | None = None                  # held-out task for judging; default: task with :search -> :heldout
     weight: float = 1.0                         # for single-objective optimizers (weighted sum)
+    # exact: 0/1 per item (greedy output vs answer); likelihood: the probability of the
+    # reference output, a graded score with far less noise per item (estimators full | subset)
+    scoring: Literal["exact", "likelihood"] = "exact"
+
+    @model_validator(mode="after")
+    def _scoring_fits_estimator(self) -> "ObjectiveConfig":
+        if self.scoring == "likelihood" and self.estimator not in CALIBRATION_FREE:
+            raise ValueError(f"estimator: {self.estimator!r} fits IRT to 0/1 responses; likelihood scoring "
+                             f"works with {' or '.join(CALIBRATION_FREE)}")
+        return self
 
     @property
     def heldout_task(self) -> str | None:
@@ -180,8 +192,8 @@ def _field_error(exc: ValidationError, where: str) -> str:
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
     # A model-level check names its own field at the front of the message.
-    if not loc and re.match(r"^[a-z_.]+(\.\d+)?[a-z_.]*: ", msg):
-        return f"{where}: {msg}"
+    if re.match(r"^[a-z_.]+(\.\d+)?[a-z_.]*: ", msg):
+        return f"{where}: {loc}.{msg}" if loc else f"{where}: {msg}"
     return f"{where}: {loc}: {msg}" if loc else f"{where}: {msg}"
 
 

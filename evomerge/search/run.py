@@ -44,7 +44,7 @@ from evomerge.search.archive import Archive
 from evomerge.search.config import SearchConfig, build_genome_space, dump_config, load_config, load_run_config
 from evomerge.search.optimizers import Optimizer, is_multi_objective, make_optimizer
 from evomerge.search.state import ControllerState, load_latest, save_state
-from evomerge.workers.evaluator import EvaluatorSpec, make_evaluator, prepare_objective
+from evomerge.workers.evaluator import CALIBRATION_FREE, EvaluatorSpec, make_evaluator, prepare_objective
 from evomerge.workers.types import Candidate, EvalResult, ObjectiveScore
 
 RUN_FORMAT = 1
@@ -112,14 +112,14 @@ def check_objectives(spec: EvaluatorSpec, ready: bool, run_dir: Path | None) -> 
         if ready:
             prepare_objective(o)
             continue
-        if o.estimator != "full" and o.estimator not in MAPPED:
+        if o.estimator not in CALIBRATION_FREE and o.estimator not in MAPPED:
             raise ConfigError(f"objectives.{o.name}.estimator: unknown estimator {o.estimator!r} "
-                              f"(choose from full, {', '.join(MAPPED)})")
+                              f"(choose from {', '.join(CALIBRATION_FREE)}, {', '.join(MAPPED)})")
         given = o.calibration is not None and (run_dir is None or Path(o.calibration) != calibration_path(run_dir, o.name))
         if given:   # a calibration from the config: check it now (abilities come later)
             prepare_objective(ObjectiveSpec(o.name, o.task, o.estimator, o.calibration, [[0.0]]))
         else:
-            prepare_objective(ObjectiveSpec(o.name, o.task))
+            prepare_objective(ObjectiveSpec(o.name, o.task, scoring=o.scoring))
 
 
 def _check_sources(cfg: SearchConfig) -> None:

@@ -8,6 +8,11 @@ A task is a YAML definition beside JSONL item files::
     extract: '=(-?\\d+)'           # optional regex; group 1 (or the match) of the LAST match is the answer
     splits: {search: arith.search.jsonl, heldout: arith.heldout.jsonl}
     default_split: search          # or `data: items.jsonl` for a single split
+    target: worked                 # optional: item field with the whole reference output (default: answer)
+    target_eos: true               # optional: the reference output ends with end-of-sequence
+
+``target`` / ``target_eos`` matter only to likelihood scoring (``Backend.likelihood``): the
+probability the model gives the reference output, a graded score where exact match is 0/1.
 
 Each JSONL line is ``{"id": ..., "prompt": ..., "answer": ...}``; multiple-choice items add
 ``"choices": [...]`` and give the answer as the correct choice's text or its index.
@@ -51,6 +56,17 @@ class Task:
     stop: list[str] = field(default_factory=list)   # generation also ends at these strings
     mc_normalize: bool = False         # multiple choice: divide log-likelihood by choice length
     source: str = ""                   # where the definition came from (for messages)
+    target: str | None = None          # item meta field holding the whole reference output
+    target_eos: bool = False           # likelihood scoring: the reference ends with end-of-sequence
+
+    def reference(self, index: int) -> str:
+        """The whole output a correct model writes for item ``index`` (likelihood scoring)."""
+        item = self.items[index]
+        if self.target is None:
+            return item.answer
+        if self.target not in item.meta:
+            raise EvomergeError(f"task {self.name}: item {item.id} has no field {self.target!r} (the task's 'target')")
+        return str(item.meta[self.target])
 
     def __len__(self) -> int:
         return len(self.items)
@@ -149,10 +165,18 @@ def load_task_yaml(path: str | Path, split: str | None = None) -> Task:
     max_new = spec.get("max_new_tokens", 16)
     if not isinstance(max_new, int) or max_new < 1:
         raise EvomergeError(f"{path}: field 'max_new_tokens' must be a positive integer")
+    target = spec.get("target")
+    if target is not None:
+        if kind != "generate" or not isinstance(target, str):
+            raise EvomergeError(f"{path}: field 'target' must name an item field, and only for kind generate")
+        missing = next((item for item in items if target not in item.meta), None)
+        if missing is not None:
+            raise EvomergeError(f"{path}: item {missing.id} has no field {target!r} (named by 'target')")
     return Task(
         name=str(spec.get("name", path.stem)), kind=kind, items=items, max_new_tokens=max_new,
         extract=extract, split=split, stop=list(spec.get("stop", [])),
         mc_normalize=bool(spec.get("mc_normalize", False)), source=str(path),
+        target=target, target_eos=bool(spec.get("target_eos", False)),
     )
 
 

@@ -31,6 +31,10 @@ from evomerge.errors import EvomergeError
 from evomerge.workers.types import Candidate, EvalResult, ObjectiveScore
 
 
+# Estimators that need no IRT calibration: every item, or a fixed random subset of them.
+CALIBRATION_FREE = ("full", "subset")
+
+
 @dataclass
 class ObjectiveSpec:
     name: str
@@ -38,6 +42,9 @@ class ObjectiveSpec:
     estimator: str = "full"
     calibration: str | None = None
     source_thetas: list[list[float]] | None = None  # sources x dims: the merge-aware estimators' prior
+    scoring: str = "exact"                          # exact (0/1 per item) | likelihood (graded, Backend.likelihood)
+    subset: float = 0.1                             # estimator "subset": < 1 a fraction of the items, else a count
+    subset_seed: int = 0                            # ... drawn once from this seed, the same in every worker
 
 
 @dataclass
@@ -59,7 +66,9 @@ class EvaluatorSpec:
     @classmethod
     def from_config(cls, cfg, space) -> "EvaluatorSpec":
         ev = cfg.evaluator
-        objectives = [ObjectiveSpec(o.name, o.task, o.estimator, o.calibration) for o in cfg.objectives]
+        seed = cfg.calibration.seed if cfg.calibration.seed is not None else cfg.seed
+        objectives = [ObjectiveSpec(o.name, o.task, o.estimator, o.calibration, scoring=o.scoring,
+                                    subset=cfg.calibration.anchors, subset_seed=seed) for o in cfg.objectives]
         model_dir = ev.model_dir or (cfg.sources.get(cfg.base) if cfg.base else None) \
             or next(iter(cfg.sources.values()), None)
         return cls(kind=ev.kind, objectives=objectives, sources=dict(cfg.sources), backend=ev.backend,
@@ -99,6 +108,8 @@ def prepare_objective(spec: ObjectiveSpec):
         raise EvomergeError(f"{where}.task: task {spec.task!r} has no items")
     if spec.estimator == "full":
         return _Objective(spec, task, np.arange(len(task.items)))
+    if spec.estimator == "subset":
+        return _Objective(spec, task, subset_indices(len(task.items), spec.subset, spec.subset_seed))
     from evomerge.estimators.calibration import MAPPED, Calibration
 
     if spec.estimator not in MAPPED:
@@ -122,10 +133,22 @@ def prepare_objective(spec: ObjectiveSpec):
     return _Objective(spec, task, indices, calib)
 
 
+def subset_indices(n_items: int, size: float, seed: int) -> np.ndarray:
+    """The "subset" estimator's items: a fixed random sample (sorted), a pure function of the
+    seed, so every worker and every resumed run scores the same items."""
+    k = max(1, min(n_items, round(size * n_items) if size < 1 else int(size)))
+    return np.sort(np.random.default_rng([int(seed), 0x5B5E7]).choice(n_items, k, replace=False))
+
+
 def _mean_estimate(scores: np.ndarray) -> ObjectiveScore:
+    """The mean and its standard error (binomial for 0/1 scores, sample-based for graded ones)."""
     p = float(np.mean(scores))
     n = len(scores)
-    return ObjectiveScore(p, math.sqrt(max(p * (1 - p), 0.0) / n) if n > 1 else 0.0, n)
+    if n < 2:
+        return ObjectiveScore(p, 0.0, n)
+    binary = bool(np.all((scores == 0) | (scores == 1)))
+    var = p * (1 - p) if binary else float(np.var(scores, ddof=1))
+    return ObjectiveScore(p, math.sqrt(max(var, 0.0) / n), n)
 
 
 # --------------------------------------------------------------------------- evaluators
@@ -214,7 +237,8 @@ class CandidateEvaluator:
     def _score(self, obj: _Objective, audit: bool) -> tuple[ObjectiveScore, int]:
         full_indices = np.arange(len(obj.task.items))
         wanted = full_indices if audit else obj.indices
-        results = self.backend.score(obj.task, [int(i) for i in wanted])
+        scorer = self.backend.likelihood if obj.spec.scoring == "likelihood" else self.backend.score
+        results = scorer(obj.task, [int(i) for i in wanted])
         by_index = {r.index: r.score for r in results}
         anchor_scores = np.array([by_index[int(i)] for i in obj.indices], dtype=float)
         if obj.calibration is None:

@@ -89,6 +89,57 @@ def test_multiple_choice_picks_highest_loglikelihood(model_dir):
     assert all(r.output in choices for r in results)
 
 
+def sequence_probability(model, tok, prompt: str, target_ids: list[int]) -> float:
+    """Teacher-forced probability of ``target_ids`` after the prompt, one sequence at a time."""
+    ctx = tok(prompt).input_ids
+    ids = torch.tensor([ctx + target_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    return float(torch.exp(sum(logp[t - 1, ids[0, t]] for t in range(len(ctx), ids.shape[1]))))
+
+
+def test_likelihood_is_the_teacher_forced_probability_of_the_reference(model_dir):
+    backend = make_backend("hf", model_dir, batch_size=3)
+    model, tok = tiny_model(0), backend.tokenizer
+    refs = [greedy_reference(model, tok, p, 4) for p in PROMPTS]
+    items = [Item(str(i), p, "0", meta={"worked": refs[i] or "a"}) for i, p in enumerate(PROMPTS)]
+    task = Task("t", "generate", items, max_new_tokens=4, target="worked", target_eos=True)
+    results = backend.likelihood(task, [5, 0, 7, 2, 1, 3, 4, 6])
+    assert [r.index for r in results] == [5, 0, 7, 2, 1, 3, 4, 6]
+    for r in results:
+        target = tok(items[r.index].meta["worked"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+        expected = sequence_probability(model, tok, PROMPTS[r.index], target)
+        assert 0.0 < r.score <= 1.0
+        assert r.score == pytest.approx(expected, rel=1e-4, abs=1e-9)
+    # Without target_eos the reference is the answer alone, not followed by end-of-sequence.
+    plain = backend.likelihood(Task("t", "generate", items, max_new_tokens=4), [0])[0]
+    assert plain.score == pytest.approx(sequence_probability(model, tok, PROMPTS[0], tok("0", add_special_tokens=False).input_ids), rel=1e-4)
+
+
+def test_likelihood_prefers_the_models_own_greedy_output(model_dir):
+    """Greedy decoding's output is the most probable continuation token by token, so its
+    probability beats a reference that differs from it (the graded score ranks like accuracy)."""
+    backend = make_backend("hf", model_dir)
+    refs = [greedy_reference(tiny_model(0), backend.tokenizer, p, 4) for p in PROMPTS]
+    own = [Item(str(i), p, refs[i]) for i, p in enumerate(PROMPTS) if refs[i]]
+    wrong = [Item(it.id, it.prompt, "Q" + it.answer[1:]) for it in own if it.answer[0] != "Q"]
+    own = [it for it in own if it.answer[0] != "Q"]
+    assert own
+    p_own = backend.likelihood(Task("t", "generate", own), range(len(own)))
+    p_wrong = backend.likelihood(Task("t", "generate", wrong), range(len(wrong)))
+    assert all(a.score > b.score for a, b in zip(p_own, p_wrong))
+
+
+def test_likelihood_of_multiple_choice_is_the_correct_choices_share(model_dir):
+    backend = make_backend("hf", model_dir)
+    choices = ["12", "ab", "Bolu"]
+    items = [Item(str(c), "rev:abc=", choice, choices) for c, choice in enumerate(choices)]
+    shares = [r.score for r in backend.likelihood(Task("mc", "multiple_choice", items), range(3))]
+    assert sum(shares) == pytest.approx(1.0)
+    picked = backend.score(Task("mc", "multiple_choice", items), range(3))
+    assert [r.score for r in picked] == [float(s == max(shares)) for s in shares]
+
+
 def test_weights_swapped_in_place_match_fresh_model(tmp_path, model_dir):
     other = tiny_model(1)
     other_dir = save(other, tmp_path / "other")

@@ -147,6 +147,15 @@ def test_multiple_choice_agrees_with_hf_backend(engine, dirs):
             assert (g.output, g.score) == (w.output, w.score)
 
 
+def test_likelihood_agrees_with_hf_backend(engine, dirs):
+    engine.load_weights(*weights_of(tiny_model(0)))
+    hf = HFBackend(dirs["a"])
+    for task in (generate_task([p[::-1] for p in PROMPTS]), mc_task()):
+        got, want = engine.likelihood(task, range(len(PROMPTS))), hf.likelihood(task, range(len(PROMPTS)))
+        assert [r.index for r in got] == list(range(len(PROMPTS)))
+        assert [r.score for r in got] == pytest.approx([r.score for r in want], rel=1e-2, abs=1e-6), task.name
+
+
 def test_zoo_task_items_agree_with_hf_backend(engine, dirs):
     """A shipped task file, 40 items, through both backends: same per-item correctness."""
     engine.load_weights(*weights_of(tiny_model(0)))
@@ -225,6 +234,9 @@ def test_real_zoo_models_and_a_merge_agree_with_hf_backend():
             got, want = [r.score for r in engine.score(task, idx)], [r.score for r in hf.score(task, idx)]
             assert sum(g == w for g, w in zip(got, want)) >= len(idx) - 2, (label, got, want)
             accuracy[label] = sum(got) / len(idx)
+            # likelihood scoring (the search's graded objective): the same probabilities
+            graded = [r.score for r in engine.likelihood(task, idx)]
+            assert graded == pytest.approx([r.score for r in hf.likelihood(task, idx)], abs=2e-3), label
     finally:
         engine.close()
     assert accuracy["ties(arith+lang)"] > accuracy["expert-lang"], accuracy    # what the search exploits

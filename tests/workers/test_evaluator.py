@@ -107,7 +107,9 @@ def test_a_real_search_with_the_merge_evaluator(zoo, tmp_path):
     config.write_text(yaml.safe_dump({
         "seed": 1, "sources": {"a": zoo["a"], "b": zoo["b"]},
         "genome": {"kind": "parameter", "method": "linear", "granularity": "model"},
-        "objectives": [{"name": "echo", "task": zoo["task"]}],
+        "objectives": [{"name": "echo", "task": zoo["task"]},
+                       {"name": "graded", "task": zoo["task"], "scoring": "likelihood", "estimator": "subset"}],
+        "calibration": {"anchors": 4},
         "optimizer": {"name": "random", "population": 3, "generations": 2},
         "audit": {"every": 2},
     }))
@@ -118,5 +120,45 @@ def test_a_real_search_with_the_merge_evaluator(zoo, tmp_path):
     assert all(r["plan"]["merge_method"] == "linear" for r in records)
     assert [r["audit"] for r in records] == [True, False, True, False, True, False]
     assert all(0 <= r["objectives"]["echo"]["value"] <= 1 for r in records)
+    # the graded objective: 4 of the 8 items, no calibration needed, probabilities not 0/1
+    assert all(r["objectives"]["graded"]["n_items"] == 4 for r in records)
+    assert not (tmp_path / "run" / "calibration" / "graded.json").exists()
+    assert any(0 < r["objectives"]["graded"]["value"] < 1 for r in records)
     stats = run.archive.audit_stats()["echo"]
     assert stats["n"] == 3 and stats["mae"] == 0.0  # "full" estimator: estimate == full score
+
+
+def test_subset_estimator_with_likelihood_scoring_reads_the_graded_scores_of_its_items(zoo):
+    from evomerge.workers.evaluator import subset_indices
+
+    task = load_task(zoo["task"])
+    spec = EvaluatorSpec(kind="merge", objectives=[ObjectiveSpec("echo", zoo["task"], "subset", scoring="likelihood",
+                                                                 subset=3, subset_seed=7)],
+                         sources={"a": zoo["a"], "b": zoo["b"]}, model_dir=zoo["a"])
+    chosen = subset_indices(len(task.items), 3, 7)
+    assert len(chosen) == 3 and list(chosen) == sorted(set(chosen.tolist()))
+    assert list(chosen) == list(subset_indices(len(task.items), 3, 7))      # the same in every worker
+    assert list(chosen) != list(subset_indices(len(task.items), 3, 8)) or len(task.items) == 3
+
+    result = make_evaluator(spec).evaluate(Candidate(0, 0, [0.0, 1.0], linear({"a": 0.0, "b": 1.0}), audit=True))
+    assert result.status == "ok", result.error
+    graded = {r.index: r.score for r in make_backend("hf", zoo["b"]).likelihood(task, range(len(task.items)))}
+    score = result.objectives["echo"]
+    assert score.value == pytest.approx(np.mean([graded[int(i)] for i in chosen]), rel=1e-5)
+    assert score.full == pytest.approx(np.mean(list(graded.values())), rel=1e-5)
+    assert score.n_items == 3 and result.items_scored == len(task.items)    # the audit scored every item
+    assert 0.0 < score.value < 1.0 and score.stderr > 0.0
+
+
+def test_likelihood_scoring_with_an_irt_estimator_is_a_config_error(tmp_path, zoo):
+    from evomerge.errors import ConfigError
+    from evomerge.search.config import load_config
+
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump({
+        "sources": {"a": zoo["a"], "b": zoo["b"]},
+        "genome": {"kind": "parameter", "method": "linear", "granularity": "model"},
+        "objectives": [{"name": "echo", "task": zoo["task"], "scoring": "likelihood", "estimator": "gpirt"}],
+    }))
+    with pytest.raises(ConfigError, match=r"search.yaml: objectives.0.estimator: 'gpirt' .*likelihood scoring"):
+        load_config(config)
