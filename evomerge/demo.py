@@ -1,7 +1,7 @@
 """``evomerge demo``: the README's first command (``make demo``).
 
 1. build the tiny model zoo if it is not cached yet (``evomerge zoo build``);
-2. run the search of ``configs/demo.yaml`` on it (IRT-calibrated fitness on the
+2. run the search of ``configs/demo.yaml`` on it (graded fitness on a tenth of the
    composite task ``calc``), or resume / reuse ``runs/demo`` if it is already there;
 3. choose the search's best merge using search items only: the top candidates by
    estimate are re-scored on every search item and the best of them is kept;
