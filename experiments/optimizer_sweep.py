@@ -3,7 +3,9 @@
 reported runs use); prints held-out calc at half and full budget, mean over the seeds, for the
 highest-estimate pick and for the top ``rescore_top`` (default 3) re-scored on every search item.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python experiments/optimizer_sweep.py '{"ng_de": {"optimizer": "ng_de"}}'
+    HF_HUB_OFFLINE=1 .venv/bin/python experiments/optimizer_sweep.py '{"ng_de": {"optimizer": "ng_de"}}' [BUDGET]
+
+BUDGET: scored items per search (default 3000; search_quality_large.yaml uses 12000).
 """
 
 from __future__ import annotations
@@ -25,15 +27,16 @@ BASE = {"genome": {"kind": "parameter", "method": "ties", "granularity": "model"
 def main() -> int:
     one_thread()
     variants = json.loads(sys.argv[1])
+    budget = int(sys.argv[2]) if len(sys.argv) > 2 else 3000
     _, sources = zoo(None)
     scorer = Scorer(sources)
     for name, override in variants.items():
         per_seed = []
         for seed in SEEDS:
-            run = SQ.run_evomerge(scorer, sources, {"calc": "zoo/calc"}, {**BASE, **override}, 3000, seed,
-                                  Path(f"/tmp/evomerge-experiments/sweep/{name}/s{seed}"))
-            curve = SQ.best_curve(scorer, run["events"], 3000, [0.5, 1.0], "calc", "zoo/calc:heldout")
-            top = SQ.rescored_curve(scorer, run["events"], 3000, [0.5, 1.0], "calc", "zoo/calc:heldout",
+            run = SQ.run_evomerge(scorer, sources, {"calc": "zoo/calc"}, {**BASE, **override}, budget, seed,
+                                  Path(f"/tmp/evomerge-experiments/sweep/{name}-{budget}/s{seed}"))
+            curve = SQ.best_curve(scorer, run["events"], budget, [0.5, 1.0], "calc", "zoo/calc:heldout")
+            top = SQ.rescored_curve(scorer, run["events"], budget, [0.5, 1.0], "calc", "zoo/calc:heldout",
                                     override.get("rescore_top", 3), 200)
             per_seed.append([point["heldout"] or 0.0 for point in curve + top])
         mean = [sum(r[i] for r in per_seed) / len(per_seed) for i in range(4)]

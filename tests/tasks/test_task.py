@@ -92,6 +92,24 @@ def test_bad_definitions(tmp_path):
         load_task(path)
 
 
+def test_reference_output_for_likelihood_scoring(tmp_path):
+    path = write_task(tmp_path, ['{"id": "a", "prompt": "calc:Le+Sa=", "answer": "12", "worked": "4+8=12"}'],
+                      extra="target: worked\ntarget_eos: true\n")
+    task = load_task(path)
+    assert task.reference(0) == "4+8=12" and task.target_eos
+    plain = load_task(write_task(tmp_path, ['{"prompt": "1+1=", "answer": 2}']))
+    assert plain.reference(0) == "2" and not plain.target_eos       # default: the answer, no end-of-sequence
+    calc = load_task("zoo/calc")                                     # the zoo's composite task reads the worked sum
+    assert calc.reference(0) == calc.items[0].meta["worked"] and calc.reference(0).endswith("=" + calc.items[0].answer)
+
+
+def test_a_target_field_missing_from_an_item_names_the_item(tmp_path):
+    path = write_task(tmp_path, ['{"id": "a", "prompt": "p", "answer": "1", "worked": "w"}',
+                                 '{"id": "b", "prompt": "q", "answer": "2"}'], extra="target: worked\n")
+    with pytest.raises(EvomergeError, match=r"task.yaml: item b has no field 'worked' \(named by 'target'\)"):
+        load_task(path)
+
+
 def test_shipped_zoo_data_is_what_the_generator_makes():
     from evomerge.tasks.task import DATA_DIR
     from evomerge.zoo.skills import task_files
