@@ -72,6 +72,14 @@ def open_search(cfg, fresh: bool):
     if run_dir.exists() and fresh:
         shutil.rmtree(run_dir)
     if run_dir.is_dir() and any(run_dir.iterdir()):
+        from evomerge.search.config import load_run_config
+
+        stored = load_run_config(run_dir).model_dump(mode="json")
+        wanted = cfg.model_dump(mode="json")
+        changed = [key for key in wanted if key != "run_dir" and stored.get(key) != wanted[key]]
+        if changed:   # resuming would silently finish the old search, not the one asked for
+            raise EvomergeError(f"{run_dir}: made from another demo config (differs in: {', '.join(changed)}); "
+                                "pass --fresh to start over")
         print(f"reusing {run_dir} (pass --fresh to start over)")
         return SearchRun.resume(run_dir)
     return SearchRun.create(cfg)
@@ -166,7 +174,7 @@ def run_demo(config: Path = DEFAULT_CONFIG, run_dir: Path | None = None, results
         "rescored_on_search_items": best["rescored_search"],
         "search_best_beats_every_other_row": won, "runner_up": runner_up,
         "evaluations": len(records), "exported": [str(p) for p in exported],
-        "seconds": {"total": round(time.time() - t0, 1), "search_incl_calibration": round(t_search, 1),
+        "seconds": {"total": round(time.time() - t0, 1), "search_incl_presearch": round(t_search, 1),
                     "judging": round(t_judge, 1)},
         "load_average": {"start": [round(v, 2) for v in load0], "end": [round(v, 2) for v in os.getloadavg()]},
         "cpus": os.cpu_count(),
@@ -180,7 +188,7 @@ def run_demo(config: Path = DEFAULT_CONFIG, run_dir: Path | None = None, results
               f"Search best (candidate {best_id}, chosen on search items only) "
               f"{'beats' if won else 'does NOT beat'} every source model and one-shot recipe on held-out "
               f"`{objective}` (runner-up: {runner_up}).", "",
-              f"Wall time {out['seconds']['total']} s (search incl. calibration {out['seconds']['search_incl_calibration']} s, "
+              f"Wall time {out['seconds']['total']} s (search incl. scoring the sources {out['seconds']['search_incl_presearch']} s, "
               f"judging {out['seconds']['judging']} s) on {out['cpus']} cores, load average "
               f"{out['load_average']['start'][0]} at start / {out['load_average']['end'][0]} at end.", ""]
         atomic_write_text(results / "demo.md", "\n".join(md))

@@ -231,7 +231,9 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_xlabel("full accuracy (all search items)")
-    ax.set_ylabel(f"estimate ({result['per_seed'][next(iter(result['per_seed']))]['anchors']} anchors)")
+    first = result["per_seed"][next(iter(result["per_seed"]))]
+    ax.set_ylabel(f"estimate: mean likelihood on {first['anchors']} items (its own scale per seed)"
+                  if first.get("scoring") == "likelihood" else f"estimate ({first['anchors']} anchors)")
     rho = result["summary"]["audit_spearman_pooled"]
     ax.set_title(f"audited candidates (Spearman pooled {rho:.2f})" if rho is not None else "audited candidates")
     ax.legend(fontsize=8)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,15 @@ def header(title: str, result: dict, what: str) -> list[str]:
 
 
 def claim_line(name: str, claim: dict, text: str) -> str:
-    return f"- {text}: **{'met' if claim.get('met') else 'NOT met'}** ({', '.join(f'{k} = {_f(v) if isinstance(v, float) else v}' for k, v in claim.items() if k != 'met')})"
+    def show(v):
+        if isinstance(v, float):
+            return _f(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(show(x) for x in v) + "]"
+        return v
+
+    details = ", ".join(f"{k} = {show(v)}" for k, v in claim.items() if k != "met")
+    return f"- {text}: **{'met' if claim.get('met') else 'NOT met'}** ({details})"
 
 
 # --------------------------------------------------------------------------- search quality
@@ -181,9 +190,12 @@ def search_quality(r: dict, name: str = "search_quality") -> list[str]:
                   "merge option (which mergekit 0.0.6 maps to CUDA storage) is cleared on CPU -- see "
                   "experiments/mergenetic_adapter.py.", ""]
     lines += ["Claims (means over seeds):"]
-    for key, label in (("claims", "any candidate it scored"), ("claims_search_only", "only its optimizer's merges"),
+    for key, label in (("claims", "any candidate it scored" if calibrated else "its highest estimate"),
+                       ("claims_search_only", "only its optimizer's merges"),
                        ("claims_top", f"its pick re-scored, top {S.get('evomerge', {}).get('rescore_top')}")):
         c = s.get(key, {})
+        if key == "claims_search_only" and not calibrated:
+            continue                                   # nothing but the optimizer's merges to begin with
         if "evomerge_half_budget_reaches_random_final" in c:
             lines.append(claim_line("", c["evomerge_half_budget_reaches_random_final"],
                                     f"evomerge reaches random search's final held-out accuracy with half the budget ({label})"))
@@ -255,8 +267,8 @@ def estimator_fidelity(r: dict, name: str = "estimator_fidelity") -> list[str]:
     labels = {"subset_exact": "0/1 exact match on the same subset",
               "subset_likelihood": "likelihood on the subset (the search's estimator)",
               "full_likelihood": "likelihood on every search item"}
-    for name, st in s["all_estimators_spearman"].items():
-        lines.append(f"| {labels.get(name, name)} | {_ms(st, 2)} |")
+    for estimator_name, st in s["all_estimators_spearman"].items():
+        lines.append(f"| {labels.get(estimator_name, estimator_name)} | {_ms(st, 2)} |")
     c = s["claims"]
     lines += ["", "Claims:",
               claim_line("", c["items_cut_at_least_10x"], "the estimator cuts scored items per candidate by at least 10x"),
@@ -444,6 +456,8 @@ def splice(readme: Path, text: str) -> str:
         raise SystemExit(f"{readme}: no {begin} / {end} markers")
     head, rest = current.split(begin, 1)
     tail = rest.split(end, 1)[1]
+    # The figures sit beside RESULTS.md; from the README they are in experiments/results/.
+    text = re.sub(r"!\[([^\]]*)\]\(([^/)]+\.png)\)", r"![\1](experiments/results/\2)", text)
     return f"{head}{begin}\n{text}{end}{tail}"
 
 

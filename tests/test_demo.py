@@ -1,4 +1,4 @@
-"""`evomerge demo` end to end at a token budget: zoo -> calibrated search -> held-out table -> export + report."""
+"""`evomerge demo` end to end at a token budget: zoo -> search on likelihood scores -> held-out table -> export + report."""
 
 from __future__ import annotations
 
@@ -36,10 +36,20 @@ def test_the_demo_pipeline_judges_every_row_on_heldout_items_and_exports_loadabl
     saved = json.loads((tmp_path / "results" / "demo.json").read_text())
     assert saved["table"] == rows and saved["search_best_beats_every_other_row"] == out["search_best_beats_every_other_row"]
     assert (tmp_path / "results" / "demo.md").read_text().count("| source: ") == 4
-    assert (tmp_path / "run" / "calibration" / "calc.json").is_file()
+    assert (tmp_path / "run" / "calibration" / "sources.json").is_file()    # sources scored before the search
+    assert not (tmp_path / "run" / "calibration" / "calc.json").exists()    # the subset estimator needs no IRT
     assert (tmp_path / "run" / "report" / "report.md").is_file()
 
     assert out["exported"], "the demo exports the front"
     for path in out["exported"]:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         assert model.config.num_hidden_layers == 4
+
+    # The run directory is reused only for the config that made it.
+    from evomerge.errors import EvomergeError
+
+    changed = tmp_path / "demo-changed.yaml"
+    changed.write_text(DEFAULT_CONFIG.read_text().replace("name: cmaes", "name: ng_de"))
+    with pytest.raises(EvomergeError, match=r"run: made from another demo config \(differs in: optimizer\); pass --fresh"):
+        run_demo(changed, run_dir=tmp_path / "run", results=tmp_path / "results2", zoo_dir=tmp_path / "zoo",
+                 tiny=True, progress=False)
