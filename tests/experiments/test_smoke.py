@@ -54,3 +54,18 @@ def test_main_writes_results_md(tmp_path):
     finally:
         sys.argv = argv
     assert (tmp_path / "RESULTS.md").read_text().startswith("## Results")
+
+
+def test_graded_fidelity_table_and_readme_figure_paths(tmp_path):
+    builder = _builder()
+    result = json.loads((ROOT / "experiments" / "results" / "estimator_fidelity.json").read_text())
+    lines = builder.estimator_fidelity(result)
+    text = "\n".join(lines)
+    assert result["settings"]["scoring"] == "likelihood"
+    assert "`scoring: likelihood`" in text and "likelihood on the subset (the search's estimator)" in text
+    assert "![estimator fidelity](estimator_fidelity.png)" in text     # beside RESULTS.md
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:begin -->\nold\n<!-- results:end -->\nafter\n")
+    spliced = builder.splice(readme, text + "\n")
+    assert "![estimator fidelity](experiments/results/estimator_fidelity.png)" in spliced   # from the README
+    assert spliced.startswith("intro\n") and spliced.endswith("after\n") and "\nold\n" not in spliced
