@@ -362,7 +362,9 @@ def main() -> int:
     ap.add_argument("--skip-mergenetic", action="store_true")
     ap.add_argument("--skip-multi", action="store_true", help="skip the multi-objective (hypervolume) part")
     ap.add_argument("--jobs", type=int, default=3, help="seeds run in parallel processes")
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/evomerge-experiments/search_quality"))
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds instead of the settings' (e.g. 0,1,2,3,4,5)")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="default /tmp/evomerge-experiments/NAME (NAME: the settings)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot-only", action="store_true", help="only redraw the PNG from the result JSON")
     ap.add_argument("--reanalyze-multi", action="store_true",
@@ -375,6 +377,9 @@ def main() -> int:
 
     one_thread()
     S = load_settings(args.settings, args.quick)
+    if args.seeds:
+        S["seeds"] = [int(x) for x in args.seeds.split(",")]
+    args.workdir = args.workdir or Path("/tmp/evomerge-experiments") / args.settings
     if args.only_seed is not None:          # a child: one seed, partial result
         write_json(args.partial, run_one_seed(args, S, args.only_seed))
         return 0

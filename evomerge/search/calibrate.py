@@ -33,7 +33,7 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.io.atomic import atomic_write_text
-from evomerge.workers.evaluator import CALIBRATION_FREE
+from evomerge.workers.evaluator import CALIBRATION_FREE, mean_estimate
 from evomerge.workers.types import Candidate
 
 CALIBRATION_DIR = "calibration"
@@ -109,7 +109,10 @@ def presearch(run, progress: bool = True) -> None:
                     or any(_subject(s) not in have_heldout[o] for o in have_heldout)]
     todo_merges = [i for i in range(len(genomes)) if archive.record(-(i + 1)) is None]
     if todo_sources or todo_merges:
-        full = EvaluatorSpec(kind="merge", objectives=[ObjectiveSpec(o.name, o.task) for o in cfg.objectives],
+        # Sources and calibration merges are scored on every item with each objective's own
+        # scoring, so they sit on the same scale as the search's candidates (front, report).
+        full = EvaluatorSpec(kind="merge", objectives=[ObjectiveSpec(o.name, o.task, scoring=o.scoring)
+                                                       for o in cfg.objectives],
                              sources=dict(run.setup.spec.sources), backend=run.setup.spec.backend,
                              device=run.setup.spec.device, model_dir=run.setup.spec.model_dir,
                              threads=run.setup.spec.threads)
@@ -158,9 +161,8 @@ def presearch(run, progress: bool = True) -> None:
 
 
 def _score(values: np.ndarray) -> dict[str, Any]:
-    p, n = float(np.mean(values)), len(values)
-    return {"value": p, "stderr": float(np.sqrt(max(p * (1 - p), 0.0) / n)) if n > 1 else 0.0,
-            "n_items": n, "full": p}
+    score = mean_estimate(np.asarray(values, float))
+    return {"value": score.value, "stderr": score.stderr, "n_items": score.n_items, "full": score.value}
 
 
 def _record_source_scores(cfg, archive) -> None:

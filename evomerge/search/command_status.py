@@ -39,9 +39,11 @@ def status_lines(run_dir: str | Path) -> list[str]:
         f"front:        {len(front)} candidates, hypervolume {meta.get('hypervolume', 0.0):.4f} "
         f"(reference {meta.get('reference')})",
     ]
+    # Likelihood objectives are mean probabilities of the reference output, not accuracies.
+    scale = {o.name: " (likelihood)" if o.scoring == "likelihood" else "" for o in cfg.objectives}
     for name in archive.objectives:
         if name in best:
-            lines.append(f"best {name}: {best[name]:.4f}")
+            lines.append(f"best {name}: {best[name]:.4f}{scale.get(name, '')}")
     if audit:
         for name, s in audit.items():
             rho = "n/a" if math.isnan(s["spearman"]) else f"{s['spearman']:.3f}"
@@ -58,7 +60,8 @@ def status_lines(run_dir: str | Path) -> list[str]:
             lines.append(f"calibration {name}: {calib}")
     for model, scores in (meta.get("source_scores") or {}).items():
         held = (meta.get("source_heldout_scores") or {}).get(model, {})
-        text = ", ".join(f"{o}={s['value']:.3f}" + (f" (held-out {held[o]['value']:.3f})" if o in held else "")
+        text = ", ".join(f"{o}={s['value']:.3f}{scale.get(o, '')}"
+                         + (f" (held-out accuracy {held[o]['value']:.3f})" if o in held else "")
                          for o, s in scores.items())
         lines.append(f"source {model}: {text}")
     return lines

@@ -140,7 +140,7 @@ def subset_indices(n_items: int, size: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([int(seed), 0x5B5E7]).choice(n_items, k, replace=False))
 
 
-def _mean_estimate(scores: np.ndarray) -> ObjectiveScore:
+def mean_estimate(scores: np.ndarray) -> ObjectiveScore:
     """The mean and its standard error (binomial for 0/1 scores, sample-based for graded ones)."""
     p = float(np.mean(scores))
     n = len(scores)
@@ -181,14 +181,17 @@ class CandidateEvaluator:
 
     def evaluate_full(self, candidate: Candidate, tasks: dict[str, Any] | None = None
                       ) -> tuple[EvalResult, dict[str, list[float]]]:
-        """Score every item (of each objective's task, or of ``tasks``: {name: Task}) and
-        return the per-item scores too: calibration populations, sources, held-out judging.
-        Each objective's value is then the exact mean, and ``full`` equals it."""
+        """Score every item (of each objective's task, with the objective's scoring; or of
+        ``tasks``: {name: Task}, exact) and return the per-item scores too: calibration
+        populations, sources, held-out judging. Each value is then the mean over every item,
+        and ``full`` equals it."""
         if tasks is None:
-            tasks = {obj.spec.name: obj.task for obj in self.objectives}
-        return self._evaluate(candidate, tasks)
+            full = {obj.spec.name: (obj.task, obj.spec.scoring) for obj in self.objectives}
+        else:
+            full = {name: (task, "exact") for name, task in tasks.items()}
+        return self._evaluate(candidate, full)
 
-    def _evaluate(self, candidate: Candidate, full_tasks: dict[str, Any] | None
+    def _evaluate(self, candidate: Candidate, full_tasks: dict[str, tuple[Any, str]] | None
                   ) -> tuple[EvalResult, dict[str, list[float]]]:
         from evomerge.search.genome import merge_plan, plan_from_dict, plan_output_config
 
@@ -218,11 +221,11 @@ class CandidateEvaluator:
                     scores[obj.spec.name], n = self._score(obj, candidate.audit)
                     items += n
             else:
-                for name, task in full_tasks.items():
-                    results = self.backend.score(task, range(len(task.items)))
+                for name, (task, scoring) in full_tasks.items():
+                    results = self._scorer(scoring)(task, range(len(task.items)))
                     by_index = {r.index: r.score for r in results}
                     responses[name] = [float(by_index[i]) for i in range(len(task.items))]
-                    score = _mean_estimate(np.array(responses[name]))
+                    score = mean_estimate(np.array(responses[name]))
                     score.full = score.value
                     scores[name] = score
                     items += len(task.items)
@@ -234,15 +237,17 @@ class CandidateEvaluator:
         return EvalResult(candidate.candidate_id, "ok", objectives=scores, seconds=time.perf_counter() - start,
                           items_scored=items, timings=timings), responses
 
+    def _scorer(self, scoring: str):
+        return self.backend.likelihood if scoring == "likelihood" else self.backend.score
+
     def _score(self, obj: _Objective, audit: bool) -> tuple[ObjectiveScore, int]:
         full_indices = np.arange(len(obj.task.items))
         wanted = full_indices if audit else obj.indices
-        scorer = self.backend.likelihood if obj.spec.scoring == "likelihood" else self.backend.score
-        results = scorer(obj.task, [int(i) for i in wanted])
+        results = self._scorer(obj.spec.scoring)(obj.task, [int(i) for i in wanted])
         by_index = {r.index: r.score for r in results}
         anchor_scores = np.array([by_index[int(i)] for i in obj.indices], dtype=float)
         if obj.calibration is None:
-            score = _mean_estimate(anchor_scores)
+            score = mean_estimate(anchor_scores)
         else:
             thetas = np.asarray(obj.spec.source_thetas, float) if obj.spec.source_thetas else None
             est = obj.calibration.estimate(obj.spec.estimator, anchor_scores, source_thetas=thetas)

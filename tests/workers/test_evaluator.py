@@ -124,6 +124,12 @@ def test_a_real_search_with_the_merge_evaluator(zoo, tmp_path):
     assert all(r["objectives"]["graded"]["n_items"] == 4 for r in records)
     assert not (tmp_path / "run" / "calibration" / "graded.json").exists()
     assert any(0 < r["objectives"]["graded"]["value"] < 1 for r in records)
+    # the sources, the front's reference points, are scored on each objective's own scale
+    sources = run.archive.meta()["source_scores"]["a"]
+    task = load_task(zoo["task"])
+    graded_a = np.mean([r.score for r in make_backend("hf", zoo["a"]).likelihood(task, range(len(task.items)))])
+    assert sources["graded"]["value"] == pytest.approx(graded_a, rel=1e-5)
+    assert sources["echo"]["value"] == 0.5                   # exact: A answers its own even items
     stats = run.archive.audit_stats()["echo"]
     assert stats["n"] == 3 and stats["mae"] == 0.0  # "full" estimator: estimate == full score
 
