@@ -78,8 +78,8 @@ def run_evomerge(scorer, sources, tasks: dict[str, str], settings: dict, budget:
     scores on a fixed random subset) nothing is calibrated; otherwise IRT is calibrated first,
     paid from the budget."""
     genome = settings.get("genome") or {"kind": "parameter", "method": "ties", "granularity": "layer"}
-    if settings.get("scoring") == "likelihood":
-        return _run_evomerge_graded(sources, tasks, settings, genome, budget, seed, workdir)
+    if settings.get("scoring") == "likelihood" or settings.get("estimator") == "full":
+        return _run_evomerge_uncalibrated(sources, tasks, settings, genome, budget, seed, workdir)
     space = make_space(genome, sources)
     calib = calibrate(scorer, space, {n: f"{t}:search" for n, t in tasks.items()},
                       settings["calibration_random"], settings["anchor_frac"], seed, workdir / "calibration",
@@ -98,16 +98,18 @@ def run_evomerge(scorer, sources, tasks: dict[str, str], settings: dict, budget:
             "config": _portable(config)}
 
 
-def _run_evomerge_graded(sources, tasks, settings, genome, budget, seed, workdir) -> dict[str, Any]:
+def _run_evomerge_uncalibrated(sources, tasks, settings, genome, budget, seed, workdir) -> dict[str, Any]:
+    """Estimators that need no calibration: ``subset`` or ``full``, either scoring."""
     from evomerge.workers.evaluator import subset_indices
 
     frac, estimator = settings["anchor_frac"], settings.get("estimator", "subset")
+    scoring = settings.get("scoring", "exact")
     if estimator not in ("subset", "full"):
         raise ValueError(f"evomerge.estimator: likelihood scoring runs with subset or full, not {estimator!r}")
     per_candidate = sum(len(subset_indices(n_items(f"{t}:search"), frac, seed)) if estimator == "subset"
                         else n_items(f"{t}:search") for t in tasks.values())
     n = budget // per_candidate
-    objectives = [{"name": name, "task": f"{t}:search", "scoring": "likelihood", "estimator": estimator}
+    objectives = [{"name": name, "task": f"{t}:search", "scoring": scoring, "estimator": estimator}
                   for name, t in tasks.items()]
     config = search_config(sources, seed, genome, objectives, settings["optimizer"], settings["population"], n)
     config["calibration"] = {"anchors": frac, "random_merges": 0}
