@@ -108,14 +108,36 @@ def _run_evomerge_uncalibrated(sources, tasks, settings, genome, budget, seed, w
         raise ValueError(f"evomerge.estimator: likelihood scoring runs with subset or full, not {estimator!r}")
     per_candidate = sum(len(subset_indices(n_items(f"{t}:search"), frac, seed)) if estimator == "subset"
                         else n_items(f"{t}:search") for t in tasks.values())
-    n = budget // per_candidate
     objectives = [{"name": name, "task": f"{t}:search", "scoring": scoring, "estimator": estimator}
                   for name, t in tasks.items()]
+    refine = settings.get("refine")
+    explore_budget = budget - (int(budget * refine["share"]) if refine else 0)
+    n = explore_budget // per_candidate
     config = search_config(sources, seed, genome, objectives, settings["optimizer"], settings["population"], n)
     config["calibration"] = {"anchors": frac, "random_merges": 0}
     result = run_search(config, workdir / f"evomerge-seed{seed}")
-    return {"events": [dict(e, kind="search") for e in result["events"]], "seconds": result["seconds"],
-            "search_candidates": n, "items_per_candidate": per_candidate, "config": _portable(config)}
+    out = {"events": [dict(e, kind="search") for e in result["events"]], "seconds": result["seconds"],
+           "search_candidates": n, "items_per_candidate": per_candidate, "config": _portable(config)}
+    if refine:
+        out.update(_refine(sources, tasks, refine, genome, budget - n * per_candidate, seed, workdir, out["events"]))
+    return out
+
+
+def _refine(sources, tasks, refine: dict, genome: dict, budget: int, seed: int, workdir: Path,
+            explored: list[dict]) -> dict[str, Any]:
+    """Stage two: exact full evaluation, the optimizer centred on the best genome the graded
+    search found. Its events are marked ``refine``: once there are any, the pick is the best
+    of them by exact score (``best_curve``)."""
+    best = max((e for e in explored if e["fitness"] is not None), key=lambda e: sum(e["fitness"].values()))
+    per_candidate = sum(n_items(f"{t}:search") for t in tasks.values())
+    n = budget // per_candidate
+    objectives = [{"name": name, "task": f"{t}:search"} for name, t in tasks.items()]
+    config = search_config(sources, seed, genome, objectives, refine["optimizer"], refine["population"], n)
+    config["optimizer"].update(start=best["genome"], options=refine.get("options", {}))
+    result = run_search(config, workdir / f"evomerge-refine-seed{seed}")
+    return {"events": explored + [dict(e, kind="refine") for e in result["events"]],
+            "refine": {"candidates": n, "items_per_candidate": per_candidate, "start": best["genome"],
+                       "config": _portable(config)}}
 
 
 def run_random(sources, tasks: dict[str, str], settings: dict, budget: int, seed: int, workdir: Path):
@@ -235,7 +257,8 @@ def best_curve(scorer, events, budget, fractions, objective: str, heldout: str, 
         if not paid:
             curve.append({"fraction": f, "items": f * budget, "candidates": 0, "heldout": None, "fitness": None})
             continue
-        best = max(paid, key=lambda e: e["fitness"][objective])  # first of equals: earliest
+        # first of equals: earliest; a refine stage's exact scores outrank the graded search's
+        best = max(paid, key=lambda e: (e.get("kind") == "refine", e["fitness"][objective]))
         curve.append({"fraction": f, "items": f * budget, "candidates": len(paid),
                       "fitness": best["fitness"][objective], "heldout": scorer.accuracy(best["plan"], heldout),
                       "search_full": scorer.accuracy(best["plan"], heldout.replace(":heldout", ":search")),
@@ -255,8 +278,8 @@ def rescored_curve(scorer, events, budget, fractions, objective: str, heldout: s
         if not paid:
             curve.append({"fraction": f, "items": f * budget, "candidates": 0, "heldout": None, "fitness": None})
             continue
-        exact = [(e["fitness"][objective], e) for e in paid if e.get("kind") == "calibration"]
-        estimated = sorted((e for e in paid if e.get("kind") != "calibration"),
+        exact = [(e["fitness"][objective], e) for e in paid if e.get("kind") in ("calibration", "refine")]
+        estimated = sorted((e for e in paid if e.get("kind") not in ("calibration", "refine")),
                            key=lambda e: -e["fitness"][objective])[:k]
         exact += [(scorer.accuracy(e["plan"], search), e) for e in estimated]
         score, best = max(exact, key=lambda pair: pair[0])

@@ -109,6 +109,9 @@ class OptimizerConfig(_Strict):
     # the slowest candidate of a generation. Only for optimizers that take results in any
     # order (random, nevergrad); pymoo's need generation barriers.
     steady_state: bool = False
+    # nevergrad optimizers: the genome the search is centred on (one value per gene, in the
+    # order of the genome's names), e.g. a recipe known to be good; default: the box centre
+    start: list[float] | None = None
 
     @field_validator("name")
     @classmethod

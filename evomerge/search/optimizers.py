@@ -247,13 +247,17 @@ class NevergradOptimizer(Optimizer):
     """nevergrad: one ``ask()`` per genome, ``tell(candidate, loss or [losses])``."""
 
     def __init__(self, name: str, space: Space, n_obj: int, seed: int, population: int = 16,
-                 budget: int | None = None, **options: Any) -> None:
+                 budget: int | None = None, start: np.ndarray | None = None, **options: Any) -> None:
         super().__init__(space, n_obj, seed)
         import nevergrad as ng
 
         _disable_surrogate_models()
         self.name = name
-        param = ng.p.Array(shape=(self.dim,), lower=self.lower, upper=self.upper)
+        if start is None:
+            param = ng.p.Array(shape=(self.dim,), lower=self.lower, upper=self.upper)
+        else:   # the search is centred on a given genome (e.g. a recipe known to be good)
+            param = ng.p.Array(init=np.clip(np.asarray(start, float), self.lower, self.upper),
+                               lower=self.lower, upper=self.upper)
         param.random_state = np.random.RandomState(seed)
         optimizer_cls = ng.optimizers.registry[_NEVERGRAD_NAMES[name]]
         if options:
@@ -319,15 +323,29 @@ def _configured(name: str, options: dict[str, Any]):
 
 
 def make_optimizer(name: str, space: Space, n_obj: int, seed: int, population: int = 16,
-                   budget: int | None = None, options: dict[str, Any] | None = None) -> Optimizer:
+                   budget: int | None = None, options: dict[str, Any] | None = None,
+                   start: list[float] | None = None) -> Optimizer:
     """Build an optimizer by name; single-objective ones need ``n_obj == 1``
-    (the caller folds several objectives into a weighted sum first)."""
+    (the caller folds several objectives into a weighted sum first). ``start``: a genome the
+    nevergrad optimizers centre their search on."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name: unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
     family, multi = OPTIMIZERS[name]
     if n_obj > 1 and not multi:
         raise ConfigError(f"optimizer.name: {name} is single-objective; got {n_obj} objectives")
     options = dict(options or {})
+    if start is not None:
+        if family != "nevergrad":
+            raise ConfigError(f"optimizer.start: {name} cannot start from a genome "
+                              "(the nevergrad optimizers can: cmaes, ngopt, ng_de, pso, ng_mo)")
+        if len(start) != space.dim:
+            raise ConfigError(f"optimizer.start: {len(start)} values for a genome of {space.dim} genes")
+        lower, upper = np.asarray(space.lower, float), np.asarray(space.upper, float)
+        outside = np.flatnonzero((np.asarray(start, float) < lower) | (np.asarray(start, float) > upper))
+        if outside.size:
+            i = int(outside[0])
+            raise ConfigError(f"optimizer.start: gene {i} = {start[i]} is outside its bounds [{lower[i]}, {upper[i]}]")
+        options["start"] = np.asarray(start, float)
     if family == "random":
         return RandomSearch(space, n_obj, seed)
     if family == "pymoo":

@@ -89,7 +89,7 @@ def prepare(cfg: SearchConfig) -> Setup:
     n_obj = len(cfg.objectives) if multi else 1
     budget = cfg.optimizer.max_evaluations or cfg.optimizer.population * cfg.optimizer.generations
     optimizer = make_optimizer(cfg.optimizer.name, space, n_obj, cfg.seed, population=cfg.optimizer.population,
-                               budget=budget, options=cfg.optimizer.options)
+                               budget=budget, options=cfg.optimizer.options, start=cfg.optimizer.start)
     spec = EvaluatorSpec.from_config(cfg, space)
     ready = True
     if spec.kind == "merge":

@@ -71,6 +71,25 @@ def test_unknown_or_mismatched_optimizer_is_a_one_line_config_error():
         make_optimizer("random", BoxSpace([0, 2], [1, 1]), 1, seed=0)
 
 
+@pytest.mark.parametrize("name", ["cmaes", "ng_de"])
+def test_a_nevergrad_search_centred_on_a_start_genome_samples_around_it(name):
+    start = np.array([0.9, 0.1, 0.9, 1.0])
+    centred = make_optimizer(name, SPACE, 1, seed=0, population=8, budget=16, options=None, start=list(start))
+    plain = make_optimizer(name, SPACE, 1, seed=0, population=8, budget=16)
+    near = np.mean([np.abs(x[:3] - start[:3]).mean() for x in centred.ask(8)])
+    far = np.mean([np.abs(x[:3] - start[:3]).mean() for x in plain.ask(8)])
+    assert near < far, (near, far)
+
+
+def test_a_start_genome_that_does_not_fit_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"optimizer.start: 3 values for a genome of 4 genes"):
+        make_optimizer("cmaes", SPACE, 1, seed=0, start=[0.5, 0.5, 0.5])
+    with pytest.raises(ConfigError, match=r"optimizer.start: gene 0 = 1.5 is outside its bounds \[0.0, 1.0\]"):
+        make_optimizer("cmaes", SPACE, 1, seed=0, start=[1.5, 0.5, 0.5, 1.0])
+    with pytest.raises(ConfigError, match=r"optimizer.start: de cannot start from a genome"):
+        make_optimizer("de", SPACE, 1, seed=0, start=[0.5, 0.5, 0.5, 1.0])
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_each_optimizer_runs_a_tiny_search_end_to_end(name, write_config, tmp_path):
     single = not is_multi_objective(name)
