@@ -1,4 +1,4 @@
-"""``evomerge eval MODEL_DIR_OR_RECIPE... --tasks t1,t2 [--limit N] [--out results.jsonl]``.
+"""``evomerge eval MODEL_DIR_OR_RECIPE... --tasks t1,t2 [--limit N] [--scoring likelihood] [--out results.jsonl]``.
 
 A model is a Hugging Face model directory or a mergekit-style recipe YAML, which is merged
 in memory (nothing written to disk) and scored through the same backend the search uses.
@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--allow-bin", action="store_true", help="also load pickled .bin weights")
+    parser.add_argument("--scoring", default="exact", choices=["exact", "likelihood"],
+                        help="exact: 0/1 per item (accuracy); likelihood: the probability of the reference output")
 
 
 def _recipe_weights(path: Path, device: str, allow_bin: bool) -> tuple[dict, dict, Path]:
@@ -62,10 +64,11 @@ def make_model_backend(model: str | Path, backend: str = "hf", device: str = "cp
     return make_backend(backend, path, device=device, **kw)
 
 
-def evaluate(backend, tasks: list[Task], limit: int | None = None) -> dict[str, list]:
+def evaluate(backend, tasks: list[Task], limit: int | None = None, scoring: str = "exact") -> dict[str, list]:
     """Score every task (first ``limit`` items) -> task name -> list[ItemResult]."""
+    score = backend.likelihood if scoring == "likelihood" else backend.score
     return {task.name + ("" if task.split in ("all", "search") else f":{task.split}"):
-            backend.score(task, range(min(len(task.items), limit or len(task.items)))) for task in tasks}
+            score(task, range(min(len(task.items), limit or len(task.items)))) for task in tasks}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     for model in args.models:
         start = time.perf_counter()
         backend = make_model_backend(model, args.backend, args.device, args.allow_bin, batch_size=args.batch_size)
-        results = evaluate(backend, tasks, args.limit)
+        results = evaluate(backend, tasks, args.limit, args.scoring)
         seconds = time.perf_counter() - start
         for (label, res), task in zip(results.items(), tasks):
             acc = sum(r.score for r in res) / max(1, len(res))
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                                          "score": r.score, "output": r.output, "answer": item.answer}))
         print(f"# {model}: {seconds:.1f} s", file=sys.stderr)
     width = max(len(r[0]) for r in rows)
-    print(f"{'model':<{width}}  {'task':<20} {'n':>5}  accuracy")
+    print(f"{'model':<{width}}  {'task':<20} {'n':>5}  {'accuracy' if args.scoring == 'exact' else 'likelihood'}")
     for model, label, n, acc in rows:
         print(f"{model:<{width}}  {label:<20} {n:>5}  {acc:.3f}")
     if args.out:
