@@ -6,6 +6,8 @@ highest-estimate pick and for the top ``rescore_top`` (default 3) re-scored on e
     HF_HUB_OFFLINE=1 .venv/bin/python experiments/optimizer_sweep.py '{"ng_de": {"optimizer": "ng_de"}}' [BUDGET]
 
 BUDGET: scored items per search (default 3000; search_quality_large.yaml uses 12000).
+The variant name ``cmaes_weights`` runs the mergekit-evolve-style baseline instead (its
+"top-k" columns repeat its own pick: every candidate is scored exactly).
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ def main() -> int:
     for name, override in variants.items():
         per_seed = []
         for seed in SEEDS:
-            run = SQ.run_evomerge(scorer, sources, {"calc": "zoo/calc"}, {**BASE, **override}, budget, seed,
-                                  Path(f"/tmp/evomerge-experiments/sweep/{name}-{budget}/s{seed}"))
+            if name == "cmaes_weights":     # the baseline on the same seeds, for reference
+                run = SQ.run_cmaes_weights(scorer, "zoo/calc", {"sigma0": 1 / 6, **override}, budget, seed)
+            else:
+                run = SQ.run_evomerge(scorer, sources, {"calc": "zoo/calc"}, {**BASE, **override}, budget, seed,
+                                      Path(f"/tmp/evomerge-experiments/sweep/{name}-{budget}/s{seed}"))
             curve = SQ.best_curve(scorer, run["events"], budget, [0.5, 1.0], "calc", "zoo/calc:heldout")
             top = SQ.rescored_curve(scorer, run["events"], budget, [0.5, 1.0], "calc", "zoo/calc:heldout",
                                     override.get("rescore_top", 3), 200)
