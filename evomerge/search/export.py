@@ -209,6 +209,15 @@ def mergekit_yaml(plan: MergePlan | StagedPlan, paths: dict[str, str]) -> str:
     return "---\n".join(docs)
 
 
+def _objective_scoring(run_dir: Path) -> dict[str, str]:
+    from evomerge.search.config import load_run_config
+
+    try:
+        return {o.name: o.scoring for o in load_run_config(run_dir).objectives}
+    except EvomergeError:      # a bare archive without its config: the default
+        return {}
+
+
 def model_card(record: RunRecord, run_dir: Path, plan: MergePlan | StagedPlan, paths: dict[str, str]) -> str:
     lines = [
         "---", "tags: [merge, evomerge]", "library_name: transformers", "---", "",
@@ -218,13 +227,15 @@ def model_card(record: RunRecord, run_dir: Path, plan: MergePlan | StagedPlan, p
          f"A random calibration merge (candidate id {record.candidate_id}) of the pre-search phase of run "
          f"`{run_dir.resolve()}` (evomerge {evomerge.__version__}), scored on every item."), "", "## Scores", "",
         "Estimates from the search's item subsets (± standard error); *full* is the score on the whole "
-        "item pool where the candidate was audited.", "",
-        "| objective | estimate | ± stderr | items | full |", "|---|---|---|---|---|",
+        "item pool where the candidate was audited. *exact*: the share of items answered correctly; "
+        "*likelihood*: the mean probability the model gives the reference output (not an accuracy).", "",
+        "| objective | scoring | estimate | ± stderr | items | full |", "|---|---|---|---|---|---|",
     ]
+    scoring = _objective_scoring(run_dir)
     for name, s in record.objectives.items():
         full = s.get("full")
-        lines.append(f"| {name} | {s['value']:.4f} | {s.get('stderr', float('nan')):.4f} | {s.get('n_items', '')} | "
-                     f"{'' if full is None else f'{full:.4f}'} |")
+        lines.append(f"| {name} | {scoring.get(name, 'exact')} | {s['value']:.4f} | {s.get('stderr', float('nan')):.4f} | "
+                     f"{s.get('n_items', '')} | {'' if full is None else f'{full:.4f}'} |")
     lines += ["", "## Recipe", "",
               "Reproduce with mergekit (`mergekit-yaml mergekit.yaml OUT`):" if isinstance(plan, MergePlan) else
               "Two stages: the first merge is written to `./merged`, the second reads it "

@@ -117,7 +117,7 @@ def test_export_id_writes_a_loadable_model_equal_to_the_in_memory_merge(run, tmp
 
     card = (model_dir / "README.md").read_text()
     assert "evomerge candidate 0" in card and str(run["dir"].resolve()) in card
-    assert "| arith | 0.6000 | 0.0200 | 40 | 0.6100 |" in card
+    assert "| arith | exact | 0.6000 | 0.0200 | 40 | 0.6100 |" in card
     assert "```yaml\nmerge_method: ties" in card
 
 
