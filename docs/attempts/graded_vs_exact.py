@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 from common import Scorer, one_thread, source_plan, zoo  # noqa: E402
 
 
-def main() -> int:
-    one_thread()
+def sources_and_random_merges(n_random: int) -> tuple[Scorer, list[dict]]:
+    """A scorer on the zoo, and the 4 sources + ``n_random`` random merges of the demo's
+    genome space (seed 0): the models these measurements rank."""
     from evomerge.search.genome import build_space
 
-    n_random = int(sys.argv[1]) if len(sys.argv) > 1 else 40
     _, sources = zoo(None)
     scorer = Scorer(sources)
     space = build_space({"kind": "parameter", "method": "ties", "granularity": "model", "weight": [0.0, 1.5],
@@ -33,6 +33,12 @@ def main() -> int:
     rng = np.random.default_rng(0)
     plans = [source_plan(n) for n in ("base", "arith", "strings", "lang")]
     plans += [space.decode(rng.uniform(space.lower, space.upper)).to_dict() for _ in range(n_random)]
+    return scorer, plans
+
+
+def main() -> int:
+    one_thread()
+    scorer, plans = sources_and_random_merges(int(sys.argv[1]) if len(sys.argv) > 1 else 40)
     exact = np.stack([scorer.scores(p, "zoo/calc:search") for p in plans])
     graded = np.stack([scorer.graded(p, "zoo/calc:search") for p in plans])
     heldout = np.array([scorer.accuracy(p, "zoo/calc:heldout") for p in plans])

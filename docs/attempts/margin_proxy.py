@@ -20,7 +20,9 @@ import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
-from common import Scorer, one_thread, source_plan, zoo  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import one_thread  # noqa: E402
+from graded_vs_exact import sources_and_random_merges  # noqa: E402
 
 
 def token_margins(backend, rows) -> list[np.ndarray]:
@@ -46,16 +48,9 @@ def token_margins(backend, rows) -> list[np.ndarray]:
 def main() -> int:
     one_thread()
     from evomerge.backends.base import likelihood_rows
-    from evomerge.search.genome import build_space, merge_plan, plan_from_dict, plan_output_config
+    from evomerge.search.genome import merge_plan, plan_from_dict, plan_output_config
 
-    n_random = int(sys.argv[1]) if len(sys.argv) > 1 else 40
-    _, sources = zoo(None)
-    scorer = Scorer(sources)
-    space = build_space({"kind": "parameter", "method": "ties", "granularity": "model", "weight": [0.0, 1.5],
-                         "density": [0.2, 1.0]}, ["arith", "strings", "lang"], "base", 4)
-    rng = np.random.default_rng(0)
-    plans = [source_plan(n) for n in ("base", "arith", "strings", "lang")]
-    plans += [space.decode(rng.uniform(space.lower, space.upper)).to_dict() for _ in range(n_random)]
+    scorer, plans = sources_and_random_merges(int(sys.argv[1]) if len(sys.argv) > 1 else 40)
     backend, task = scorer.backend, scorer.task("zoo/calc:search")
     rows, _ = likelihood_rows(task, range(len(task.items)), backend._encode, backend.tokenizer.eos_token_id)
     margins, graded, exact, heldout = [], [], [], []
