@@ -79,6 +79,27 @@ def test_a_search_on_two_ray_workers_writes_the_same_archive_as_one_process(loca
     assert workers == {"ray-worker-0.0", "ray-worker-1.0"}
 
 
+@pytest.mark.slow
+def test_likelihood_objectives_score_the_same_on_ray_workers(local_ray, tiny_merge_config):
+    """Graded scores computed in Ray actors equal the local ones (to float rounding): one
+    generation, so the genomes cannot drift apart."""
+    root, config = tiny_merge_config
+    graded = {**config, "objectives": [
+        {"name": "t1", "task": str(root / "t1.yaml"), "scoring": "likelihood", "estimator": "full"},
+        {"name": "t2", "task": str(root / "t2.yaml"), "scoring": "likelihood", "estimator": "subset"}],
+        "calibration": {"anchors": 4}, "optimizer": {"name": "nsga2", "population": 4, "generations": 1}}
+    local = run_search({**graded, "workers": {"backend": "local"}}, root, "graded-local")
+    on_ray = run_search({**graded, "workers": {"backend": "ray", "count": 2, "num_cpus": 1}}, root, "graded-ray")
+    assert [r["status"] for r in local] == ["ok"] * 4
+    pairs = zip(sorted(local, key=lambda r: r["candidate_id"]), sorted(on_ray, key=lambda r: r["candidate_id"]))
+    for here, there in pairs:
+        assert here["genome"] == there["genome"]
+        for name in ("t1", "t2"):
+            assert there["objectives"][name]["value"] == pytest.approx(here["objectives"][name]["value"], rel=1e-5)
+        assert here["objectives"]["t2"]["n_items"] == 4 and here["objectives"]["t1"]["n_items"] == 8
+        assert 0 < here["objectives"]["t1"]["value"] < 1        # a probability share, not a 0/1 mean
+
+
 def test_a_search_finishes_when_a_worker_is_killed_in_the_middle(local_ray, tmp_path):
     config = {
         "seed": 1, "genome": {"kind": "box", "dim": 3, "lower": 0.0, "upper": 1.0},
