@@ -53,7 +53,8 @@ def load_demo_config(path: Path, zoo, run_dir: Path | None, tiny: bool = False):
 
     cfg = load_config(path)
     models = {"base": zoo.base, **{skill: p for skill, p in zoo.experts.items()}}
-    cfg.sources = {name: str(models.get(name, p)) for name, p in cfg.sources.items()}
+    # absolute: the run directory keeps this config, and relative paths would be read from there
+    cfg.sources = {name: str(Path(models.get(name, p)).resolve()) for name, p in cfg.sources.items()}
     if run_dir is not None:
         cfg.run_dir = str(run_dir.resolve())
     if tiny:  # the end-to-end test: the whole pipeline at a token budget

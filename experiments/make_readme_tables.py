@@ -343,6 +343,55 @@ def embedded(results: Path, name: str, title: str, command: str) -> list[str]:
     return [f"### {title}", "", f"**Reproduce:** `{command}`", "", *body, ""]
 
 
+def gpu_check(results: Path) -> list[str]:
+    """scripts/gpu_check.py on a CUDA machine against the same script's CPU reference, and the
+    demo run there (configs/demo-gpu.yaml)."""
+    path, ref_path = results / "gpu_check.json", results / "gpu_check_cpu.json"
+    if not path.exists() or not ref_path.exists():
+        return []
+    g, c = json.loads(path.read_text()), json.loads(ref_path.read_text())
+    gi, ci = g["info"], c["info"]
+    lines = ["### On a GPU", "",
+             f"**Measured:** `scripts/gpu_check.py` on {gi['gpu']} (torch {gi['torch']}, {gi['cpu_cores']} CPU cores) "
+             f"against the same script on this machine's CPU (torch {ci['torch']}, 1 thread). The 4 zoo models and "
+             "3 TIES merges of the experts, merged on the device from resident sources and scored on the 100 "
+             "held-out `calc` items. vLLM did not run there: its GPU build could not be installed on that machine "
+             "(no package index, and a wheel far above what a call can carry).", "",
+             "**Reproduce:** `python3 scripts/gpu_check.py --device cpu --zoo ZOO --out cpu.json`, then on the GPU "
+             "machine `python3 scripts/gpu_check.py --device cuda --zoo ZOO --reference cpu.json --out gpu.json`", ""]
+    agree = g.get("agreement", {})
+    if agree:
+        same = sum(a["outputs_equal"] for a in agree.values())
+        total = sum(a["items"] for a in agree.values())
+        worst = max(a["likelihood_max_abs_diff"] for a in agree.values())
+        lines += [f"Agreement with the CPU, float32: {same} of {total} greedy outputs identical over "
+                  f"{len(agree)} models; likelihood scores within {worst:.1e}.", ""]
+    lines += ["Per candidate, median over the 7 models; on the GPU the float32 rows ran first and carry CUDA's "
+              "warm-up.", "",
+              "| per candidate, median (s) | merge | load | score exact (100 items) | score likelihood (100 items) |",
+              "|---|---|---|---|---|"]
+    for label, r in (("GPU", g), ("CPU", c)):
+        for dtype, t in r["turnaround"].items():
+            lines.append(f"| {label}, {dtype} | {_f(t['merge'], 4)} | {_f(t['load'], 4)} | {_f(t['score_exact'], 4)} | "
+                         f"{_f(t['score_likelihood'], 4)} |")
+    gm, cm = g.get("merge_speed"), c.get("merge_speed")
+    if gm and cm:
+        lines += ["", f"The zoo's models are tiny (h64, 4 layers), so a GPU cannot speed their scoring up: greedy "
+                  "decoding is launch-bound there. Merging is what scales: TIES of two fine-tunes of a "
+                  f"{gm['parameters'] / 1e6:.0f}M-parameter float32 Llama in memory takes {_f(gm['ties_merge_s'])} s on "
+                  f"the GPU and {_f(cm['ties_merge_s'])} s on the CPU ({cm['ties_merge_s'] / gm['ties_merge_s']:.1f}x).", ""]
+    demo_path = results / "demo_gpu.json"
+    if demo_path.exists():
+        d = json.loads(demo_path.read_text())
+        best = next(k for k in d["table"] if k.startswith("evomerge search best"))
+        runner = d["runner_up"]
+        lines += [f"The demo on the GPU (`evomerge demo --config configs/demo-gpu.yaml`: bfloat16, random optimizer): "
+                  f"the search's best scores {_f(d['table'][best][d['objective']]['value'])} on held-out "
+                  f"`{d['objective']}` against {_f(d['table'][runner][d['objective']]['value'])} for the best other "
+                  f"row ({runner}), in {d['seconds']['total']} s ({d['evaluations']} candidates).", ""]
+    return lines
+
+
 def merge_bench(results: Path) -> list[str]:
     """scripts/bench_merge.py's JSON, printed by that script's own table code."""
     path = results / "merge_bench.json"
@@ -447,6 +496,7 @@ def build(results: Path) -> str:
                       ".venv/bin/python experiments/estimators_metabench.py")
     lines += embedded(results, "estimators_zoo", "Estimators on the zoo (rank correlation over random merges)",
                       ".venv/bin/python experiments/estimators_zoo.py")
+    lines += gpu_check(results)
     lines += merge_bench(results)
     lines += crosscheck(results)
     lines += scaling(results)

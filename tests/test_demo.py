@@ -53,3 +53,15 @@ def test_the_demo_pipeline_judges_every_row_on_heldout_items_and_exports_loadabl
     with pytest.raises(EvomergeError, match=r"run: made from another demo config \(differs in: optimizer\); pass --fresh"):
         run_demo(changed, run_dir=tmp_path / "run", results=tmp_path / "results2", zoo_dir=tmp_path / "zoo",
                  tiny=True, progress=False)
+
+
+def test_a_relative_zoo_path_is_made_absolute_before_the_run_keeps_the_config(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from evomerge.demo import DEFAULT_CONFIG, load_demo_config
+    from evomerge.zoo.build import zoo_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_demo_config(DEFAULT_CONFIG, zoo_paths("rel/zoo"), run_dir=None)
+    assert all(Path(p).is_absolute() for p in cfg.sources.values())
+    assert cfg.sources["base"] == str(tmp_path / "rel" / "zoo" / "base")

@@ -69,3 +69,17 @@ def test_graded_fidelity_table_and_readme_figure_paths(tmp_path):
     spliced = builder.splice(readme, text + "\n")
     assert "![estimator fidelity](experiments/results/estimator_fidelity.png)" in spliced   # from the README
     assert spliced.startswith("intro\n") and spliced.endswith("after\n") and "\nold\n" not in spliced
+
+
+def test_the_gpu_section_comes_from_the_gpu_check_files(tmp_path):
+    import shutil
+
+    builder = _builder()
+    assert builder.gpu_check(tmp_path) == []                    # no GPU results: no section
+    for name in ("gpu_check.json", "gpu_check_cpu.json", "demo_gpu.json"):
+        shutil.copy(ROOT / "experiments" / "results" / name, tmp_path / name)
+    text = "\n".join(builder.gpu_check(tmp_path))
+    gpu = json.loads((tmp_path / "gpu_check.json").read_text())
+    same = sum(a["outputs_equal"] for a in gpu["agreement"].values())
+    assert f"{same} of {7 * 100} greedy outputs identical" in text and gpu["info"]["gpu"] in text
+    assert "configs/demo-gpu.yaml" in text
