@@ -33,7 +33,7 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.io.atomic import atomic_write_text
-from evomerge.workers.evaluator import CALIBRATION_FREE, mean_estimate
+from evomerge.workers.evaluator import CALIBRATION_FREE, mean_estimate, subset_indices
 from evomerge.workers.types import Candidate
 
 CALIBRATION_DIR = "calibration"
@@ -165,11 +165,24 @@ def _score(values: np.ndarray) -> dict[str, Any]:
     return {"value": score.value, "stderr": score.stderr, "n_items": score.n_items, "full": score.value}
 
 
+def _subset_score(values: np.ndarray, objective, cfg) -> dict[str, Any]:
+    """A source's score as the objective's estimator sees candidates: for ``subset``, the mean
+    over the same items (so the front and the sources compare on one footing); ``full`` is
+    the mean over every item either way."""
+    score = _score(values)
+    if objective.estimator == "subset":
+        seed = cfg.calibration.seed if cfg.calibration.seed is not None else cfg.seed
+        sub = mean_estimate(np.asarray(values, float)[subset_indices(len(values), cfg.calibration.anchors, seed)])
+        score.update(value=sub.value, stderr=sub.stderr, n_items=sub.n_items)
+    return score
+
+
 def _record_source_scores(cfg, archive) -> None:
     search = {o.name: archive.responses(o.name) for o in cfg.objectives}
     held = {o.name: archive.responses(o.name, "heldout") for o in cfg.objectives}
-    scores = {s: {o: _score(search[o][_subject(s)]) for o in search if _subject(s) in search[o]}
-              for s in cfg.sources}
+    objectives = {o.name: o for o in cfg.objectives}
+    scores = {s: {o: _subset_score(search[o][_subject(s)], objectives[o], cfg) for o in search
+                  if _subject(s) in search[o]} for s in cfg.sources}
     heldout = {s: {o: _score(held[o][_subject(s)]) for o in held if _subject(s) in held[o]} for s in cfg.sources}
     archive.set_meta(source_scores=scores, source_heldout_scores={s: v for s, v in heldout.items() if v})
 

@@ -127,8 +127,13 @@ def test_a_real_search_with_the_merge_evaluator(zoo, tmp_path):
     # the sources, the front's reference points, are scored on each objective's own scale
     sources = run.archive.meta()["source_scores"]["a"]
     task = load_task(zoo["task"])
-    graded_a = np.mean([r.score for r in make_backend("hf", zoo["a"]).likelihood(task, range(len(task.items)))])
-    assert sources["graded"]["value"] == pytest.approx(graded_a, rel=1e-5)
+    from evomerge.workers.evaluator import subset_indices
+
+    graded_a = np.array([r.score for r in make_backend("hf", zoo["a"]).likelihood(task, range(len(task.items)))])
+    assert sources["graded"]["full"] == pytest.approx(graded_a.mean(), rel=1e-5)
+    # ... and, like the candidates' estimates, on the subset's items (seed 1: the run's)
+    assert sources["graded"]["value"] == pytest.approx(graded_a[subset_indices(len(graded_a), 4, 1)].mean(), rel=1e-5)
+    assert sources["graded"]["n_items"] == 4
     assert sources["echo"]["value"] == 0.5                   # exact: A answers its own even items
     stats = run.archive.audit_stats()["echo"]
     assert stats["n"] == 3 and stats["mae"] == 0.0  # "full" estimator: estimate == full score
