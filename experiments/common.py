@@ -152,6 +152,7 @@ class Scorer:
         return self._tasks[spec]
 
     def scores(self, plan: dict, task_spec: str, likelihood: bool = False) -> np.ndarray:
+        from evomerge.backends.base import scoring_method
         from evomerge.search.genome import merge_plan, plan_from_dict, plan_output_config
 
         key = (hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest(), task_spec, likelihood)
@@ -161,8 +162,7 @@ class Scorer:
             weights = merge_plan(parsed, self.sources)
             self.backend.load_weights(weights, plan_output_config(parsed, self.sources))
             task = self.task(task_spec)
-            score = self.backend.likelihood if likelihood else self.backend.score
-            results = score(task, range(len(task.items)))
+            results = scoring_method(self.backend, "likelihood" if likelihood else "exact")(task, range(len(task.items)))
             self._cache[key] = np.array([r.score for r in sorted(results, key=lambda r: r.index)], float)
             self.seconds += time.perf_counter() - t
             self.items += len(task.items)

@@ -37,6 +37,11 @@ class Backend(Protocol):
         ...
 
 
+def scoring_method(backend: Backend, scoring: str) -> Callable[[Task, Sequence[int]], list[ItemResult]]:
+    """``backend.score`` for exact scoring, ``backend.likelihood`` for likelihood scoring."""
+    return backend.likelihood if scoring == "likelihood" else backend.score
+
+
 def check_indices(task: Task, indices: Sequence[int]) -> list[int]:
     indices = list(indices)
     for i in indices:
@@ -59,14 +64,18 @@ def choice_rows(task: Task, indices: Sequence[int], encode: Callable[..., list[i
         item = task.items[i]
         context = encode(item.prompt)
         for c, choice in enumerate(item.choices or []):
-            whole = encode(item.prompt + choice)
-            if whole[: len(context)] == context and len(whole) > len(context):
-                continuation = whole[len(context):]
-            else:
-                continuation = encode(choice, special=False)
-            rows.append((context, continuation))
+            rows.append((context, _continuation(encode, item.prompt, context, choice)))
             owners.append((i, c))
     return rows, owners
+
+
+def _continuation(encode: Callable[..., list[int]], prompt: str, context: list[int], text: str) -> list[int]:
+    """The tokens of ``text`` after ``prompt``: taken from the tokenized prompt+text when the
+    prompt's tokens are a prefix of it, else ``text`` tokenized on its own."""
+    whole = encode(prompt + text)
+    if whole[: len(context)] == context and len(whole) > len(context):
+        return whole[len(context):]
+    return encode(text, special=False)
 
 
 def pick_choices(task: Task, indices: Sequence[int], owners: list[tuple[int, int]],
@@ -92,11 +101,8 @@ def reference_rows(task: Task, indices: Sequence[int], encode: Callable[..., lis
     rows = []
     for i in indices:
         prompt = task.items[i].prompt
-        context, whole = encode(prompt), encode(prompt + task.reference(i))
-        if whole[: len(context)] == context and len(whole) > len(context):
-            continuation = whole[len(context):]
-        else:
-            continuation = encode(task.reference(i), special=False)
+        context = encode(prompt)
+        continuation = _continuation(encode, prompt, context, task.reference(i))
         if task.target_eos and eos_token_id is not None:
             continuation = continuation + [eos_token_id]
         rows.append((context, continuation))

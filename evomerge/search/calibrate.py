@@ -99,8 +99,7 @@ def presearch(run, progress: bool = True) -> None:
     calibrated = [o for o in cfg.objectives if needs_calibration(o)]
     irt = [o for o in cfg.objectives if o.estimator not in CALIBRATION_FREE]
     heldout = {o.name: o.heldout_task for o in cfg.objectives if o.heldout_task}
-    genomes = calibration_genomes(run.space, cfg.calibration.seed if cfg.calibration.seed is not None else cfg.seed,
-                                  cfg.calibration.random_merges) if calibrated else []
+    genomes = calibration_genomes(run.space, cfg.calibration_seed, cfg.calibration.random_merges) if calibrated else []
 
     have = {o.name: archive.responses(o.name) for o in cfg.objectives}
     have_heldout = {name: archive.responses(name, "heldout") for name in heldout}
@@ -171,8 +170,8 @@ def _subset_score(values: np.ndarray, objective, cfg) -> dict[str, Any]:
     the mean over every item either way."""
     score = _score(values)
     if objective.estimator == "subset":
-        seed = cfg.calibration.seed if cfg.calibration.seed is not None else cfg.seed
-        sub = mean_estimate(np.asarray(values, float)[subset_indices(len(values), cfg.calibration.anchors, seed)])
+        items = subset_indices(len(values), cfg.calibration.anchors, cfg.calibration_seed)
+        sub = mean_estimate(np.asarray(values, float)[items])
         score.update(value=sub.value, stderr=sub.stderr, n_items=sub.n_items)
     return score
 

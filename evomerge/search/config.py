@@ -184,6 +184,11 @@ class SearchConfig(_Strict):
         return self
 
     @property
+    def calibration_seed(self) -> int:
+        """The seed of the calibration merges and of the subset estimator's items."""
+        return self.calibration.seed if self.calibration.seed is not None else self.seed
+
+    @property
     def objective_names(self) -> list[str]:
         return [o.name for o in self.objectives]
 

@@ -218,7 +218,9 @@ def _objective_scoring(run_dir: Path) -> dict[str, str]:
         return {}
 
 
-def model_card(record: RunRecord, run_dir: Path, plan: MergePlan | StagedPlan, paths: dict[str, str]) -> str:
+def model_card(record: RunRecord, run_dir: Path, plan: MergePlan | StagedPlan, paths: dict[str, str],
+               scoring: dict[str, str] | None = None) -> str:
+    """``scoring``: objective -> exact | likelihood (default: read from the run's config)."""
     lines = [
         "---", "tags: [merge, evomerge]", "library_name: transformers", "---", "",
         f"# evomerge {export_name(record).replace('-', ' ', 1)}", "",
@@ -231,7 +233,7 @@ def model_card(record: RunRecord, run_dir: Path, plan: MergePlan | StagedPlan, p
         "*likelihood*: the mean probability the model gives the reference output (not an accuracy).", "",
         "| objective | scoring | estimate | ± stderr | items | full |", "|---|---|---|---|---|---|",
     ]
-    scoring = _objective_scoring(run_dir)
+    scoring = _objective_scoring(run_dir) if scoring is None else scoring
     for name, s in record.objectives.items():
         full = s.get("full")
         lines.append(f"| {name} | {scoring.get(name, 'exact')} | {s['value']:.4f} | {s.get('stderr', float('nan')):.4f} | "
@@ -261,6 +263,7 @@ def export_records(records: list[RunRecord], run_dir: str | Path, out: str | Pat
         paths, _ = run_sources(run_dir)
     if sources is None:
         sources = SourceSet.load(paths)
+    scoring = _objective_scoring(run_dir)
     written = []
     for rec in records:
         if not rec.plan:
@@ -272,7 +275,7 @@ def export_records(records: list[RunRecord], run_dir: str | Path, out: str | Pat
         tensors, config = _materialize(plan, sources)
         target = out / export_name(rec)
         write_checkpoint(target, tensors, config, tokenizer_from=tok_path, overwrite=overwrite,
-                         extra_files={"README.md": model_card(rec, run_dir, plan, paths),
+                         extra_files={"README.md": model_card(rec, run_dir, plan, paths, scoring),
                                       "mergekit.yaml": mergekit_yaml(plan, paths),
                                       "evomerge_plan.json": json.dumps(rec.plan, indent=2) + "\n"})
         written.append(target)

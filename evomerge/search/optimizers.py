@@ -340,12 +340,12 @@ def make_optimizer(name: str, space: Space, n_obj: int, seed: int, population: i
                               "(the nevergrad optimizers can: cmaes, ngopt, ng_de, pso, ng_mo)")
         if len(start) != space.dim:
             raise ConfigError(f"optimizer.start: {len(start)} values for a genome of {space.dim} genes")
-        lower, upper = np.asarray(space.lower, float), np.asarray(space.upper, float)
-        outside = np.flatnonzero((np.asarray(start, float) < lower) | (np.asarray(start, float) > upper))
+        lower, upper, start = np.asarray(space.lower, float), np.asarray(space.upper, float), np.asarray(start, float)
+        outside = np.flatnonzero((start < lower) | (start > upper))
         if outside.size:
             i = int(outside[0])
             raise ConfigError(f"optimizer.start: gene {i} = {start[i]} is outside its bounds [{lower[i]}, {upper[i]}]")
-        options["start"] = np.asarray(start, float)
+        options["start"] = start
     if family == "random":
         return RandomSearch(space, n_obj, seed)
     if family == "pymoo":

@@ -66,7 +66,9 @@ def make_model_backend(model: str | Path, backend: str = "hf", device: str = "cp
 
 def evaluate(backend, tasks: list[Task], limit: int | None = None, scoring: str = "exact") -> dict[str, list]:
     """Score every task (first ``limit`` items) -> task name -> list[ItemResult]."""
-    score = backend.likelihood if scoring == "likelihood" else backend.score
+    from evomerge.backends.base import scoring_method
+
+    score = scoring_method(backend, scoring)
     return {task.name + ("" if task.split in ("all", "search") else f":{task.split}"):
             score(task, range(min(len(task.items), limit or len(task.items)))) for task in tasks}
 

@@ -66,9 +66,9 @@ class EvaluatorSpec:
     @classmethod
     def from_config(cls, cfg, space) -> "EvaluatorSpec":
         ev = cfg.evaluator
-        seed = cfg.calibration.seed if cfg.calibration.seed is not None else cfg.seed
         objectives = [ObjectiveSpec(o.name, o.task, o.estimator, o.calibration, scoring=o.scoring,
-                                    subset=cfg.calibration.anchors, subset_seed=seed) for o in cfg.objectives]
+                                    subset=cfg.calibration.anchors, subset_seed=cfg.calibration_seed)
+                      for o in cfg.objectives]
         model_dir = ev.model_dir or (cfg.sources.get(cfg.base) if cfg.base else None) \
             or next(iter(cfg.sources.values()), None)
         return cls(kind=ev.kind, objectives=objectives, sources=dict(cfg.sources), backend=ev.backend,
@@ -238,7 +238,9 @@ class CandidateEvaluator:
                           items_scored=items, timings=timings), responses
 
     def _scorer(self, scoring: str):
-        return self.backend.likelihood if scoring == "likelihood" else self.backend.score
+        from evomerge.backends.base import scoring_method
+
+        return scoring_method(self.backend, scoring)
 
     def _score(self, obj: _Objective, audit: bool) -> tuple[ObjectiveScore, int]:
         full_indices = np.arange(len(obj.task.items))
