@@ -46,6 +46,11 @@ def load_settings(name: str, quick: bool) -> dict[str, Any]:
     return data
 
 
+def unseen_task(settings: dict[str, Any]) -> str | None:
+    """The settings' ``unseen:`` task file (repo-relative), an absolute path for load_task."""
+    return str(ROOT / settings["unseen"]) if settings.get("unseen") else None
+
+
 def machine_info() -> dict[str, Any]:
     import torch
 

@@ -40,8 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (save_figure, RESULTS, ROOT, Scorer, calibrate, command_line, load_settings, machine_info,  # noqa: E402
-                    mean_spread, one_thread, run_search, run_seeds, source_plan, write_json, zoo,
-                    zoo_fingerprint)
+                    mean_spread, one_thread, run_search, run_seeds, source_plan, unseen_task, write_json,
+                    zoo, zoo_fingerprint)
 
 MERGENETIC_PY = ROOT / ".venv-mergenetic" / "bin" / "python"
 EXPERTS = ["arith", "strings", "lang"]
@@ -78,7 +78,7 @@ def run_evomerge(scorer, sources, tasks: dict[str, str], settings: dict, budget:
     scores on a fixed random subset) nothing is calibrated; otherwise IRT is calibrated first,
     paid from the budget."""
     genome = settings.get("genome") or {"kind": "parameter", "method": "ties", "granularity": "layer"}
-    if settings.get("scoring") == "likelihood" or settings.get("estimator") == "full":
+    if settings.get("scoring") == "likelihood" or settings.get("estimator") in ("full", "subset"):
         return _run_evomerge_uncalibrated(sources, tasks, settings, genome, budget, seed, workdir)
     space = make_space(genome, sources)
     calib = calibrate(scorer, space, {n: f"{t}:search" for n, t in tasks.items()},
@@ -247,10 +247,12 @@ def _paid(events: list[dict], limit: float, search_only: bool) -> list[dict]:
             and not (search_only and e.get("kind") == "calibration")]
 
 
-def best_curve(scorer, events, budget, fractions, objective: str, heldout: str, search_only: bool = False) -> list[dict]:
-    """Best-by-fitness candidate at each budget point, re-evaluated on held-out items.
-    ``search_only``: ignore calibration candidates (the sources and random merges evomerge
-    scores before searching), so only merges the optimizer proposed can be returned."""
+def best_curve(scorer, events, budget, fractions, objective: str, heldout: str, search_only: bool = False,
+               unseen: str | None = None) -> list[dict]:
+    """Best-by-fitness candidate at each budget point, re-evaluated on held-out items (and on
+    the ``unseen`` task when given: experiments/unseen_items.py). ``search_only``: ignore
+    calibration candidates (the sources and random merges evomerge scores before searching),
+    so only merges the optimizer proposed can be returned."""
     curve = []
     for f in fractions:
         paid = _paid(events, f * budget, search_only)
@@ -262,12 +264,16 @@ def best_curve(scorer, events, budget, fractions, objective: str, heldout: str, 
         curve.append({"fraction": f, "items": f * budget, "candidates": len(paid),
                       "fitness": best["fitness"][objective], "heldout": scorer.accuracy(best["plan"], heldout),
                       "search_full": scorer.accuracy(best["plan"], heldout.replace(":heldout", ":search")),
-                      "plan": best["plan"]})
+                      **_unseen(scorer, best["plan"], unseen), "plan": best["plan"]})
     return curve
 
 
+def _unseen(scorer, plan: dict, unseen: str | None) -> dict[str, float]:
+    return {"unseen": scorer.accuracy(plan, unseen)} if unseen else {}
+
+
 def rescored_curve(scorer, events, budget, fractions, objective: str, heldout: str, k: int, full_cost: int,
-                   search_only: bool = False) -> list[dict]:
+                   search_only: bool = False, unseen: str | None = None) -> list[dict]:
     """evomerge's own way of picking its result (as the demo does): the top ``k`` candidates by
     estimate are scored on every search item -- ``k x full_cost`` items reserved from the budget
     point -- and the best exact search score wins (calibration candidates are exact already)."""
@@ -284,7 +290,8 @@ def rescored_curve(scorer, events, budget, fractions, objective: str, heldout: s
         exact += [(scorer.accuracy(e["plan"], search), e) for e in estimated]
         score, best = max(exact, key=lambda pair: pair[0])
         curve.append({"fraction": f, "items": f * budget, "candidates": len(paid), "fitness": score,
-                      "heldout": scorer.accuracy(best["plan"], heldout), "search_full": score, "plan": best["plan"]})
+                      "heldout": scorer.accuracy(best["plan"], heldout), "search_full": score,
+                      **_unseen(scorer, best["plan"], unseen), "plan": best["plan"]})
     return curve
 
 
@@ -330,7 +337,7 @@ def run_one_seed(args, S: dict, seed: int) -> dict[str, Any]:
     zoo_paths, sources = zoo(args.zoo)
     scorer = Scorer(sources)
     task, budget, fractions = S["task"], S["budget_items"], S["fractions"]
-    heldout = f"{task}:heldout"
+    heldout, unseen = f"{task}:heldout", unseen_task(S)
     workdir = args.workdir / f"seed{seed}"
     runs: dict[str, dict] = {}
 
@@ -352,9 +359,10 @@ def run_one_seed(args, S: dict, seed: int) -> dict[str, Any]:
         thread.join()
     curves, curves_search_only, info = {}, {}, {}
     for method, run in runs.items():
-        curves[method] = best_curve(scorer, run["events"], budget, fractions, "calc", heldout) if run["events"] else None
+        curves[method] = best_curve(scorer, run["events"], budget, fractions, "calc", heldout,
+                                    unseen=unseen) if run["events"] else None
         curves_search_only[method] = best_curve(scorer, run["events"], budget, fractions, "calc", heldout,
-                                                search_only=True) if run["events"] else None
+                                                search_only=True, unseen=unseen) if run["events"] else None
         info[method] = {**{k: v for k, v in run.items() if k != "events"}, "evaluations": len(run["events"]),
                         "items_spent": sum(e["items"] for e in run["events"]),
                         "wall_seconds_per_candidate": _per_candidate_seconds(run)}
@@ -363,7 +371,7 @@ def run_one_seed(args, S: dict, seed: int) -> dict[str, Any]:
         cost = n_items(f"{task}:search")
         for target, only in ((curves, False), (curves_search_only, True)):
             target["evomerge_top"] = rescored_curve(scorer, runs["evomerge"]["events"], budget, fractions, "calc",
-                                                    heldout, k, cost, search_only=only)
+                                                    heldout, k, cost, search_only=only, unseen=unseen)
         info["evomerge_top"] = {**info["evomerge"], "rescore_top": k}
     out = {"single": {"curves": curves, "curves_search_only": curves_search_only, "info": info,
                       "events": {m: _compact(r["events"]) for m, r in runs.items()}}}
@@ -444,6 +452,13 @@ def main() -> int:
     single["claims_search_only"] = claims(single["heldout_search_only"])
     if "evomerge_top" in single["heldout"]:
         single["claims_top"] = claims(single["heldout"], "evomerge_top")
+    if unseen_task(S):
+        single["unseen_task"], single["unseen_items"] = S["unseen"], len(scorer.task(unseen_task(S)).items)
+        single["unseen"] = summarize(curves, "unseen")
+        single["sources_unseen"] = {n: scorer.accuracy(source_plan(n), unseen_task(S)) for n in sources}
+        single["claims_unseen"] = claims(single["unseen"])
+        if "evomerge_top" in single["unseen"]:
+            single["claims_top_unseen"] = claims(single["unseen"], "evomerge_top")
     for s in seeds:  # the per-seed event logs stay in the work dir's partial files
         parts[s]["single"].pop("events", None)
     multi = None

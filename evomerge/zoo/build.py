@@ -104,16 +104,23 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def corpus(sample_pair, steps: int, batch: int, seed: int):
+    """The training batches, in order: ``train`` consumes them and ``trained_prompts`` replays
+    them, so both read the same stream."""
+    rng = random.Random(seed)
+    for _ in range(steps):
+        yield [sample_pair(rng) for _ in range(batch)]
+
+
 def train(model, sample_pair, steps: int, batch: int, lr: float, warmup: int, seed: int,
           log_every: int = 0) -> None:
     enc = Encoder()
-    rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()
-    for step in range(steps):
+    for step, pairs in enumerate(corpus(sample_pair, steps, batch, seed)):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup)
-        ids, labels, mask = enc.batch([sample_pair(rng) for _ in range(batch)])
+        ids, labels, mask = enc.batch(pairs)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -157,6 +164,27 @@ def _save(model, out: Path) -> None:
         save_tokenizer(tmp)
 
 
+def _expert_mix(skill: str, replay: float):
+    def mix(rng: random.Random):
+        return skills.pretrain_example(rng) if rng.random() < replay else skills.expert_example(skill, rng)
+    return mix
+
+
+def trained_prompts(pretrain: dict | None = None, finetune: dict | None = None) -> set[str]:
+    """The evaluation prompt (``skills.item_key``) of every example the zoo's models were
+    trained on, replayed from the seeded corpora without training: items outside this set and
+    the shipped splits are unseen by every model (experiments/unseen_items.py)."""
+    heldout, keys = _eval_prompts(), set()
+    pretrain, finetune = pretrain or PRETRAIN, finetune or FINETUNE
+    streams = [(_excluding(heldout, skills.pretrain_example), pretrain["steps"], pretrain["batch"], SEED)]
+    streams += [(_excluding(heldout, _expert_mix(skill, finetune["replay"])), finetune["steps"], finetune["batch"],
+                 SEED + 1 + list(EXPERTS).index(skill)) for skill in EXPERTS]
+    for sample_pair, steps, batch, seed in streams:
+        for pairs in corpus(sample_pair, steps, batch, seed):
+            keys.update(skills.item_key(prompt) for prompt, *_ in pairs)
+    return keys
+
+
 def pretrain_base(paths: ZooPaths, heldout: set[str], verbose: bool = True, settings: dict | None = None) -> None:
     torch.manual_seed(SEED)
     model = new_model()
@@ -176,14 +204,9 @@ def finetune_expert(paths: ZooPaths, skill: str, heldout: set[str], verbose: boo
         print(f"fine-tuning {EXPERTS[skill]}", flush=True)
     model = LlamaForCausalLM.from_pretrained(str(paths.base), dtype=torch.float32)
     settings = settings or FINETUNE
-    replay = settings["replay"]
-
-    def mix(rng: random.Random):
-        return skills.pretrain_example(rng) if rng.random() < replay else skills.expert_example(skill, rng)
-
     cfg = {k: v for k, v in settings.items() if k != "replay"}
     seed = SEED + 1 + list(EXPERTS).index(skill)
-    train(model, _excluding(heldout, mix), seed=seed, log_every=100 if verbose else 0, **cfg)
+    train(model, _excluding(heldout, _expert_mix(skill, settings["replay"])), seed=seed, log_every=100 if verbose else 0, **cfg)
     _save(model, paths.experts[skill])
 
 

@@ -83,3 +83,19 @@ def test_the_gpu_section_comes_from_the_gpu_check_files(tmp_path):
     same = sum(a["outputs_equal"] for a in gpu["agreement"].values())
     assert f"{same} of {7 * 100} greedy outputs identical" in text and gpu["info"]["gpu"] in text
     assert "configs/demo-gpu.yaml" in text
+
+
+def test_search_quality_table_shows_the_unseen_items_beside_the_heldout_ones():
+    builder = _builder()
+    result = json.loads((ROOT / "experiments" / "results" / "search_quality.json").read_text())
+    single = result["single_objective"]
+    text = "\n".join(builder.search_quality(result))
+    assert f"The same picks on the {single['unseen_items']} unseen items" in text
+    final = single["unseen"]["evomerge"][-1]
+    assert f"{final['mean']:.3f} ± {final['std']:.3f}" in text
+    verdict = "met" if single["claims_unseen"]["evomerge_beats_cmaes_weights_at_equal_budget"]["met"] else "NOT met"
+    assert f"CMA-ES-over-weights baseline (its highest estimate, on the unseen items): **{verdict}**" in text
+    # and a result without the unseen set (older runs) still renders
+    for key in ("unseen", "unseen_items", "claims_unseen", "claims_top_unseen"):
+        single.pop(key, None)
+    assert "unseen items" not in "\n".join(builder.search_quality(result))

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from evomerge.backends import make_backend
 from evomerge.tasks.task import load_task
-from evomerge.zoo import build
+from evomerge.zoo import build, skills
 from evomerge.zoo.build import EXPERTS, ensure_zoo, is_built, zoo_paths
 
 QUICK = dict(pretrain=dict(steps=3, batch=4, lr=1e-3, warmup=1),
@@ -47,6 +47,17 @@ def test_experts_differ_from_base_and_are_deterministic(tmp_path):
     for name in a.models:
         assert (a.models[name] / "model.safetensors").read_bytes() == (b.models[name] / "model.safetensors").read_bytes()
     assert (a.base / "model.safetensors").read_bytes() != (a.experts["arith"] / "model.safetensors").read_bytes()
+
+
+def test_trained_prompts_replays_exactly_what_training_saw(tmp_path, monkeypatch):
+    seen = []
+    real_batch = build.Encoder.batch
+    monkeypatch.setattr(build.Encoder, "batch", lambda self, pairs: seen.extend(pairs) or real_batch(self, pairs))
+    build.build_zoo(tmp_path / "zoo", verbose=False, **QUICK)
+    replayed = build.trained_prompts(**QUICK)
+    assert replayed == {skills.item_key(prompt) for prompt, *_ in seen}
+    assert len(seen) == 3 * 4 + 3 * 2 * 4          # the base's batches, then each expert's
+    assert not replayed & {item.prompt for name in skills.TASKS for item in load_task(f"zoo/{name}:all").items}
 
 
 @pytest.mark.slow
