@@ -575,6 +575,13 @@ def reanalyze_multi(args, S: dict, out: Path) -> None:
     write_json(out, result)
 
 
+def _curves(ax, summary: dict[str, list[dict]]) -> None:
+    for method, rows in summary.items():
+        rows = [r for r in rows if r["mean"] is not None]
+        ax.plot([r["items"] for r in rows], [r["mean"] for r in rows], marker="o", label=method)
+        ax.fill_between([r["items"] for r in rows], [r["min"] for r in rows], [r["max"] for r in rows], alpha=0.15)
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -582,15 +589,11 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     single, multi = result["single_objective"], result["multi_objective"]
-    fig, axes = plt.subplots(1, 2 if multi else 1, figsize=(12 if multi else 6.5, 4.5), squeeze=False)
+    unseen = single.get("unseen")
+    panels = 1 + bool(unseen) + bool(multi)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
     ax = axes[0][0]
-    for method, rows in single["heldout"].items():
-        x = [r["items"] for r in rows if r["mean"] is not None]
-        y = np.array([r["mean"] for r in rows if r["mean"] is not None])
-        lo = np.array([r["min"] for r in rows if r["mean"] is not None])
-        hi = np.array([r["max"] for r in rows if r["mean"] is not None])
-        ax.plot(x, y, marker="o", label=method)
-        ax.fill_between(x, lo, hi, alpha=0.15)
+    _curves(ax, single["heldout"])
     for method, rows in single.get("heldout_search_only", {}).items():
         if method != "evomerge":
             continue
@@ -603,8 +606,17 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel(f"held-out accuracy on {single['task']}")
     ax.set_title("best-by-search-fitness candidate, held-out\n(mean, min-max over seeds)")
     ax.legend(fontsize=8)
-    if multi:
+    if unseen:
         ax = axes[0][1]
+        _curves(ax, unseen)
+        best_source = max(single["sources_unseen"].items(), key=lambda kv: kv[1])
+        ax.axhline(best_source[1], color="gray", ls="--", lw=1, label=f"best source ({best_source[0]})")
+        ax.set_xlabel("budget (scored items)")
+        ax.set_ylabel(f"accuracy on the {single['unseen_items']} unseen items")
+        ax.set_title("the same picks on the unseen 2+2-digit items\n(mean, min-max over seeds)")
+        ax.legend(fontsize=8)
+    if multi:
+        ax = axes[0][-1]
         for method, rows in multi["hypervolume"].items():
             x = [r["items"] for r in rows]
             ax.errorbar(x, [r["mean"] for r in rows], yerr=[r["std"] or 0 for r in rows], marker="o", capsize=3,
