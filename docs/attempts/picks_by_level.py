@@ -1,6 +1,7 @@
-"""Where do the methods' final picks differ? Held-out `calc` accuracy of each method's final
-pick by item level (1: 1+1 digits, 2: 2+1, 3: 2+2), beside the 1691 unseen 2+2-digit items
-(experiments/unseen_items.py), mean over the seeds of a search_quality result.
+"""Where do the methods' final picks differ? `calc` accuracy of each method's final pick by item
+level (1: 1+1 digits, 2: 2+1, 3: 2+2) on the held-out and on the search items (the latter
+favour the methods that chose their pick by exact score on them), beside the 1691 unseen
+2+2-digit items (experiments/unseen_items.py), mean over the seeds of a search_quality result.
 
     HF_HUB_OFFLINE=1 .venv/bin/python docs/attempts/picks_by_level.py RESULT.json [RESULT.json ...]
 
@@ -25,17 +26,19 @@ def main() -> int:
     one_thread()
     _, sources = zoo(None)
     scorer = Scorer(sources)
-    levels = np.array([item.meta["level"] for item in scorer.task("zoo/calc:heldout").items])
     for path in sys.argv[1:]:
         per_seed = json.loads(Path(path).read_text())["single_objective"]["per_seed"]
         print(path)
         for method, seeds in per_seed.items():
             plans = [v["curve"][-1]["plan"] for v in seeds.values()]
-            held = np.array([scorer.scores(p, "zoo/calc:heldout") for p in plans])
+            cells = []
+            for split in ("heldout", "search"):
+                levels = np.array([item.meta["level"] for item in scorer.task(f"zoo/calc:{split}").items])
+                acc = np.array([scorer.scores(p, f"zoo/calc:{split}") for p in plans])
+                cells.append(f"{split}: " + " ".join(f"L{lv} ({int((levels == lv).sum())}) {acc[:, levels == lv].mean():.3f}"
+                                                     for lv in (1, 2, 3)))
             unseen = np.mean([scorer.accuracy(p, UNSEEN) for p in plans])
-            cells = " ".join(f"level {lv} ({int((levels == lv).sum())} items): {held[:, levels == lv].mean():.3f}"
-                             for lv in (1, 2, 3))
-            print(f"  {method:14s} {cells} | unseen level 3 ({len(scorer.task(UNSEEN).items)} items): {unseen:.3f}")
+            print(f"  {method:14s} {' | '.join(cells)} | unseen L3 ({len(scorer.task(UNSEEN).items)}) {unseen:.3f}")
     return 0
 
 
