@@ -575,11 +575,17 @@ def reanalyze_multi(args, S: dict, out: Path) -> None:
     write_json(out, result)
 
 
-def _curves(ax, summary: dict[str, list[dict]]) -> None:
+def _accuracy_panel(ax, summary: dict[str, list[dict]], sources: dict[str, float], ylabel: str, title: str) -> None:
+    """Mean and min-max band over seeds per method, and the best source as a line."""
     for method, rows in summary.items():
         rows = [r for r in rows if r["mean"] is not None]
         ax.plot([r["items"] for r in rows], [r["mean"] for r in rows], marker="o", label=method)
         ax.fill_between([r["items"] for r in rows], [r["min"] for r in rows], [r["max"] for r in rows], alpha=0.15)
+    name, best = max(sources.items(), key=lambda kv: kv[1])
+    ax.axhline(best, color="gray", ls="--", lw=1, label=f"best source ({name})")
+    ax.set_xlabel("budget (scored items)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title}\n(mean, min-max over seeds)")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -593,28 +599,18 @@ def plot(result: dict, path: Path) -> None:
     panels = 1 + bool(unseen) + bool(multi)
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
     ax = axes[0][0]
-    _curves(ax, single["heldout"])
+    _accuracy_panel(ax, single["heldout"], single["sources_heldout"], f"held-out accuracy on {single['task']}",
+                    "best-by-search-fitness candidate, held-out")
     for method, rows in single.get("heldout_search_only", {}).items():
-        if method != "evomerge":
-            continue
         pts = [(r["items"], r["mean"]) for r in rows if r["mean"] is not None]
-        if pts:
+        if method == "evomerge" and pts:
             ax.plot(*zip(*pts), ls="--", marker="x", label=f"{method}, optimizer's merges only")
-    best_source = max(single["sources_heldout"].items(), key=lambda kv: kv[1])
-    ax.axhline(best_source[1], color="gray", ls="--", lw=1, label=f"best source ({best_source[0]})")
-    ax.set_xlabel("budget (scored items)")
-    ax.set_ylabel(f"held-out accuracy on {single['task']}")
-    ax.set_title("best-by-search-fitness candidate, held-out\n(mean, min-max over seeds)")
     ax.legend(fontsize=8)
     if unseen:
-        ax = axes[0][1]
-        _curves(ax, unseen)
-        best_source = max(single["sources_unseen"].items(), key=lambda kv: kv[1])
-        ax.axhline(best_source[1], color="gray", ls="--", lw=1, label=f"best source ({best_source[0]})")
-        ax.set_xlabel("budget (scored items)")
-        ax.set_ylabel(f"accuracy on the {single['unseen_items']} unseen items")
-        ax.set_title("the same picks on the unseen 2+2-digit items\n(mean, min-max over seeds)")
-        ax.legend(fontsize=8)
+        _accuracy_panel(axes[0][1], unseen, single["sources_unseen"],
+                        f"accuracy on the {single['unseen_items']} unseen items",
+                        "the same picks on the unseen 2+2-digit items")
+        axes[0][1].legend(fontsize=8)
     if multi:
         ax = axes[0][-1]
         for method, rows in multi["hypervolume"].items():

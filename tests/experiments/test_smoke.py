@@ -1,17 +1,9 @@
 """The results section is built only from the experiments' JSON files."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _builder():
-    spec = importlib.util.spec_from_file_location("make_readme_tables", ROOT / "experiments" / "make_readme_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _throughput_json() -> dict:
@@ -28,9 +20,9 @@ def _throughput_json() -> dict:
             "merge_benchmark": {"error": "scripts/bench_merge.py wrote no JSON"}}
 
 
-def test_tables_come_from_the_json_files(tmp_path):
+def test_tables_come_from_the_json_files(tmp_path, experiment):
     (tmp_path / "throughput.json").write_text(json.dumps(_throughput_json()))
-    text = _builder().build(tmp_path)
+    text = experiment("make_readme_tables").build(tmp_path)
     # numbers, machine and command are taken from the file
     assert "| evomerge (in memory) | 0.125 | 0.004 | 0.500 | 0.629 | 4.0 |" in text
     assert "6.5x" in text and "100.0%" in text
@@ -42,9 +34,9 @@ def test_tables_come_from_the_json_files(tmp_path):
     assert "not run yet (`.venv/bin/python experiments/estimator_fidelity.py`)" in text
 
 
-def test_main_writes_results_md(tmp_path):
+def test_main_writes_results_md(tmp_path, experiment):
     (tmp_path / "throughput.json").write_text(json.dumps(_throughput_json()))
-    builder = _builder()
+    builder = experiment("make_readme_tables")
     import sys
 
     argv = sys.argv
@@ -56,8 +48,8 @@ def test_main_writes_results_md(tmp_path):
     assert (tmp_path / "RESULTS.md").read_text().startswith("## Results")
 
 
-def test_graded_fidelity_table_and_readme_figure_paths(tmp_path):
-    builder = _builder()
+def test_graded_fidelity_table_and_readme_figure_paths(tmp_path, experiment):
+    builder = experiment("make_readme_tables")
     result = json.loads((ROOT / "experiments" / "results" / "estimator_fidelity.json").read_text())
     lines = builder.estimator_fidelity(result)
     text = "\n".join(lines)
@@ -71,10 +63,10 @@ def test_graded_fidelity_table_and_readme_figure_paths(tmp_path):
     assert spliced.startswith("intro\n") and spliced.endswith("after\n") and "\nold\n" not in spliced
 
 
-def test_the_gpu_section_comes_from_the_gpu_check_files(tmp_path):
+def test_the_gpu_section_comes_from_the_gpu_check_files(tmp_path, experiment):
     import shutil
 
-    builder = _builder()
+    builder = experiment("make_readme_tables")
     assert builder.gpu_check(tmp_path) == []                    # no GPU results: no section
     for name in ("gpu_check.json", "gpu_check_cpu.json", "demo_gpu.json"):
         shutil.copy(ROOT / "experiments" / "results" / name, tmp_path / name)
@@ -85,8 +77,8 @@ def test_the_gpu_section_comes_from_the_gpu_check_files(tmp_path):
     assert "configs/demo-gpu.yaml" in text
 
 
-def test_search_quality_table_shows_the_unseen_items_beside_the_heldout_ones():
-    builder = _builder()
+def test_search_quality_table_shows_the_unseen_items_beside_the_heldout_ones(experiment):
+    builder = experiment("make_readme_tables")
     result = json.loads((ROOT / "experiments" / "results" / "search_quality.json").read_text())
     single = result["single_objective"]
     text = "\n".join(builder.search_quality(result))

@@ -1,24 +1,13 @@
 """The unseen calc items (experiments/unseen_items.py): a second, larger held-out set that no
 zoo model was trained on; the shipped files are what the script writes today."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 from evomerge.tasks.task import load_task
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("unseen_items", ROOT / "experiments" / "unseen_items.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_shipped_unseen_items_are_up_to_date_and_outside_every_split_and_corpus():
-    script = _script()
+def test_shipped_unseen_items_are_up_to_date_and_outside_every_split_and_corpus(experiment):
+    script = experiment("unseen_items")
     files = script.unseen_files()
     for name, text in files.items():
         assert (script.DATA / name).read_text() == text, f"{name} is stale: run experiments/unseen_items.py"
