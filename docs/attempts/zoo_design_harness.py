@@ -15,11 +15,10 @@ Variants as run (M = "model":{"num_attention_heads":2,"num_key_value_heads":2}):
 The zoo itself is built by evomerge/zoo/build.py, not by this file.
 """
 """Zoo design experiments: train base + experts with a variant's settings, score merges."""
-import json, math, random, string, sys, time, copy
+import json, random, string, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from evomerge.zoo.tokenizer import build_tokenizer, save_tokenizer
 from evomerge.zoo import build as B
 from evomerge.tasks.task import Task, Item
 from evomerge.backends.hf import HFBackend

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from evomerge.backends.base import (ItemResult, check_indices, choice_rows, graded_results, likelihood_rows,
                                     pick_choices)
-from evomerge.errors import CheckpointError, EvomergeError
+from evomerge.errors import CheckpointError
 from evomerge.tasks.task import Task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

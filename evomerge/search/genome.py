@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.errors import ConfigError
 from evomerge.merge.plan import MergePlan

@@ -29,7 +29,6 @@ from evomerge.search.export import (
     RunRecord,
     load_records,
     load_source_scores,
-    objective_names,
     open_archive,
     pareto_front,
 )

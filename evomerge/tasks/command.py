@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError
 from evomerge.tasks.task import Task, load_task
 
 

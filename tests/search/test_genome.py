@@ -11,7 +11,6 @@ import torch
 from evomerge.errors import ConfigError
 from evomerge.io.synthetic import make_tiny_llama
 from evomerge.merge.engine import SourceSet, merge, output_config
-from evomerge.merge.plan import MergePlan
 from evomerge.search.genome import (
     MERGED,
     StagedPlan,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from evomerge.errors import EvomergeError
-from evomerge.tasks.task import Task, Item, load_task, zoo_task_names
+from evomerge.tasks.task import load_task, zoo_task_names
 from evomerge.zoo.skills import N_HELDOUT, N_SEARCH
 
 
