@@ -168,12 +168,15 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--jobs", type=int, default=3, help="seeds run in parallel processes")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds instead of the settings' (e.g. 0,1,2,3,4,5)")
     ap.add_argument("--only-seed", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--partial", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     one_thread()
     S = load_settings(args.settings, args.quick)
+    if args.seeds:
+        S["seeds"] = [int(x) for x in args.seeds.split(",")]
     args.workdir = args.workdir or Path("/tmp/evomerge-experiments") / args.settings
     if args.only_seed is not None:          # a child: one seed, partial result
         _, sources = zoo(args.zoo)
