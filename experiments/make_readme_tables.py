@@ -203,18 +203,19 @@ def search_quality(r: dict, name: str = "search_quality") -> list[str]:
                   "merge option (which mergekit 0.0.6 maps to CUDA storage) is cleared on CPU -- see "
                   "experiments/mergenetic_adapter.py.", ""]
     lines += ["Claims (means over seeds):"]
-    for key, label in (("claims", "any candidate it scored" if calibrated else "its highest estimate"),
-                       ("claims_search_only", "only its optimizer's merges"),
-                       ("claims_top", f"its pick re-scored, top {S.get('evomerge', {}).get('rescore_top')}"),
-                       ("claims_unseen", "its highest estimate, on the unseen items"),
-                       ("claims_top_unseen", f"its pick re-scored, top {S.get('evomerge', {}).get('rescore_top')}, "
-                                             "on the unseen items")):
+    held = "; judged on the held-out items"
+    for key, label in (("claims", ("any candidate it scored" if calibrated else "its highest estimate") + held),
+                       ("claims_search_only", "only its optimizer's merges" + held),
+                       ("claims_top", f"its pick re-scored, top {S.get('evomerge', {}).get('rescore_top')}" + held),
+                       ("claims_unseen", "its highest estimate; judged on the unseen items"),
+                       ("claims_top_unseen", f"its pick re-scored, top {S.get('evomerge', {}).get('rescore_top')}; "
+                                             "judged on the unseen items")):
         c = s.get(key, {})
         if key == "claims_search_only" and not calibrated:
             continue                                   # nothing but the optimizer's merges to begin with
         if "evomerge_half_budget_reaches_random_final" in c:
             lines.append(claim_line("", c["evomerge_half_budget_reaches_random_final"],
-                                    f"evomerge reaches random search's final held-out accuracy with half the budget ({label})"))
+                                    f"evomerge reaches random search's final accuracy with half the budget ({label})"))
         if "evomerge_beats_cmaes_weights_at_equal_budget" in c:
             lines.append(claim_line("", c["evomerge_beats_cmaes_weights_at_equal_budget"],
                                     f"at equal budget evomerge beats the CMA-ES-over-weights baseline ({label})"))

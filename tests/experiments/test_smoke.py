@@ -86,7 +86,7 @@ def test_search_quality_table_shows_the_unseen_items_beside_the_heldout_ones(exp
     final = single["unseen"]["evomerge"][-1]
     assert f"{final['mean']:.3f} ± {final['std']:.3f}" in text
     verdict = "met" if single["claims_unseen"]["evomerge_beats_cmaes_weights_at_equal_budget"]["met"] else "NOT met"
-    assert f"CMA-ES-over-weights baseline (its highest estimate, on the unseen items): **{verdict}**" in text
+    assert f"CMA-ES-over-weights baseline (its highest estimate; judged on the unseen items): **{verdict}**" in text
     # and a result without the unseen set (older runs) still renders
     for key in ("unseen", "unseen_items", "claims_unseen", "claims_top_unseen"):
         single.pop(key, None)
