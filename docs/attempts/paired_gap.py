@@ -1,7 +1,11 @@
 """Paired per-seed gap between two methods' final picks in search_quality results (any number of
 files, seeds pooled): the score is the ``unseen`` accuracy (or ``heldout`` with --heldout).
+The standard error printed first is over seeds only; every seed is judged on the same items,
+so ``--bootstrap`` also resamples the items (seeds and items together, 2000 draws): the
+error a different draw of the evaluation items would have given.
 
-    .venv/bin/python docs/attempts/paired_gap.py [--heldout] [--methods evomerge,cmaes_weights] RESULT.json ...
+    HF_HUB_OFFLINE=1 .venv/bin/python docs/attempts/paired_gap.py [--heldout] [--bootstrap] \
+        [--methods evomerge,cmaes_weights] RESULT.json ...
 """
 
 from __future__ import annotations
@@ -18,20 +22,42 @@ def main() -> int:
     ap.add_argument("results", nargs="+", type=Path)
     ap.add_argument("--heldout", action="store_true")
     ap.add_argument("--methods", default="evomerge,cmaes_weights")
+    ap.add_argument("--bootstrap", action="store_true")
     args = ap.parse_args()
     key = "heldout" if args.heldout else "unseen"
     a_name, b_name = args.methods.split(",")
-    gaps = []
+    gaps, plans = [], []
     for path in args.results:
         per_seed = json.loads(path.read_text())["single_objective"]["per_seed"]
         for seed, run in per_seed[a_name].items():
             a, b = run["curve"][-1][key], per_seed[b_name][seed]["curve"][-1][key]
             gaps.append(a - b)
+            plans.append((run["curve"][-1]["plan"], per_seed[b_name][seed]["curve"][-1]["plan"]))
             print(f"{path.name} seed {seed}: {a_name} {a:.3f} {b_name} {b:.3f} gap {a - b:+.3f}")
     gaps = np.array(gaps)
     print(f"{len(gaps)} seeds, {key}: mean gap {gaps.mean():+.4f} ± {gaps.std(ddof=1) / len(gaps) ** 0.5:.4f} "
           f"(standard error), {a_name} ahead in {(gaps > 0).sum()}")
+    if args.bootstrap:
+        print(f"{key}, seeds and items resampled: {_bootstrap(plans, key):.4f} (standard error of the mean gap)")
     return 0
+
+
+def _bootstrap(plans: list[tuple[dict, dict]], key: str, draws: int = 2000) -> float:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
+    from common import ROOT, Scorer, one_thread, zoo
+
+    one_thread()
+    _, sources = zoo(None)
+    scorer = Scorer(sources)
+    task = "zoo/calc:heldout" if key == "heldout" else str(ROOT / "experiments" / "data" / "calc-unseen.yaml")
+    # per seed, per item: pick a's score minus pick b's
+    diff = np.array([scorer.scores(a, task) - scorer.scores(b, task) for a, b in plans])
+    rng = np.random.default_rng(0)
+    means = [diff[rng.integers(0, diff.shape[0], diff.shape[0])][:, rng.integers(0, diff.shape[1], diff.shape[1])].mean()
+             for _ in range(draws)]
+    return float(np.std(means))
 
 
 if __name__ == "__main__":
