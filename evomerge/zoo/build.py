@@ -206,7 +206,8 @@ def finetune_expert(paths: ZooPaths, skill: str, heldout: set[str], verbose: boo
     settings = settings or FINETUNE
     cfg = {k: v for k, v in settings.items() if k != "replay"}
     seed = SEED + 1 + list(EXPERTS).index(skill)
-    train(model, _excluding(heldout, _expert_mix(skill, settings["replay"])), seed=seed, log_every=100 if verbose else 0, **cfg)
+    train(model, _excluding(heldout, _expert_mix(skill, settings["replay"])), seed=seed,
+          log_every=100 if verbose else 0, **cfg)
     _save(model, paths.experts[skill])
 
 
