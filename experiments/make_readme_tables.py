@@ -157,8 +157,9 @@ def search_quality(r: dict, name: str = "search_quality") -> list[str]:
         lines += ["evomerge's fitness here is graded: per item, the probability the merge gives the reference "
                   "output (the worked sum, then end-of-sequence), read in one forward pass "
                   "(`scoring: likelihood`); the mean over a fixed random "
-                  f"{evo.get('anchor_frac', 0.1):.0%} of the search items is the estimate (`estimator: subset`). Every result is still judged by exact match of the greedy "
-                  "output on the held-out items.", ""]
+                  f"{evo.get('anchor_frac', 0.1):.0%} of the search items is the estimate (`estimator: subset`). "
+                  "Every result is still judged by exact match of the greedy output on the held-out items"
+                  + (" and the unseen ones." if s.get("unseen") else "."), ""]
     if so and calibrated:
         lines += ["The same, counting only merges the method's optimizer proposed (evomerge's calibration population "
                   "-- the unmodified sources and a few random merges, fully scored -- may not be returned; the "
