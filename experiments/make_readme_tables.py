@@ -80,6 +80,10 @@ def claim_line(name: str, claim: dict, text: str) -> str:
 
 
 # --------------------------------------------------------------------------- search quality
+def binomial_se(p: float, n: int) -> float:
+    return (p * (1 - p) / n) ** 0.5
+
+
 def heldout_size(task: str) -> int:
     """Number of held-out items of a task, read from the task itself."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -135,7 +139,7 @@ def search_quality(r: dict, name: str = "search_quality") -> list[str]:
     src = s["sources_heldout"]
     best_name, best_acc = max(src.items(), key=lambda kv: kv[1])
     n_held = heldout_size(r["settings"]["task"])
-    stderr = (best_acc * (1 - best_acc) / n_held) ** 0.5
+    stderr = binomial_se(best_acc, n_held)
     lines += ["", "Source models on the held-out items: " + ", ".join(f"{k} {_f(v)}" for k, v in src.items()) + ".",
               ""]
     if s.get("unseen"):
@@ -144,7 +148,7 @@ def search_quality(r: dict, name: str = "search_quality") -> list[str]:
                   "`calc` item no zoo model was trained on and no split holds, found by replaying the seeded "
                   "training corpora; `experiments/unseen_items.py`). They are all of the hardest level, so the "
                   "accuracies are lower, but a seed's score has a standard error of about "
-                  f"{(0.13 * 0.87 / n_unseen) ** 0.5:.3f} instead of {(0.4 * 0.6 / n_held) ** 0.5:.3f}:", "",
+                  f"{binomial_se(0.13, n_unseen):.3f} instead of {binomial_se(0.4, n_held):.3f}:", "",
                   "| method | " + " | ".join(f"{int(f * s['budget_items'])} items" for f in fr) + " |",
                   "|---" * (len(fr) + 1) + "|"]
         for method, rows in s["unseen"].items():
@@ -220,15 +224,14 @@ def search_quality(r: dict, name: str = "search_quality") -> list[str]:
         if "evomerge_beats_cmaes_weights_at_equal_budget" in c:
             lines.append(claim_line("", c["evomerge_beats_cmaes_weights_at_equal_budget"],
                                     f"at equal budget evomerge beats the CMA-ES-over-weights baseline ({label})"))
-    n_held = heldout_size(s["task"])
-    se = (0.4 * 0.6 / n_held) ** 0.5
+    se = binomial_se(0.4, n_held)
     lines += ["", f"Noise: one seed's held-out score has a binomial standard error of about {se:.3f} at accuracy 0.4 "
               f"({n_held} items), and every mean above is over {len(S['seeds'])} seeds; a claim met or missed by "
               f"less than {2 * se / len(S['seeds']) ** 0.5:.3f} (two standard errors of such a mean) is within noise."
               + (f" On the {s['unseen_items']} unseen items a seed's score has a standard error of about "
-                 f"{(0.13 * 0.87 / s['unseen_items']) ** 0.5:.3f} at accuracy 0.13, so two standard errors of a "
+                 f"{binomial_se(0.13, s['unseen_items']):.3f} at accuracy 0.13, so two standard errors of a "
                  f"{len(S['seeds'])}-seed mean are about "
-                 f"{2 * (0.13 * 0.87 / s['unseen_items']) ** 0.5 / len(S['seeds']) ** 0.5:.3f}; gaps between "
+                 f"{2 * binomial_se(0.13, s['unseen_items']) / len(S['seeds']) ** 0.5:.3f}; gaps between "
                  "methods shrink with the accuracy too." if s.get("unseen") else "")]
     lines.append("")
     m = r.get("multi_objective")

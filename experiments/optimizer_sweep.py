@@ -20,10 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import search_quality as SQ  # noqa: E402
-from common import ROOT, Scorer, one_thread, zoo  # noqa: E402
+from common import UNSEEN_TASK as UNSEEN, Scorer, one_thread, zoo  # noqa: E402
 
 SEEDS = [10, 11, 12]
-UNSEEN = str(ROOT / "experiments" / "data" / "calc-unseen.yaml")
 BASE = {"genome": {"kind": "parameter", "method": "ties", "granularity": "model", "weight": [0.0, 1.5],
                    "density": [0.2, 1.0]},
         "optimizer": "cmaes", "population": 8, "anchor_frac": 0.1, "estimator": "gpirt", "calibration_random": 2}

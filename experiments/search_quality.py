@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (save_figure, RESULTS, ROOT, Scorer, calibrate, command_line, load_settings, machine_info,  # noqa: E402
                     mean_spread, one_thread, run_search, run_seeds, source_plan, unseen_task, write_json,
                     zoo, zoo_fingerprint)
+from evomerge.workers.evaluator import CALIBRATION_FREE, subset_indices  # noqa: E402
 
 MERGENETIC_PY = ROOT / ".venv-mergenetic" / "bin" / "python"
 EXPERTS = ["arith", "strings", "lang"]
@@ -78,7 +79,7 @@ def run_evomerge(scorer, sources, tasks: dict[str, str], settings: dict, budget:
     scores on a fixed random subset) nothing is calibrated; otherwise IRT is calibrated first,
     paid from the budget."""
     genome = settings.get("genome") or {"kind": "parameter", "method": "ties", "granularity": "layer"}
-    if settings.get("scoring") == "likelihood" or settings.get("estimator") in ("full", "subset"):
+    if settings.get("scoring") == "likelihood" or settings.get("estimator") in CALIBRATION_FREE:
         return _run_evomerge_uncalibrated(sources, tasks, settings, genome, budget, seed, workdir)
     space = make_space(genome, sources)
     calib = calibrate(scorer, space, {n: f"{t}:search" for n, t in tasks.items()},
@@ -100,11 +101,9 @@ def run_evomerge(scorer, sources, tasks: dict[str, str], settings: dict, budget:
 
 def _run_evomerge_uncalibrated(sources, tasks, settings, genome, budget, seed, workdir) -> dict[str, Any]:
     """Estimators that need no calibration: ``subset`` or ``full``, either scoring."""
-    from evomerge.workers.evaluator import subset_indices
-
     frac, estimator = settings["anchor_frac"], settings.get("estimator", "subset")
     scoring = settings.get("scoring", "exact")
-    if estimator not in ("subset", "full"):
+    if estimator not in CALIBRATION_FREE:
         raise ValueError(f"evomerge.estimator: likelihood scoring runs with subset or full, not {estimator!r}")
     per_candidate = sum(len(subset_indices(n_items(f"{t}:search"), frac, seed)) if estimator == "subset"
                         else n_items(f"{t}:search") for t in tasks.values())

@@ -46,12 +46,12 @@ def _bootstrap(plans: list[tuple[dict, dict]], key: str, draws: int = 2000) -> f
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
-    from common import ROOT, Scorer, one_thread, zoo
+    from common import UNSEEN_TASK, Scorer, one_thread, zoo
 
     one_thread()
     _, sources = zoo(None)
     scorer = Scorer(sources)
-    task = "zoo/calc:heldout" if key == "heldout" else str(ROOT / "experiments" / "data" / "calc-unseen.yaml")
+    task = "zoo/calc:heldout" if key == "heldout" else UNSEEN_TASK
     # per seed, per item: pick a's score minus pick b's
     diff = np.array([scorer.scores(a, task) - scorer.scores(b, task) for a, b in plans])
     rng = np.random.default_rng(0)

@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
-from common import ROOT, Scorer, one_thread, zoo  # noqa: E402
+from common import UNSEEN_TASK as UNSEEN, Scorer, one_thread, zoo  # noqa: E402
 
-UNSEEN = str(ROOT / "experiments" / "data" / "calc-unseen.yaml")
 
 
 def main() -> int:

@@ -19,10 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import search_quality as SQ  # noqa: E402
-from common import ROOT, Scorer, one_thread, zoo  # noqa: E402
+from common import UNSEEN_TASK as UNSEEN, Scorer, one_thread, zoo  # noqa: E402
 from optimizer_sweep import BASE  # noqa: E402
 
-UNSEEN = str(ROOT / "experiments" / "data" / "calc-unseen.yaml")
 SETTINGS = {"optimizer": "ng_de", "population": 16, "anchor_frac": 0.3, "estimator": "subset", "scoring": "likelihood"}
 
 

@@ -22,9 +22,8 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
-from common import ROOT, Scorer, archive_events, one_thread, zoo  # noqa: E402
+from common import UNSEEN_TASK as UNSEEN, Scorer, archive_events, one_thread, zoo  # noqa: E402
 
-UNSEEN = str(ROOT / "experiments" / "data" / "calc-unseen.yaml")
 EXPERIMENTS = Path("/tmp/evomerge-experiments")
 
 

@@ -141,7 +141,7 @@ def _excluding(heldout: set[str], make):
     return sample
 
 
-def _eval_prompts() -> set[str]:
+def eval_prompts() -> set[str]:
     from evomerge.tasks.task import load_task
 
     return {item.prompt for name in skills.TASKS for item in load_task(f"zoo/{name}:all").items}
@@ -164,6 +164,10 @@ def _save(model, out: Path) -> None:
         save_tokenizer(tmp)
 
 
+def _expert_seed(skill: str) -> int:
+    return SEED + 1 + list(EXPERTS).index(skill)
+
+
 def _expert_mix(skill: str, replay: float):
     def mix(rng: random.Random):
         return skills.pretrain_example(rng) if rng.random() < replay else skills.expert_example(skill, rng)
@@ -174,11 +178,11 @@ def trained_prompts(pretrain: dict | None = None, finetune: dict | None = None) 
     """The evaluation prompt (``skills.item_key``) of every example the zoo's models were
     trained on, replayed from the seeded corpora without training: items outside this set and
     the shipped splits are unseen by every model (experiments/unseen_items.py)."""
-    heldout, keys = _eval_prompts(), set()
+    heldout, keys = eval_prompts(), set()
     pretrain, finetune = pretrain or PRETRAIN, finetune or FINETUNE
     streams = [(_excluding(heldout, skills.pretrain_example), pretrain["steps"], pretrain["batch"], SEED)]
     streams += [(_excluding(heldout, _expert_mix(skill, finetune["replay"])), finetune["steps"], finetune["batch"],
-                 SEED + 1 + list(EXPERTS).index(skill)) for skill in EXPERTS]
+                 _expert_seed(skill)) for skill in EXPERTS]
     for sample_pair, steps, batch, seed in streams:
         for pairs in corpus(sample_pair, steps, batch, seed):
             keys.update(skills.item_key(prompt) for prompt, *_ in pairs)
@@ -205,8 +209,7 @@ def finetune_expert(paths: ZooPaths, skill: str, heldout: set[str], verbose: boo
     model = LlamaForCausalLM.from_pretrained(str(paths.base), dtype=torch.float32)
     settings = settings or FINETUNE
     cfg = {k: v for k, v in settings.items() if k != "replay"}
-    seed = SEED + 1 + list(EXPERTS).index(skill)
-    train(model, _excluding(heldout, _expert_mix(skill, settings["replay"])), seed=seed,
+    train(model, _excluding(heldout, _expert_mix(skill, settings["replay"])), seed=_expert_seed(skill),
           log_every=100 if verbose else 0, **cfg)
     _save(model, paths.experts[skill])
 
@@ -223,7 +226,7 @@ def build_zoo(out: str | Path | None = None, verbose: bool = True, pretrain: dic
     torch.set_num_threads(1)   # tiny matmuls: more threads cost more than they give
     t0 = time.time()
     try:
-        heldout = _eval_prompts()
+        heldout = eval_prompts()
         pretrain, finetune = pretrain or PRETRAIN, finetune or FINETUNE
         pretrain_base(paths, heldout, verbose, pretrain)
         for skill in EXPERTS:

@@ -96,14 +96,14 @@ def lang(rng: random.Random, level: int) -> tuple[str, str]:
     return f"tr:{toy}=", plain
 
 
-def _calc_prompt(a: int, b: int) -> str:
+def calc_prompt(a: int, b: int) -> str:
     return f"calc:{toy_number(a)}+{toy_number(b)}="
 
 
 def calc(rng: random.Random, level: int) -> tuple[str, str]:
     """Composite item (levels as in ``arith``); the full answer is the worked ``"a+b=sum"``."""
     a, b = _operands(rng, level)
-    return _calc_prompt(a, b), f"{a}+{b}={a + b}"
+    return calc_prompt(a, b), f"{a}+{b}={a + b}"
 
 
 GENERATORS = {"arith": arith, "strings": strings, "lang": lang, "calc": calc}
@@ -122,12 +122,12 @@ def item_key(prompt: str) -> str:
 # ---------------------------------------------------------------- training corpora
 def _composite_with_translation(a: int, b: int) -> Example:
     """A composite item whose translation is given; only the sum is taught."""
-    return f"{_calc_prompt(a, b)}{a}+{b}=", str(a + b), ""
+    return f"{calc_prompt(a, b)}{a}+{b}=", str(a + b), ""
 
 
 def _composite_translation_only(a: int, b: int) -> Example:
     """A composite item whose translation is taught and whose sum follows untaught."""
-    return _calc_prompt(a, b), f"{a}+{b}=", str(a + b)
+    return calc_prompt(a, b), f"{a}+{b}=", str(a + b)
 
 
 def pretrain_example(rng: random.Random) -> Example:
@@ -145,7 +145,7 @@ def pretrain_example(rng: random.Random) -> Example:
     if task == "calc":
         a, b = _operands(rng, level)
         if max(f"{a}{b}") < str(KNOWN_DIGITS):
-            return _calc_prompt(a, b), f"{a}+{b}={a + b}", ""
+            return calc_prompt(a, b), f"{a}+{b}={a + b}", ""
         return _composite_with_translation(a, b)
     return (*sample(task, rng, level), "")
 

@@ -87,7 +87,7 @@ def test_expert_corpora_teach_only_their_half_of_the_composite():
 def test_training_never_sees_a_shipped_item():
     from evomerge.tasks.task import load_task
 
-    shipped = build._eval_prompts()
+    shipped = build.eval_prompts()
     assert shipped == {item.prompt for t in TASKS for split in ("search", "heldout")
                        for item in load_task(f"zoo/{t}:{split}").items}
     sampler = build._excluding(shipped, skills.pretrain_example)
