@@ -182,6 +182,24 @@ class Scorer:
         return self.scores(plan, task_spec, likelihood=True)
 
 
+def paired_gap(scorer: Scorer, pairs: list[tuple[dict, dict]], task_spec: str, draws: int = 2000) -> dict[str, Any]:
+    """Pick a minus pick b, one pair per seed, both scored on every item of ``task_spec``.
+
+    Every seed is judged on the same items, so the spread over seeds leaves out the draw of
+    the items; ``se`` resamples seeds and items together (a two-way bootstrap), the error a
+    different draw of the evaluation items would also have given. ``se_seeds``: seeds only."""
+    diff = np.array([scorer.scores(a, task_spec) - scorer.scores(b, task_spec) for a, b in pairs])
+    per_seed = diff.mean(axis=1)
+    n_seeds, n_items = diff.shape
+    rng = np.random.default_rng(0)
+    boot = [diff[np.ix_(rng.integers(0, n_seeds, n_seeds), rng.integers(0, n_items, n_items))].mean()
+            for _ in range(draws)]
+    return {"mean": float(per_seed.mean()), "se": float(np.std(boot)),
+            "se_seeds": float(per_seed.std(ddof=1) / n_seeds ** 0.5) if n_seeds > 1 else None,
+            "ahead": int((per_seed > 0).sum()), "behind": int((per_seed < 0).sum()), "seeds": int(n_seeds),
+            "items": int(n_items)}
+
+
 # Estimators the search can run (mp-IRT needs source abilities the search does not pass).
 SEARCH_ESTIMATORS = ("anchor", "irt", "pirt", "gpirt", "gpirt_reg", "random", "random_cubic")
 

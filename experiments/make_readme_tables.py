@@ -75,7 +75,20 @@ def claim_line(name: str, claim: dict, text: str) -> str:
             return "[" + ", ".join(show(x) for x in v) + "]"
         return v
 
-    details = ", ".join(f"{k} = {show(v)}" for k, v in claim.items() if k != "met")
+    def noise(k, v):
+        if k == "gap":        # experiments/common.paired_gap
+            return (f"paired gap {v['mean']:+.3f} ± {v['se']:.3f} (standard error, seeds and items resampled; "
+                    f"ahead in {v['ahead']}, behind in {v['behind']} of {v['seeds']} seeds)")
+        if k == "beyond_noise":
+            return "outside two standard errors of 0" if v else "within two standard errors of 0: noise"
+        if k == "se":
+            return f"± {v:.3f} (standard error, seeds and items resampled)"
+        if k == "shown":
+            return ("inside 1 point by more than two standard errors" if v else
+                    "not shown inside 1 point: the two-standard-error bound reaches past it")
+        return f"{k} = {show(v)}"
+
+    details = ", ".join(noise(k, v) for k, v in claim.items() if k != "met")
     return f"- {text}: **{'met' if claim.get('met') else 'NOT met'}** ({details})"
 
 
@@ -225,14 +238,14 @@ def search_quality(r: dict, name: str = "search_quality") -> list[str]:
             lines.append(claim_line("", c["evomerge_beats_cmaes_weights_at_equal_budget"],
                                     f"at equal budget evomerge beats the CMA-ES-over-weights baseline ({label})"))
     se = binomial_se(0.4, n_held)
-    lines += ["", f"Noise: one seed's held-out score has a binomial standard error of about {se:.3f} at accuracy 0.4 "
-              f"({n_held} items), and every mean above is over {len(S['seeds'])} seeds; a claim met or missed by "
-              f"less than {2 * se / len(S['seeds']) ** 0.5:.3f} (two standard errors of such a mean) is within noise."
-              + (f" On the {s['unseen_items']} unseen items a seed's score has a standard error of about "
-                 f"{binomial_se(0.13, s['unseen_items']):.3f} at accuracy 0.13, so two standard errors of a "
-                 f"{len(S['seeds'])}-seed mean are about "
-                 f"{2 * binomial_se(0.13, s['unseen_items']) / len(S['seeds']) ** 0.5:.3f}; gaps between "
-                 "methods shrink with the accuracy too." if s.get("unseen") else "")]
+    lines += ["", "Noise: each claim's paired gap compares the two picks seed by seed, item by item; its "
+              "standard error resamples seeds and items together, since every seed is judged on the same "
+              "items and the spread over seeds alone would leave out their draw (`paired_gap` in "
+              f"experiments/common.py). One seed's held-out score has a binomial standard error of about "
+              f"{se:.3f} at accuracy 0.4 ({n_held} items)"
+              + (f"; on the {s['unseen_items']} unseen items about {binomial_se(0.13, s['unseen_items']):.3f} "
+                 "at accuracy 0.13, and gaps between methods shrink with the accuracy there too."
+                 if s.get("unseen") else ".")]
     lines.append("")
     m = r.get("multi_objective")
     if m:
@@ -335,10 +348,15 @@ def _unseen_scale_note(per: dict, c: dict) -> str:
     full = sum(p["unseen_best"]["full_search"] for p in per.values()) / len(per)
     held = sum(p["heldout_best"]["full_search"] for p in per.values()) / len(per)
     gap = c["final_unseen_within_1_point"]["mean_difference"]
+    se = c["final_unseen_within_1_point"].get("se")
+    bound = gap - 2 * se if se is not None else None
     return (f"  Scale: the full-evaluation search's pick scores {full:.3f} on the unseen items and {held:.3f} on the "
             f"held-out ones, so the unseen gap of {gap:+.3f} is {gap / full:+.0%} of the score; the same relative gap "
-            f"on the held-out scale would be {gap / full * held:+.3f}. Read the unseen lines as the direction of the "
-            "gap, measured precisely, not as the 1-point threshold.")
+            f"on the held-out scale would be {gap / full * held:+.3f}"
+            + (f" (its two-standard-error bound {bound:+.3f} is {bound / full:+.0%} of the score, "
+               f"{bound / full * held:+.3f} on the held-out scale)" if bound is not None else "")
+            + ". Read the unseen lines as the direction and size of the gap on one level of the task, measured "
+            "precisely, not as the composite task's 1-point threshold.")
 
 
 # --------------------------------------------------------------------------- throughput

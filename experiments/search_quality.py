@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (save_figure, RESULTS, ROOT, Scorer, calibrate, command_line, load_settings, machine_info,  # noqa: E402
-                    mean_spread, one_thread, run_search, run_seeds, source_plan, unseen_task, write_json,
+                    mean_spread, one_thread, paired_gap, run_search, run_seeds, source_plan, unseen_task, write_json,
                     zoo, zoo_fingerprint)
 from evomerge.workers.evaluator import CALIBRATION_FREE, subset_indices  # noqa: E402
 
@@ -458,6 +458,12 @@ def main() -> int:
         single["claims_unseen"] = claims(single["unseen"])
         if "evomerge_top" in single["unseen"]:
             single["claims_top_unseen"] = claims(single["unseen"], "evomerge_top")
+    for key, method, judged_on in (("claims", "evomerge", f"{task}:heldout"),
+                                   ("claims_top", "evomerge_top", f"{task}:heldout"),
+                                   ("claims_unseen", "evomerge", unseen_task(S)),
+                                   ("claims_top_unseen", "evomerge_top", unseen_task(S))):
+        if key in single:
+            add_gaps(scorer, single[key], curves, seeds, method, judged_on)
     for s in seeds:  # the per-seed event logs stay in the work dir's partial files
         parts[s]["single"].pop("events", None)
     multi = None
@@ -504,6 +510,22 @@ def claims(heldout: dict[str, list[dict]], method: str = "evomerge") -> dict[str
             out["evomerge_beats_cmaes_weights_at_equal_budget"] = {
                 "evomerge": a["mean"], "cmaes_weights": b["mean"], "met": bool(a["mean"] > b["mean"])}
     return out
+
+
+def add_gaps(scorer, claims_: dict[str, Any], curves: dict[str, list[list[dict]]], seeds: list[int],
+             method: str, judged_on: str) -> None:
+    """Beside each claim's two means, the paired gap per seed, item by item (common.paired_gap),
+    and whether it is more than two standard errors from zero."""
+    def plans(name: str, fraction: float) -> list[dict]:
+        return [next(p for p in curves[name][i] if abs(p["fraction"] - fraction) < 1e-9)["plan"]
+                for i in range(len(seeds))]
+
+    for claim, (other, fraction) in (("evomerge_half_budget_reaches_random_final", ("random", 0.5)),
+                                     ("evomerge_beats_cmaes_weights_at_equal_budget", ("cmaes_weights", 1.0))):
+        if claim in claims_:
+            gap = paired_gap(scorer, list(zip(plans(method, fraction), plans(other, 1.0))), judged_on)
+            claims_[claim]["gap"] = gap
+            claims_[claim]["beyond_noise"] = bool(abs(gap["mean"]) > 2 * gap["se"])
 
 
 def run_multi(scorer, sources, M: dict, evo: dict, seed: int, workdir: Path) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Paired per-seed gap between two methods' final picks in search_quality results (any number of
 files, seeds pooled): the score is the ``unseen`` accuracy (or ``heldout`` with --heldout).
 The standard error printed first is over seeds only; every seed is judged on the same items,
-so ``--bootstrap`` also resamples the items (seeds and items together, 2000 draws): the
-error a different draw of the evaluation items would have given.
+so ``--bootstrap`` also resamples the items (seeds and items together: experiments/common.py
+``paired_gap``, which search_quality.py and estimator_fidelity.py now report with every claim).
 
     HF_HUB_OFFLINE=1 .venv/bin/python docs/attempts/paired_gap.py [--heldout] [--bootstrap] \
         [--methods evomerge,cmaes_weights] RESULT.json ...
@@ -42,22 +42,16 @@ def main() -> int:
     return 0
 
 
-def _bootstrap(plans: list[tuple[dict, dict]], key: str, draws: int = 2000) -> float:
+def _bootstrap(plans: list[tuple[dict, dict]], key: str) -> float:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
-    from common import UNSEEN_TASK, Scorer, one_thread, zoo
+    from common import UNSEEN_TASK, Scorer, one_thread, paired_gap, zoo
 
     one_thread()
     _, sources = zoo(None)
-    scorer = Scorer(sources)
     task = "zoo/calc:heldout" if key == "heldout" else UNSEEN_TASK
-    # per seed, per item: pick a's score minus pick b's
-    diff = np.array([scorer.scores(a, task) - scorer.scores(b, task) for a, b in plans])
-    rng = np.random.default_rng(0)
-    means = [diff[rng.integers(0, diff.shape[0], diff.shape[0])][:, rng.integers(0, diff.shape[1], diff.shape[1])].mean()
-             for _ in range(draws)]
-    return float(np.std(means))
+    return paired_gap(Scorer(sources), plans, task)["se"]
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ favour the methods that chose their pick by exact score on them), beside the 169
 
     HF_HUB_OFFLINE=1 .venv/bin/python docs/attempts/picks_by_level.py RESULT.json [RESULT.json ...]
 
-RESULT: experiments/results/search_quality*.json, or a run with --seeds/--out (docs/search-notes.md).
+RESULT: experiments/results/search_quality*.json, or a run with --seeds/--out (docs/search-notes.md);
+or experiments/results/estimator_fidelity.json, whose picks are the estimator search's, its top 3
+re-scored, and the full-evaluation search's.
 """
 
 from __future__ import annotations
@@ -21,15 +23,23 @@ from common import UNSEEN_TASK as UNSEEN, Scorer, one_thread, zoo  # noqa: E402
 
 
 
+def _final_picks(result: dict) -> dict[str, list[dict]]:
+    """Per method, its final pick in every seed."""
+    if result.get("experiment") == "estimator_fidelity":
+        per_seed = result["per_seed"].values()
+        return {pick: [r["plans"][pick] for r in per_seed] for pick in ("estimate_search", "top", "full_search")}
+    return {method: [v["curve"][-1]["plan"] for v in seeds.values()]
+            for method, seeds in result["single_objective"]["per_seed"].items()}
+
+
 def main() -> int:
     one_thread()
     _, sources = zoo(None)
     scorer = Scorer(sources)
     for path in sys.argv[1:]:
-        per_seed = json.loads(Path(path).read_text())["single_objective"]["per_seed"]
+        result = json.loads(Path(path).read_text())
         print(path)
-        for method, seeds in per_seed.items():
-            plans = [v["curve"][-1]["plan"] for v in seeds.values()]
+        for method, plans in _final_picks(result).items():
             cells = []
             for split in ("heldout", "search"):
                 levels = np.array([item.meta["level"] for item in scorer.task(f"zoo/calc:{split}").items])
