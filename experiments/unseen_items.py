@@ -3,9 +3,11 @@ was trained on and that the shipped splits do not hold (found by replaying the s
 corpora, ``evomerge.zoo.build.trained_prompts``). Only 2+2-digit sums are left unseen: the
 1- and 2+1-digit ones are all either shipped or trained on.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python experiments/unseen_items.py [--check]
+    HF_HUB_OFFLINE=1 .venv/bin/python experiments/unseen_items.py [--check | --describe]
 
-Writes experiments/data/calc-unseen.{yaml,jsonl}; ``--check`` only verifies them. The 100-item
+Writes experiments/data/calc-unseen.{yaml,jsonl}; ``--check`` only verifies them; ``--describe``
+compares the unseen sums with all 8100 2+2-digit sums and the shipped splits' ones (a fair
+sample of the level, or a skewed one?). The 100-item
 held-out split gives one seed's score a standard error of about 0.05; these items, about 0.012.
 """
 
@@ -39,8 +41,28 @@ def unseen_files() -> dict[str, str]:
             "calc-unseen.yaml": spec + "data: calc-unseen.jsonl\n"}
 
 
+def describe(pairs: list[tuple[int, int]]) -> str:
+    sums = [a + b for a, b in pairs]
+    carry = sum((a % 10) + (b % 10) >= 10 for a, b in pairs) / len(pairs)
+    return (f"{len(pairs):5d} items: mean sum {sum(sums) / len(sums):.1f}, sum >= 100 "
+            f"{sum(x >= 100 for x in sums) / len(sums):.0%}, carry in the ones {carry:.0%}")
+
+
+def level3_pairs(jsonl: str) -> list[tuple[int, int]]:
+    rows = [json.loads(line) for line in jsonl.splitlines() if line.strip()]
+    worked = [r.get("worked") or r["meta"]["worked"] for r in rows if (r.get("meta") or r).get("level") == 3]
+    return [tuple(int(x) for x in w.split("=")[0].split("+")) for w in worked]
+
+
 def main() -> int:
     files = unseen_files()
+    if "--describe" in sys.argv:
+        shipped = skills.task_files()
+        print("all 2+2    " + describe([(a, b) for a in range(10, 100) for b in range(10, 100)]))
+        print("unseen     " + describe(level3_pairs(files["calc-unseen.jsonl"])))
+        for split in ("search", "heldout"):
+            print(f"{split:10s} " + describe(level3_pairs(shipped[f"calc.{split}.jsonl"])))
+        return 0
     if "--check" in sys.argv:
         stale = [name for name, text in files.items() if not (DATA / name).exists() or (DATA / name).read_text() != text]
         print("stale: " + ", ".join(stale) if stale else "up to date")

@@ -21,3 +21,16 @@ def test_shipped_unseen_items_are_up_to_date_and_outside_every_split_and_corpus(
         a, b = map(int, row["worked"].partition("=")[0].split("+"))
         assert row["answer"] == str(a + b) and a >= 10 and b >= 10
     assert task.is_correct(0, rows[0]["worked"]) and not task.is_correct(0, "10+1=11")
+
+
+def test_describe_compares_sums_of_any_item_set(experiment):
+    unseen = experiment("unseen_items")
+    # every 2+2-digit pair: operands average 54.5 each
+    assert unseen.describe([(a, b) for a in range(10, 100) for b in range(10, 100)]).startswith(
+        " 8100 items: mean sum 109.0")
+    assert unseen.describe([(10, 10), (95, 15)]) == "    2 items: mean sum 65.0, sum >= 100 50%, carry in the ones 50%"
+    # shipped rows keep the worked sum under meta and mix levels; only 2+2-digit rows count
+    rows = ('{"prompt": "p", "meta": {"level": 3, "worked": "38+16=54"}}\n'
+            '{"prompt": "q", "meta": {"level": 2, "worked": "38+6=44"}}\n'
+            '{"prompt": "r", "level": 3, "worked": "10+28=38"}\n')
+    assert unseen.level3_pairs(rows) == [(38, 16), (10, 28)]
