@@ -8,7 +8,9 @@ experiments/results/estimator_fidelity.json and estimator_fidelity.png.
 Per seed, with likelihood scoring (the default settings: graded scores on a fixed random 10%
 subset, nothing to calibrate):
 1. run evomerge's search with the subset estimator, auditing every k-th candidate;
-2. run the same search (optimizer, seed, number of candidates) with full exact evaluation.
+2. run the same search (optimizer, seed, number of candidates) with full exact evaluation;
+3. and once more with the same graded score on every item: the estimator's item cut alone,
+   apart from the choice of score.
 With ``--settings estimator_fidelity_irt`` (0/1 scores, IRT):
 1. calibrate on the sources + random merges (every search item scored), choose the estimator
    by the calibration's own validation error;
@@ -79,6 +81,11 @@ def one_seed(scorer, sources, S, seed: int, workdir: Path) -> dict:
     est_cfg["audit"] = {"every": S["audit_every"]}
     estimated = run_search(est_cfg, workdir / f"estimator-seed{seed}")
     full = run_search(config(sources, seed, S, {"name": "calc", "task": search}, n), workdir / f"full-seed{seed}")
+    # With graded scores, "the same search with full evaluation" can also mean the same score on
+    # every item: that isolates the estimator (the subset) from the choice of score.
+    graded_full = run_search(config(sources, seed, S, {"name": "calc", "task": search, "scoring": "likelihood",
+                                                       "estimator": "full"}, n),
+                             workdir / f"graded-full-seed{seed}") if graded else None
 
     ev_e = [e for e in estimated["events"] if e["fitness"] is not None]
     ev_f = [e for e in full["events"] if e["fitness"] is not None]
@@ -109,6 +116,8 @@ def one_seed(scorer, sources, S, seed: int, workdir: Path) -> dict:
 
     best_e = max(ev_e, key=lambda e: e["fitness"]["calc"])
     best_f = max(ev_f, key=lambda e: e["fitness"]["calc"])
+    best_g = max((e for e in graded_full["events"] if e["fitness"] is not None),
+                 key=lambda e: e["fitness"]["calc"]) if graded_full else None
     heldout = f"{task}:heldout"
     held_e, held_f = scorer.accuracy(best_e["plan"], heldout), scorer.accuracy(best_f["plan"], heldout)
     # evomerge's own final pick (the demo's): the top k by estimate re-scored exactly on every
@@ -157,7 +166,13 @@ def one_seed(scorer, sources, S, seed: int, workdir: Path) -> dict:
                                 "full_search": scorer.accuracy(best_f["plan"], search)},
         "best_fitness": {"estimate_search": best_e["fitness"]["calc"], "full_search": best_f["fitness"]["calc"]},
         "plans": {"estimate_search": best_e["plan"], "full_search": best_f["plan"],
-                  "top": None if pick is None else pick["plan"]},
+                  "top": None if pick is None else pick["plan"],
+                  "graded_full_search": None if best_g is None else best_g["plan"]},
+        "graded_full_search": None if best_g is None else {
+            "heldout": scorer.accuracy(best_g["plan"], heldout),
+            "unseen": scorer.accuracy(best_g["plan"], unseen) if unseen else None,
+            "items_total": int(sum(e["items"] for e in graded_full["events"])),
+            "wall_seconds": graded_full["seconds"]},
     }
 
 
@@ -235,6 +250,9 @@ def main() -> int:
             if task_spec and all(r["plans"][pick] for r in rows):
                 gaps[f"{judged_on}_{pick}"] = paired_gap(
                     scorer, [(r["plans"][pick], r["plans"]["full_search"]) for r in rows], task_spec)
+        if task_spec and all(r["plans"].get("graded_full_search") for r in rows):
+            gaps[f"{judged_on}_vs_graded_full"] = paired_gap(
+                scorer, [(r["plans"]["estimate_search"], r["plans"]["graded_full_search"]) for r in rows], task_spec)
     summary["gaps"] = gaps
 
     def shown(gap: dict | None) -> dict:
@@ -267,6 +285,11 @@ def main() -> int:
             "per_seed": [r["unseen_best"]["top_difference"] for r in rows],
             "met": bool(summary["unseen_difference_top"]["mean"] >= -0.01), **shown(gaps.get("unseen_top"))}}
            if "unseen_difference_top" in summary else {}),
+        **{f"final_{judged_on}_within_1_point_of_graded_full": {
+            "mean_difference": gaps[f"{judged_on}_vs_graded_full"]["mean"],
+            "met": bool(gaps[f"{judged_on}_vs_graded_full"]["mean"] >= -0.01),
+            **shown(gaps[f"{judged_on}_vs_graded_full"])}
+           for judged_on in ("heldout", "unseen") if f"{judged_on}_vs_graded_full" in gaps},
         "final_on_search_items_within_1_point": {"mean_difference": summary["search_items_difference"]["mean"],
                                                  "per_seed": search_diffs,
                                                  "met": bool(summary["search_items_difference"]["mean"] >= -0.01)},

@@ -287,22 +287,27 @@ def estimator_fidelity(r: dict, name: str = "estimator_fidelity") -> list[str]:
                    f"per seed ({len(S['seeds'])} seeds), evomerge's search on `{S['task']}:search` with "
                    f"{S['candidates']} candidates ({S['optimizer']}, population {S['population']}), once with "
                    f"{estimator} (every k-th candidate also scored on all items, k = {S['audit_every']}) and once "
-                   "with full exact evaluation; then each search's best candidate (by its own fitness) scored on "
+                   "with full exact evaluation"
+                   + (" (and, with graded scores, once with the same score on every item)" if graded else "")
+                   + "; then each search's best candidate (by its own fitness) scored on "
                    "the held-out items"
                    + (f" (and on the {S['unseen'].rpartition('/')[2]} items no zoo model was trained on: "
                       "experiments/unseen_items.py)." if S.get("unseen") else "."))
     per = r["per_seed"]
     unseen = all(p.get("unseen_best") for p in per.values())
+    same_score = all(p.get("graded_full_search") for p in per.values())
     lines += ["| seed | estimator | items / candidate (estimate vs full) | s / candidate (estimate vs full) | "
               "Spearman (audited) | held-out best: estimator search | held-out best: full search |"
+              + (" held-out / unseen best: full search, same score |" if same_score else "")
               + (" unseen: estimator search / its pick re-scored / full search |" if unseen else ""),
-              "|---|---|---|---|---|---|---|" + ("---|" if unseen else "")]
+              "|---|---|---|---|---|---|---|" + ("---|" if same_score else "") + ("---|" if unseen else "")]
     for seed, p in per.items():
-        u = p.get("unseen_best") or {}
+        u, g = p.get("unseen_best") or {}, p.get("graded_full_search") or {}
         lines.append(f"| {seed} | {p['estimator']} | {p['items_per_candidate']['estimate']:.0f} vs "
                      f"{p['items_per_candidate']['full']:.0f} | {p['seconds_per_candidate']['estimate']:.2f} vs "
                      f"{p['seconds_per_candidate']['full']:.2f} | {_f(p['audit_spearman'], 2)} (n={p['audited']}) | "
                      f"{_f(p['heldout_best']['estimate_search'])} | {_f(p['heldout_best']['full_search'])} |"
+                     + (f" {_f(g.get('heldout'))} / {_f(g.get('unseen'))} |" if same_score else "")
                      + (f" {_f(u.get('estimate_search'))} / {_f(u.get('top'))} / {_f(u.get('full_search'))} |"
                         if unseen else ""))
     lines += ["", f"Items per candidate cut {_ms(s['items_reduction'], 1)}x; wall time per candidate cut "
@@ -335,6 +340,12 @@ def estimator_fidelity(r: dict, name: str = "estimator_fidelity") -> list[str]:
                          f"{S.get('rescore_top')} re-scored), on the unseen items")
               if "final_top_unseen_within_1_point" in c else "",
               _unseen_scale_note(per, c) if "final_unseen_within_1_point" in c else "",
+              *[claim_line("", c[f"final_{key}_within_1_point_of_graded_full"],
+                           "the estimator search against the same search with full evaluation by the same score "
+                           "(likelihood on every search item, so only the item cut differs), judged on the "
+                           f"{label} items")
+                for key, label in (("heldout", "held-out"), ("unseen", "unseen"))
+                if f"final_{key}_within_1_point_of_graded_full" in c],
               claim_line("", c["final_on_search_items_within_1_point"],
                          "the same, judged by full evaluation on the 200 search items (a bias in favour of the "
                          "full-evaluation search, whose pick is the maximum of those very scores)")

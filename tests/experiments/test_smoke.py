@@ -56,6 +56,11 @@ def test_graded_fidelity_table_and_readme_figure_paths(tmp_path, experiment):
     assert result["settings"]["scoring"] == "likelihood"
     assert "`scoring: likelihood`" in text and "likelihood on the subset (the search's estimator)" in text
     assert "![estimator fidelity](estimator_fidelity.png)" in text     # beside RESULTS.md
+    # the same search by the same score on every item: the item cut alone, with its verdict
+    same = result["summary"]["claims"]["final_unseen_within_1_point_of_graded_full"]
+    verdict = "met" if same["met"] else "NOT met"
+    assert f"so only the item cut differs), judged on the unseen items: **{verdict}**" in text
+    assert f"mean_difference = {same['mean_difference']:.3f}, ± {same['se']:.3f}" in text
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:begin -->\nold\n<!-- results:end -->\nafter\n")
     spliced = builder.splice(readme, text + "\n")
