@@ -516,14 +516,15 @@ def add_gaps(scorer, claims_: dict[str, Any], curves: dict[str, list[list[dict]]
              method: str, judged_on: str) -> None:
     """Beside each claim's two means, the paired gap per seed, item by item (common.paired_gap),
     and whether it is more than two standard errors from zero."""
-    def plans(name: str, fraction: float) -> list[dict]:
-        return [next(p for p in curves[name][i] if abs(p["fraction"] - fraction) < 1e-9)["plan"]
+    def plans(name: str, fraction: float) -> list[dict | None]:
+        return [next(p for p in curves[name][i] if abs(p["fraction"] - fraction) < 1e-9).get("plan")
                 for i in range(len(seeds))]
 
-    for claim, (other, fraction) in (("evomerge_half_budget_reaches_random_final", ("random", 0.5)),
-                                     ("evomerge_beats_cmaes_weights_at_equal_budget", ("cmaes_weights", 1.0))):
-        if claim in claims_:
-            gap = paired_gap(scorer, list(zip(plans(method, fraction), plans(other, 1.0))), judged_on)
+    for claim, other, evomerge_fraction in (("evomerge_half_budget_reaches_random_final", "random", 0.5),
+                                            ("evomerge_beats_cmaes_weights_at_equal_budget", "cmaes_weights", 1.0)):
+        pairs = list(zip(plans(method, evomerge_fraction), plans(other, 1.0))) if claim in claims_ else []
+        if pairs and all(a and b for a, b in pairs):        # a method with no candidate by then has no pick
+            gap = paired_gap(scorer, pairs, judged_on)
             claims_[claim]["gap"] = gap
             claims_[claim]["beyond_noise"] = bool(abs(gap["mean"]) > 2 * gap["se"])
 
