@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 CONFIGS = ROOT / "configs" / "experiments"
 UNSEEN_TASK = str(ROOT / "experiments" / "data" / "calc-unseen.yaml")   # written by experiments/unseen_items.py
+UNTAUGHT_TASK = str(ROOT / "experiments" / "data" / "calc-untaught.yaml")  # the same script
 EXPERT_NAMES = {"arith": "expert-arith", "strings": "expert-strings", "lang": "expert-lang"}
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

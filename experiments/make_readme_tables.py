@@ -370,6 +370,61 @@ def _unseen_scale_note(per: dict, c: dict) -> str:
             "precisely, not as the composite task's 1-point threshold.")
 
 
+
+# --------------------------------------------------------------------------- level composite
+COMPOSITE_CLAIMS = {   # claim key (experiments/level_composite.py) -> (what it compares, its threshold)
+    "evomerge:half_budget_vs_random_final": ("evomerge at half budget (highest estimate) vs random search's final",
+                                             "reach"),
+    "evomerge:vs_cmaes_weights_equal_budget": ("evomerge (highest estimate) vs CMA-ES over weights, equal budget",
+                                               "beat"),
+    "evomerge_top:half_budget_vs_random_final": ("evomerge at half budget (top 3 re-scored) vs random's final",
+                                                 "reach"),
+    "evomerge_top:vs_cmaes_weights_equal_budget": ("evomerge (top 3 re-scored) vs CMA-ES over weights, equal budget",
+                                                   "beat"),
+    "estimator_vs_full_exact": ("estimator search (highest estimate) vs the same search, full exact evaluation",
+                                "1 point"),
+    "top_vs_full_exact": ("estimator search (top 3 re-scored) vs the same search, full exact evaluation", "1 point"),
+    "estimator_vs_full_same_score": ("estimator search (highest estimate) vs the same search, the same score on "
+                                     "every item", "1 point"),
+}
+
+
+def composite_verdict(gap: dict, kind: str) -> str:
+    m, bound = gap["mean"], 2 * gap["se"]
+    if kind == "1 point":
+        if m - bound >= -0.01:
+            return "**met**, beyond the noise"
+        return "**met** by the mean, not beyond the noise" if m >= -0.01 else "**NOT met**"
+    met = m >= 0 if kind == "reach" else m > 0
+    if not met:
+        return "**NOT met**" + (", beyond the noise" if m + bound < 0 else ", within the noise")
+    return "**met**" + (", beyond the noise" if m - bound > 0 else ", within the noise")
+
+
+def level_composite(r: dict) -> list[str]:
+    weights, sets = r["level_weights"], r["level_sets"]
+    lines = header("The claims on the composite rebuilt from larger item sets", r,
+                   "each claim's two picks (stored in the result files above, nothing re-searched) judged level by "
+                   "level on the largest item sets the zoo has, weighted as the held-out split weights the levels ("
+                   + ", ".join(f"level {lv}: {w:.0%} on {sets[lv]['items']} items of {sets[lv]['task']}"
+                               for lv, w in weights.items())
+                   + "). calc-unseen: no model was trained on these items in any form; calc-untaught: items "
+                   "outside the splits that no model was taught end to end, though their halves (the translation, "
+                   "the sum) were taught (experiments/unseen_items.py). The standard error resamples seeds (jointly "
+                   "over the levels) and items (within each level).")
+    lines += ["| experiment | claim | a | b | gap a - b | per level (1 / 2 / 3) | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for name, e in r["experiments"].items():
+        for key, g in e["claims"].items():
+            label, kind = COMPOSITE_CLAIMS.get(key, (key, "beat"))
+            per_level = " / ".join(f"{g['per_level'][lv]:+.3f}" for lv in weights)
+            lines.append(f"| {name} ({g['seeds']} seeds) | {label} | {g['a']:.3f} | {g['b']:.3f} | "
+                         f"{g['mean']:+.3f} ± {g['se']:.3f} (ahead in {g['ahead']}, behind in {g['behind']}) | "
+                         f"{per_level} | {composite_verdict(g, kind)} |")
+    lines += ["", "Verdicts: reach = a at least b; beat = a above b; 1 point = a at most 0.01 below b. Beyond the "
+              "noise: the two-standard-error interval of the gap lies entirely on the verdict's side.", ""]
+    return lines
+
 # --------------------------------------------------------------------------- throughput
 def throughput(r: dict) -> list[str]:
     t = r["turnaround"]
@@ -563,10 +618,10 @@ def build(results: Path) -> str:
                       ".venv/bin/python experiments/zoo_matrix.py --split heldout")
     large = lambda r: search_quality(r, "search_quality_large")  # noqa: E731
     irt = lambda r: estimator_fidelity(r, "estimator_fidelity_irt")  # noqa: E731
-    optional = ("search_quality_large", "estimator_fidelity_irt")   # other settings of the same experiments
+    optional = ("search_quality_large", "estimator_fidelity_irt", "level_composite")   # not run: no section
     for name, fn in (("search_quality", search_quality), ("search_quality_large", large),
                      ("estimator_fidelity", estimator_fidelity), ("estimator_fidelity_irt", irt),
-                     ("throughput", throughput)):
+                     ("level_composite", level_composite), ("throughput", throughput)):
         path = results / f"{name}.json"
         if not path.exists() and name in optional:
             continue

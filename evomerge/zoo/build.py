@@ -174,10 +174,13 @@ def _expert_mix(skill: str, replay: float):
     return mix
 
 
-def trained_prompts(pretrain: dict | None = None, finetune: dict | None = None) -> set[str]:
+def trained_prompts(pretrain: dict | None = None, finetune: dict | None = None,
+                    end_to_end: bool = False) -> set[str]:
     """The evaluation prompt (``skills.item_key``) of every example the zoo's models were
     trained on, replayed from the seeded corpora without training: items outside this set and
-    the shipped splits are unseen by every model (experiments/unseen_items.py)."""
+    the shipped splits are unseen by every model (experiments/unseen_items.py).
+    ``end_to_end``: only examples that teach a prompt's whole reference output (a composite
+    item taught with its translation in the prompt, or only its translation, is left out)."""
     heldout, keys = eval_prompts(), set()
     pretrain, finetune = pretrain or PRETRAIN, finetune or FINETUNE
     streams = [(_excluding(heldout, skills.pretrain_example), pretrain["steps"], pretrain["batch"], SEED)]
@@ -185,7 +188,8 @@ def trained_prompts(pretrain: dict | None = None, finetune: dict | None = None) 
                  _expert_seed(skill)) for skill in EXPERTS]
     for sample_pair, steps, batch, seed in streams:
         for pairs in corpus(sample_pair, steps, batch, seed):
-            keys.update(skills.item_key(prompt) for prompt, *_ in pairs)
+            keys.update(skills.item_key(prompt) for prompt, answer, tail in pairs
+                        if not end_to_end or (skills.item_key(prompt) == prompt and not tail))
     return keys
 
 

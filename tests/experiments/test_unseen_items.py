@@ -23,6 +23,19 @@ def test_shipped_unseen_items_are_up_to_date_and_outside_every_split_and_corpus(
     assert task.is_correct(0, rows[0]["worked"]) and not task.is_correct(0, "10+1=11")
 
 
+def test_untaught_items_are_the_easier_levels_outside_the_splits_never_taught_whole(experiment):
+    from evomerge.zoo.build import trained_prompts
+
+    script = experiment("unseen_items")
+    task = load_task(script.UNTAUGHT_TASK)
+    shipped = {item.prompt for split in ("search", "heldout") for item in load_task(f"zoo/calc:{split}").items}
+    prompts = {item.prompt for item in task.items}
+    assert {item.meta["level"] for item in task.items} == {1, 2} and len(prompts) == len(task.items) > 500
+    assert not prompts & shipped and not prompts & trained_prompts(end_to_end=True)
+    # but they are not unseen: each was in some corpus, with a half of its answer taught
+    assert prompts <= trained_prompts()
+
+
 def test_describe_compares_sums_of_any_item_set(experiment):
     unseen = experiment("unseen_items")
     # every 2+2-digit pair: operands average 54.5 each

@@ -1,0 +1,133 @@
+"""The claims re-judged on the composite task rebuilt from larger item sets, level by level.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python experiments/level_composite.py
+
+The composite task's 100 held-out items (20 of 1+1 digits, 40 of 2+1, 40 of 2+2) give a
+seed's score a standard error of 0.05. Here each level is judged on the largest set the
+zoo allows instead (experiments/unseen_items.py): the 2+2-digit level on the 1691 items no
+model was trained on (calc-unseen), the 1+1- and 2+1-digit levels on the 721 items outside
+the splits no model was taught end to end (calc-untaught: their halves were taught, so they
+are not unseen). The levels are weighted as the held-out split weights them.
+
+Reads the picks (plans) stored in experiments/results/search_quality.json,
+search_quality_large.json and estimator_fidelity.json; scores nothing but them. Writes
+experiments/results/level_composite.json. Per claim: each side's composite score and the
+paired gap, its standard error resampling seeds (jointly over the levels) and items (within
+each level), and the gap per level.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (RESULTS, UNSEEN_TASK, UNTAUGHT_TASK, Scorer, command_line, machine_info, one_thread,  # noqa: E402
+                    write_json, zoo, zoo_fingerprint)
+
+HELDOUT = "zoo/calc:heldout"
+LEVEL_TASKS = {1: UNTAUGHT_TASK, 2: UNTAUGHT_TASK, 3: UNSEEN_TASK}
+
+
+def level_weights(scorer: Scorer) -> dict[int, float]:
+    levels = [item.meta["level"] for item in scorer.task(HELDOUT).items]
+    return {lv: levels.count(lv) / len(levels) for lv in sorted(set(levels))}
+
+
+def level_scores(scorer: Scorer, plan: dict) -> dict[int, np.ndarray]:
+    """The plan's 0/1 item scores per level, each on its level's set."""
+    out = {}
+    for level, task in LEVEL_TASKS.items():
+        mask = np.array([item.meta["level"] == level for item in scorer.task(task).items])
+        out[level] = scorer.scores(plan, task)[mask]
+    return out
+
+
+def composite_gap(scorer: Scorer, pairs: list[tuple[dict, dict]], weights: dict[int, float],
+                  draws: int = 2000) -> dict[str, Any]:
+    """Pick a minus pick b (one pair per seed) on the level-weighted composite."""
+    a = [level_scores(scorer, pa) for pa, _ in pairs]
+    b = [level_scores(scorer, pb) for _, pb in pairs]
+    diff = {lv: np.array([sa[lv] - sb[lv] for sa, sb in zip(a, b)]) for lv in weights}   # seeds x items
+    per_seed = sum(w * diff[lv].mean(axis=1) for lv, w in weights.items())
+    rng = np.random.default_rng(0)
+    n = len(pairs)
+    boot = []
+    for _ in range(draws):
+        seeds = rng.integers(0, n, n)
+        boot.append(sum(w * diff[lv][np.ix_(seeds, rng.integers(0, diff[lv].shape[1], diff[lv].shape[1]))].mean()
+                        for lv, w in weights.items()))
+    composite = lambda scores: float(np.mean([sum(w * s[lv].mean() for lv, w in weights.items())  # noqa: E731
+                                              for s in scores]))
+    return {"a": composite(a), "b": composite(b), "mean": float(per_seed.mean()), "se": float(np.std(boot)),
+            "ahead": int((per_seed > 1e-12).sum()), "behind": int((per_seed < -1e-12).sum()), "seeds": n,
+            "per_level": {str(lv): float(diff[lv].mean()) for lv in weights}}
+
+
+def _final_plan(curve: list[dict], fraction: float) -> dict | None:
+    return next((p.get("plan") for p in curve if abs(p["fraction"] - fraction) < 1e-9), None)
+
+
+def search_quality_pairs(result: dict) -> dict[str, list[tuple[dict, dict]]]:
+    per = result["single_objective"]["per_seed"]
+    out = {}
+    for method in ("evomerge", "evomerge_top"):
+        if method not in per:
+            continue
+        for claim, other, fraction in (("half_budget_vs_random_final", "random", 0.5),
+                                       ("vs_cmaes_weights_equal_budget", "cmaes_weights", 1.0)):
+            pairs = [(_final_plan(per[method][s]["curve"], fraction), _final_plan(per[other][s]["curve"], 1.0))
+                     for s in per[method]]
+            if all(a and b for a, b in pairs):
+                out[f"{method}:{claim}"] = pairs
+    return out
+
+
+def fidelity_pairs(result: dict) -> dict[str, list[tuple[dict, dict]]]:
+    rows = list(result["per_seed"].values())
+    out = {}
+    for name, a, b in (("estimator_vs_full_exact", "estimate_search", "full_search"),
+                       ("top_vs_full_exact", "top", "full_search"),
+                       ("estimator_vs_full_same_score", "estimate_search", "graded_full_search")):
+        pairs = [(r.get("plans", {}).get(a), r.get("plans", {}).get(b)) for r in rows]
+        if all(x and y for x, y in pairs):
+            out[name] = pairs
+    return out
+
+
+def main() -> int:
+    import json
+
+    one_thread()
+    started, machine_start = time.time(), machine_info()
+    zoo_paths, sources = zoo(None)
+    scorer = Scorer(sources)
+    weights = level_weights(scorer)
+    sets = {str(lv): {"task": Path(task).name, "items": int(sum(item.meta["level"] == lv
+                                                                for item in scorer.task(task).items))}
+            for lv, task in LEVEL_TASKS.items()}
+    experiments: dict[str, Any] = {}
+    for name, pairs_of in (("search_quality", search_quality_pairs), ("search_quality_large", search_quality_pairs),
+                           ("estimator_fidelity", fidelity_pairs)):
+        path = RESULTS / f"{name}.json"
+        if not path.exists():
+            continue
+        claims = {claim: composite_gap(scorer, pairs, weights)
+                  for claim, pairs in pairs_of(json.loads(path.read_text())).items()}
+        experiments[name] = {"seeds": next(iter(claims.values()))["seeds"] if claims else 0, "claims": claims}
+        print(name, {c: f"{g['mean']:+.4f} ± {g['se']:.4f}" for c, g in claims.items()}, flush=True)
+    result = {"experiment": "level_composite", "command": command_line(), "machine_start": machine_start,
+              "machine_end": machine_info(), "wall_seconds": time.time() - started, "zoo": str(zoo_paths.root),
+              "zoo_fingerprint": zoo_fingerprint(sources), "level_weights": {str(k): v for k, v in weights.items()},
+              "level_sets": sets, "experiments": experiments}
+    out = write_json(RESULTS / "level_composite.json", result)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
