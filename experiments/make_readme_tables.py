@@ -212,14 +212,20 @@ def search_quality(r: dict, name: str = "search_quality") -> list[str]:
                               for k, v in evo.items()) + ".", ""]
     mg = s["per_seed"].get("mergenetic", {})
     if mg:
-        first = next(iter(mg.values()))
-        summ = first.get("summary") or {}
+        summ = next((v["summary"] for v in mg.values() if v.get("summary")), {})
+        failed = sum(len(v.get("failed_merges", [])) for v in mg.values())
+        errors = {seed: v["error"] for seed, v in mg.items() if v.get("error")}
         lines += ["Mergenetic ran its own `Searcher` / pymoo `GA` / `TiesMerger` (mergekit 0.0.6 merges written to "
                   "disk and loaded with `from_pretrained`) with a custom metric hook scoring the zoo task; imports it "
                   "only needs for its predefined lm-eval problems were shimmed ("
                   + ", ".join(summ.get("shimmed_modules", []) or ["none"]) + "), and its `low_cpu_memory=True` "
                   "merge option (which mergekit 0.0.6 maps to CUDA storage) is cleared on CPU -- see "
-                  "experiments/mergenetic_adapter.py.", ""]
+                  "experiments/mergenetic_adapter.py. A genome whose merge mergekit refuses (a TIES density that "
+                  "keeps no entry of a tensor) counts as a failed candidate with the worst fitness and no items "
+                  f"scored: {failed} in all."
+                  + ("" if not errors else " Runs that ended early: "
+                     + "; ".join(f"seed {seed}: {err}" for seed, err in errors.items())
+                     + ("" if "mergenetic" in s["heldout"] else " -- so Mergenetic has no row above.")), ""]
     lines += ["Claims (means over seeds):"]
     held = "; judged on the held-out items"
     for key, label in (("claims", ("any candidate it scored" if calibrated else "its highest estimate") + held),

@@ -18,7 +18,9 @@ Shims: ``mergenetic.optimization`` imports lm-eval (with vLLM) and fastText at m
 for its predefined problems (lm-eval tasks, language ID). They are not installed in this CPU
 venv (lm-eval[vllm] pulls a CUDA torch; fastText's language-ID model is a download), so
 ``SHIMMED`` stands in for exactly the names imported; each raises if called. This run never
-calls them (``use_lm_eval=False``, our own metric). And one CPU fix: Mergenetic's merger
+calls them (``use_lm_eval=False``, our own metric). A genome whose merge mergekit refuses
+(a TIES density too small to keep any entry) is a failed candidate, not the end of the run.
+And one CPU fix: Mergenetic's merger
 asks mergekit for ``low_cpu_memory=True``, which mergekit 0.0.6 implements by storing
 tensors on "cuda"; without a GPU that option is cleared (see ``cpu_merge_options``). The
 merged directory's tokenizer_config.json gets the transformers-4 class name
@@ -201,7 +203,18 @@ def main() -> int:
                 out["F"] = [0.0]  # budget spent: no more scoring (pymoo still asks for a value)
                 return
             t = time.perf_counter()
-            super()._evaluate(x, out, *a, **kw)
+            try:
+                super()._evaluate(x, out, *a, **kw)
+            except AssertionError as exc:
+                # mergekit 0.0.6 refuses a TIES density that keeps no entry of a tensor ("not
+                # gonna zero out the whole tensor"), and that would end the whole search. The
+                # candidate fails instead, with the worst fitness and no items scored, as a
+                # failed candidate does in evomerge.
+                out["F"] = [0.0]
+                log.write(json.dumps({"step": self.count, "genome": [float(v) for v in x], "error": str(exc),
+                                      "items_scored": 0, "seconds": time.perf_counter() - t}) + "\n")
+                log.flush()
+                return
             import yaml
 
             record = {"step": self.count, "genome": [float(v) for v in x],

@@ -197,7 +197,7 @@ def run_mergenetic(zoo_paths, task: str, settings: dict, budget: int, seed: int,
     per_candidate = n_items(f"{task}:search")
     n = budget // per_candidate
     pop = settings["pop"]
-    iters = math.ceil(n / pop)
+    iters = math.ceil(n / pop) + 1    # a spare generation for refused merges; --max-evals caps the scoring
     out = workdir / f"mergenetic-seed{seed}" / "evals.jsonl"
     if out.parent.exists():
         shutil.rmtree(out.parent)
@@ -215,9 +215,10 @@ def run_mergenetic(zoo_paths, task: str, settings: dict, budget: int, seed: int,
     records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     events = [{"items": r["items_scored"], "plan": mergenetic_plan(r["config"], zoo_paths),
                "fitness": {"calc": r["accuracy"]}, "kind": "search", "seconds": r["seconds"],
-               "timings": r["timings"]} for r in records]
+               "timings": r["timings"]} for r in records if "error" not in r]
     result = {"events": events, "seconds": seconds, "search_candidates": len(events), "items_per_candidate": per_candidate,
-              "pop": pop, "iters": iters, "summary": summary, "command": " ".join(cmd)}
+              "pop": pop, "iters": iters, "summary": summary, "command": " ".join(cmd),
+              "failed_merges": [r["error"] for r in records if "error" in r]}
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         result["error"] = f"mergenetic_adapter exited {proc.returncode}: {tail[0][:300]}"

@@ -96,3 +96,21 @@ def test_search_quality_table_shows_the_unseen_items_beside_the_heldout_ones(exp
     for key in ("unseen", "unseen_items", "claims_unseen", "claims_top_unseen"):
         single.pop(key, None)
     assert "unseen items" not in "\n".join(builder.search_quality(result))
+
+
+def test_mergenetic_s_refused_merges_and_early_ends_are_reported(experiment):
+    builder = experiment("make_readme_tables")
+    result = json.loads((ROOT / "experiments" / "results" / "search_quality.json").read_text())
+    single = result["single_objective"]
+    runs = single["per_seed"]["mergenetic"]
+    for run in runs.values():
+        run.pop("error", None)
+        run["failed_merges"] = []
+    first = next(iter(runs))
+    runs[first]["failed_merges"] = ["not gonna zero out the whole tensor buddy"] * 2
+    text = "\n".join(builder.search_quality(result))
+    assert "no items scored: 2 in all." in text and "Runs that ended early" not in text
+    runs[first]["error"] = "mergenetic_adapter exited 1: boom"
+    single["heldout"].pop("mergenetic", None)
+    text = "\n".join(builder.search_quality(result))
+    assert f"Runs that ended early: seed {first}: mergenetic_adapter exited 1: boom -- so Mergenetic has no row" in text
