@@ -79,7 +79,10 @@ def search_quality_pairs(result: dict) -> dict[str, list[tuple[dict, dict]]]:
         if method not in per:
             continue
         for claim, other, fraction in (("half_budget_vs_random_final", "random", 0.5),
-                                       ("vs_cmaes_weights_equal_budget", "cmaes_weights", 1.0)):
+                                       ("vs_cmaes_weights_equal_budget", "cmaes_weights", 1.0),
+                                       ("vs_mergenetic_equal_budget", "mergenetic", 1.0)):
+            if other not in per or any(not per[other][s].get("curve") for s in per[method]):
+                continue
             pairs = [(_final_plan(per[method][s]["curve"], fraction), _final_plan(per[other][s]["curve"], 1.0))
                      for s in per[method]]
             if all(a and b for a, b in pairs):

@@ -387,6 +387,8 @@ COMPOSITE_CLAIMS = {   # claim key (experiments/level_composite.py) -> (what it 
                                                  "reach"),
     "evomerge_top:vs_cmaes_weights_equal_budget": ("evomerge (top 3 re-scored) vs CMA-ES over weights, equal budget",
                                                    "beat"),
+    "evomerge:vs_mergenetic_equal_budget": ("evomerge (highest estimate) vs Mergenetic, equal budget", "beat"),
+    "evomerge_top:vs_mergenetic_equal_budget": ("evomerge (top 3 re-scored) vs Mergenetic, equal budget", "beat"),
     "estimator_vs_full_exact": ("estimator search (highest estimate) vs the same search, full exact evaluation",
                                 "1 point"),
     "top_vs_full_exact": ("estimator search (top 3 re-scored) vs the same search, full exact evaluation", "1 point"),
