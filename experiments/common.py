@@ -190,15 +190,26 @@ def paired_gap(scorer: Scorer, pairs: list[tuple[dict, dict]], task_spec: str, d
     the items; ``se`` resamples seeds and items together (a two-way bootstrap), the error a
     different draw of the evaluation items would also have given. ``se_seeds``: seeds only."""
     diff = np.array([scorer.scores(a, task_spec) - scorer.scores(b, task_spec) for a, b in pairs])
+    gap = bootstrap_gap({0: diff}, {0: 1.0}, draws)
     per_seed = diff.mean(axis=1)
-    n_seeds, n_items = diff.shape
+    return {**gap, "se_seeds": float(per_seed.std(ddof=1) / len(pairs) ** 0.5) if len(pairs) > 1 else None,
+            "items": int(diff.shape[1])}
+
+
+def bootstrap_gap(diffs: dict[Any, np.ndarray], weights: dict[Any, float], draws: int = 2000) -> dict[str, Any]:
+    """The weighted gap over parts (each a seeds x items array of per-item differences, the
+    same seeds in every part): its mean, and a standard error that resamples the seeds
+    (jointly over the parts) and each part's items."""
+    per_seed = sum(w * diffs[k].mean(axis=1) for k, w in weights.items())
+    n = len(per_seed)
     rng = np.random.default_rng(0)
-    boot = [diff[np.ix_(rng.integers(0, n_seeds, n_seeds), rng.integers(0, n_items, n_items))].mean()
-            for _ in range(draws)]
-    return {"mean": float(per_seed.mean()), "se": float(np.std(boot)),
-            "se_seeds": float(per_seed.std(ddof=1) / n_seeds ** 0.5) if n_seeds > 1 else None,
-            "ahead": int((per_seed > 0).sum()), "behind": int((per_seed < 0).sum()), "seeds": int(n_seeds),
-            "items": int(n_items)}
+    boot = []
+    for _ in range(draws):
+        seeds = rng.integers(0, n, n)
+        boot.append(sum(w * diffs[k][np.ix_(seeds, rng.integers(0, diffs[k].shape[1], diffs[k].shape[1]))].mean()
+                        for k, w in weights.items()))
+    return {"mean": float(per_seed.mean()), "se": float(np.std(boot)), "ahead": int((per_seed > 1e-12).sum()),
+            "behind": int((per_seed < -1e-12).sum()), "seeds": n}
 
 
 # Estimators the search can run (mp-IRT needs source abilities the search does not pass).

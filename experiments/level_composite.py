@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, UNSEEN_TASK, UNTAUGHT_TASK, Scorer, command_line, machine_info, one_thread,  # noqa: E402
-                    write_json, zoo, zoo_fingerprint)
+from common import (RESULTS, UNSEEN_TASK, UNTAUGHT_TASK, Scorer, bootstrap_gap, command_line, machine_info,  # noqa: E402
+                    one_thread, write_json, zoo, zoo_fingerprint)
 
 HELDOUT = "zoo/calc:heldout"
 LEVEL_TASKS = {1: UNTAUGHT_TASK, 2: UNTAUGHT_TASK, 3: UNSEEN_TASK}
@@ -53,18 +53,11 @@ def composite_gap(scorer: Scorer, pairs: list[tuple[dict, dict]], weights: dict[
     a = [level_scores(scorer, pa) for pa, _ in pairs]
     b = [level_scores(scorer, pb) for _, pb in pairs]
     diff = {lv: np.array([sa[lv] - sb[lv] for sa, sb in zip(a, b)]) for lv in weights}   # seeds x items
-    per_seed = sum(w * diff[lv].mean(axis=1) for lv, w in weights.items())
-    rng = np.random.default_rng(0)
-    n = len(pairs)
-    boot = []
-    for _ in range(draws):
-        seeds = rng.integers(0, n, n)
-        boot.append(sum(w * diff[lv][np.ix_(seeds, rng.integers(0, diff[lv].shape[1], diff[lv].shape[1]))].mean()
-                        for lv, w in weights.items()))
-    composite = lambda scores: float(np.mean([sum(w * s[lv].mean() for lv, w in weights.items())  # noqa: E731
-                                              for s in scores]))
-    return {"a": composite(a), "b": composite(b), "mean": float(per_seed.mean()), "se": float(np.std(boot)),
-            "ahead": int((per_seed > 1e-12).sum()), "behind": int((per_seed < -1e-12).sum()), "seeds": n,
+
+    def composite(scores: list[dict[int, np.ndarray]]) -> float:
+        return float(np.mean([sum(w * s[lv].mean() for lv, w in weights.items()) for s in scores]))
+
+    return {"a": composite(a), "b": composite(b), **bootstrap_gap(diff, weights, draws),
             "per_level": {str(lv): float(diff[lv].mean()) for lv in weights}}
 
 

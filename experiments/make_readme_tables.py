@@ -376,7 +376,6 @@ def _unseen_scale_note(per: dict, c: dict) -> str:
             "precisely, not as the composite task's 1-point threshold.")
 
 
-
 # --------------------------------------------------------------------------- level composite
 COMPOSITE_CLAIMS = {   # claim key (experiments/level_composite.py) -> (what it compares, its threshold)
     "evomerge:half_budget_vs_random_final": ("evomerge at half budget (highest estimate) vs random search's final",
@@ -432,6 +431,7 @@ def level_composite(r: dict) -> list[str]:
     lines += ["", "Verdicts: reach = a at least b; beat = a above b; 1 point = a at most 0.01 below b. Beyond the "
               "noise: the two-standard-error interval of the gap lies entirely on the verdict's side.", ""]
     return lines
+
 
 # --------------------------------------------------------------------------- throughput
 def throughput(r: dict) -> list[str]:
