@@ -8,6 +8,14 @@ search_quality_large --workdir /tmp/evomerge-experiments/sql-sweepseeds), and
 estimator_fidelity.py --seeds 0,...,8 --workdir /tmp/evomerge-experiments/ef9 (seeds 3-8 used).
 
     HF_HUB_OFFLINE=1 .venv/bin/python docs/attempts/smoothed_pick.py
+
+Judged again later on the composite rebuilt level by level (experiments/level_composite.py),
+on every search of the estimator-fidelity runs (seeds 0-9 from `experiments/estimator_fidelity.py
+--jobs 2`, seeds 10-19 from `docs/attempts/stratified_subset.py run plain ...`) and on
+evomerge's searches of the search-quality runs (both budgets, seeds 0-9, at half and at the
+full budget):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python docs/attempts/smoothed_pick.py composite
 """
 
 from __future__ import annotations
@@ -70,5 +78,51 @@ def main() -> int:
     return 0
 
 
+def composite() -> int:
+    """The smoothed pick minus the highest estimate, on the level-weighted composite."""
+    import level_composite as LC
+
+    warnings.filterwarnings("ignore")
+    one_thread()
+    _, sources = zoo(None)
+    scorer = Scorer(sources)
+    weights = LC.level_weights(scorer)
+
+    def truth(plan: dict) -> float:
+        per_level = LC.level_scores(scorer, plan)
+        return float(sum(w * per_level[lv].mean() for lv, w in weights.items()))
+
+    def line(label: str, runs: list[list[dict]]) -> None:
+        pairs = []
+        for events in runs:
+            events = [e for e in events if e["fitness"] is not None]
+            raw = max(events, key=lambda e: e["fitness"]["calc"])
+            pairs.append((truth(raw["plan"]), truth(smoothed_pick(events)["plan"])))
+        p = np.array(pairs)
+        d = p[:, 1] - p[:, 0]
+        print(f"{label:40s} highest {p[:, 0].mean():.4f} smoothed {p[:, 1].mean():.4f} difference "
+              f"{d.mean():+.4f} ± {d.std(ddof=1) / len(d) ** 0.5:.4f} (ahead {(d > 0).sum()}, behind {(d < 0).sum()})",
+              flush=True)
+
+    for workdir, seeds in (("estimator_fidelity", range(10)), ("stratified_subset/plain", range(10, 20))):
+        for search in ("estimator", "graded-full", "full"):
+            line(f"fidelity, {search} search, seeds {seeds[0]}-{seeds[-1]}",
+                 [archive_events(EXPERIMENTS / workdir / f"{search}-seed{s}", ["calc"]) for s in seeds])
+    for workdir, budget in (("search_quality", 3000), ("search_quality_large", 12000)):
+        for fraction in (0.5, 1.0):
+            runs = []
+            for seed in range(10):
+                events = json.loads((EXPERIMENTS / workdir / f"partial-seed{seed}.json").read_text())
+                spent, paid = 0, []
+                for e in events["single"]["events"]["evomerge"]:
+                    spent += e["items"]
+                    if spent > fraction * budget:
+                        break
+                    paid.append(e)
+                runs.append(paid)
+            line(f"search quality {budget}, at {fraction:g} of it", runs)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(composite() if sys.argv[1:] == ["composite"] else main())
