@@ -48,6 +48,40 @@ def load_settings(name: str, quick: bool) -> dict[str, Any]:
     return data
 
 
+def add_seeded_arguments(ap, settings: str, settings_help: str) -> None:
+    """The options of an experiment run seed by seed in child processes (run_seeds)."""
+    import argparse
+
+    ap.add_argument("--zoo", type=Path, default=None, help="zoo directory (default: the cache dir; built if missing)")
+    ap.add_argument("--quick", action="store_true", help="tiny budgets, one seed: a plumbing check")
+    ap.add_argument("--settings", default=settings, help=settings_help)
+    ap.add_argument("--jobs", type=int, default=3, help="seeds run in parallel processes")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds instead of the settings' (e.g. 0,1,2,3,4,5)")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="default /tmp/evomerge-experiments/NAME (NAME: the settings)")
+    ap.add_argument("--out", type=Path, default=None, help="default experiments/results/NAME.json")
+    ap.add_argument("--only-seed", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--partial", type=Path, default=None, help=argparse.SUPPRESS)
+
+
+def seeded_settings(args) -> dict[str, Any]:
+    """The settings the arguments of ``add_seeded_arguments`` name, their seeds overridden by
+    --seeds; fills in the default work dir and result path."""
+    one_thread()
+    settings = load_settings(args.settings, args.quick)
+    if args.seeds:
+        settings["seeds"] = [int(x) for x in args.seeds.split(",")]
+    args.workdir = args.workdir or Path("/tmp/evomerge-experiments") / args.settings
+    args.out = args.out or RESULTS / (f"{args.settings}.quick.json" if args.quick else f"{args.settings}.json")
+    return settings
+
+
+def child_arguments(args) -> list[str]:
+    """What every seed's child process is passed on (run_seeds adds --only-seed, --partial)."""
+    return (["--workdir", str(args.workdir), "--settings", args.settings] + (["--zoo", str(args.zoo)] if args.zoo else [])
+            + (["--quick"] if args.quick else []))
+
+
 def unseen_task(settings: dict[str, Any]) -> str | None:
     """The settings' ``unseen:`` task file (repo-relative), an absolute path for load_task."""
     return str(ROOT / settings["unseen"]) if settings.get("unseen") else None

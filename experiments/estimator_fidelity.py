@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (save_figure, RESULTS, SEARCH_ESTIMATORS, Scorer, calibrate, command_line, load_settings,  # noqa: E402
-                    machine_info, mean_spread, one_thread, paired_gap, run_search, run_seeds, unseen_task, write_json,
-                    zoo, zoo_fingerprint)
+from common import (SEARCH_ESTIMATORS, Scorer, add_seeded_arguments, calibrate, child_arguments,  # noqa: E402
+                    command_line, machine_info, mean_spread, paired_gap, run_search, run_seeds, save_figure,
+                    seeded_settings, unseen_task, write_json, zoo, zoo_fingerprint)
 
 
 def spearman(a, b) -> float | None:
@@ -178,34 +178,18 @@ def one_seed(scorer, sources, S, seed: int, workdir: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--zoo", type=Path, default=None)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--settings", default="estimator_fidelity",
-                    help="configs/experiments/NAME.yaml (estimator_fidelity_irt: gp-IRT on 0/1 anchors)")
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--jobs", type=int, default=3, help="seeds run in parallel processes")
-    ap.add_argument("--seeds", default=None, help="comma-separated seeds instead of the settings' (e.g. 0,1,2,3,4,5)")
-    ap.add_argument("--only-seed", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--partial", type=Path, default=None, help=argparse.SUPPRESS)
+    add_seeded_arguments(ap, "estimator_fidelity",
+                         "configs/experiments/NAME.yaml (estimator_fidelity_irt: gp-IRT on 0/1 anchors)")
     args = ap.parse_args()
-
-    one_thread()
-    S = load_settings(args.settings, args.quick)
-    if args.seeds:
-        S["seeds"] = [int(x) for x in args.seeds.split(",")]
-    args.workdir = args.workdir or Path("/tmp/evomerge-experiments") / args.settings
+    S = seeded_settings(args)
     if args.only_seed is not None:          # a child: one seed, partial result
         _, sources = zoo(args.zoo)
         write_json(args.partial, one_seed(Scorer(sources), sources, S, args.only_seed, args.workdir))
         return 0
-    out = args.out or RESULTS / (f"{args.settings}.quick.json" if args.quick else f"{args.settings}.json")
+    out = args.out
     started, machine_start = time.time(), machine_info()
     zoo_paths, sources = zoo(args.zoo)
-    child_args = ["--workdir", str(args.workdir), "--settings", args.settings] \
-        + (["--zoo", str(args.zoo)] if args.zoo else []) \
-        + (["--quick"] if args.quick else [])
-    parts = run_seeds(Path(__file__).resolve(), S["seeds"], args.jobs, child_args, args.workdir)
+    parts = run_seeds(Path(__file__).resolve(), S["seeds"], args.jobs, child_arguments(args), args.workdir)
     seeds = {str(s): parts[s] for s in S["seeds"]}
 
     rows = list(seeds.values())

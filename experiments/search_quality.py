@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (save_figure, RESULTS, ROOT, Scorer, calibrate, command_line, load_settings, machine_info,  # noqa: E402
-                    mean_spread, one_thread, paired_gap, run_search, run_seeds, source_plan, unseen_task, write_json,
-                    zoo, zoo_fingerprint)
+from common import (ROOT, Scorer, add_seeded_arguments, calibrate, child_arguments, command_line,  # noqa: E402
+                    machine_info, mean_spread, paired_gap, run_search, run_seeds, save_figure, seeded_settings,
+                    source_plan, unseen_task, write_json, zoo, zoo_fingerprint)
 from evomerge.workers.evaluator import CALIBRATION_FREE, subset_indices  # noqa: E402
 
 MERGENETIC_PY = ROOT / ".venv-mergenetic" / "bin" / "python"
@@ -387,37 +387,22 @@ def _compact(events: list[dict]) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--zoo", type=Path, default=None, help="zoo directory (default: the cache dir; built if missing)")
-    ap.add_argument("--quick", action="store_true", help="tiny budgets, one seed: a plumbing check")
-    ap.add_argument("--settings", default="search_quality",
-                    help="settings file configs/experiments/NAME.yaml (default search_quality); results go to "
-                         "experiments/results/NAME.json")
+    add_seeded_arguments(ap, "search_quality", "settings file configs/experiments/NAME.yaml (default "
+                         "search_quality); results go to experiments/results/NAME.json")
     ap.add_argument("--skip-mergenetic", action="store_true")
     ap.add_argument("--skip-multi", action="store_true", help="skip the multi-objective (hypervolume) part")
-    ap.add_argument("--jobs", type=int, default=3, help="seeds run in parallel processes")
-    ap.add_argument("--seeds", default=None, help="comma-separated seeds instead of the settings' (e.g. 0,1,2,3,4,5)")
-    ap.add_argument("--workdir", type=Path, default=None,
-                    help="default /tmp/evomerge-experiments/NAME (NAME: the settings)")
-    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot-only", action="store_true", help="only redraw the PNG from the result JSON")
     ap.add_argument("--reanalyze-multi", action="store_true",
                     help="only add the search-only hypervolume to an existing result, from its work dir's archives")
     ap.add_argument("--reanalyze-top", action="store_true",
                     help="only add evomerge's re-scored pick (settings evomerge.rescore_top) from the work dir's partials")
-    ap.add_argument("--only-seed", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--partial", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    one_thread()
-    S = load_settings(args.settings, args.quick)
-    if args.seeds:
-        S["seeds"] = [int(x) for x in args.seeds.split(",")]
-    args.workdir = args.workdir or Path("/tmp/evomerge-experiments") / args.settings
+    S = seeded_settings(args)
     if args.only_seed is not None:          # a child: one seed, partial result
         write_json(args.partial, run_one_seed(args, S, args.only_seed))
         return 0
 
-    out = args.out or RESULTS / (f"{args.settings}.quick.json" if args.quick else f"{args.settings}.json")
+    out = args.out
     if args.reanalyze_multi:
         reanalyze_multi(args, S, out)
     if args.reanalyze_top:
@@ -427,9 +412,8 @@ def main() -> int:
         return 0
     started, machine_start = time.time(), machine_info()
     zoo_paths, sources = zoo(args.zoo)     # built here once, before the children start
-    child_args = ["--workdir", str(args.workdir)] + (["--zoo", str(args.zoo)] if args.zoo else []) \
-        + (["--quick"] if args.quick else []) + (["--skip-mergenetic"] if args.skip_mergenetic else []) \
-        + (["--skip-multi"] if args.skip_multi else []) + ["--settings", args.settings]
+    child_args = child_arguments(args) + (["--skip-mergenetic"] if args.skip_mergenetic else []) \
+        + (["--skip-multi"] if args.skip_multi else [])
     parts = run_seeds(Path(__file__).resolve(), S["seeds"], args.jobs, child_args, args.workdir)
     seeds = S["seeds"]
     scorer = Scorer(sources)
