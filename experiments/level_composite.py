@@ -88,7 +88,8 @@ def fidelity_pairs(result: dict) -> dict[str, list[tuple[dict, dict]]]:
     out = {}
     for name, a, b in (("estimator_vs_full_exact", "estimate_search", "full_search"),
                        ("top_vs_full_exact", "top", "full_search"),
-                       ("estimator_vs_full_same_score", "estimate_search", "graded_full_search")):
+                       ("estimator_vs_full_same_score", "estimate_search", "graded_full_search"),
+                       ("top_vs_full_same_score", "top", "graded_full_search")):
         pairs = [(r.get("plans", {}).get(a), r.get("plans", {}).get(b)) for r in rows]
         if all(x and y for x, y in pairs):
             out[name] = pairs

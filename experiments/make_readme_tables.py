@@ -393,6 +393,8 @@ COMPOSITE_CLAIMS = {   # claim key (experiments/level_composite.py) -> (what it 
     "top_vs_full_exact": ("estimator search (top 3 re-scored) vs the same search, full exact evaluation", "1 point"),
     "estimator_vs_full_same_score": ("estimator search (highest estimate) vs the same search, the same score on "
                                      "every item", "1 point"),
+    "top_vs_full_same_score": ("estimator search (top 3 re-scored, items counted in the fidelity table) vs the same "
+                               "search, the same score on every item", "1 point"),
 }
 
 
