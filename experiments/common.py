@@ -71,6 +71,8 @@ def seeded_settings(args) -> dict[str, Any]:
     settings = load_settings(args.settings, args.quick)
     if args.seeds:
         settings["seeds"] = [int(x) for x in args.seeds.split(",")]
+    if settings.get("unseen"):      # the unseen items of the zoo measured on
+        settings["unseen"] = level_sets(args.zoo)[0]
     args.workdir = args.workdir or Path("/tmp/evomerge-experiments") / args.settings
     args.out = args.out or RESULTS / (f"{args.settings}.quick.json" if args.quick else f"{args.settings}.json")
     return settings
@@ -80,6 +82,20 @@ def child_arguments(args) -> list[str]:
     """What every seed's child process is passed on (run_seeds adds --only-seed, --partial)."""
     return (["--workdir", str(args.workdir), "--settings", args.settings] + (["--zoo", str(args.zoo)] if args.zoo else [])
             + (["--quick"] if args.quick else []))
+
+
+def level_sets(zoo_dir: str | Path | None) -> tuple[str, str]:
+    """(calc-unseen, calc-untaught) task files of a zoo: which items are unseen depends on the
+    seed it was built from. The repo ships them for the default seed; for another,
+    ``experiments/unseen_items.py --zoo DIR`` writes them into DIR/eval."""
+    from evomerge.zoo.build import SEED, built_seed, zoo_paths
+
+    if zoo_dir is None or built_seed(zoo_paths(zoo_dir)) in (SEED, None):
+        return UNSEEN_TASK, UNTAUGHT_TASK
+    folder = Path(zoo_dir) / "eval"
+    if not (folder / "calc-unseen.yaml").exists():
+        raise SystemExit(f"{folder}: no unseen items for this zoo; run experiments/unseen_items.py --zoo {zoo_dir}")
+    return str(folder / "calc-unseen.yaml"), str(folder / "calc-untaught.yaml")
 
 
 def unseen_task(settings: dict[str, Any]) -> str | None:

@@ -1,6 +1,6 @@
 """The claims re-judged on the composite task rebuilt from larger item sets, level by level.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python experiments/level_composite.py
+    HF_HUB_OFFLINE=1 .venv/bin/python experiments/level_composite.py [--zoo DIR --results DIR]
 
 The composite task's 100 held-out items (20 of 1+1 digits, 40 of 2+1, 40 of 2+2) give a
 seed's score a standard error of 0.05. Here each level is judged on the largest set the
@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, UNSEEN_TASK, UNTAUGHT_TASK, Scorer, bootstrap_gap, command_line, machine_info,  # noqa: E402
-                    one_thread, write_json, zoo, zoo_fingerprint)
+from common import (RESULTS, UNSEEN_TASK, UNTAUGHT_TASK, Scorer, bootstrap_gap, command_line, level_sets,  # noqa: E402
+                    machine_info, one_thread, write_json, zoo, zoo_fingerprint)
 
 HELDOUT = "zoo/calc:heldout"
 LEVEL_TASKS = {1: UNTAUGHT_TASK, 2: UNTAUGHT_TASK, 3: UNSEEN_TASK}
@@ -38,20 +38,20 @@ def level_weights(scorer: Scorer) -> dict[int, float]:
     return {lv: levels.count(lv) / len(levels) for lv in sorted(set(levels))}
 
 
-def level_scores(scorer: Scorer, plan: dict) -> dict[int, np.ndarray]:
+def level_scores(scorer: Scorer, plan: dict, tasks: dict[int, str] = LEVEL_TASKS) -> dict[int, np.ndarray]:
     """The plan's 0/1 item scores per level, each on its level's set."""
     out = {}
-    for level, task in LEVEL_TASKS.items():
+    for level, task in tasks.items():
         mask = np.array([item.meta["level"] == level for item in scorer.task(task).items])
         out[level] = scorer.scores(plan, task)[mask]
     return out
 
 
 def composite_gap(scorer: Scorer, pairs: list[tuple[dict, dict]], weights: dict[int, float],
-                  draws: int = 2000) -> dict[str, Any]:
+                  draws: int = 2000, tasks: dict[int, str] = LEVEL_TASKS) -> dict[str, Any]:
     """Pick a minus pick b (one pair per seed) on the level-weighted composite."""
-    a = [level_scores(scorer, pa) for pa, _ in pairs]
-    b = [level_scores(scorer, pb) for _, pb in pairs]
+    a = [level_scores(scorer, pa, tasks) for pa, _ in pairs]
+    b = [level_scores(scorer, pb, tasks) for _, pb in pairs]
     diff = {lv: np.array([sa[lv] - sb[lv] for sa, sb in zip(a, b)]) for lv in weights}   # seeds x items
 
     def composite(scores: list[dict[int, np.ndarray]]) -> float:
@@ -97,23 +97,30 @@ def fidelity_pairs(result: dict) -> dict[str, list[tuple[dict, dict]]]:
 
 
 def main() -> int:
+    import argparse
     import json
 
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--zoo", type=Path, default=None, help="the zoo the result files were measured on")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the result files are, and this one goes")
+    args = ap.parse_args()
     one_thread()
     started, machine_start = time.time(), machine_info()
-    zoo_paths, sources = zoo(None)
+    zoo_paths, sources = zoo(args.zoo)
     scorer = Scorer(sources)
     weights = level_weights(scorer)
+    unseen, untaught = level_sets(args.zoo)
+    tasks = {1: untaught, 2: untaught, 3: unseen}
     sets = {str(lv): {"task": Path(task).name, "items": int(sum(item.meta["level"] == lv
                                                                 for item in scorer.task(task).items))}
-            for lv, task in LEVEL_TASKS.items()}
+            for lv, task in tasks.items()}
     experiments: dict[str, Any] = {}
     for name, pairs_of in (("search_quality", search_quality_pairs), ("search_quality_large", search_quality_pairs),
                            ("estimator_fidelity", fidelity_pairs)):
-        path = RESULTS / f"{name}.json"
+        path = args.results / f"{name}.json"
         if not path.exists():
             continue
-        claims = {claim: composite_gap(scorer, pairs, weights)
+        claims = {claim: composite_gap(scorer, pairs, weights, tasks=tasks)
                   for claim, pairs in pairs_of(json.loads(path.read_text())).items()}
         experiments[name] = {"seeds": next(iter(claims.values()))["seeds"] if claims else 0, "claims": claims}
         print(name, {c: f"{g['mean']:+.4f} ± {g['se']:.4f}" for c, g in claims.items()}, flush=True)
@@ -121,7 +128,7 @@ def main() -> int:
               "machine_end": machine_info(), "wall_seconds": time.time() - started, "zoo": str(zoo_paths.root),
               "zoo_fingerprint": zoo_fingerprint(sources), "level_weights": {str(k): v for k, v in weights.items()},
               "level_sets": sets, "experiments": experiments}
-    out = write_json(RESULTS / "level_composite.json", result)
+    out = write_json(args.results / "level_composite.json", result)
     print(f"wrote {out}")
     return 0
 

@@ -9,9 +9,10 @@ seeded training corpora (``evomerge.zoo.build.trained_prompts``):
   and the base: the sum, with the translation given), so they are not unseen, but the
   composite answer a merge has to produce was never a training target.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python experiments/unseen_items.py [--check | --describe]
+    HF_HUB_OFFLINE=1 .venv/bin/python experiments/unseen_items.py [--check | --describe] [--zoo DIR]
 
-Writes experiments/data/calc-{unseen,untaught}.{yaml,jsonl}; ``--check`` only verifies them;
+Writes experiments/data/calc-{unseen,untaught}.{yaml,jsonl} (for a zoo built from another seed,
+``--zoo DIR``: into DIR/eval, since its training saw other items); ``--check`` only verifies them;
 ``--describe`` compares the unseen sums with all 8100 2+2-digit sums and the shipped splits'
 ones (a fair sample of the level, or a skewed one?). The 100-item held-out split gives one
 seed's score a standard error of about 0.05; the unseen items, about 0.008.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from evomerge.io.atomic import atomic_write_text
 from evomerge.zoo import skills
-from evomerge.zoo.build import eval_prompts, trained_prompts
+from evomerge.zoo.build import SEED, built_seed, eval_prompts, trained_prompts, zoo_paths
 
 DATA = Path(__file__).resolve().parent / "data"
 TASK = DATA / "calc-unseen.yaml"      # the task specs the experiments pass to load_task
@@ -52,10 +53,21 @@ def _task_files(name: str, levels: tuple[int, ...], excluded: set[str]) -> dict[
     return {f"{name}.jsonl": "".join(json.dumps(r) + "\n" for r in rows), f"{name}.yaml": spec + f"data: {name}.jsonl\n"}
 
 
-def unseen_files() -> dict[str, str]:
+def unseen_files(seed: int = SEED) -> dict[str, str]:
     shipped = eval_prompts()
-    return {**_task_files("calc-unseen", (3,), trained_prompts() | shipped),
-            **_task_files("calc-untaught", (1, 2), trained_prompts(end_to_end=True) | shipped)}
+    return {**_task_files("calc-unseen", (3,), trained_prompts(seed=seed) | shipped),
+            **_task_files("calc-untaught", (1, 2), trained_prompts(end_to_end=True, seed=seed) | shipped)}
+
+
+def zoo_data(argv: list[str]) -> tuple[int, Path]:
+    """The seed and the output folder: the repo's data for the default zoo, else --zoo DIR/eval."""
+    if "--zoo" not in argv:
+        return SEED, DATA
+    root = Path(argv[argv.index("--zoo") + 1])
+    seed = built_seed(zoo_paths(root))
+    if seed is None:
+        raise SystemExit(f"--zoo {root}: no built zoo there (evomerge zoo build --out {root} --seed N)")
+    return seed, (DATA if seed == SEED else root / "eval")
 
 
 def describe(pairs: list[tuple[int, int]]) -> str:
@@ -72,7 +84,8 @@ def level3_pairs(jsonl: str) -> list[tuple[int, int]]:
 
 
 def main() -> int:
-    files = unseen_files()
+    seed, data = zoo_data(sys.argv)
+    files = unseen_files(seed)
     if "--describe" in sys.argv:
         shipped = skills.task_files()
         print("all 2+2    " + describe([(a, b) for a in range(10, 100) for b in range(10, 100)]))
@@ -81,13 +94,14 @@ def main() -> int:
             print(f"{split:10s} " + describe(level3_pairs(shipped[f"calc.{split}.jsonl"])))
         return 0
     if "--check" in sys.argv:
-        stale = [name for name, text in files.items() if not (DATA / name).exists() or (DATA / name).read_text() != text]
+        stale = [name for name, text in files.items() if not (data / name).exists() or (data / name).read_text() != text]
         print("stale: " + ", ".join(stale) if stale else "up to date")
         return 1 if stale else 0
+    data.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
-        atomic_write_text(DATA / name, text)
+        atomic_write_text(data / name, text)
     print(", ".join(f"{name}: {text.count(chr(10))} items" for name, text in files.items()
-                    if name.endswith(".jsonl")) + f" -> {DATA}")
+                    if name.endswith(".jsonl")) + f" -> {data}")
     return 0
 
 

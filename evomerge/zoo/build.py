@@ -69,6 +69,14 @@ def is_built(paths: ZooPaths) -> bool:
     )
 
 
+def built_seed(paths: ZooPaths) -> int | None:
+    """The seed a built zoo was made with (its zoo.json), None when it is not built."""
+    try:
+        return int(json.loads((paths.root / "zoo.json").read_text())["seed"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 # ---------------------------------------------------------------- training
 class Encoder:
     """Turns (prompt, answer) pairs into padded id / label batches (loss on the answer only)."""
@@ -164,8 +172,8 @@ def _save(model, out: Path) -> None:
         save_tokenizer(tmp)
 
 
-def _expert_seed(skill: str) -> int:
-    return SEED + 1 + list(EXPERTS).index(skill)
+def _expert_seed(skill: str, seed: int = SEED) -> int:
+    return seed + 1 + list(EXPERTS).index(skill)
 
 
 def _expert_mix(skill: str, replay: float):
@@ -175,7 +183,7 @@ def _expert_mix(skill: str, replay: float):
 
 
 def trained_prompts(pretrain: dict | None = None, finetune: dict | None = None,
-                    end_to_end: bool = False) -> set[str]:
+                    end_to_end: bool = False, seed: int = SEED) -> set[str]:
     """The evaluation prompt (``skills.item_key``) of every example the zoo's models were
     trained on, replayed from the seeded corpora without training: items outside this set and
     the shipped splits are unseen by every model (experiments/unseen_items.py).
@@ -183,28 +191,29 @@ def trained_prompts(pretrain: dict | None = None, finetune: dict | None = None,
     item taught with its translation in the prompt, or only its translation, is left out)."""
     heldout, keys = eval_prompts(), set()
     pretrain, finetune = pretrain or PRETRAIN, finetune or FINETUNE
-    streams = [(_excluding(heldout, skills.pretrain_example), pretrain["steps"], pretrain["batch"], SEED)]
+    streams = [(_excluding(heldout, skills.pretrain_example), pretrain["steps"], pretrain["batch"], seed)]
     streams += [(_excluding(heldout, _expert_mix(skill, finetune["replay"])), finetune["steps"], finetune["batch"],
-                 _expert_seed(skill)) for skill in EXPERTS]
-    for sample_pair, steps, batch, seed in streams:
-        for pairs in corpus(sample_pair, steps, batch, seed):
+                 _expert_seed(skill, seed)) for skill in EXPERTS]
+    for sample_pair, steps, batch, stream_seed in streams:
+        for pairs in corpus(sample_pair, steps, batch, stream_seed):
             keys.update(skills.item_key(prompt) for prompt, answer, tail in pairs
                         if not end_to_end or (skills.item_key(prompt) == prompt and not tail))
     return keys
 
 
-def pretrain_base(paths: ZooPaths, heldout: set[str], verbose: bool = True, settings: dict | None = None) -> None:
-    torch.manual_seed(SEED)
+def pretrain_base(paths: ZooPaths, heldout: set[str], verbose: bool = True, settings: dict | None = None,
+                  seed: int = SEED) -> None:
+    torch.manual_seed(seed)
     model = new_model()
     if verbose:
         print(f"pretraining base ({sum(p.numel() for p in model.parameters())} params)", flush=True)
-    train(model, _excluding(heldout, skills.pretrain_example), seed=SEED, log_every=250 if verbose else 0,
+    train(model, _excluding(heldout, skills.pretrain_example), seed=seed, log_every=250 if verbose else 0,
           **(settings or PRETRAIN))
     _save(model, paths.base)
 
 
 def finetune_expert(paths: ZooPaths, skill: str, heldout: set[str], verbose: bool = True,
-                    settings: dict | None = None) -> None:
+                    settings: dict | None = None, seed: int = SEED) -> None:
     """Fully fine-tune the saved base on one skill (plus some pretraining replay)."""
     from transformers import LlamaForCausalLM
 
@@ -213,16 +222,18 @@ def finetune_expert(paths: ZooPaths, skill: str, heldout: set[str], verbose: boo
     model = LlamaForCausalLM.from_pretrained(str(paths.base), dtype=torch.float32)
     settings = settings or FINETUNE
     cfg = {k: v for k, v in settings.items() if k != "replay"}
-    train(model, _excluding(heldout, _expert_mix(skill, settings["replay"])), seed=_expert_seed(skill),
+    train(model, _excluding(heldout, _expert_mix(skill, settings["replay"])), seed=_expert_seed(skill, seed),
           log_every=100 if verbose else 0, **cfg)
     _save(model, paths.experts[skill])
 
 
 def build_zoo(out: str | Path | None = None, verbose: bool = True, pretrain: dict | None = None,
-              finetune: dict | None = None) -> ZooPaths:
+              finetune: dict | None = None, seed: int = SEED) -> ZooPaths:
     """Pretrain the base and fine-tune the experts into ``out`` (default cache dir).
 
-    ``pretrain`` / ``finetune`` override the training settings (tests use a few steps).
+    ``pretrain`` / ``finetune`` override the training settings (tests use a few steps);
+    ``seed`` seeds the initialisation and every training corpus (another seed: another zoo of
+    the same design, for checking that a result is not one zoo's accident).
     """
     paths = zoo_paths(out)
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -232,10 +243,10 @@ def build_zoo(out: str | Path | None = None, verbose: bool = True, pretrain: dic
     try:
         heldout = eval_prompts()
         pretrain, finetune = pretrain or PRETRAIN, finetune or FINETUNE
-        pretrain_base(paths, heldout, verbose, pretrain)
+        pretrain_base(paths, heldout, verbose, pretrain, seed)
         for skill in EXPERTS:
-            finetune_expert(paths, skill, heldout, verbose, finetune)
-        meta = {"version": ZOO_VERSION, "seed": SEED, "model": MODEL_CONFIG, "pretrain": pretrain,
+            finetune_expert(paths, skill, heldout, verbose, finetune, seed)
+        meta = {"version": ZOO_VERSION, "seed": seed, "model": MODEL_CONFIG, "pretrain": pretrain,
                 "finetune": finetune, "build_seconds": round(time.time() - t0, 1),
                 "models": {name: str(p.relative_to(paths.root)) for name, p in paths.models.items()}}
         atomic_write_text(paths.root / "zoo.json", json.dumps(meta, indent=2))

@@ -22,16 +22,15 @@ class LevelledScores:
         return self.table[(plan["name"], spec)]
 
 
-def test_the_composite_gap_weights_each_level_s_gap_by_its_share(experiment, monkeypatch):
+def test_the_composite_gap_weights_each_level_s_gap_by_its_share(experiment):
     lc = experiment("level_composite")
-    monkeypatch.setattr(lc, "LEVEL_TASKS", {1: "easy", 3: "hard"})
     levels = {"easy": [1] * 50, "hard": [3] * 200}
     table = {}
     for s in range(3):
         table[(f"a{s}", "easy")], table[(f"b{s}", "easy")] = np.ones(50), np.r_[np.ones(40), np.zeros(10)]
         table[(f"a{s}", "hard")], table[(f"b{s}", "hard")] = np.zeros(200), np.r_[np.ones(10), np.zeros(190)]
     pairs = [({"name": f"a{s}"}, {"name": f"b{s}"}) for s in range(3)]
-    gap = lc.composite_gap(LevelledScores(levels, table), pairs, {1: 0.25, 3: 0.75})
+    gap = lc.composite_gap(LevelledScores(levels, table), pairs, {1: 0.25, 3: 0.75}, tasks={1: "easy", 3: "hard"})
     assert abs(gap["per_level"]["1"] - 0.2) < 1e-12 and abs(gap["per_level"]["3"] + 0.05) < 1e-12
     assert abs(gap["mean"] - (0.25 * 0.2 - 0.75 * 0.05)) < 1e-12
     assert abs(gap["a"] - 0.25) < 1e-12 and abs(gap["b"] - (0.25 * 0.8 + 0.75 * 0.05)) < 1e-12

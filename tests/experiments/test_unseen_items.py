@@ -3,6 +3,8 @@ zoo model was trained on; the shipped files are what the script writes today."""
 
 import json
 
+import pytest
+
 from evomerge.tasks.task import load_task
 
 
@@ -47,3 +49,20 @@ def test_describe_compares_sums_of_any_item_set(experiment):
             '{"prompt": "q", "meta": {"level": 2, "worked": "38+6=44"}}\n'
             '{"prompt": "r", "level": 3, "worked": "10+28=38"}\n')
     assert unseen.level3_pairs(rows) == [(38, 16), (10, 28)]
+
+
+def test_a_zoo_from_another_seed_gets_its_own_unseen_items_beside_it(experiment, tmp_path):
+    from evomerge.zoo import build
+
+    script, common = experiment("unseen_items"), experiment("common")
+    quick = dict(pretrain=dict(steps=2, batch=2, lr=1e-3, warmup=1),
+                 finetune=dict(steps=1, batch=2, lr=1e-3, warmup=1, replay=0.5))
+    other = build.build_zoo(tmp_path / "other", verbose=False, seed=build.SEED + 1, **quick)
+    assert script.zoo_data([]) == (build.SEED, script.DATA)
+    assert script.zoo_data(["--zoo", str(other.root)]) == (build.SEED + 1, other.root / "eval")
+    assert common.level_sets(None) == (common.UNSEEN_TASK, common.UNTAUGHT_TASK)
+    with pytest.raises(SystemExit, match="unseen_items.py --zoo"):
+        common.level_sets(other.root)               # not written yet: the experiments say how
+    (other.root / "eval").mkdir()
+    (other.root / "eval" / "calc-unseen.yaml").write_text("")
+    assert common.level_sets(other.root)[0] == str(other.root / "eval" / "calc-unseen.yaml")

@@ -49,18 +49,39 @@ def test_experts_differ_from_base_and_are_deterministic(tmp_path):
     assert (a.base / "model.safetensors").read_bytes() != (a.experts["arith"] / "model.safetensors").read_bytes()
 
 
-def test_trained_prompts_replays_exactly_what_training_saw(tmp_path, monkeypatch):
+def test_another_seed_builds_another_zoo_and_records_its_seed(tmp_path):
+    a = build.build_zoo(tmp_path / "a", verbose=False, **QUICK)
+    b = build.build_zoo(tmp_path / "b", verbose=False, seed=build.SEED + 1, **QUICK)
+    assert (a.base / "model.safetensors").read_bytes() != (b.base / "model.safetensors").read_bytes()
+    assert build.built_seed(a) == build.SEED and build.built_seed(b) == build.SEED + 1
+    assert build.built_seed(zoo_paths(tmp_path / "none")) is None
+
+
+@pytest.mark.parametrize("seed", [build.SEED, build.SEED + 7])
+def test_trained_prompts_replays_exactly_what_training_saw(tmp_path, monkeypatch, seed):
     seen = []
     real_batch = build.Encoder.batch
     monkeypatch.setattr(build.Encoder, "batch", lambda self, pairs: seen.extend(pairs) or real_batch(self, pairs))
-    build.build_zoo(tmp_path / "zoo", verbose=False, **QUICK)
-    replayed = build.trained_prompts(**QUICK)
+    build.build_zoo(tmp_path / "zoo", verbose=False, seed=seed, **QUICK)
+    replayed = build.trained_prompts(**QUICK, seed=seed)
     assert replayed == {skills.item_key(prompt) for prompt, *_ in seen}
+    if seed != build.SEED:
+        assert replayed != build.trained_prompts(**QUICK)
     assert len(seen) == 3 * 4 + 3 * 2 * 4          # the base's batches, then each expert's
     assert not replayed & {item.prompt for name in skills.TASKS for item in load_task(f"zoo/{name}:all").items}
     # taught end to end: no translation in the prompt and nothing left untaught
     whole = {prompt for prompt, _, tail in seen if skills.item_key(prompt) == prompt and not tail}
-    assert build.trained_prompts(**QUICK, end_to_end=True) == whole < replayed
+    assert build.trained_prompts(**QUICK, end_to_end=True, seed=seed) == whole < replayed
+
+
+def test_zoo_build_command_keeps_the_default_zoo_and_names_a_seed_mismatch(tmp_path, capsys):
+    from evomerge.cli import main
+
+    assert main(["zoo", "build", "--seed", "7"]) == 2               # the default dir keeps the default zoo
+    assert "--seed 7: give --out too" in capsys.readouterr().err
+    build.build_zoo(tmp_path / "zoo", verbose=False, **QUICK)        # seed SEED
+    assert main(["zoo", "build", "--out", str(tmp_path / "zoo"), "--seed", "7"]) == 2
+    assert f"built with seed {build.SEED}, not 7" in capsys.readouterr().err
 
 
 def test_composite_items_are_taught_end_to_end_only_with_the_base_s_known_words():

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The search-quality and estimator-fidelity claims again, on a zoo of the same design built
+# from another seed (other initial weights, other training streams, so other unseen items),
+# judged on the composite rebuilt from that zoo's own unseen and untaught items. Results go to
+# experiments/results/zoo-seedSEED/; make_readme_tables.py gives them a README section.
+# About 20 minutes here.
+#
+#   bash experiments/other_zoo.sh [SEED]        (default 4321)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seed=${1:-4321}
+py=.venv/bin/python
+zoo="$(dirname "$($py -c 'from evomerge.zoo.build import default_zoo_dir; print(default_zoo_dir())')")/zoo-v2-seed$seed"
+out=experiments/results/zoo-seed$seed
+work=/tmp/evomerge-experiments/zoo-seed$seed
+export HF_HUB_OFFLINE=1
+
+.venv/bin/evomerge zoo build --out "$zoo" --seed "$seed"
+$py experiments/unseen_items.py --zoo "$zoo"
+$py experiments/search_quality.py --jobs 2 --skip-multi --zoo "$zoo" --workdir "$work/search_quality" \
+    --out "$out/search_quality.json"
+$py experiments/estimator_fidelity.py --jobs 2 --zoo "$zoo" --workdir "$work/estimator_fidelity" \
+    --out "$out/estimator_fidelity.json"
+$py experiments/level_composite.py --zoo "$zoo" --results "$out"
