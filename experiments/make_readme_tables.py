@@ -628,11 +628,29 @@ def other_zoos(results: Path) -> list[str]:
         seed = folder.name.removeprefix("zoo-seed")
         runs = ", ".join(f"`{json.loads((folder / f'{n}.json').read_text()).get('command')}`"
                          for n in ("search_quality", "estimator_fidelity") if (folder / f"{n}.json").exists())
-        lines += level_composite(json.loads(path.read_text()),
-                                 f"The same claims on a second zoo (built from seed {seed})",
+        composite = level_composite(json.loads(path.read_text()),
+                                    f"The same claims on a second zoo (built from seed {seed})",
                                  f"from {runs}, on a zoo of the same design built by `evomerge zoo build --seed "
-                                 f"{seed}`: other initial weights, other training streams, so other unseen items")
+                                 f"{seed}`: other initial weights, other training streams, so other unseen items; "
+                                 f"the whole section: `bash experiments/other_zoo.sh {seed}`, about 20 minutes here")
+        lines += composite + zoo_scores(folder / "search_quality.json")
     return lines
+
+
+def zoo_scores(path: Path) -> list[str]:
+    """The sources' scores beside each method's final pick: how much merging adds on this zoo."""
+    if not path.exists():
+        return []
+    r = json.loads(path.read_text())["single_objective"]
+    methods = [m for m in ("evomerge", "random", "cmaes_weights", "mergenetic") if m in r["heldout"]]
+    head = list(r["sources_heldout"]) + methods
+    lines = ["Sources and final picks (mean over seeds, full budget) on the held-out and the unseen items:", "",
+             "| items | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for label, key, sources in (("held-out", "heldout", "sources_heldout"), ("unseen", "unseen", "sources_unseen")):
+        if key in r and sources in r:
+            cells = [r[sources][s] for s in r[sources]] + [r[key][m][-1]["mean"] for m in methods]
+            lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
+    return lines + [""]
 
 
 def build(results: Path) -> str:
