@@ -630,7 +630,7 @@ def other_zoos(results: Path) -> list[str]:
                          for n in ("search_quality", "search_quality_large", "estimator_fidelity")
                          if (folder / f"{n}.json").exists())
         composite = level_composite(json.loads(path.read_text()),
-                                    f"The same claims on a second zoo (built from seed {seed})",
+                                    f"The same claims on another zoo (built from seed {seed})",
                                  f"from {runs}, on a zoo of the same design built by `evomerge zoo build --seed "
                                  f"{seed}`: other initial weights, other training streams, so other unseen items; "
                                  f"the whole section: `bash experiments/other_zoo.sh {seed}`, about 30 minutes here")
