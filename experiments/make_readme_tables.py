@@ -645,7 +645,7 @@ def zoo_scores(path: Path) -> list[str]:
     r = json.loads(path.read_text())["single_objective"]
     methods = [m for m in ("evomerge", "random", "cmaes_weights", "mergenetic") if m in r["heldout"]]
     head = list(r["sources_heldout"]) + methods
-    lines = ["Sources and final picks (mean over seeds, full budget) on the held-out and the unseen items:", "",
+    lines = ["Sources and final picks (3000 items, mean over seeds) on the held-out and the unseen items:", "",
              "| items | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for label, key, sources in (("held-out", "heldout", "sources_heldout"), ("unseen", "unseen", "sources_unseen")):
         if key in r and sources in r:

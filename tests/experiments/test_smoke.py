@@ -114,3 +114,25 @@ def test_mergenetic_s_refused_merges_and_early_ends_are_reported(experiment):
     single["heldout"].pop("mergenetic", None)
     text = "\n".join(builder.search_quality(result))
     assert f"Runs that ended early: seed {first}: mergenetic_adapter exited 1: boom -- so Mergenetic has no row" in text
+
+
+def test_each_other_zoo_gets_its_claims_and_its_sources_beside_the_picks(tmp_path, experiment):
+    import shutil
+
+    (tmp_path / "throughput.json").write_text(json.dumps(_throughput_json()))
+    shutil.copy(ROOT / "experiments/results/level_composite.json", tmp_path)
+    other = tmp_path / "zoo-seed7"
+    other.mkdir()
+    composite = json.loads((ROOT / "experiments/results/level_composite.json").read_text())
+    composite["experiments"] = {"search_quality": composite["experiments"]["search_quality"]}
+    (other / "level_composite.json").write_text(json.dumps(composite))
+    quality = json.loads((ROOT / "experiments/results/search_quality.json").read_text())
+    quality["command"] = "search_quality.py --zoo Z7"
+    (other / "search_quality.json").write_text(json.dumps(quality))
+    text = experiment("make_readme_tables").build(tmp_path)
+    section = text.split("### The same claims on another zoo (built from seed 7)")[1].split("\n### ")[0]
+    assert "`search_quality.py --zoo Z7`" in section and "`bash experiments/other_zoo.sh 7`" in section
+    assert "estimator_fidelity (" not in section          # only the claims of that zoo's files
+    lang = quality["single_objective"]["sources_heldout"]["lang"]
+    final = quality["single_objective"]["heldout"]["evomerge"][-1]["mean"]
+    assert "| held-out | " in section and f"{lang:.3f}" in section and f"{final:.3f}" in section
