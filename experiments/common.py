@@ -84,18 +84,27 @@ def child_arguments(args) -> list[str]:
             + (["--quick"] if args.quick else []))
 
 
-def level_sets(zoo_dir: str | Path | None) -> tuple[str, str]:
-    """(calc-unseen, calc-untaught) task files of a zoo: which items are unseen depends on the
-    seed it was built from. The repo ships them for the default seed; for another,
-    ``experiments/unseen_items.py --zoo DIR`` writes them into DIR/eval."""
+def level_sets_folder(zoo_dir: str | Path | None) -> tuple[int | None, Path]:
+    """A zoo's seed (None: not built) and the folder of its calc-unseen / calc-untaught task
+    files: which items are unseen depends on the seed. The repo ships them for the default
+    seed; for another, ``experiments/unseen_items.py --zoo DIR`` writes them into DIR/eval."""
     from evomerge.zoo.build import SEED, built_seed, zoo_paths
 
-    if zoo_dir is None or built_seed(zoo_paths(zoo_dir)) in (SEED, None):
-        return UNSEEN_TASK, UNTAUGHT_TASK
-    folder = Path(zoo_dir) / "eval"
-    if not (folder / "calc-unseen.yaml").exists():
+    seed = SEED if zoo_dir is None else built_seed(zoo_paths(zoo_dir))
+    return seed, (Path(UNSEEN_TASK).parent if seed in (SEED, None) else Path(zoo_dir) / "eval")
+
+
+def level_sets(zoo_dir: str | Path | None) -> tuple[str, str]:
+    """(calc-unseen, calc-untaught) task files of a zoo (``level_sets_folder``)."""
+    _, folder = level_sets_folder(zoo_dir)
+    if folder != Path(UNSEEN_TASK).parent and not (folder / "calc-unseen.yaml").exists():
         raise SystemExit(f"{folder}: no unseen items for this zoo; run experiments/unseen_items.py --zoo {zoo_dir}")
     return str(folder / "calc-unseen.yaml"), str(folder / "calc-untaught.yaml")
+
+
+def curve_plan(curve: list[dict], fraction: float) -> dict | None:
+    """The pick (plan) a best-so-far curve holds at a budget fraction, None when it has none."""
+    return next((p.get("plan") for p in curve if abs(p["fraction"] - fraction) < 1e-9), None)
 
 
 def unseen_task(settings: dict[str, Any]) -> str | None:

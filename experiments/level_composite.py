@@ -26,11 +26,19 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, UNSEEN_TASK, UNTAUGHT_TASK, Scorer, bootstrap_gap, command_line, level_sets,  # noqa: E402
+from common import (RESULTS, Scorer, bootstrap_gap, command_line, curve_plan, level_sets,  # noqa: E402
                     machine_info, one_thread, write_json, zoo, zoo_fingerprint)
 
 HELDOUT = "zoo/calc:heldout"
-LEVEL_TASKS = {1: UNTAUGHT_TASK, 2: UNTAUGHT_TASK, 3: UNSEEN_TASK}
+
+
+def level_tasks(zoo_dir: str | Path | None) -> dict[int, str]:
+    """Each level's item set: levels 1 and 2 on calc-untaught, level 3 on calc-unseen."""
+    unseen, untaught = level_sets(zoo_dir)
+    return {1: untaught, 2: untaught, 3: unseen}
+
+
+LEVEL_TASKS = level_tasks(None)     # the default zoo's, shipped in experiments/data
 
 
 def level_weights(scorer: Scorer) -> dict[int, float]:
@@ -47,6 +55,13 @@ def level_scores(scorer: Scorer, plan: dict, tasks: dict[int, str] = LEVEL_TASKS
     return out
 
 
+def composite_score(scorer: Scorer, plan: dict, weights: dict[int, float],
+                    tasks: dict[int, str] = LEVEL_TASKS) -> float:
+    """One plan's score on the level-weighted composite."""
+    per_level = level_scores(scorer, plan, tasks)
+    return float(sum(w * per_level[lv].mean() for lv, w in weights.items()))
+
+
 def composite_gap(scorer: Scorer, pairs: list[tuple[dict, dict]], weights: dict[int, float],
                   draws: int = 2000, tasks: dict[int, str] = LEVEL_TASKS) -> dict[str, Any]:
     """Pick a minus pick b (one pair per seed) on the level-weighted composite."""
@@ -61,10 +76,6 @@ def composite_gap(scorer: Scorer, pairs: list[tuple[dict, dict]], weights: dict[
             "per_level": {str(lv): float(diff[lv].mean()) for lv in weights}}
 
 
-def _final_plan(curve: list[dict], fraction: float) -> dict | None:
-    return next((p.get("plan") for p in curve if abs(p["fraction"] - fraction) < 1e-9), None)
-
-
 def search_quality_pairs(result: dict) -> dict[str, list[tuple[dict, dict]]]:
     per = result["single_objective"]["per_seed"]
     out = {}
@@ -76,7 +87,7 @@ def search_quality_pairs(result: dict) -> dict[str, list[tuple[dict, dict]]]:
                                        ("vs_mergenetic_equal_budget", "mergenetic", 1.0)):
             if other not in per or any(not per[other][s].get("curve") for s in per[method]):
                 continue
-            pairs = [(_final_plan(per[method][s]["curve"], fraction), _final_plan(per[other][s]["curve"], 1.0))
+            pairs = [(curve_plan(per[method][s]["curve"], fraction), curve_plan(per[other][s]["curve"], 1.0))
                      for s in per[method]]
             if all(a and b for a, b in pairs):
                 out[f"{method}:{claim}"] = pairs
@@ -109,8 +120,7 @@ def main() -> int:
     zoo_paths, sources = zoo(args.zoo)
     scorer = Scorer(sources)
     weights = level_weights(scorer)
-    unseen, untaught = level_sets(args.zoo)
-    tasks = {1: untaught, 2: untaught, 3: unseen}
+    tasks = level_tasks(args.zoo)
     sets = {str(lv): {"task": Path(task).name, "items": int(sum(item.meta["level"] == lv
                                                                 for item in scorer.task(task).items))}
             for lv, task in tasks.items()}

@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (ROOT, Scorer, add_seeded_arguments, calibrate, child_arguments, command_line,  # noqa: E402
-                    machine_info, mean_spread, paired_gap, run_search, run_seeds, save_figure, seeded_settings,
+                    curve_plan, machine_info, mean_spread, paired_gap, run_search, run_seeds, save_figure, seeded_settings,
                     source_plan, unseen_task, write_json, zoo, zoo_fingerprint)
 from evomerge.workers.evaluator import CALIBRATION_FREE, subset_indices  # noqa: E402
 
@@ -502,8 +502,7 @@ def add_gaps(scorer, claims_: dict[str, Any], curves: dict[str, list[list[dict]]
     """Beside each claim's two means, the paired gap per seed, item by item (common.paired_gap),
     and whether it is more than two standard errors from zero."""
     def plans(name: str, fraction: float) -> list[dict | None]:
-        return [next(p for p in curves[name][i] if abs(p["fraction"] - fraction) < 1e-9).get("plan")
-                for i in range(len(seeds))]
+        return [curve_plan(curves[name][i], fraction) for i in range(len(seeds))]
 
     for claim, other, evomerge_fraction in (("evomerge_half_budget_reaches_random_final", "random", 0.5),
                                             ("evomerge_beats_cmaes_weights_at_equal_budget", "cmaes_weights", 1.0)):

@@ -26,7 +26,10 @@ from pathlib import Path
 
 from evomerge.io.atomic import atomic_write_text
 from evomerge.zoo import skills
-from evomerge.zoo.build import SEED, built_seed, eval_prompts, trained_prompts, zoo_paths
+from evomerge.zoo.build import SEED, eval_prompts, trained_prompts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import level_sets_folder  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 TASK = DATA / "calc-unseen.yaml"      # the task specs the experiments pass to load_task
@@ -64,10 +67,10 @@ def zoo_data(argv: list[str]) -> tuple[int, Path]:
     if "--zoo" not in argv:
         return SEED, DATA
     root = Path(argv[argv.index("--zoo") + 1])
-    seed = built_seed(zoo_paths(root))
+    seed, folder = level_sets_folder(root)
     if seed is None:
         raise SystemExit(f"--zoo {root}: no built zoo there (evomerge zoo build --out {root} --seed N)")
-    return seed, (DATA if seed == SEED else root / "eval")
+    return seed, folder
 
 
 def describe(pairs: list[tuple[int, int]]) -> str:

@@ -89,8 +89,7 @@ def composite() -> int:
     weights = LC.level_weights(scorer)
 
     def truth(plan: dict) -> float:
-        per_level = LC.level_scores(scorer, plan)
-        return float(sum(w * per_level[lv].mean() for lv, w in weights.items()))
+        return LC.composite_score(scorer, plan, weights)
 
     def line(label: str, runs: list[list[dict]]) -> None:
         pairs = []

@@ -42,11 +42,6 @@ from common import Scorer, archive_events, one_thread, zoo  # noqa: E402
 SEARCH = "zoo/calc:search"
 
 
-def composite(scorer: Scorer, plan: dict, weights: dict[int, float]) -> float:
-    per_level = LC.level_scores(scorer, plan)
-    return float(sum(w * per_level[lv].mean() for lv, w in weights.items()))
-
-
 def collect(runs: Path, search: str, seeds: list[int], out: Path) -> None:
     import torch
 
@@ -72,7 +67,7 @@ def collect(runs: Path, search: str, seeds: list[int], out: Path) -> None:
             candidates.append({"plan": e["plan"], "fitness": e["fitness"]["calc"], "loglik": [ll for ll, _ in loglik],
                                "tokens": [n for _, n in loglik],
                                "exact": scorer.scores(e["plan"], SEARCH).tolist(),
-                               "truth": composite(scorer, e["plan"], weights)})
+                               "truth": LC.composite_score(scorer, e["plan"], weights)})
         data[seed] = candidates
         print(f"seed {seed}: {len(candidates)} candidates", flush=True)
     with open(out, "wb") as f:
@@ -115,8 +110,8 @@ def report(result_path: Path, pickles: list[Path]) -> None:
         assert np.allclose(on_subset["likelihood (the search's)"], [c["fitness"] for c in cands], atol=1e-4), seed
         path_rows.append([truth[np.argmax(on_subset["likelihood (the search's)"])], truth.max(),
                           truth[np.argmax(on_all["likelihood (the search's)"])],
-                          composite(scorer, plans[seed]["graded_full_search"], weights),
-                          composite(scorer, plans[seed]["full_search"], weights)])
+                          LC.composite_score(scorer, plans[seed]["graded_full_search"], weights),
+                          LC.composite_score(scorer, plans[seed]["full_search"], weights)])
         for where, values in (("20 items", on_subset), ("200 items", on_all)):
             for name, v in values.items():
                 rank.setdefault((where, name), []).append(spearmanr(v, truth)[0])
@@ -190,8 +185,8 @@ def reallocated_search(seeds: list[int], per: int = 14, k: int = 3, more: int = 
         items = np.concatenate([subset, extra])
         top = sorted(events, key=lambda e: -e["fitness"]["calc"])[:k]
         pick = max(top, key=lambda e: scorer.graded(e["plan"], SEARCH)[items].mean())
-        raws.append(composite(scorer, top[0]["plan"], weights))
-        picks.append(composite(scorer, pick["plan"], weights))
+        raws.append(LC.composite_score(scorer, top[0]["plan"], weights))
+        picks.append(LC.composite_score(scorer, pick["plan"], weights))
         print(f"seed {seed}: highest estimate {raws[-1]:.4f}, finalists re-scored {picks[-1]:.4f}", flush=True)
     print(f"mean: highest estimate {np.mean(raws):.4f}, finalists re-scored {np.mean(picks):.4f}")
 
