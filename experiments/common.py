@@ -73,6 +73,8 @@ def seeded_settings(args) -> dict[str, Any]:
         settings["seeds"] = [int(x) for x in args.seeds.split(",")]
     if settings.get("unseen"):      # the unseen items of the zoo measured on
         settings["unseen"] = level_sets(args.zoo)[0]
+    if settings.get("task") == "calc-wide":     # the zoo's own (experiments/unseen_items.py)
+        settings["task"] = wide_task(args.zoo)
     args.workdir = args.workdir or Path("/tmp/evomerge-experiments") / args.settings
     args.out = args.out or RESULTS / (f"{args.settings}.quick.json" if args.quick else f"{args.settings}.json")
     return settings
@@ -100,6 +102,12 @@ def level_sets(zoo_dir: str | Path | None) -> tuple[str, str]:
     if folder != Path(UNSEEN_TASK).parent and not (folder / "calc-unseen.yaml").exists():
         raise SystemExit(f"{folder}: no unseen items for this zoo; run experiments/unseen_items.py --zoo {zoo_dir}")
     return str(folder / "calc-unseen.yaml"), str(folder / "calc-untaught.yaml")
+
+
+def wide_task(zoo_dir: str | Path | None) -> str:
+    """A zoo's calc-wide task file: its level sets halved into search and held-out splits."""
+    level_sets(zoo_dir)         # says how to write them when they are missing
+    return str(level_sets_folder(zoo_dir)[1] / "calc-wide.yaml")
 
 
 def curve_plan(curve: list[dict], fraction: float) -> dict | None:

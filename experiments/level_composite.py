@@ -10,7 +10,9 @@ the splits no model was taught end to end (calc-untaught: their halves were taug
 are not unseen). The levels are weighted as the held-out split weights them.
 
 Reads the picks (plans) stored in experiments/results/search_quality.json,
-search_quality_large.json and estimator_fidelity.json; scores nothing but them. Writes
+search_quality_large.json and estimator_fidelity.json; scores nothing but them. The picks of
+estimator_fidelity_wide.json, whose searches ran on half of these sets (calc-wide), are judged
+on the other half only, level by level with the same weights. Writes
 experiments/results/level_composite.json. Per claim: each side's composite score and the
 paired gap, its standard error resampling seeds (jointly over the levels) and items (within
 each level), and the gap per level.
@@ -27,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, Scorer, bootstrap_gap, command_line, curve_plan, level_sets,  # noqa: E402
-                    machine_info, one_thread, write_json, zoo, zoo_fingerprint)
+                    machine_info, one_thread, wide_task, write_json, zoo, zoo_fingerprint)
 
 HELDOUT = "zoo/calc:heldout"
 
@@ -124,15 +126,19 @@ def main() -> int:
     sets = {str(lv): {"task": Path(task).name, "items": int(sum(item.meta["level"] == lv
                                                                 for item in scorer.task(task).items))}
             for lv, task in tasks.items()}
+    wide_heldout = f"{wide_task(args.zoo)}:heldout"
     experiments: dict[str, Any] = {}
-    for name, pairs_of in (("search_quality", search_quality_pairs), ("search_quality_large", search_quality_pairs),
-                           ("estimator_fidelity", fidelity_pairs)):
+    for name, pairs_of, judged_on in (
+            ("search_quality", search_quality_pairs, tasks), ("search_quality_large", search_quality_pairs, tasks),
+            ("estimator_fidelity", fidelity_pairs, tasks),
+            ("estimator_fidelity_wide", fidelity_pairs, {lv: wide_heldout for lv in tasks})):
         path = args.results / f"{name}.json"
         if not path.exists():
             continue
-        claims = {claim: composite_gap(scorer, pairs, weights, tasks=tasks)
+        claims = {claim: composite_gap(scorer, pairs, weights, tasks=judged_on)
                   for claim, pairs in pairs_of(json.loads(path.read_text())).items()}
-        experiments[name] = {"seeds": next(iter(claims.values()))["seeds"] if claims else 0, "claims": claims}
+        experiments[name] = {"seeds": next(iter(claims.values()))["seeds"] if claims else 0, "claims": claims,
+                             "judged_on": sorted({Path(t).name for t in judged_on.values()})}
         print(name, {c: f"{g['mean']:+.4f} ± {g['se']:.4f}" for c, g in claims.items()}, flush=True)
     result = {"experiment": "level_composite", "command": command_line(), "machine_start": machine_start,
               "machine_end": machine_info(), "wall_seconds": time.time() - started, "zoo": str(zoo_paths.root),

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The search-quality (3000 and 12000 items) and estimator-fidelity claims again, on a zoo of
-# the same design built from another seed (other initial weights, other training streams, so
-# other unseen items), judged on the composite rebuilt from that zoo's own unseen and untaught
-# items. Results go to experiments/results/zoo-seedSEED/; make_readme_tables.py gives them a
-# README section.
-# About 30 minutes here.
+# The search-quality (3000 and 12000 items) and estimator-fidelity (search splits of 200 and
+# 1205 items) claims again, on a zoo of the same design built from another seed (other initial
+# weights, other training streams, so other unseen items), judged on the composite rebuilt from
+# that zoo's own unseen and untaught items. Results go to experiments/results/zoo-seedSEED/;
+# make_readme_tables.py gives them a README section.
+# About 40 minutes here.
 #
 #   bash experiments/other_zoo.sh [SEED]        (default 4321)
 set -euo pipefail
@@ -24,4 +24,6 @@ $py experiments/search_quality.py --jobs 2 --skip-multi --settings search_qualit
     --workdir "$work/search_quality_large" --out "$out/search_quality_large.json"
 $py experiments/estimator_fidelity.py --jobs 2 --zoo "$zoo" --workdir "$work/estimator_fidelity" \
     --out "$out/estimator_fidelity.json"
+$py experiments/estimator_fidelity.py --jobs 2 --settings estimator_fidelity_wide --zoo "$zoo" \
+    --workdir "$work/estimator_fidelity_wide" --out "$out/estimator_fidelity_wide.json"
 $py experiments/level_composite.py --zoo "$zoo" --results "$out"

@@ -8,10 +8,14 @@ seeded training corpora (``evomerge.zoo.build.trained_prompts``):
   end. Their halves were taught (the lang expert: the prompt's translation; the arith expert
   and the base: the sum, with the translation given), so they are not unseen, but the
   composite answer a merge has to produce was never a training target.
+- calc-wide: both sets together, each level split at random into halves: a ``search`` split of
+  about 1200 items and a ``heldout`` split of the rest. A task as large as a real benchmark,
+  for measuring the estimator's 10x item cut where 10% of the items is not 20 of them
+  (experiments/estimator_fidelity.py --settings estimator_fidelity_wide).
 
     HF_HUB_OFFLINE=1 .venv/bin/python experiments/unseen_items.py [--check | --describe] [--zoo DIR]
 
-Writes experiments/data/calc-{unseen,untaught}.{yaml,jsonl} (for a zoo built from another seed,
+Writes experiments/data/calc-{unseen,untaught}.{yaml,jsonl} and calc-wide.{yaml,search.jsonl,heldout.jsonl} (for a zoo built from another seed,
 ``--zoo DIR``: into DIR/eval, since its training saw other items); ``--check`` only verifies them;
 ``--describe`` compares the unseen sums with all 8100 2+2-digit sums and the shipped splits'
 ones (a fair sample of the level, or a skewed one?). The 100-item held-out split gives one
@@ -56,10 +60,31 @@ def _task_files(name: str, levels: tuple[int, ...], excluded: set[str]) -> dict[
     return {f"{name}.jsonl": "".join(json.dumps(r) + "\n" for r in rows), f"{name}.yaml": spec + f"data: {name}.jsonl\n"}
 
 
+def _wide_files(level_sets: dict[str, str]) -> dict[str, str]:
+    """calc-unseen and calc-untaught together, every level halved at random (a fixed draw)
+    into a search and a held-out split."""
+    import numpy as np
+
+    rows = [line for name in ("calc-untaught.jsonl", "calc-unseen.jsonl") for line in level_sets[name].splitlines()]
+    levels = np.array([json.loads(line)["level"] for line in rows])
+    rng = np.random.default_rng(0)
+    search = set()
+    for level in sorted(set(levels.tolist())):
+        members = rng.permutation(np.flatnonzero(levels == level))
+        search.update(members[: len(members) // 2].tolist())
+    split = {"search": [r for i, r in enumerate(rows) if i in search],
+             "heldout": [r for i, r in enumerate(rows) if i not in search]}
+    spec = level_sets["calc-unseen.yaml"].split("data:")[0].replace("zoo/calc-unseen", "zoo/calc-wide")
+    spec += "splits:\n  search: calc-wide.search.jsonl\n  heldout: calc-wide.heldout.jsonl\ndefault_split: search\n"
+    return {"calc-wide.yaml": spec, **{f"calc-wide.{name}.jsonl": "".join(r + "\n" for r in part)
+                                       for name, part in split.items()}}
+
+
 def unseen_files(seed: int = SEED) -> dict[str, str]:
     shipped = eval_prompts()
-    return {**_task_files("calc-unseen", (3,), trained_prompts(seed=seed) | shipped),
-            **_task_files("calc-untaught", (1, 2), trained_prompts(end_to_end=True, seed=seed) | shipped)}
+    files = {**_task_files("calc-unseen", (3,), trained_prompts(seed=seed) | shipped),
+             **_task_files("calc-untaught", (1, 2), trained_prompts(end_to_end=True, seed=seed) | shipped)}
+    return {**files, **_wide_files(files)}
 
 
 def zoo_data(argv: list[str]) -> tuple[int, Path]:

@@ -136,3 +136,17 @@ def test_each_other_zoo_gets_its_claims_and_its_sources_beside_the_picks(tmp_pat
     lang = quality["single_objective"]["sources_heldout"]["lang"]
     final = quality["single_objective"]["heldout"]["evomerge"][-1]["mean"]
     assert "| held-out | " in section and f"{lang:.3f}" in section and f"{final:.3f}" in section
+
+
+def test_the_wide_fidelity_run_gets_its_own_section_named_by_its_search_split(tmp_path, experiment):
+    builder = experiment("make_readme_tables")
+    result = json.loads((ROOT / "experiments" / "results" / "estimator_fidelity.json").read_text())
+    for row in result["per_seed"].values():
+        row["items_per_candidate"] = {"estimate": 120.0, "full": 1205.0}
+    result["settings"]["task"] = "/somewhere/eval/calc-wide.yaml"
+    (tmp_path / "estimator_fidelity_wide.json").write_text(json.dumps(result))
+    text = builder.build(tmp_path)
+    assert "### Estimator cost and fidelity on a search split of 1205 items (zoo, calc-wide)" in text
+    assert "evomerge's search on `calc-wide.yaml:search`" in text and "/somewhere" not in text
+    assert "judged by full evaluation on the 1205 search items" in text
+    assert "![estimator fidelity](estimator_fidelity_wide.png)" in text

@@ -66,3 +66,20 @@ def test_a_zoo_from_another_seed_gets_its_own_unseen_items_beside_it(experiment,
     (other.root / "eval").mkdir()
     (other.root / "eval" / "calc-unseen.yaml").write_text("")
     assert common.level_sets(other.root)[0] == str(other.root / "eval" / "calc-unseen.yaml")
+
+
+def test_calc_wide_halves_every_level_of_the_unseen_and_untaught_items_into_search_and_heldout(experiment):
+    script = experiment("unseen_items")
+    wide = script.DATA / "calc-wide.yaml"
+    search, heldout = (load_task(f"{wide}:{split}") for split in ("search", "heldout"))
+    together = load_task(script.TASK).items + load_task(script.UNTAUGHT_TASK).items
+    prompts = {split: [item.prompt for item in task.items] for split, task in (("s", search), ("h", heldout))}
+    assert not set(prompts["s"]) & set(prompts["h"])                     # judged on items it never searched on
+    assert sorted(prompts["s"] + prompts["h"]) == sorted(item.prompt for item in together)
+    for level in (1, 2, 3):
+        n = [sum(item.meta["level"] == level for item in task.items) for task in (search, heldout)]
+        assert abs(n[0] - n[1]) <= 1 and min(n) > 10, (level, n)
+    assert len(search.items) // 10 > 100            # a 10% subset is over 100 items, not 20
+    # the split is a fixed draw: the same files again
+    files = script.unseen_files()
+    assert files["calc-wide.search.jsonl"] == (script.DATA / "calc-wide.search.jsonl").read_text()
