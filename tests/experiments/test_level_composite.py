@@ -59,3 +59,16 @@ def test_the_section_is_built_from_the_result_file(experiment):
         for key, g in e["claims"].items():
             assert builder.COMPOSITE_CLAIMS[key][0] in text
             assert f"| {g['a']:.3f} | {g['b']:.3f} | {g['mean']:+.3f} ± {g['se']:.3f}" in text
+
+
+def test_the_wide_fidelity_picks_are_judged_only_on_the_half_they_did_not_search_on(experiment):
+    builder = experiment("make_readme_tables")
+    result = json.loads((ROOT / "experiments" / "results" / "level_composite.json").read_text())
+    wide = result["experiments"]["estimator_fidelity_wide"]
+    assert wide["judged_on"] == ["calc-wide.yaml:heldout"]
+    assert result["experiments"]["estimator_fidelity"]["judged_on"] == ["calc-unseen.yaml", "calc-untaught.yaml"]
+    text = "\n".join(builder.level_composite(result))
+    assert "its picks are judged on the other half only (calc-wide.yaml:heldout)" in text
+    for key, g in wide["claims"].items():
+        label = builder.COMPOSITE_CLAIMS[key][0]
+        assert f"| estimator_fidelity_wide ({g['seeds']} seeds) | {label} | {g['a']:.3f} |" in text
