@@ -11,8 +11,8 @@ are not unseen). The levels are weighted as the held-out split weights them.
 
 Reads the picks (plans) stored in experiments/results/search_quality.json,
 search_quality_large.json and estimator_fidelity.json; scores nothing but them. The picks of
-estimator_fidelity_wide.json, whose searches ran on half of these sets (calc-wide), are judged
-on the other half only, level by level with the same weights. Writes
+search_quality_wide.json and estimator_fidelity_wide.json, whose searches ran on half of these
+sets (calc-wide), are judged on the other half only, level by level with the same weights. Writes
 experiments/results/level_composite.json. Per claim: each side's composite score and the
 paired gap, its standard error resampling seeds (jointly over the levels) and items (within
 each level), and the gap per level.
@@ -131,6 +131,7 @@ def main() -> int:
     for name, pairs_of, judged_on in (
             ("search_quality", search_quality_pairs, tasks), ("search_quality_large", search_quality_pairs, tasks),
             ("estimator_fidelity", fidelity_pairs, tasks),
+            ("search_quality_wide", search_quality_pairs, {lv: wide_heldout for lv in tasks}),
             ("estimator_fidelity_wide", fidelity_pairs, {lv: wide_heldout for lv in tasks})):
         path = args.results / f"{name}.json"
         if not path.exists():

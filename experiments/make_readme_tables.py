@@ -118,12 +118,17 @@ def verdict(best_merge: float | None, best_source: float, stderr: float) -> str:
 def search_quality(r: dict, name: str = "search_quality") -> list[str]:
     s = r["single_objective"]
     S = r["settings"]
-    lines = header(f"Search quality per budget (zoo, composite task, {s['budget_items']} items)", r,
+    search_items, heldout_items = s.get("search_items", 200), s.get("heldout_items", 100)   # older files: calc's
+    task = Path(s["task"]).name if s["task"].endswith(".yaml") else s["task"]      # a file: where it is, no matter
+    title = f"Search quality per budget (zoo, composite task, {s['budget_items']} items)"
+    if name == "search_quality_wide":
+        title = f"Search quality per budget on a search split of {search_items} items (zoo, calc-wide)"
+    lines = header(title, r,
                    f"{len(S['seeds'])} seeds; every method gets {s['budget_items']} scored items on "
-                   f"`{s['task']}:search` ({s['budget_items'] // 200} full evaluations of its 200 items). At each "
-                   "budget point the candidate with the best search fitness so far is re-evaluated in full on "
-                   f"the 100 held-out items (`{s['task']}:heldout`). Cells: held-out accuracy, mean ± std "
-                   "[min, max] over seeds.")
+                   f"`{task}:search` ({s['budget_items'] // search_items} full evaluations of its {search_items} "
+                   "items). At each budget point the candidate with the best search fitness so far is re-evaluated "
+                   f"in full on the {heldout_items} held-out items (`{task}:heldout`). Cells: held-out accuracy, "
+                   "mean ± std [min, max] over seeds.")
     fr = s["fractions"]
     lines += ["| method | " + " | ".join(f"{int(f * s['budget_items'])} items" for f in fr)
               + " | candidates evaluated | items / candidate | s / candidate |",
@@ -438,12 +443,13 @@ def level_composite(r: dict, title: str = "The claims on the composite rebuilt f
             lines.append(f"| {name} ({g['seeds']} seeds) | {label} | {g['a']:.3f} | {g['b']:.3f} | "
                          f"{g['mean']:+.3f} ± {g['se']:.3f} (ahead in {g['ahead']}, behind in {g['behind']}) | "
                          f"{per_level} | {composite_verdict(g, kind)} |")
-    wide = r["experiments"].get("estimator_fidelity_wide")
+    wide = [name for name in r["experiments"] if name.endswith("_wide")]
+    judged = sorted({t for name in wide for t in r["experiments"][name]["judged_on"]})
     lines += ["", "Verdicts: reach = a at least b; beat = a above b; 1 point = a at most 0.01 below b. Beyond the "
               "noise: the two-standard-error interval of the gap lies entirely on the verdict's side."
-              + (" estimator_fidelity_wide searched on half of these sets (calc-wide's search split), so its picks "
-                 f"are judged on the other half only ({', '.join(wide['judged_on'])}), with the same level weights."
-                 if wide else ""), ""]
+              + (f" {' and '.join(wide)} searched on half of these sets (calc-wide's search split), so "
+                 f"{'its' if len(wide) == 1 else 'their'} picks are judged on the other half only "
+                 f"({', '.join(judged)}), with the same level weights." if wide else ""), ""]
     return lines
 
 
@@ -676,11 +682,13 @@ def build(results: Path) -> str:
     lines += embedded(results, "zoo_matrix", "The model zoo: accuracy matrix",
                       ".venv/bin/python experiments/zoo_matrix.py --split heldout")
     large = lambda r: search_quality(r, "search_quality_large")  # noqa: E731
+    wide_search = lambda r: search_quality(r, "search_quality_wide")  # noqa: E731
     irt = lambda r: estimator_fidelity(r, "estimator_fidelity_irt")  # noqa: E731
     wide = lambda r: estimator_fidelity(r, "estimator_fidelity_wide")  # noqa: E731
-    optional = ("search_quality_large", "estimator_fidelity_irt", "estimator_fidelity_wide",
+    optional = ("search_quality_large", "search_quality_wide", "estimator_fidelity_irt", "estimator_fidelity_wide",
                 "level_composite")   # not run: no section
     for name, fn in (("search_quality", search_quality), ("search_quality_large", large),
+                     ("search_quality_wide", wide_search),
                      ("estimator_fidelity", estimator_fidelity), ("estimator_fidelity_wide", wide),
                      ("estimator_fidelity_irt", irt),
                      ("level_composite", level_composite), ("throughput", throughput)):

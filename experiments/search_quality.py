@@ -424,6 +424,7 @@ def main() -> int:
     curves_so = {m: [parts[s]["single"]["curves_search_only"][m] for s in seeds] for m in methods}
     single = {
         "budget_items": budget, "fractions": fractions, "task": task,
+        "search_items": n_items(f"{task}:search"), "heldout_items": n_items(f"{task}:heldout"),
         "heldout": summarize(curves, "heldout"), "search_full": summarize(curves, "search_full"),
         "heldout_search_only": summarize(curves_so, "heldout"),
         "per_seed": {m: {str(s): {"curve": parts[s]["single"]["curves"].get(m),
