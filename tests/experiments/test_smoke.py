@@ -150,3 +150,16 @@ def test_the_wide_fidelity_run_gets_its_own_section_named_by_its_search_split(tm
     assert "evomerge's search on `calc-wide.yaml:search`" in text and "/somewhere" not in text
     assert "judged by full evaluation on the 1205 search items" in text
     assert "![estimator fidelity](estimator_fidelity_wide.png)" in text
+
+
+def test_a_search_quality_file_names_its_own_split_sizes(tmp_path, experiment):
+    builder = experiment("make_readme_tables")
+    result = json.loads((ROOT / "experiments" / "results" / "search_quality.json").read_text())
+    old = "\n".join(builder.search_quality(result))
+    assert "(15 full evaluations of its 200 items)" in old and "on the 100 held-out items" in old
+    single = result["single_objective"]
+    single.update(task="/somewhere/eval/calc-wide.yaml", budget_items=18075, search_items=1205, heldout_items=1207)
+    text = "\n".join(builder.search_quality(result, "search_quality_wide"))
+    assert text.startswith("### Search quality per budget on a search split of 1205 items (zoo, calc-wide)")
+    assert "`calc-wide.yaml:search` (15 full evaluations of its 1205 items)" in text
+    assert "in full on the 1207 held-out items (`calc-wide.yaml:heldout`)" in text and "/somewhere" not in text
