@@ -645,13 +645,13 @@ def other_zoos(results: Path) -> list[str]:
         seed = folder.name.removeprefix("zoo-seed")
         runs = ", ".join(f"`{json.loads((folder / f'{n}.json').read_text()).get('command')}`"
                          for n in ("search_quality", "search_quality_large", "estimator_fidelity",
-                                   "estimator_fidelity_wide")
+                                   "estimator_fidelity_wide", "search_quality_wide")
                          if (folder / f"{n}.json").exists())
         composite = level_composite(json.loads(path.read_text()),
                                     f"The same claims on another zoo (built from seed {seed})",
                                  f"from {runs}, on a zoo of the same design built by `evomerge zoo build --seed "
                                  f"{seed}`: other initial weights, other training streams, so other unseen items; "
-                                 f"the whole section: `bash experiments/other_zoo.sh {seed}`, about 40 minutes here")
+                                 f"the whole section: `bash experiments/other_zoo.sh {seed}`, about 50 minutes here")
         lines += composite + zoo_scores(folder / "search_quality.json")
     return lines
 

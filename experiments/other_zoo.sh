@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The search-quality (3000 and 12000 items) and estimator-fidelity (search splits of 200 and
-# 1205 items) claims again, on a zoo of the same design built from another seed (other initial
-# weights, other training streams, so other unseen items), judged on the composite rebuilt from
-# that zoo's own unseen and untaught items. Results go to experiments/results/zoo-seedSEED/;
-# make_readme_tables.py gives them a README section.
-# About 40 minutes here.
+# The search-quality and estimator-fidelity claims again (on the composite task's 200-item
+# search split, and on calc-wide's of about 1200), on a zoo of the same design built from
+# another seed (other initial weights, other training streams, so other unseen items), judged
+# on the composite rebuilt from that zoo's own unseen and untaught items. Results go to
+# experiments/results/zoo-seedSEED/; make_readme_tables.py gives them a README section.
+# About 50 minutes here.
 #
 #   bash experiments/other_zoo.sh [SEED]        (default 4321)
 set -euo pipefail
@@ -26,4 +26,6 @@ $py experiments/estimator_fidelity.py --jobs 2 --zoo "$zoo" --workdir "$work/est
     --out "$out/estimator_fidelity.json"
 $py experiments/estimator_fidelity.py --jobs 2 --settings estimator_fidelity_wide --zoo "$zoo" \
     --workdir "$work/estimator_fidelity_wide" --out "$out/estimator_fidelity_wide.json"
+$py experiments/search_quality.py --jobs 2 --skip-multi --skip-mergenetic --settings search_quality_wide --zoo "$zoo" \
+    --workdir "$work/search_quality_wide" --out "$out/search_quality_wide.json"
 $py experiments/level_composite.py --zoo "$zoo" --results "$out"
