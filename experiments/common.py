@@ -106,8 +106,7 @@ def level_sets(zoo_dir: str | Path | None) -> tuple[str, str]:
 
 def wide_task(zoo_dir: str | Path | None) -> str:
     """A zoo's calc-wide task file: its level sets halved into search and held-out splits."""
-    level_sets(zoo_dir)         # says how to write them when they are missing
-    return str(level_sets_folder(zoo_dir)[1] / "calc-wide.yaml")
+    return str(Path(level_sets(zoo_dir)[0]).parent / "calc-wide.yaml")
 
 
 def curve_plan(curve: list[dict], fraction: float) -> dict | None:

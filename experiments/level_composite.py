@@ -126,13 +126,13 @@ def main() -> int:
     sets = {str(lv): {"task": Path(task).name, "items": int(sum(item.meta["level"] == lv
                                                                 for item in scorer.task(task).items))}
             for lv, task in tasks.items()}
-    wide_heldout = f"{wide_task(args.zoo)}:heldout"
+    wide_heldout = {lv: f"{wide_task(args.zoo)}:heldout" for lv in tasks}     # every level on the other half
     experiments: dict[str, Any] = {}
     for name, pairs_of, judged_on in (
             ("search_quality", search_quality_pairs, tasks), ("search_quality_large", search_quality_pairs, tasks),
             ("estimator_fidelity", fidelity_pairs, tasks),
-            ("search_quality_wide", search_quality_pairs, {lv: wide_heldout for lv in tasks}),
-            ("estimator_fidelity_wide", fidelity_pairs, {lv: wide_heldout for lv in tasks})):
+            ("search_quality_wide", search_quality_pairs, wide_heldout),
+            ("estimator_fidelity_wide", fidelity_pairs, wide_heldout)):
         path = args.results / f"{name}.json"
         if not path.exists():
             continue

@@ -115,11 +115,17 @@ def verdict(best_merge: float | None, best_source: float, stderr: float) -> str:
             "clearly better than the sources at the composite task.")
 
 
+def task_label(spec: str) -> str:
+    """A task as the tables name it: a zoo task by its name, a task file by its file name
+    (where it lies differs from machine to machine)."""
+    return Path(spec).name if spec.endswith(".yaml") else spec
+
+
 def search_quality(r: dict, name: str = "search_quality") -> list[str]:
     s = r["single_objective"]
     S = r["settings"]
     search_items, heldout_items = s.get("search_items", 200), s.get("heldout_items", 100)   # older files: calc's
-    task = Path(s["task"]).name if s["task"].endswith(".yaml") else s["task"]      # a file: where it is, no matter
+    task = task_label(s["task"])
     title = f"Search quality per budget (zoo, composite task, {s['budget_items']} items)"
     if name == "search_quality_wide":
         title = f"Search quality per budget on a search split of {search_items} items (zoo, calc-wide)"
@@ -294,7 +300,7 @@ def estimator_fidelity(r: dict, name: str = "estimator_fidelity") -> list[str]:
                  "`estimator: subset`, nothing calibrated)" if graded else
                  f"the estimator on {S['anchor_frac']:.0%} anchors (IRT calibrated first)")
     search_items = next(iter(r["per_seed"].values()))["items_per_candidate"]["full"]
-    task = Path(S["task"]).name if S["task"].endswith(".yaml") else S["task"]      # a file: where it is, no matter
+    task = task_label(S["task"])
     title = "Estimator cost and fidelity during a real search (zoo)" + ("" if graded else ": gp-IRT on 0/1 anchors")
     if name == "estimator_fidelity_wide":
         title = f"Estimator cost and fidelity on a search split of {search_items:.0f} items (zoo, calc-wide)"
@@ -340,34 +346,34 @@ def estimator_fidelity(r: dict, name: str = "estimator_fidelity") -> list[str]:
         lines.append(f"| {labels.get(estimator_name, estimator_name)} | {_ms(st, 2)} |")
     c = s["claims"]
     claims = [
-          claim_line("", c["items_cut_at_least_10x"], "the estimator cuts scored items per candidate by at least 10x"),
-          claim_line("", c["final_heldout_within_1_point"],
-                     "the search's final held-out result stays within 1 point of the same search with full "
-                     "evaluation, judged on the held-out items (met: at most 1 point worse)"),
-          claim_line("", c["final_top_heldout_within_1_point"],
-                     f"the same for evomerge's own pick (the top {S.get('rescore_top')} by estimate re-scored "
-                     "on every search item, as the demo does), on the held-out items; items cut counting "
-                     "that re-scoring")
-          if "final_top_heldout_within_1_point" in c else "",
-          claim_line("", c["final_unseen_within_1_point"],
-                     "the search's final result stays within 1 point of the full-evaluation search, judged on "
-                     "the unseen items (standard error of a seed's score about 0.01, not 0.05)")
-          if "final_unseen_within_1_point" in c else "",
-          claim_line("", c["final_top_unseen_within_1_point"],
-                     "the same for evomerge's own pick (top "
-                     f"{S.get('rescore_top')} re-scored), on the unseen items")
-          if "final_top_unseen_within_1_point" in c else "",
-          _unseen_scale_note(per, c) if "final_unseen_within_1_point" in c else "",
-          *[claim_line("", c[f"final_{key}_within_1_point_of_graded_full"],
-                       "the estimator search against the same search with full evaluation by the same score "
-                       "(likelihood on every search item, so only the item cut differs), judged on the "
-                       f"{label} items")
-            for key, label in (("heldout", "held-out"), ("unseen", "unseen"))
-            if f"final_{key}_within_1_point_of_graded_full" in c],
-          claim_line("", c["final_on_search_items_within_1_point"],
-                     f"the same, judged by full evaluation on the {search_items:.0f} search items (a bias in "
-                     "favour of the full-evaluation search, whose pick is the maximum of those very scores)")
-          if "final_on_search_items_within_1_point" in c else "",
+        claim_line("", c["items_cut_at_least_10x"], "the estimator cuts scored items per candidate by at least 10x"),
+        claim_line("", c["final_heldout_within_1_point"],
+                   "the search's final held-out result stays within 1 point of the same search with full "
+                   "evaluation, judged on the held-out items (met: at most 1 point worse)"),
+        claim_line("", c["final_top_heldout_within_1_point"],
+                   f"the same for evomerge's own pick (the top {S.get('rescore_top')} by estimate re-scored "
+                   "on every search item, as the demo does), on the held-out items; items cut counting "
+                   "that re-scoring")
+        if "final_top_heldout_within_1_point" in c else "",
+        claim_line("", c["final_unseen_within_1_point"],
+                   "the search's final result stays within 1 point of the full-evaluation search, judged on "
+                   "the unseen items (standard error of a seed's score about 0.01, not 0.05)")
+        if "final_unseen_within_1_point" in c else "",
+        claim_line("", c["final_top_unseen_within_1_point"],
+                   "the same for evomerge's own pick (top "
+                   f"{S.get('rescore_top')} re-scored), on the unseen items")
+        if "final_top_unseen_within_1_point" in c else "",
+        _unseen_scale_note(per, c) if "final_unseen_within_1_point" in c else "",
+        *[claim_line("", c[f"final_{key}_within_1_point_of_graded_full"],
+                     "the estimator search against the same search with full evaluation by the same score "
+                     "(likelihood on every search item, so only the item cut differs), judged on the "
+                     f"{label} items")
+          for key, label in (("heldout", "held-out"), ("unseen", "unseen"))
+          if f"final_{key}_within_1_point_of_graded_full" in c],
+        claim_line("", c["final_on_search_items_within_1_point"],
+                   f"the same, judged by full evaluation on the {search_items:.0f} search items (a bias in "
+                   "favour of the full-evaluation search, whose pick is the maximum of those very scores)")
+        if "final_on_search_items_within_1_point" in c else "",
     ]
     return lines + ["", "Claims:", *[line for line in claims if line], "", f"![estimator fidelity]({name}.png)", ""]
 

@@ -15,8 +15,9 @@ seeded training corpora (``evomerge.zoo.build.trained_prompts``):
 
     HF_HUB_OFFLINE=1 .venv/bin/python experiments/unseen_items.py [--check | --describe] [--zoo DIR]
 
-Writes experiments/data/calc-{unseen,untaught}.{yaml,jsonl} and calc-wide.{yaml,search.jsonl,heldout.jsonl} (for a zoo built from another seed,
-``--zoo DIR``: into DIR/eval, since its training saw other items); ``--check`` only verifies them;
+Writes experiments/data/calc-{unseen,untaught}.{yaml,jsonl} and
+calc-wide.{yaml,search.jsonl,heldout.jsonl} (for a zoo built from another seed, ``--zoo DIR``:
+into DIR/eval, since its training saw other items); ``--check`` only verifies them;
 ``--describe`` compares the unseen sums with all 8100 2+2-digit sums and the shipped splits'
 ones (a fair sample of the level, or a skewed one?). The 100-item held-out split gives one
 seed's score a standard error of about 0.05; the unseen items, about 0.008.
