@@ -1,13 +1,15 @@
 """``evomerge demo``: the README's first command (``make demo``).
 
-1. build the tiny model zoo if it is not cached yet (``evomerge zoo build``);
+1. load the tiny model zoo shipped in the package (checksums verified; ``--zoo DIR`` for
+   another one, built first if DIR holds none);
 2. run the search of ``configs/demo.yaml`` on it (graded fitness on a tenth of the
    composite task ``calc``), or resume / reuse ``runs/demo`` if it is already there;
 3. choose the search's best merge using search items only: the top candidates by
    estimate are re-scored on every search item and the best of them is kept;
 4. judge by FULL evaluation on HELD-OUT items (never seen by the search): every source
    model, the standard one-shot recipes at mergekit-style default parameters and the
-   search's best merge, and print the table;
+   search's best merge, and print the table with the best merge's margin over the runner-up
+   and its paired standard error (the same items, so their shared difficulty cancels);
 5. export the front to ``runs/demo/export`` and write the report (PNGs + report.md);
 6. write the numbers to ``experiments/results/demo.json`` and ``demo.md``.
 """
@@ -102,6 +104,25 @@ def choose_best(run_dir: Path, objective: str, k: int = TOP_K) -> tuple[int, dic
     return best.candidate_id, {"plan": best.plan, "estimate": best.value(objective), "rescored_search": rescored}
 
 
+def paired_margin(best: list[float], other: list[float]) -> tuple[float, float]:
+    """Mean per-item difference of two rows scored on the same items, and its standard error."""
+    import numpy as np
+
+    diff = np.asarray(best, dtype=float) - np.asarray(other, dtype=float)
+    if len(diff) < 2:
+        return float(diff.mean()) if len(diff) else 0.0, float("nan")
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
+
+
+def margin_verdict(gap: float, stderr: float) -> str:
+    """"better" only beyond two paired standard errors; a smaller lead is noise."""
+    if gap > 2 * stderr:
+        return "better, beyond two paired standard errors"
+    if gap > 0:
+        return "ahead, but within the noise (inside two paired standard errors)"
+    return "NOT better"
+
+
 def table_markdown(rows: dict[str, dict], columns: list[str], objective: str) -> str:
     head = f"| model | {' | '.join(c + (' (objective)' if c == objective else '') for c in columns)} |"
     lines = [head, "|" + "---|" * (len(columns) + 1)]
@@ -118,13 +139,14 @@ def run_demo(config: Path = DEFAULT_CONFIG, run_dir: Path | None = None, results
     from evomerge.search.export import export_records, load_records, pareto_front
     from evomerge.search.report import write_report
     from evomerge.search.run import judge
-    from evomerge.zoo.build import ensure_zoo, is_built, zoo_paths
+    from evomerge.zoo.build import built_seed, ensure_zoo, is_built, zoo_paths
 
     t0 = time.time()
     load0 = os.getloadavg()
     if not is_built(zoo_paths(zoo_dir)):
-        print(f"building the model zoo at {zoo_paths(zoo_dir).root} (once; a few CPU minutes)", flush=True)
+        print(f"building a model zoo at {zoo_paths(zoo_dir).root} (a few CPU minutes)", flush=True)
     zoo = ensure_zoo(zoo_dir, verbose=True)
+    print(f"zoo: {zoo.root} (checksums verified)", flush=True)
     cfg = load_demo_config(config, zoo, run_dir, tiny)
     objective = cfg.objectives[0].name
     search = open_search(cfg, fresh)
@@ -144,18 +166,29 @@ def run_demo(config: Path = DEFAULT_CONFIG, run_dir: Path | None = None, results
     plans[best_label] = best["plan"]
     extra = {c: f"zoo/{c}:heldout" for c in SKILL_COLUMNS if c not in cfg.objective_names}
     t_judge = time.time()
-    rows = judge(run_dir, plans, split="heldout", extra_tasks=extra, progress=progress)
+    rows = judge(run_dir, plans, split="heldout", extra_tasks=extra, progress=progress, per_item=True)
     t_judge = time.time() - t_judge
     columns = [o.name for o in cfg.objectives if o.heldout_task] + list(extra)
+    item_scores = {label: row[objective].pop("scores") for label, row in rows.items()}
+    for row in rows.values():
+        for column in row.values():
+            column.pop("scores", None)
 
     others = {k: v[objective]["value"] for k, v in rows.items() if k != best_label}
     won = all(rows[best_label][objective]["value"] > v for v in others.values())
     runner_up = max(others, key=others.get)
+    gap, gap_se = paired_margin(item_scores[best_label], item_scores[runner_up])
+    verdict = margin_verdict(gap, gap_se)
+    source_rows = {k: v for k, v in others.items() if k.startswith("source: ")}
+    best_source = max(source_rows, key=source_rows.get)
+    source_gap, source_se = paired_margin(item_scores[best_label], item_scores[best_source])
     table = table_markdown(rows, columns, objective)
     print(f"\nJudged by full evaluation on held-out items ({rows[best_label][objective]['n_items']} "
           f"{objective} items never used by the search):\n\n{table}\n")
     print(f"search best vs the best other row ({runner_up}): {rows[best_label][objective]['value']:.3f} vs "
-          f"{others[runner_up]:.3f} -> {'better' if won else 'NOT better'}", flush=True)
+          f"{others[runner_up]:.3f}, margin {gap:+.3f} ± {gap_se:.3f} (paired standard error) -> {verdict}")
+    print(f"search best vs the best source ({best_source}): margin {source_gap:+.3f} ± {source_se:.3f} -> "
+          f"{margin_verdict(source_gap, source_se)}", flush=True)
 
     records = load_records(run_dir)
     # The best merge plus the search's front; with one objective many candidates can tie
@@ -174,6 +207,12 @@ def run_demo(config: Path = DEFAULT_CONFIG, run_dir: Path | None = None, results
         "table": rows, "best_candidate": best_id, "best_estimate": best["estimate"],
         "rescored_on_search_items": best["rescored_search"],
         "search_best_beats_every_other_row": won, "runner_up": runner_up,
+        "margin_over_runner_up": {"gap": round(gap, 4), "paired_stderr": round(gap_se, 4), "verdict": verdict},
+        "margin_over_best_source": {"source": best_source, "gap": round(source_gap, 4),
+                                    "paired_stderr": round(source_se, 4),
+                                    "verdict": margin_verdict(source_gap, source_se)},
+        "zoo": {"path": zoo_label(zoo.root), "seed": built_seed(zoo),
+                "sha256": {name: sha256_16(p / "model.safetensors") for name, p in zoo.models.items()}},
         "evaluations": len(records), "exported": [str(p) for p in exported],
         "seconds": {"total": round(time.time() - t0, 1), "search_incl_presearch": round(t_search, 1),
                     "judging": round(t_judge, 1)},
@@ -186,9 +225,12 @@ def run_demo(config: Path = DEFAULT_CONFIG, run_dir: Path | None = None, results
         md = [f"# Demo: `{out['command']}`", "",
               f"Search of `{config.name}` on the zoo; objective `{objective}`; judged by {out['judged_on']}.", "",
               table, "",
-              f"Search best (candidate {best_id}, chosen on search items only) "
-              f"{'beats' if won else 'does NOT beat'} every source model and one-shot recipe on held-out "
-              f"`{objective}` (runner-up: {runner_up}).", "",
+              f"Search best (candidate {best_id}, chosen on search items only) against the runner-up "
+              f"({runner_up}) on held-out `{objective}`: {gap:+.3f} ± {gap_se:.3f} (paired standard error over "
+              f"the same {len(item_scores[best_label])} items): {verdict}. Against the best source model "
+              f"({best_source}): {source_gap:+.3f} ± {source_se:.3f}: {margin_verdict(source_gap, source_se)}.", "",
+              f"Zoo: `{zoo_label(zoo.root)}` (seed {built_seed(zoo)}), model.safetensors SHA-256 (first 16 hex) "
+              + ", ".join(f"{n} {h}" for n, h in out["zoo"]["sha256"].items()) + ".", "",
               f"Wall time {out['seconds']['total']} s (search incl. scoring the sources {out['seconds']['search_incl_presearch']} s, "
               f"judging {out['seconds']['judging']} s) on {out['cpus']} cores, load average "
               f"{out['load_average']['start'][0]} at start / {out['load_average']['end'][0]} at end.", ""]
@@ -198,12 +240,28 @@ def run_demo(config: Path = DEFAULT_CONFIG, run_dir: Path | None = None, results
     return out
 
 
+def zoo_label(root: Path) -> str:
+    """A zoo's path as the results should show it: relative to the repository when inside it."""
+    try:
+        return str(root.resolve().relative_to(REPO))
+    except ValueError:
+        return str(root)
+
+
+def sha256_16(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="demo search config")
     parser.add_argument("--run-dir", type=Path, help="run directory (default: run_dir of the config)")
     parser.add_argument("--results", type=Path, default=None,
                         help="where demo.json / demo.md go (default: experiments/results in the repo)")
-    parser.add_argument("--zoo", type=Path, default=None, help="zoo directory (default: the cache dir)")
+    parser.add_argument("--zoo", type=Path, default=None,
+                        help="zoo directory (default: the zoo shipped in the package; a directory without one "
+                             "gets one built first)")
     parser.add_argument("--fresh", action="store_true", help="delete an existing run directory first")
     parser.add_argument("--tiny", action="store_true", help="a token budget (tests)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

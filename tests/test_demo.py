@@ -33,6 +33,9 @@ def test_the_demo_pipeline_judges_every_row_on_heldout_items_and_exports_loadabl
     for scores in rows.values():   # full evaluation on the held-out split of every column
         assert {c: s["n_items"] for c, s in scores.items()} == {"calc": 100, "arith": 100, "strings": 100, "lang": 100}
         assert all(0.0 <= s["value"] <= 1.0 for s in scores.values())
+    margin = out["margin_over_runner_up"]     # the win is stated with its paired standard error
+    assert margin["verdict"].startswith("better") == (margin["gap"] > 2 * margin["paired_stderr"])
+    assert out["margin_over_best_source"]["source"].startswith("source: ")
     saved = json.loads((tmp_path / "results" / "demo.json").read_text())
     assert saved["table"] == rows and saved["search_best_beats_every_other_row"] == out["search_best_beats_every_other_row"]
     assert (tmp_path / "results" / "demo.md").read_text().count("| source: ") == 4
@@ -65,3 +68,16 @@ def test_a_relative_zoo_path_is_made_absolute_before_the_run_keeps_the_config(tm
     cfg = load_demo_config(DEFAULT_CONFIG, zoo_paths("rel/zoo"), run_dir=None)
     assert all(Path(p).is_absolute() for p in cfg.sources.values())
     assert cfg.sources["base"] == str(tmp_path / "rel" / "zoo" / "base")
+
+
+def test_the_demo_states_a_win_only_beyond_two_paired_standard_errors():
+    from evomerge.demo import margin_verdict, paired_margin
+
+    # per-item differences 1, 0, 0, 1: mean 0.5, sd 0.577, standard error 0.289
+    gap, stderr = paired_margin([1, 1, 0, 1], [0, 1, 0, 0])
+    assert gap == 0.5 and abs(stderr - 0.2887) < 1e-4
+    assert margin_verdict(gap, stderr).startswith("ahead, but within the noise")
+    assert margin_verdict(0.2, 0.05).startswith("better")
+    assert margin_verdict(-0.01, 0.05) == "NOT better"
+    # the same items both right or both wrong cancel: only the items that differ count
+    assert paired_margin([1] * 50 + [0] * 50, [1] * 40 + [0] * 60)[1] < 0.031

@@ -425,14 +425,16 @@ def _result_from_record(record: dict[str, Any]) -> EvalResult:
 
 
 def judge(run_dir: str | Path, plans: dict[str, dict], split: str = "heldout",
-          extra_tasks: dict[str, str] | None = None, progress: bool = False) -> dict[str, dict[str, dict]]:
+          extra_tasks: dict[str, str] | None = None, progress: bool = False,
+          per_item: bool = False) -> dict[str, dict[str, dict]]:
     """Score merge plans by FULL evaluation: {label: {objective: {value, stderr, n_items}}}.
 
     ``plans`` maps a row label to a plan dict (a candidate's stored plan, a one-shot
     recipe, ``calibrate.source_plan(name)`` for a source model); model names in the plans
     are the run's source names. ``split="heldout"`` scores each objective's held-out task
     (objectives without one are skipped), ``"search"`` the task searched on;
-    ``extra_tasks`` ({column: task}) adds columns, e.g. the other skills."""
+    ``extra_tasks`` ({column: task}) adds columns, e.g. the other skills; ``per_item`` adds
+    each item's score (``scores``, in item order), for paired comparisons between rows."""
     from tqdm import tqdm
 
     from evomerge.tasks.task import load_task
@@ -459,11 +461,14 @@ def judge(run_dir: str | Path, plans: dict[str, dict], split: str = "heldout",
                dynamic_ncols=True)
     for i, (label, plan) in enumerate(plans.items()):
         bar.set_postfix_str(label, refresh=True)
-        result, _ = evaluator.evaluate_full(Candidate(i, 0, [], plan, audit=True), loaded)
+        result, item_scores = evaluator.evaluate_full(Candidate(i, 0, [], plan, audit=True), loaded)
         if result.status != "ok":
             raise EvomergeError(f"{label}: cannot be evaluated ({result.error})")
         out[label] = {name: {"value": s.value, "stderr": s.stderr, "n_items": s.n_items}
                       for name, s in result.objectives.items()}
+        if per_item:
+            for name, scores in item_scores.items():
+                out[label][name]["scores"] = [float(v) for v in scores]
         bar.update(1)
     bar.close()
     return out
