@@ -52,7 +52,7 @@ def add_seeded_arguments(ap, settings: str, settings_help: str) -> None:
     """The options of an experiment run seed by seed in child processes (run_seeds)."""
     import argparse
 
-    ap.add_argument("--zoo", type=Path, default=None, help="zoo directory (default: the cache dir; built if missing)")
+    ap.add_argument("--zoo", type=Path, default=None, help="zoo directory (default: the shipped zoo; another directory is built first if it holds none)")
     ap.add_argument("--quick", action="store_true", help="tiny budgets, one seed: a plumbing check")
     ap.add_argument("--settings", default=settings, help=settings_help)
     ap.add_argument("--jobs", type=int, default=3, help="seeds run in parallel processes")

@@ -1,4 +1,4 @@
-"""The results section is built only from the experiments' JSON files."""
+"""The results page and the README's headline numbers are built only from the experiments' JSON files."""
 
 import json
 from pathlib import Path
@@ -40,12 +40,19 @@ def test_main_writes_results_md(tmp_path, experiment):
     import sys
 
     argv = sys.argv
-    sys.argv = ["make_readme_tables.py", "--results", str(tmp_path)]
+    (tmp_path / "docs").mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:begin -->\nold\n<!-- results:end -->\nafter\n")
+    sys.argv = ["make_readme_tables.py", "--results", str(tmp_path), "--out", str(tmp_path / "docs" / "results.md"),
+                "--readme", str(readme)]
     try:
         assert builder.main() == 0
     finally:
         sys.argv = argv
-    assert (tmp_path / "RESULTS.md").read_text().startswith("## Results")
+    assert (tmp_path / "docs" / "results.md").read_text().startswith("# Results")
+    spliced = readme.read_text()     # the README gets the headline section and the link, not the tables
+    assert "[results page](docs/results.md)" in spliced and "| evomerge (in memory) |" not in spliced
+    assert spliced.startswith("intro\n") and spliced.endswith("after\n") and "\nold\n" not in spliced
 
 
 def test_graded_fidelity_table_and_readme_figure_paths(tmp_path, experiment):
@@ -61,11 +68,8 @@ def test_graded_fidelity_table_and_readme_figure_paths(tmp_path, experiment):
     verdict = "met" if same["met"] else "NOT met"
     assert f"so only the item cut differs), judged on the unseen items: **{verdict}**" in text
     assert f"mean_difference = {same['mean_difference']:.3f}, ± {same['se']:.3f}" in text
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- results:begin -->\nold\n<!-- results:end -->\nafter\n")
-    spliced = builder.splice(readme, text + "\n")
-    assert "![estimator fidelity](experiments/results/estimator_fidelity.png)" in spliced   # from the README
-    assert spliced.startswith("intro\n") and spliced.endswith("after\n") and "\nold\n" not in spliced
+    page = builder.relink(text, "../experiments/results/")
+    assert "![estimator fidelity](../experiments/results/estimator_fidelity.png)" in page   # from docs/results.md
 
 
 def test_the_gpu_section_comes_from_the_gpu_check_files(tmp_path, experiment):
