@@ -58,17 +58,23 @@ def recipes(zoo) -> dict[str, dict]:
     }
 
 
-def verdicts(matrix: dict[str, dict[str, float]]) -> list[str]:
-    """What the matrix says about merging, computed from it (nothing typed by hand)."""
+def verdicts(matrix: dict[str, dict[str, float]], scores: dict[str, dict[str, list[float]]] | None = None) -> list[str]:
+    """What the matrix says about merging, computed from it (nothing typed by hand); with the
+    per-item ``scores``, the composite margin comes with its paired standard error."""
+    from evomerge.demo import margin_verdict, paired_margin
+
     sources = ["base", *EXPERTS.values()]
     merges = [m for m in matrix if m not in sources]
     calc = "zoo/calc"
     best_source = max(sources, key=lambda m: matrix[m][calc])
     best_merge = max(merges, key=lambda m: matrix[m][calc])
-    helps = matrix[best_merge][calc] > matrix[best_source][calc]
+    if scores is not None:
+        gap, se = paired_margin(scores[best_merge][calc], scores[best_source][calc])
+        said = f"margin {gap:+.3f} ± {se:.3f} (paired standard error): merging is {margin_verdict(gap, se)}."
+    else:
+        said = "merging " + ("helps." if matrix[best_merge][calc] > matrix[best_source][calc] else "does not help.")
     out = [f"- Composite task: best source {best_source} {matrix[best_source][calc]:.3f}, best merge "
-           f"{best_merge} {matrix[best_merge][calc]:.3f}: merging "
-           + ("helps." if helps else "does not help.")]
+           f"{best_merge} {matrix[best_merge][calc]:.3f}: {said}"]
     for skill, expert in EXPERTS.items():
         task = f"zoo/{skill}"
         between = [m for m in merges if matrix["base"][task] < matrix[m][task] < matrix[expert][task]]
@@ -127,7 +133,7 @@ def main() -> int:
         f"Zoo build: {meta['build_seconds']} s wall"
         + (f", {meta['build_cpu_seconds']} CPU-s" if "build_cpu_seconds" in meta else "")
         + " (1 thread, shared machine). Bold: best source model per task.\n\n"
-        + "\n".join(lines) + "\n\n" + "\n".join(verdicts(matrix)) + "\n\n"
+        + "\n".join(lines) + "\n\n" + "\n".join(verdicts(matrix, scores)) + "\n\n"
         "Merges: linear / task_arithmetic / TIES of the fine-tuned experts over the base, mergekit "
         "parameter names and defaults.\n"
     )

@@ -15,30 +15,13 @@ import numpy as np
 from evomerge.errors import EvomergeError
 
 
-def kmeans(points: np.ndarray, k: int, seed: int = 0, n_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd's k-means with k-means++ seeding. Returns (centroids, labels)."""
-    rng = np.random.default_rng(seed)
-    n = len(points)
-    centroids = [points[rng.integers(n)]]
-    dist = ((points - centroids[0]) ** 2).sum(1)
-    for _ in range(1, k):
-        total = dist.sum()
-        pick = rng.integers(n) if total <= 0 else rng.choice(n, p=dist / total)
-        centroids.append(points[pick])
-        dist = np.minimum(dist, ((points - points[pick]) ** 2).sum(1))
-    c = np.array(centroids)
-    labels = np.full(n, -1)
-    for _ in range(n_iter):
-        d2 = ((points[:, None, :] - c[None, :, :]) ** 2).sum(-1)
-        new = d2.argmin(1)
-        if np.array_equal(new, labels):
-            break
-        labels = new
-        for j in range(k):
-            members = points[labels == j]
-            # An emptied cluster takes the point farthest from its centroid.
-            c[j] = members.mean(0) if len(members) else points[d2.min(1).argmax()]
-    return c, labels
+def kmeans(points: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """k-means with k-means++ seeding (scikit-learn's, best of 10 seeded starts). Returns
+    (centroids, labels)."""
+    from sklearn.cluster import KMeans
+
+    fit = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(np.asarray(points, dtype=float))
+    return fit.cluster_centers_, fit.labels_
 
 
 def _check_k(k: int, n_items: int) -> None:
