@@ -18,6 +18,7 @@ class ItemResult:
     index: int                         # position of the item in task.items
     score: float                       # 0/1, or graded in [0, 1]
     output: str                        # generated text, or the chosen choice for multiple choice
+    metrics: dict | None = None        # lm-eval tasks: every "metric,filter" value of this item
 
 
 @runtime_checkable
