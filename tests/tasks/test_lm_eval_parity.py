@@ -1,0 +1,222 @@
+"""lm-eval tasks score in evomerge exactly as lm-eval scores them.
+
+The reference is lm-eval itself: ``simple_evaluate(model=HFLM(...), log_samples=True)`` on the
+same zoo model, the task YAMLs under ``tests/tasks/data/lm_eval`` (local JSON data). evomerge
+answers through its HF backend (``BackendLM``); per item every metric under every filter must
+equal lm-eval's logged sample, and the objective's mean lm-eval's aggregate to 1e-6.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+pytestmark = pytest.mark.slow              # lm-eval's import and HFLM: a few seconds per reference run
+
+from evomerge.backends import make_backend  # noqa: E402
+from evomerge.errors import EvomergeError  # noqa: E402
+from evomerge.tasks.task import load_task  # noqa: E402
+from evomerge.zoo.build import is_built, zoo_paths  # noqa: E402
+
+DATA = Path(__file__).parent / "data" / "lm_eval"
+# renders system turns, user turns and assistant turns with visible separators, so the
+# chat-templated prompt differs from the plain one and still reads like the zoo's prompts
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}|"
+                 "{% elif m['role'] == 'user' %}{{ m['content'] }}{% else %}{{ m['content'] }}\n{% endif %}"
+                 "{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    """The test task YAMLs with their data path filled in (lm-eval reads data_files from the cwd)."""
+    out = tmp_path_factory.mktemp("lm_eval_tasks")
+    shutil.copy(DATA / "arith.jsonl", out / "arith.jsonl")
+    for path in DATA.glob("*.yaml"):
+        (out / path.name).write_text(path.read_text().replace("DATA_DIR", str(out)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    paths = zoo_paths()                    # EVOMERGE_ZOO_DIR, else the cached zoo
+    if not is_built(paths):
+        pytest.skip("the model zoo is not built (evomerge zoo build)")
+    return paths.root / "expert-arith"
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(model_dir, tmp_path_factory) -> Path:
+    """The zoo model with a chat template in its tokenizer config."""
+    out = tmp_path_factory.mktemp("chat") / "model"
+    shutil.copytree(model_dir, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+def lm_eval_reference(model: Path, task_dir: Path, tasks: list[str], **kwargs) -> dict:
+    """lm-eval's own numbers: {"results": {task: {"metric,filter": value}}, "items": {task: {(doc, key): value}}}."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    out = lm_eval.simple_evaluate(model=HFLM(pretrained=str(model), device="cpu", batch_size=4), tasks=tasks,
+                                  task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+                                  log_samples=True, bootstrap_iters=0, **kwargs)
+    items = {}
+    for task, samples in out["samples"].items():
+        items[task] = {(s["doc_id"], f"{m},{s['filter']}"): s[m] for s in samples for m in s["metrics"]}
+    return {"results": out["results"], "items": items}
+
+
+@pytest.fixture(scope="module")
+def plain_reference(model_dir, task_dir):
+    return lm_eval_reference(model_dir, task_dir, ["evo_arith_mc", "evo_arith_gen", "evo_arith_fewshot",
+                                                   "evo_arith_em_options"])
+
+
+@pytest.fixture(scope="module")
+def group_reference(model_dir, task_dir):
+    return lm_eval_reference(model_dir, task_dir, ["evo_arith_group"])
+
+
+@pytest.fixture(scope="module")
+def backend(model_dir):
+    return make_backend("hf", model_dir)
+
+
+def assert_parity(task, results, reference, name):
+    """Every per-item metric equals lm-eval's sample, and each metric's mean its aggregate."""
+    theirs = reference["items"][name]
+    assert len(results) == len(task.items) == len({doc for doc, _ in theirs})
+    keys = {key for _, key in theirs}
+    assert keys == set(results[0].metrics)
+    for r in results:
+        for key in keys:
+            assert r.metrics[key] == pytest.approx(theirs[(r.index, key)], abs=1e-9), (name, r.index, key)
+    for key in keys:
+        ours = sum(r.metrics[key] for r in results) / len(results)
+        assert ours == pytest.approx(float(reference["results"][name][key]), abs=1e-6), (name, key)
+
+
+@pytest.mark.parametrize("name", ["evo_arith_mc", "evo_arith_gen", "evo_arith_fewshot", "evo_arith_em_options"])
+def test_every_item_and_metric_equals_lm_evals_logged_samples(name, task_dir, backend, plain_reference):
+    task = load_task(f"{task_dir}:{name}")
+    results = backend.score(task, range(len(task.items)))
+    assert_parity(task, results, plain_reference, name)
+    # the objective's number is the task's first metric under its first filter
+    first = next(iter(results[0].metrics))
+    assert task.harness.metric == first
+    assert [r.score for r in results] == [r.metrics[first] for r in results]
+
+
+def test_acc_norm_and_a_named_filter_are_objectives_of_their_own(task_dir, backend, plain_reference):
+    mc = load_task(f"{task_dir}:evo_arith_mc", metric="acc_norm")
+    scores = [r.score for r in backend.score(mc, range(len(mc.items)))]
+    assert sum(scores) / len(scores) == pytest.approx(plain_reference["results"]["evo_arith_mc"]["acc_norm,none"])
+    gen = load_task(f"{task_dir}:evo_arith_gen", metric="exact_match,whole")
+    scores = [r.score for r in backend.score(gen, range(len(gen.items)))]
+    assert sum(scores) / len(scores) == pytest.approx(
+        plain_reference["results"]["evo_arith_gen"]["exact_match,whole"])
+
+
+def test_the_regex_filter_takes_the_first_match_as_lm_eval_does(task_dir, backend):
+    task = load_task(f"{task_dir}:evo_arith_gen")
+    results = backend.score(task, range(len(task.items)))
+    two_digit = [r for r in results if len(task.items[r.index].answer) > 1]
+    assert two_digit
+    for r in two_digit:                    # "(\d)": the first digit of the output, never the last
+        assert len(r.output) == 1 or r.output == "[invalid]"
+        assert r.metrics["exact_match,first-number"] == 0.0
+    # the expert model gets most sums right: the two filters really disagree
+    assert sum(r.metrics["exact_match,whole"] for r in two_digit) > 0
+
+
+def test_exact_match_options_change_the_score(task_dir, backend, plain_reference):
+    task = load_task(f"{task_dir}:evo_arith_em_options")
+    results = backend.score(task, range(len(task.items)))
+    # without the options no output ("7") equals a reference ("N7."); with them most do
+    assert sum(r.score for r in results) > len(results) / 2
+
+
+def test_few_shot_context_is_part_of_every_request(task_dir):
+    task = load_task(f"{task_dir}:evo_arith_fewshot")
+    prompts = [item.prompt for item in task.items]
+    assert all(p.count("\n") == 3 for p in prompts)          # three shots, then the question
+    assert all(p.endswith(item_q) for p, item_q in zip(prompts, (json.loads(line)["q"] for line in
+                                                               (task_dir / "arith.jsonl").read_text().splitlines())))
+
+
+def test_a_subset_of_items_scores_as_in_the_full_run(task_dir, backend, plain_reference):
+    task = load_task(f"{task_dir}:evo_arith_fewshot")
+    subset = [11, 3, 7]
+    results = backend.score(task, subset)
+    assert [r.index for r in results] == subset
+    theirs = plain_reference["items"]["evo_arith_fewshot"]
+    assert [r.score for r in results] == [theirs[(i, "exact_match,none")] for i in subset]
+
+
+def test_a_group_is_one_objective_averaged_as_lm_eval_aggregates_it(task_dir, backend, group_reference):
+    task = load_task(f"{task_dir}:evo_arith_group")
+    assert len(task.items) == 32 and task.items[16].id == "evo_arith_mc_zeroshot:0"
+    results = backend.score(task, range(len(task.items)))
+    mean = sum(r.score for r in results) / len(results)
+    assert mean == pytest.approx(group_reference["results"]["evo_arith_group"]["acc,none"], abs=1e-6)
+
+
+def test_a_chat_template_system_instruction_and_multiturn_shots_match_lm_eval(task_dir, chat_model_dir):
+    options = {"apply_chat_template": True, "system_instruction": "sum", "fewshot_as_multiturn": True}
+    reference = lm_eval_reference(chat_model_dir, task_dir, ["evo_arith_fewshot", "evo_arith_mc"],
+                                  apply_chat_template=True, system_instruction="sum", fewshot_as_multiturn=True)
+    backend = make_backend("hf", chat_model_dir)
+    for name in ("evo_arith_fewshot", "evo_arith_mc"):
+        task = load_task(f"{task_dir}:{name}", lm_eval=options)
+        results = backend.score(task, range(len(task.items)))
+        assert_parity(task, results, reference, name)
+        # the requests went through the template: the system turn leads every context
+        assert all(leaf_req[0].args[0].startswith("sum|") for leaf_req in task.harness.leaves[0].requests)
+
+
+def test_likelihood_scoring_grades_lm_eval_items(task_dir, backend):
+    mc = load_task(f"{task_dir}:evo_arith_mc")
+    graded = backend.likelihood(mc, range(len(mc.items)))
+    exact = backend.score(mc, range(len(mc.items)))
+    assert all(0.0 < g.score <= 1.0 for g in graded)
+    # the gold choice's share of the probability is above a half exactly where it is the argmax ...
+    for g, e in zip(graded, exact):
+        if g.score > 0.5:
+            assert e.metrics["acc,none"] == 1.0
+    gen = load_task(f"{task_dir}:evo_arith_gen")
+    graded = backend.likelihood(gen, range(len(gen.items)))
+    assert all(0.0 < g.score <= 1.0 for g in graded)
+    assert [g.output for g in graded] == [item.answer for item in gen.items]
+
+
+def test_an_unknown_metric_is_named_with_the_metrics_the_task_has(task_dir):
+    with pytest.raises(EvomergeError, match=r"lm-eval task 'evo_arith_mc' has no metric 'f1' \(it reports acc, acc_norm\)"):
+        load_task(f"{task_dir}:evo_arith_mc", metric="f1")
+    with pytest.raises(EvomergeError, match="lm-eval task 'evo_arith_gen' has no filter 'strict'"):
+        load_task(f"{task_dir}:evo_arith_gen", metric="exact_match,strict")
+
+
+def test_a_group_without_an_aggregate_asks_for_one_of_its_tasks(task_dir):
+    with pytest.raises(EvomergeError, match="lm-eval group 'evo_arith_plain_group' reports no aggregate.*"
+                                            "name one of its tasks: evo_arith_gen, evo_arith_fewshot"):
+        load_task(f"{task_dir}:evo_arith_plain_group")
+
+
+def test_a_task_whose_dataset_is_not_local_is_named(task_dir):
+    with pytest.raises(EvomergeError, match="lm-eval task 'evo_remote': cannot load its dataset from local files"):
+        load_task(f"{task_dir}:evo_remote")
+
+
+def test_a_metric_on_a_zoo_task_is_refused():
+    with pytest.raises(EvomergeError, match="task zoo/arith: a metric applies to lm-eval tasks only"):
+        load_task("zoo/arith", metric="acc")
