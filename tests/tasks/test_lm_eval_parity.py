@@ -70,10 +70,11 @@ def lm_eval_reference(model: Path, task_dir: Path, tasks: list[str], **kwargs) -
     out = lm_eval.simple_evaluate(model=HFLM(pretrained=str(model), device="cpu", batch_size=4), tasks=tasks,
                                   task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
                                   log_samples=True, bootstrap_iters=0, **kwargs)
-    items = {}
+    items, responses = {}, {}
     for task, samples in out["samples"].items():
         items[task] = {(s["doc_id"], f"{m},{s['filter']}"): s[m] for s in samples for m in s["metrics"]}
-    return {"results": out["results"], "items": items}
+        responses[task] = {(s["doc_id"], s["filter"]): s["filtered_resps"] for s in samples}
+    return {"results": out["results"], "items": items, "responses": responses}
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,19 @@ def assert_parity(task, results, reference, name):
     for key in keys:
         ours = sum(r.metrics[key] for r in results) / len(results)
         assert ours == pytest.approx(float(reference["results"][name][key]), abs=1e-6), (name, key)
+    # and what the metrics were computed from: the generated texts after each filter, or each
+    # choice's log-likelihood and greedy flag
+    responses = reference["responses"][name]
+    leaf = task.harness.leaves[0]
+    for r in results:
+        for filter_key in {key.partition(",")[2] for key in keys}:
+            ours = [req.filtered_resps[filter_key] for req in leaf.requests[r.index]]
+            theirs = responses[(r.index, filter_key)]
+            if task.kind == "generate":
+                assert ours == theirs, (name, r.index, filter_key)
+            else:
+                assert [g for _, g in ours] == [g for _, g in theirs], (name, r.index)
+                assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in theirs], abs=1e-4), (name, r.index)
 
 
 @pytest.mark.parametrize("name", ["evo_arith_mc", "evo_arith_gen", "evo_arith_fewshot", "evo_arith_em_options"])
