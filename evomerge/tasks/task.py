@@ -187,6 +187,27 @@ def zoo_task_names() -> list[str]:
     return sorted(f"zoo/{p.stem}" for p in (DATA_DIR / "zoo").glob("*.yaml"))
 
 
+def _native(spec: str) -> tuple[Path | None, str | None]:
+    """(the evomerge task YAML ``spec`` names, its split), or (None, None) for an lm-eval task."""
+    base, _, split = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    if base.startswith("zoo/"):
+        path = DATA_DIR / "zoo" / f"{base[4:]}.yaml"
+        if not path.exists():
+            raise EvomergeError(f"unknown zoo task {base!r} (have {', '.join(zoo_task_names())})")
+        return path, split or None
+    if base.endswith((".yaml", ".yml")) and Path(base).is_file():
+        # lm-eval task YAMLs have a top-level 'task:' (or 'group:') key; ours do not. Read as
+        # text: lm-eval's '!function' tags are not plain YAML.
+        if not any(line.startswith(("task:", "group:")) for line in Path(base).read_text().splitlines()):
+            return Path(base), split or None
+    return None, None
+
+
+def is_lm_eval_task(name_or_path: str | Path) -> bool:
+    """Whether ``load_task`` hands this name to lm-eval (not a zoo task nor an evomerge task YAML)."""
+    return _native(str(name_or_path))[0] is None
+
+
 def load_task(name_or_path: str | Path, metric: str | None = None, lm_eval: dict | None = None) -> Task:
     """Load a task by zoo name (``zoo/arith[:split]``), YAML path, or lm-eval task name.
 
@@ -194,20 +215,7 @@ def load_task(name_or_path: str | Path, metric: str | None = None, lm_eval: dict
     options: num_fewshot, apply_chat_template, system_instruction, fewshot_as_multiturn) apply
     to lm-eval tasks only; zoo tasks score exact match (or choice accuracy) of the answer."""
     spec = str(name_or_path)
-    base, _, split = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
-    split = split or None
-    native = None
-    if base.startswith("zoo/"):
-        path = DATA_DIR / "zoo" / f"{base[4:]}.yaml"
-        if not path.exists():
-            raise EvomergeError(f"unknown zoo task {base!r} (have {', '.join(zoo_task_names())})")
-        native = path
-    elif base.endswith((".yaml", ".yml")) and Path(base).is_file():
-        # lm-eval task YAMLs have a top-level 'task:' (or 'group:') key; ours do not. Read as
-        # text: lm-eval's '!function' tags are not plain YAML.
-        lines = Path(base).read_text().splitlines()
-        if not any(line.startswith(("task:", "group:")) for line in lines):
-            native = Path(base)
+    native, split = _native(spec)
     if native is not None:
         if metric is not None or lm_eval:
             what = "metric" if metric is not None else "lm_eval options"
