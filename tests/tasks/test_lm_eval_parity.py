@@ -234,3 +234,73 @@ def test_a_task_whose_dataset_is_not_local_is_named(task_dir):
 def test_a_metric_on_a_zoo_task_is_refused():
     with pytest.raises(EvomergeError, match="task zoo/arith: a metric applies to lm-eval tasks only"):
         load_task("zoo/arith", metric="acc")
+
+
+def test_the_archived_fitness_of_a_source_is_lm_evals_number_for_it(task_dir, model_dir, plain_reference, tmp_path):
+    import yaml
+
+    from evomerge.search.archive import Archive
+    from evomerge.search.run import SearchRun
+
+    config = {
+        "seed": 3, "sources": {"base": str(model_dir.parent / "base"), "arith": str(model_dir)}, "base": "base",
+        "genome": {"kind": "parameter", "method": "task_arithmetic", "granularity": "model", "weight": [0.0, 1.0]},
+        "objectives": [
+            {"name": "choice", "task": f"{task_dir}:evo_arith_mc", "metric": "acc_norm"},
+            {"name": "sums", "task": f"{task_dir}:evo_arith_gen", "metric": "exact_match,whole"},
+        ],
+        "evaluator": {"kind": "merge", "threads": 1},
+        "optimizer": {"name": "random", "population": 2, "generations": 1},
+    }
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = SearchRun.create(path, tmp_path / "run")
+    run.run(progress=False)
+    run.close()
+    archive = Archive(tmp_path / "run", readonly=True)
+    meta, records = archive.meta(), archive.records()
+    archive.close()
+    arith = meta["source_scores"]["arith"]
+    results = plain_reference["results"]
+    assert arith["choice"]["value"] == pytest.approx(results["evo_arith_mc"]["acc_norm,none"], abs=1e-6)
+    assert arith["sums"]["value"] == pytest.approx(float(results["evo_arith_gen"]["exact_match,whole"]), abs=1e-6)
+    assert arith["sums"]["n_items"] == 16
+    searched = [r for r in records if r["generation"] == 0]
+    assert len(searched) == 2 and all(r["status"] == "ok" for r in searched)
+
+
+def test_an_objective_with_an_unknown_metric_is_refused_naming_objective_and_task(task_dir, model_dir, tmp_path):
+    import yaml
+
+    from evomerge.search.run import SearchRun
+
+    config = {
+        "sources": {"base": str(model_dir.parent / "base"), "arith": str(model_dir)}, "base": "base",
+        "genome": {"kind": "parameter", "method": "linear", "granularity": "model"},
+        "objectives": [{"name": "choice", "task": f"{task_dir}:evo_arith_mc", "metric": "bleu"}],
+        "evaluator": {"kind": "merge", "threads": 1},
+        "optimizer": {"name": "random", "population": 2, "generations": 1},
+    }
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(EvomergeError, match=r"objectives\.choice\.task: lm-eval task 'evo_arith_mc' has no metric 'bleu'"):
+        SearchRun.create(path, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_prints_the_named_metric_and_writes_every_metric_per_item(task_dir, model_dir, plain_reference,
+                                                                       tmp_path, capsys):
+    from evomerge.cli import main as cli_main
+
+    out = tmp_path / "items.jsonl"
+    assert cli_main(["eval", str(model_dir), "--tasks", f"{task_dir}:evo_arith_mc", "--metric", "acc_norm",
+                     "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "acc_norm" in table.splitlines()[0]
+    assert f"{plain_reference['results']['evo_arith_mc']['acc_norm,none']:.3f}" in table
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 16 and set(rows[0]["metrics"]) == {"acc,none", "acc_norm,none"}
+    theirs = plain_reference["items"]["evo_arith_mc"]
+    assert [r["metrics"]["acc,none"] for r in rows] == [theirs[(i, "acc,none")] for i in range(16)]
+    assert cli_main(["eval", str(model_dir), "--tasks", f"{task_dir}:evo_arith_mc", "--metric", "f1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: lm-eval task 'evo_arith_mc' has no metric 'f1'")
