@@ -56,9 +56,35 @@ def _import_lm_eval():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import lm_eval.tasks
+        import lm_eval.utils
     except ImportError:
         raise EvomergeError("lm-eval tasks need the lmeval extra (pip install 'evomerge[lmeval]')") from None
+    _memoize_templates(lm_eval.utils.env)
     return lm_eval.tasks
+
+
+def _memoize_templates(env) -> None:
+    """Compile each of lm-eval's Jinja prompt templates once.
+
+    ``lm_eval.utils.apply_template`` compiles its template on every call, and
+    ``process_results`` renders ``doc_to_target`` / ``doc_to_choice`` for every item each time
+    a candidate is scored: compiling was most of the cost of scoring a small model. A compiled
+    template renders exactly what a freshly compiled one does."""
+    if getattr(env, "_evomerge_memoized", False):
+        return
+    compile_template = env.from_string
+
+    @functools.lru_cache(maxsize=4096)
+    def compiled(source: str):
+        return compile_template(source)
+
+    def from_string(source, globals=None, template_class=None):
+        if globals is None and template_class is None and isinstance(source, str):
+            return compiled(source)
+        return compile_template(source, globals, template_class)
+
+    env.from_string = from_string
+    env._evomerge_memoized = True
 
 
 @functools.lru_cache(maxsize=8)

@@ -52,6 +52,10 @@ class BackendLM(TemplateLM):
                                     f"(it has no {method})")
         self.model_backend = model_backend
         self.tokenizer = model_backend.tokenizer
+        # a search asks for the same requests candidate after candidate: tokenize each once
+        self._pairs: dict[tuple[str, str], tuple] = {}
+        self._prompts: dict[tuple[str, int], list[int]] = {}
+        self._recording = False
 
     # ------------------------------------------------------------ what lm-eval reads
     @property
@@ -65,9 +69,12 @@ class BackendLM(TemplateLM):
 
     @property
     def max_length(self) -> int:
+        return self._max_length()
+
+    def _max_length(self) -> int:
         from transformers import PretrainedConfig
 
-        # read each time: an architecture change (a rebuilt model) may change it
+        # read per batch of requests: an architecture change (a rebuilt model) may change it
         config = self.model_backend.config
         config = PretrainedConfig(**config) if isinstance(config, dict) else config
         return resolve_max_length(config, self.tokenizer)
@@ -104,8 +111,24 @@ class BackendLM(TemplateLM):
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     # ------------------------------------------------------------ requests
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        new = [req for req in requests if req.args not in self._pairs]
+        if new:
+            # lm-eval's own TemplateLM.loglikelihood tokenizes them; _loglikelihood_tokens
+            # only records its encodings while _recording is set
+            self._recording = True
+            try:
+                super().loglikelihood(new, disable_tqdm=True)
+            finally:
+                self._recording = False
+        return self._loglikelihood_tokens([self._pairs[req.args] for req in requests])
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        limit = self.max_length + 1
+        if self._recording:
+            for encoded in requests:
+                self._pairs[encoded[0]] = encoded
+            return [(0.0, False)] * len(requests)
+        limit = self._max_length() + 1
         rows = []
         for _, context, continuation in requests:
             if not context or not continuation:
@@ -146,13 +169,18 @@ class BackendLM(TemplateLM):
                 raise EvomergeError(f"lm-eval task {requests[members[0]].task_name}: max_gen_toks {max_gen} "
                                     f"leaves no room for a prompt (the model's maximum length is {self.max_length})")
             prompts = [self._generation_prompt(requests[r].args[0], max_context) for r in members]
-            texts = self.model_backend.greedy_generate(prompts, max_gen, until)
+            # the EOS string needs no watching: the EOS token already ends a generation and the
+            # decoded text never shows it (and without stop strings nothing is decoded per step)
+            texts = self.model_backend.greedy_generate(prompts, max_gen, [s for s in until if s != eos])
             for r, text in zip(members, texts):
                 outputs[r] = postprocess_generated_text(text, until, None)
         return outputs
 
     def _generation_prompt(self, context: str, max_context: int) -> list[int]:
         # HFLM's tok_batch_encode: special tokens unless the text starts with BOS, left truncation
-        bos = getattr(self.tokenizer, "bos_token", None)
-        kw = {"add_special_tokens": False} if has_bos_prefix(context, bos) else {}
-        return self.tokenizer(context, **kw)["input_ids"][-max_context:]
+        key = (context, max_context)
+        if key not in self._prompts:
+            bos = getattr(self.tokenizer, "bos_token", None)
+            kw = {"add_special_tokens": False} if has_bos_prefix(context, bos) else {}
+            self._prompts[key] = self.tokenizer(context, **kw)["input_ids"][-max_context:]
+        return self._prompts[key]
