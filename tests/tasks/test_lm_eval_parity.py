@@ -38,6 +38,7 @@ def task_dir(tmp_path_factory) -> Path:
     shutil.copy(DATA / "arith.jsonl", out / "arith.jsonl")
     for path in DATA.glob("*.yaml"):
         (out / path.name).write_text(path.read_text().replace("DATA_DIR", str(out)))
+    shutil.copy(DATA / "utils.py", out / "utils.py")
     return out
 
 
@@ -80,7 +81,8 @@ def lm_eval_reference(model: Path, task_dir: Path, tasks: list[str], **kwargs) -
 @pytest.fixture(scope="module")
 def plain_reference(model_dir, task_dir):
     return lm_eval_reference(model_dir, task_dir, ["evo_arith_mc", "evo_arith_gen", "evo_arith_fewshot",
-                                                   "evo_arith_em_options"])
+                                                   "evo_arith_em_options", "evo_arith_function",
+                                                   "evo_arith_loglikelihood"])
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +115,15 @@ def assert_parity(task, results, reference, name):
         for filter_key in {key.partition(",")[2] for key in keys}:
             ours = [req.filtered_resps[filter_key] for req in leaf.requests[r.index]]
             theirs = responses[(r.index, filter_key)]
-            if task.kind == "generate":
+            if task.harness.output_type == "generate_until":
                 assert ours == theirs, (name, r.index, filter_key)
             else:
                 assert [g for _, g in ours] == [g for _, g in theirs], (name, r.index)
                 assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in theirs], abs=1e-4), (name, r.index)
 
 
-@pytest.mark.parametrize("name", ["evo_arith_mc", "evo_arith_gen", "evo_arith_fewshot", "evo_arith_em_options"])
+@pytest.mark.parametrize("name", ["evo_arith_mc", "evo_arith_gen", "evo_arith_fewshot", "evo_arith_em_options",
+                                  "evo_arith_function", "evo_arith_loglikelihood"])
 def test_every_item_and_metric_equals_lm_evals_logged_samples(name, task_dir, backend, plain_reference):
     task = load_task(f"{task_dir}:{name}")
     results = backend.score(task, range(len(task.items)))
@@ -129,6 +132,27 @@ def test_every_item_and_metric_equals_lm_evals_logged_samples(name, task_dir, ba
     first = next(iter(results[0].metrics))
     assert task.harness.metric == first
     assert [r.score for r in results] == [r.metrics[first] for r in results]
+
+
+def test_function_utilities_run_as_code(task_dir):
+    task = load_task(f"{task_dir}:evo_arith_function")
+    # utils.small_sums dropped the sums with a number of 50 or more; utils.question wrote the prompts
+    assert 0 < len(task.items) < 16
+    assert all(all(int(x) < 50 for x in item.prompt.rstrip("=").split("+")) for item in task.items)
+
+
+def test_rolling_log_likelihoods_equal_hflms(model_dir):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from evomerge.tasks.lm_eval_lm import BackendLM
+
+    texts = ["12+7=19", "rev:abc=cba", "3+4=7 " * 20]            # the last one spans several windows
+    requests = [Instance("loglikelihood_rolling", {}, (t,), 0) for t in texts]
+    ours = BackendLM(make_backend("hf", model_dir)).loglikelihood_rolling(requests)
+    theirs = HFLM(pretrained=str(model_dir), device="cpu", batch_size=4).loglikelihood_rolling(requests,
+                                                                                             disable_tqdm=True)
+    assert ours == pytest.approx(theirs, abs=1e-4)
 
 
 def test_acc_norm_and_a_named_filter_are_objectives_of_their_own(task_dir, backend, plain_reference):
