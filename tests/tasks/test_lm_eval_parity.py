@@ -328,3 +328,19 @@ def test_eval_prints_the_named_metric_and_writes_every_metric_per_item(task_dir,
     assert [r["metrics"]["acc,none"] for r in rows] == [theirs[(i, "acc,none")] for i in range(16)]
     assert cli_main(["eval", str(model_dir), "--tasks", f"{task_dir}:evo_arith_mc", "--metric", "f1"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: lm-eval task 'evo_arith_mc' has no metric 'f1'")
+
+
+def test_a_group_averaging_unequal_subtasks_unweighted_asks_for_one_objective_per_subtask(task_dir):
+    with pytest.raises(EvomergeError, match="lm-eval group 'evo_arith_unweighted' averages its subtasks' exact_match "
+                                            "unweighted .* one objective per subtask: evo_arith_fewshot, evo_arith_function"):
+        load_task(f"{task_dir}:evo_arith_unweighted")
+
+
+def test_unknown_lm_eval_options_in_a_search_config_name_the_field(task_dir, tmp_path):
+    from evomerge.errors import ConfigError
+    from evomerge.search.config import parse_config
+
+    objective = {"name": "choice", "task": f"{task_dir}:evo_arith_mc", "lm_eval": {"num_shots": 2}}
+    with pytest.raises(ConfigError, match=r"search\.yaml: objectives\.0\.lm_eval\.num_shots"):
+        parse_config({"sources": {"a": "a"}, "genome": {"kind": "box", "dim": 1}, "objectives": [objective]},
+                     "search.yaml", tmp_path)
