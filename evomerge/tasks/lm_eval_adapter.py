@@ -121,21 +121,29 @@ def _task_name_in(path: Path) -> str:
 
 def _load(include: str | None, name: str) -> dict:
     """lm-eval's ``TaskManager.load`` of one name: {"tasks": {...}, "groups": {...}}."""
-    managers = [_manager(include, False), _manager(include, True)] if include else [_manager(None)]
-    for attempt, manager in enumerate(managers):
-        if name not in manager.all_tasks:
-            if attempt + 1 < len(managers):
-                continue
-            raise EvomergeError(f"unknown lm-eval task {name!r}" + (f" in {include}" if include else ""))
-        try:
-            return manager.load([name])
-        except Exception as exc:  # datasets raises many kinds of errors when a dataset is absent
-            text = str(exc).splitlines()[0] if str(exc) else ""
-            if attempt + 1 < len(managers) and isinstance(exc, KeyError):
-                continue                     # a group naming lm-eval's own tasks: index those too
-            raise EvomergeError(f"lm-eval task {name!r}: cannot load its dataset from local files "
-                                f"({type(exc).__name__}: {text})") from None
-    raise AssertionError("unreachable")
+    manager = _manager(include, False) if include else _manager(None)
+    if include and (name not in manager.all_tasks or _names_outside(manager, name)):
+        manager = _manager(include, True)   # the name, or a group's member, is one of lm-eval's own tasks
+    if name not in manager.all_tasks:
+        raise EvomergeError(f"unknown lm-eval task {name!r}" + (f" in {include}" if include else ""))
+    try:
+        return manager.load([name])
+    except Exception as exc:  # datasets raises many kinds of errors when a dataset is absent
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        raise EvomergeError(f"lm-eval task {name!r}: cannot load its dataset from local files "
+                            f"({type(exc).__name__}: {text})") from None
+
+
+def _names_outside(manager, name: str, depth: int = 0) -> bool:
+    """Whether group ``name`` (recursively) names a task that ``manager`` has not indexed."""
+    entry = getattr(manager, "_index", {}).get(name)
+    members = (getattr(entry, "cfg", None) or {}).get("task") if entry is not None and depth < 8 else None
+    if not members or "group" not in (entry.cfg or {}):
+        return False
+    for member in members if isinstance(members, list) else [members]:
+        if isinstance(member, str) and (member not in manager.all_tasks or _names_outside(manager, member, depth + 1)):
+            return True
+    return False
 
 
 # ---------------------------------------------------------------- the harness
