@@ -37,6 +37,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from evomerge.errors import EvomergeError
 
 DEFAULT_MAX_GEN_TOKS = 256                 # HFLM.max_gen_toks
+# generation kwargs that change nothing about greedy decoding
+GREEDY_NEUTRAL = {"do_sample", "temperature", "top_p", "top_k"}
 
 
 class BackendLM(TemplateLM):
@@ -164,6 +166,10 @@ class BackendLM(TemplateLM):
                                     "sampling; evomerge scores greedy decoding only (do_sample: false)")
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = int(kwargs.pop("max_gen_toks"))
+            other = sorted(set(kwargs) - GREEDY_NEUTRAL)
+            if other:
+                raise EvomergeError(f"lm-eval task {requests[members[0]].task_name}: generation_kwargs "
+                                    f"{', '.join(other)} are not supported (greedy decoding with until and max_gen_toks)")
             max_context = self.max_length - max_gen
             if max_context <= 0:
                 raise EvomergeError(f"lm-eval task {requests[members[0]].task_name}: max_gen_toks {max_gen} "

@@ -344,3 +344,13 @@ def test_unknown_lm_eval_options_in_a_search_config_name_the_field(task_dir, tmp
     with pytest.raises(ConfigError, match=r"search\.yaml: objectives\.0\.lm_eval\.num_shots"):
         parse_config({"sources": {"a": "a"}, "genome": {"kind": "box", "dim": 1}, "objectives": [objective]},
                      "search.yaml", tmp_path)
+
+
+def test_sampling_generation_kwargs_are_refused_naming_the_task(task_dir, backend, tmp_path):
+    text = (DATA / "arith_gen.yaml").read_text().replace("DATA_DIR", str(task_dir))
+    text = text.replace("task: evo_arith_gen", "task: evo_arith_sampled").replace(
+        "  max_gen_toks: 6\n", "  max_gen_toks: 6\n  do_sample: true\n  temperature: 0.7\n")
+    (tmp_path / "sampled.yaml").write_text(text)
+    task = load_task(str(tmp_path / "sampled.yaml"))
+    with pytest.raises(EvomergeError, match="lm-eval task evo_arith_sampled: generation_kwargs ask for sampling"):
+        backend.score(task, [0])
