@@ -381,6 +381,10 @@ def load_lm_eval_task(spec: str, metric: str | None = None, options: LMEvalOptio
     leaves, offset = [], 0
     for task_name, task in tasks.items():
         _prepare(task, options)
+        if task.OUTPUT_TYPE == "generate_until":
+            from evomerge.tasks.lm_eval_lm import check_generation_kwargs
+
+            check_generation_kwargs(task_name, dict(task.config.generation_kwargs or {}))
         try:
             docs = list(task.eval_docs)
         except Exception as exc:

@@ -41,6 +41,20 @@ DEFAULT_MAX_GEN_TOKS = 256                 # HFLM.max_gen_toks
 GREEDY_NEUTRAL = {"do_sample", "temperature", "top_p", "top_k"}
 
 
+def check_generation_kwargs(task_name: str | None, gen_kwargs: dict) -> dict:
+    """lm-eval's normalized generation kwargs, when they ask for greedy decoding; else an error
+    naming the task (a fitness must be a function of the weights, not of a sampler's luck)."""
+    kwargs = normalize_gen_kwargs(gen_kwargs, DEFAULT_MAX_GEN_TOKS)
+    if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0:
+        raise EvomergeError(f"lm-eval task {task_name}: generation_kwargs ask for sampling; evomerge scores "
+                            "greedy decoding only (do_sample: false)")
+    other = sorted(set(kwargs) - GREEDY_NEUTRAL - {"until", "max_gen_toks"})
+    if other:
+        raise EvomergeError(f"lm-eval task {task_name}: generation_kwargs {', '.join(other)} are not supported "
+                            "(greedy decoding with until and max_gen_toks)")
+    return kwargs
+
+
 class BackendLM(TemplateLM):
     """lm-eval's view of an evomerge backend (``HFBackend`` or ``VLLMBackend``)."""
 
@@ -160,16 +174,9 @@ class BackendLM(TemplateLM):
             groups.setdefault(repr(sorted(req.args[1].items(), key=str)), []).append(r)
         outputs: list[str] = [""] * len(requests)
         for members in groups.values():
-            kwargs = normalize_gen_kwargs(requests[members[0]].args[1], DEFAULT_MAX_GEN_TOKS)
-            if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0:
-                raise EvomergeError(f"lm-eval task {requests[members[0]].task_name}: generation_kwargs ask for "
-                                    "sampling; evomerge scores greedy decoding only (do_sample: false)")
+            kwargs = check_generation_kwargs(requests[members[0]].task_name, requests[members[0]].args[1])
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = int(kwargs.pop("max_gen_toks"))
-            other = sorted(set(kwargs) - GREEDY_NEUTRAL)
-            if other:
-                raise EvomergeError(f"lm-eval task {requests[members[0]].task_name}: generation_kwargs "
-                                    f"{', '.join(other)} are not supported (greedy decoding with until and max_gen_toks)")
             max_context = self.max_length - max_gen
             if max_context <= 0:
                 raise EvomergeError(f"lm-eval task {requests[members[0]].task_name}: max_gen_toks {max_gen} "
