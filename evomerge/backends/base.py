@@ -43,6 +43,12 @@ def scoring_method(backend: Backend, scoring: str) -> Callable[[Task, Sequence[i
     return backend.likelihood if scoring == "likelihood" else backend.score
 
 
+def harness_results(backend: Backend, task: Task, indices: Sequence[int], scoring: str) -> list[ItemResult]:
+    """An lm-eval task's results (``task.harness``: lm-eval builds and scores the requests,
+    ``backend`` answers them through its token-level methods)."""
+    return [ItemResult(r.index, r.score, r.output, r.metrics) for r in task.harness.score(backend, indices, scoring)]
+
+
 def check_indices(task: Task, indices: Sequence[int]) -> list[int]:
     indices = list(indices)
     for i in indices:

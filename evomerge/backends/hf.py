@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from evomerge.backends.base import (ItemResult, check_indices, choice_rows, graded_results, likelihood_rows,
-                                    pick_choices)
+from evomerge.backends.base import (ItemResult, check_indices, choice_rows, graded_results, harness_results,
+                                    likelihood_rows, pick_choices)
 from evomerge.errors import CheckpointError
 from evomerge.tasks.task import Task
 
@@ -135,7 +135,7 @@ class HFBackend:
     # ------------------------------------------------------------ scoring
     def score(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
         if task.harness is not None:       # an lm-eval task: lm-eval scores it, this backend answers
-            return task.harness.score(self, indices, "exact")
+            return harness_results(self, task, indices, "exact")
         indices = check_indices(task, indices)
         results: list[ItemResult] = []
         run = self._generate if task.kind == "generate" else self._choose
@@ -146,7 +146,7 @@ class HFBackend:
 
     def likelihood(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
         if task.harness is not None:       # an lm-eval task: lm-eval scores it, this backend answers
-            return task.harness.score(self, indices, "likelihood")
+            return harness_results(self, task, indices, "likelihood")
         indices = check_indices(task, indices)
         rows, owners = likelihood_rows(task, indices, self._encode, self.tokenizer.eos_token_id)
         with torch.inference_mode():

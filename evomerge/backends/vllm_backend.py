@@ -44,8 +44,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-from evomerge.backends.base import (ItemResult, check_indices, choice_rows, graded_results, likelihood_rows,
-                                    pick_choices)
+from evomerge.backends.base import (ItemResult, check_indices, choice_rows, graded_results, harness_results,
+                                    likelihood_rows, pick_choices)
 from evomerge.backends.hf import SHAPE_KEYS, load_tokenizer
 from evomerge.errors import CheckpointError, EvomergeError
 from evomerge.tasks.task import Task
@@ -211,7 +211,7 @@ class VLLMBackend:
     # ------------------------------------------------------------ scoring
     def score(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
         if task.harness is not None:       # an lm-eval task: lm-eval scores it, this backend answers
-            return task.harness.score(self, indices, "exact")
+            return harness_results(self, task, indices, "exact")
         indices = self._checked(task, indices)
         if not indices:
             return []
@@ -219,7 +219,7 @@ class VLLMBackend:
 
     def likelihood(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
         if task.harness is not None:       # an lm-eval task: lm-eval scores it, this backend answers
-            return task.harness.score(self, indices, "likelihood")
+            return harness_results(self, task, indices, "likelihood")
         indices = self._checked(task, indices)
         if not indices:
             return []

@@ -30,7 +30,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
@@ -149,6 +149,13 @@ def _names_outside(manager, name: str, depth: int = 0) -> bool:
 # ---------------------------------------------------------------- the harness
 
 
+class ScoredItem(NamedTuple):
+    index: int
+    score: float
+    output: str
+    metrics: dict | None = None                  # every "metric,filter" value (exact scoring)
+
+
 @dataclass
 class _Leaf:
     """One lm-eval task: its documents are items ``offset .. offset + len(docs) - 1``."""
@@ -235,11 +242,10 @@ class Harness:
                 inst.resps.append(response)
 
     # ------------------------------------------------------------ scoring
-    def score(self, backend: Any, indices, scoring: str = "exact") -> list:
-        """Per index an ``ItemResult``: the objective metric's value (``scoring="exact"``), or the
-        graded probability of the reference (``"likelihood"``), with every metric in ``.metrics``."""
-        from evomerge.backends.base import ItemResult
-
+    def score(self, backend: Any, indices, scoring: str = "exact") -> list[ScoredItem]:
+        """Per index a ``ScoredItem``: the objective metric's value (``scoring="exact"``), or the
+        graded probability of the reference (``"likelihood"``), with every metric in ``.metrics``.
+        Backends turn them into their ``ItemResult`` (``backends.base.harness_results``)."""
         indices = [int(i) for i in indices]
         located = [self.leaf_of(i) for i in indices]
         if not indices:
@@ -253,9 +259,11 @@ class Harness:
             by_leaf[leaf.name].extend(leaf.requests[d])
         for leaf in self.leaves:
             if by_leaf[leaf.name]:
-                for ensemble in leaf.task._filters:       # only the scored documents' instances
+                # the task's filter pipelines on the scored documents' instances only (what
+                # Task.apply_filters does for all of them; _filters is lm-eval's list of them)
+                for ensemble in leaf.task._filters:
                     ensemble.apply(by_leaf[leaf.name])
-        metric_name, _, metric_filter = self.metric.partition(",")
+        metric_filter = self.metric.partition(",")[2]
         results = []
         for index, (leaf, d) in zip(indices, located):
             requests = leaf.requests[d]
@@ -263,7 +271,7 @@ class Harness:
             for filter_key in requests[0].filtered_resps:
                 values = leaf.task.process_results(leaf.docs[d], [r.filtered_resps[filter_key] for r in requests])
                 metrics.update({f"{m},{filter_key}": v for m, v in values.items()})
-            results.append(ItemResult(index, float(metrics[self.metric]), self._output(leaf, d, metric_filter),
+            results.append(ScoredItem(index, float(metrics[self.metric]), self._output(leaf, d, metric_filter),
                                       metrics=metrics))
         return results
 
@@ -283,8 +291,6 @@ class Harness:
         loglikelihood -- P(continuation | context). Contexts include few-shot and chat turns."""
         from lm_eval.api.instance import Instance
 
-        from evomerge.backends.base import ItemResult
-
         kind = self.output_type
         if kind == "loglikelihood_rolling":
             raise EvomergeError(f"lm-eval task {self.name!r}: loglikelihood_rolling has no reference to grade")
@@ -297,13 +303,13 @@ class Harness:
                 probes.append(Instance("loglikelihood", leaf.docs[d], (leaf.requests[d][0].args[0],
                                                                        delimiter + str(target)), 0))
             lls = [ll for ll, _ in lm.loglikelihood(probes)]
-            return [ItemResult(i, math.exp(min(ll, 0.0)), p.args[1]) for i, ll, p in zip(indices, lls, probes)]
+            return [ScoredItem(i, math.exp(min(ll, 0.0)), p.args[1]) for i, ll, p in zip(indices, lls, probes)]
         self._answer(lm, [inst for leaf, d in located for inst in leaf.requests[d]])
         results = []
         for index, (leaf, d) in zip(indices, located):
             lls = [r.resps[0][0] for r in leaf.requests[d]]
             if kind != "multiple_choice":
-                results.append(ItemResult(index, math.exp(min(lls[0], 0.0)), leaf.requests[d][0].args[1]))
+                results.append(ScoredItem(index, math.exp(min(lls[0], 0.0)), leaf.requests[d][0].args[1]))
                 continue
             gold = leaf.task.doc_to_target(leaf.docs[d])
             choices = leaf.task.doc_to_choice(leaf.docs[d])
@@ -312,7 +318,7 @@ class Harness:
             top = max(lls)
             total = sum(math.exp(v - top) for v in lls)
             share = sum(math.exp(lls[g] - top) for g in set(golds) if 0 <= g < len(lls)) / total
-            results.append(ItemResult(index, share, str(choices[golds[0]])))
+            results.append(ScoredItem(index, share, str(choices[golds[0]])))
         return results
 
 
