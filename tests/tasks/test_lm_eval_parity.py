@@ -209,10 +209,16 @@ def test_a_group_is_one_objective_averaged_as_lm_eval_aggregates_it(task_dir, ba
     assert mean == pytest.approx(group_reference["results"]["evo_arith_group"]["acc,none"], abs=1e-6)
 
 
-def test_a_chat_template_system_instruction_and_multiturn_shots_match_lm_eval(task_dir, chat_model_dir):
+@pytest.fixture(scope="module")
+def chat_reference(chat_model_dir, task_dir):
+    return lm_eval_reference(chat_model_dir, task_dir, ["evo_arith_fewshot", "evo_arith_mc"],
+                             apply_chat_template=True, system_instruction="sum", fewshot_as_multiturn=True)
+
+
+def test_a_chat_template_system_instruction_and_multiturn_shots_match_lm_eval(task_dir, chat_model_dir,
+                                                                             chat_reference):
     options = {"apply_chat_template": True, "system_instruction": "sum", "fewshot_as_multiturn": True}
-    reference = lm_eval_reference(chat_model_dir, task_dir, ["evo_arith_fewshot", "evo_arith_mc"],
-                                  apply_chat_template=True, system_instruction="sum", fewshot_as_multiturn=True)
+    reference = chat_reference
     backend = make_backend("hf", chat_model_dir)
     for name in ("evo_arith_fewshot", "evo_arith_mc"):
         task = load_task(f"{task_dir}:{name}", lm_eval=options)
@@ -353,3 +359,22 @@ def test_sampling_generation_kwargs_are_refused_naming_the_task(task_dir, tmp_pa
     (tmp_path / "sampled.yaml").write_text(text)
     with pytest.raises(EvomergeError, match="lm-eval task evo_arith_sampled: generation_kwargs ask for sampling"):
         load_task(str(tmp_path / "sampled.yaml"))
+
+
+def test_eval_takes_lm_evals_chat_flags(task_dir, chat_model_dir, chat_reference, tmp_path, capsys):
+    from evomerge.cli import main as cli_main
+
+    out = tmp_path / "items.jsonl"
+    assert cli_main(["eval", str(chat_model_dir), "--tasks", f"{task_dir}:evo_arith_fewshot", "--apply-chat-template",
+                     "--system-instruction", "sum", "--fewshot-as-multiturn", "true", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    theirs = chat_reference["items"]["evo_arith_fewshot"]
+    assert [r["metrics"]["exact_match,none"] for r in rows] == [theirs[(i, "exact_match,none")] for i in range(16)]
+    assert f"{chat_reference['results']['evo_arith_fewshot']['exact_match,none']:.3f}" in capsys.readouterr().out
+
+
+def test_num_fewshot_overrides_the_task_unless_its_yaml_says_zero(task_dir):
+    two_shot = load_task(f"{task_dir}:evo_arith_mc", lm_eval={"num_fewshot": 1})
+    assert all(item.prompt.count(";") == 1 for item in two_shot.items)      # one shot, then the question
+    zero = load_task(f"{task_dir}:evo_arith_mc_zeroshot", lm_eval={"num_fewshot": 1})
+    assert all(";" not in item.prompt for item in zero.items)                # an explicit 0 wins, as in lm-eval
