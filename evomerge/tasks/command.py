@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - start
         for (label, res), task in zip(results.items(), tasks):
             acc = sum(r.score for r in res) / max(1, len(res))
-            rows.append((model, label, len(res), acc))
+            shown = label if task.harness is None or args.scoring == "likelihood" else f"{label} [{task.harness.metric}]"
+            rows.append((model, shown, len(res), acc))
             for r in res:
                 item = task.items[r.index]
                 line = {"model": model, "task": label, "index": r.index, "id": item.id,
@@ -133,9 +134,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"# {model}: {seconds:.1f} s", file=sys.stderr)
     width = max(len(r[0]) for r in rows)
     header = "likelihood" if args.scoring == "likelihood" else (args.metric or "accuracy")
-    print(f"{'model':<{width}}  {'task':<20} {'n':>5}  {header}")
+    task_width = max(20, *(len(r[1]) for r in rows))
+    print(f"{'model':<{width}}  {'task':<{task_width}} {'n':>5}  {header}")
     for model, label, n, acc in rows:
-        print(f"{model:<{width}}  {label:<20} {n:>5}  {acc:.3f}")
+        print(f"{model:<{width}}  {label:<{task_width}} {n:>5}  {acc:.3f}")
     if args.out:
         from evomerge.io.atomic import atomic_write_text
 
