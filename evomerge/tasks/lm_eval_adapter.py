@@ -202,6 +202,10 @@ class Harness:
         key = getattr(lm.tokenizer, "chat_template", None) if chat else None
         if self.leaves[0].requests and self._built_for == key:
             return
+        if chat and not key:
+            model = getattr(getattr(lm.model_backend, "model_dir", None), "name", None) or "the model"
+            raise EvomergeError(f"lm-eval task {self.name!r}: apply_chat_template needs a chat template and the "
+                                f"tokenizer of {model} has none")
         multiturn = self.options.fewshot_as_multiturn
         multiturn = chat if multiturn is None else multiturn
         for leaf in self.leaves:

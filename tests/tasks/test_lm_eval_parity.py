@@ -380,3 +380,10 @@ def test_num_fewshot_overrides_the_task_unless_its_yaml_says_zero(task_dir):
     assert all(item.prompt.count(";") == 1 for item in two_shot.items)      # one shot, then the question
     zero = load_task(f"{task_dir}:evo_arith_mc_zeroshot", lm_eval={"num_fewshot": 1})
     assert all(";" not in item.prompt for item in zero.items)                # an explicit 0 wins, as in lm-eval
+
+
+def test_a_chat_template_asked_of_a_tokenizer_without_one_is_named(task_dir, backend):
+    task = load_task(f"{task_dir}:evo_arith_mc", lm_eval={"apply_chat_template": True})
+    with pytest.raises(EvomergeError, match="lm-eval task 'evo_arith_mc': apply_chat_template needs a chat template "
+                                            "and the tokenizer of expert-arith has none"):
+        backend.score(task, [0])
