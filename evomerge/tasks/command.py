@@ -43,12 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lm.add_argument("--system-instruction", default=None, help="a system turn before each request")
     lm.add_argument("--fewshot-as-multiturn", default=None, type=lambda v: v.lower() in ("1", "true", "yes"),
                     metavar="BOOL", help="few-shot examples as chat turns (default: on with --apply-chat-template)")
+    lm.add_argument("--trust-task-code", action="store_true",
+                    help="run the !function Python of task YAMLs outside lm-eval's own tasks")
 
 
 def lm_eval_options(args: argparse.Namespace) -> dict:
     """The lm-eval evaluation options given on the command line (empty: lm-eval's defaults)."""
     given = {"num_fewshot": args.num_fewshot, "apply_chat_template": args.apply_chat_template or None,
-             "system_instruction": args.system_instruction, "fewshot_as_multiturn": args.fewshot_as_multiturn}
+             "system_instruction": args.system_instruction, "fewshot_as_multiturn": args.fewshot_as_multiturn,
+             "trust_task_code": args.trust_task_code or None}
     return {k: v for k, v in given.items() if v is not None}
 
 

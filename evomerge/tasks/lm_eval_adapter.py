@@ -49,6 +49,9 @@ class LMEvalOptions(BaseModel):
     system_instruction: str | None = None     # --system_instruction
     fewshot_as_multiturn: bool | None = None  # --fewshot_as_multiturn; default: on with a chat template
     fewshot_seed: int = FEWSHOT_SEED          # --seed's fewshot part
+    # run the '!function' Python of task YAMLs outside lm-eval's own package (they import a .py
+    # from beside the YAML); refused unless asked, as trust_remote_code is
+    trust_task_code: bool = False
 
 
 def _import_lm_eval():
@@ -119,19 +122,68 @@ def _task_name_in(path: Path) -> str:
     raise EvomergeError(f"{path}: not an lm-eval task YAML (no 'task:' line)")
 
 
-def _load(include: str | None, name: str) -> dict:
+def _load(include: str | None, name: str, trust_code: bool = False) -> dict:
     """lm-eval's ``TaskManager.load`` of one name: {"tasks": {...}, "groups": {...}}."""
     manager = _manager(include, False) if include else _manager(None)
     if include and (name not in manager.all_tasks or _names_outside(manager, name)):
         manager = _manager(include, True)   # the name, or a group's member, is one of lm-eval's own tasks
     if name not in manager.all_tasks:
         raise EvomergeError(f"unknown lm-eval task {name!r}" + (f" in {include}" if include else ""))
+    if not trust_code:
+        code = _task_code(manager, name)
+        if code is not None:
+            raise EvomergeError(f"lm-eval task {name!r}: {code} uses !function (Python from the task's folder); "
+                                "evomerge runs it only when asked: lm_eval.trust_task_code: true "
+                                "(evomerge eval --trust-task-code)")
     try:
         return manager.load([name])
     except Exception as exc:  # datasets raises many kinds of errors when a dataset is absent
         text = str(exc).splitlines()[0] if str(exc) else ""
         raise EvomergeError(f"lm-eval task {name!r}: cannot load its dataset from local files "
                             f"({type(exc).__name__}: {text})") from None
+
+
+def _task_code(manager, name: str) -> Path | None:
+    """The first YAML outside lm-eval's own package that task/group ``name`` reads (itself, its
+    ``include:`` chain, a group's members) and that names a ``!function``; None when none does."""
+    import lm_eval
+
+    package = Path(lm_eval.__file__).resolve().parent
+    index = getattr(manager, "_index", {})
+    seen: set[Path] = set()
+
+    def yaml_with_code(path: Path) -> Path | None:
+        path = path.resolve()
+        if path in seen or package in path.parents or not path.is_file():
+            return None
+        seen.add(path)
+        text = path.read_text()
+        if "!function" in text:
+            return path
+        for line in text.splitlines():
+            if line.startswith("include:"):
+                found = yaml_with_code(path.parent / line.split(":", 1)[1].strip().strip("'\""))
+                if found is not None:
+                    return found
+        return None
+
+    def entry_with_code(entry_name: str, depth: int) -> Path | None:
+        entry = index.get(entry_name)
+        if entry is None or depth > 8:
+            return None
+        if getattr(entry, "yaml_path", None) is not None:
+            found = yaml_with_code(Path(entry.yaml_path))
+            if found is not None:
+                return found
+        members = (getattr(entry, "cfg", None) or {}).get("task")
+        for member in members if isinstance(members, list) else []:
+            if isinstance(member, str):
+                found = entry_with_code(member, depth + 1)
+                if found is not None:
+                    return found
+        return None
+
+    return entry_with_code(name, 0)
 
 
 def _names_outside(manager, name: str, depth: int = 0) -> bool:
@@ -382,7 +434,7 @@ def load_lm_eval_task(spec: str, metric: str | None = None, options: LMEvalOptio
     _import_lm_eval()
     options = options if isinstance(options, LMEvalOptions) else LMEvalOptions(**(options or {}))
     include, name = _resolve(spec)
-    loaded = _load(include, name)
+    loaded = _load(include, name, options.trust_task_code)
     tasks = loaded["tasks"]
     groups = loaded.get("groups", {})
     group = next((g for key, g in groups.items() if getattr(g, "name", key) == name or key == name), None)

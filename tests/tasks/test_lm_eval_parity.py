@@ -35,10 +35,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['con
 def task_dir(tmp_path_factory) -> Path:
     """The test task YAMLs with their data path filled in (lm-eval reads data_files from the cwd)."""
     out = tmp_path_factory.mktemp("lm_eval_tasks")
-    shutil.copy(DATA / "arith.jsonl", out / "arith.jsonl")
+    for data in ("arith.jsonl", "arith_small.jsonl", "utils.py"):
+        shutil.copy(DATA / data, out / data)
     for path in DATA.glob("*.yaml"):
         (out / path.name).write_text(path.read_text().replace("DATA_DIR", str(out)))
-    shutil.copy(DATA / "utils.py", out / "utils.py")
     return out
 
 
@@ -125,7 +125,8 @@ def assert_parity(task, results, reference, name):
 @pytest.mark.parametrize("name", ["evo_arith_mc", "evo_arith_gen", "evo_arith_fewshot", "evo_arith_em_options",
                                   "evo_arith_function", "evo_arith_loglikelihood"])
 def test_every_item_and_metric_equals_lm_evals_logged_samples(name, task_dir, backend, plain_reference):
-    task = load_task(f"{task_dir}:{name}")
+    options = {"trust_task_code": True} if name == "evo_arith_function" else None    # it runs utils.py
+    task = load_task(f"{task_dir}:{name}", lm_eval=options)
     results = backend.score(task, range(len(task.items)))
     assert_parity(task, results, plain_reference, name)
     # the objective's number is the task's first metric under its first filter
@@ -134,8 +135,11 @@ def test_every_item_and_metric_equals_lm_evals_logged_samples(name, task_dir, ba
     assert [r.score for r in results] == [r.metrics[first] for r in results]
 
 
-def test_function_utilities_run_as_code(task_dir):
-    task = load_task(f"{task_dir}:evo_arith_function")
+def test_function_utilities_run_only_when_asked(task_dir):
+    with pytest.raises(EvomergeError, match=r"lm-eval task 'evo_arith_function': .*arith_function\.yaml uses !function"
+                                            r".*lm_eval\.trust_task_code: true"):
+        load_task(f"{task_dir}:evo_arith_function")
+    task = load_task(f"{task_dir}:evo_arith_function", lm_eval={"trust_task_code": True})
     # utils.small_sums dropped the sums with a number of 50 or more; utils.question wrote the prompts
     assert 0 < len(task.items) < 16
     assert all(all(int(x) < 50 for x in item.prompt.rstrip("=").split("+")) for item in task.items)
@@ -340,7 +344,7 @@ def test_eval_prints_the_named_metric_and_writes_every_metric_per_item(task_dir,
 
 def test_a_group_averaging_unequal_subtasks_unweighted_asks_for_one_objective_per_subtask(task_dir):
     with pytest.raises(EvomergeError, match="lm-eval group 'evo_arith_unweighted' averages its subtasks' exact_match "
-                                            "unweighted .* one objective per subtask: evo_arith_fewshot, evo_arith_function"):
+                                            "unweighted .* one objective per subtask: evo_arith_fewshot, evo_arith_small"):
         load_task(f"{task_dir}:evo_arith_unweighted")
 
 
