@@ -272,7 +272,8 @@ def test_a_metric_on_a_zoo_task_is_refused():
         load_task("zoo/arith", metric="acc")
 
 
-def test_the_archived_fitness_of_a_source_is_lm_evals_number_for_it(task_dir, model_dir, plain_reference, tmp_path):
+def test_the_archived_fitness_of_a_source_is_lm_evals_number_for_it(task_dir, model_dir, plain_reference, backend,
+                                                                     tmp_path):
     import yaml
 
     from evomerge.search.archive import Archive
@@ -284,6 +285,7 @@ def test_the_archived_fitness_of_a_source_is_lm_evals_number_for_it(task_dir, mo
         "objectives": [
             {"name": "choice", "task": f"{task_dir}:evo_arith_mc", "metric": "acc_norm"},
             {"name": "sums", "task": f"{task_dir}:evo_arith_gen", "metric": "exact_match,whole"},
+            {"name": "graded", "task": f"{task_dir}:evo_arith_mc", "scoring": "likelihood", "estimator": "subset"},
         ],
         "evaluator": {"kind": "merge", "threads": 1},
         "optimizer": {"name": "random", "population": 2, "generations": 1},
@@ -301,6 +303,10 @@ def test_the_archived_fitness_of_a_source_is_lm_evals_number_for_it(task_dir, mo
     assert arith["choice"]["value"] == pytest.approx(results["evo_arith_mc"]["acc_norm,none"], abs=1e-6)
     assert arith["sums"]["value"] == pytest.approx(float(results["evo_arith_gen"]["exact_match,whole"]), abs=1e-6)
     assert arith["sums"]["n_items"] == 16
+    # a graded objective on the same lm-eval task: the gold choice's mean share of probability
+    mc = load_task(f"{task_dir}:evo_arith_mc")
+    graded = [r.score for r in backend.likelihood(mc, range(16))]
+    assert arith["graded"]["full"] == pytest.approx(sum(graded) / 16, abs=1e-6)     # value: the subset's mean
     searched = [r for r in records if r["generation"] == 0]
     assert len(searched) == 2 and all(r["status"] == "ok" for r in searched)
 
