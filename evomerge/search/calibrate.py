@@ -33,13 +33,12 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.io.atomic import atomic_write_text
+from evomerge.search.store import RunStore
 from evomerge.workers.evaluator import CALIBRATION_FREE, mean_estimate, subset_indices
 from evomerge.workers.types import Candidate
 
-CALIBRATION_DIR = "calibration"
 CALIBRATION_GENERATION = -1
 SOURCE_ID = -10**6            # candidate id of a source model's evaluation (not archived as a candidate)
-DONE_FILE = "sources.json"     # written last: the pre-search phase is complete
 
 
 def needs_calibration(objective) -> bool:
@@ -48,11 +47,11 @@ def needs_calibration(objective) -> bool:
 
 
 def calibration_path(run_dir: Path, name: str) -> Path:
-    return Path(run_dir) / CALIBRATION_DIR / f"{name}.json"
+    return RunStore(run_dir).calibration_path(name)
 
 
 def thetas_path(run_dir: Path, name: str) -> Path:
-    return Path(run_dir) / CALIBRATION_DIR / f"{name}.sources.json"
+    return RunStore(run_dir).thetas_path(name)
 
 
 def source_plan(name: str) -> dict:
@@ -69,7 +68,7 @@ def calibration_genomes(space, seed: int, n: int) -> list[np.ndarray]:
 def fill_spec(spec, cfg, run_dir: Path) -> bool:
     """Point the evaluator spec at the run's calibration artifacts; True when every
     objective that needs them has them (i.e. the pre-search phase is done)."""
-    ready = (Path(run_dir) / CALIBRATION_DIR / DONE_FILE).is_file()
+    ready = RunStore(run_dir).presearch_done_path.is_file()
     for obj_spec, obj in zip(spec.objectives, cfg.objectives):
         if obj.estimator in CALIBRATION_FREE:
             continue
@@ -78,10 +77,22 @@ def fill_spec(spec, cfg, run_dir: Path) -> bool:
             ready &= Path(obj_spec.calibration).is_file()
         path = thetas_path(run_dir, obj.name)
         if path.is_file():
-            obj_spec.source_thetas = json.loads(path.read_text())["thetas"]
+            obj_spec.source_thetas = _read_thetas(path)
         else:
             ready = False
     return ready
+
+
+def _read_thetas(path: Path) -> list:
+    """Source abilities from a run's calibration folder (JSON); one line if damaged."""
+    try:
+        thetas = json.loads(path.read_text())["thetas"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise EvomergeError(f"{path}: unreadable source abilities ({type(exc).__name__}); delete the file and "
+                            "resume to compute them again") from None
+    if not isinstance(thetas, list):
+        raise EvomergeError(f"{path}: unreadable source abilities (no list of thetas)")
+    return thetas
 
 
 def _subject(name: str) -> str:
@@ -153,7 +164,7 @@ def presearch(run, progress: bool = True) -> None:
     for obj in irt:
         _calibrate(obj, cfg, run_dir, archive)
     meta = archive.meta()
-    done = Path(run_dir) / CALIBRATION_DIR / DONE_FILE
+    done = RunStore(run_dir).presearch_done_path
     done.parent.mkdir(exist_ok=True)
     atomic_write_text(done, json.dumps({"source_scores": meta["source_scores"],
                                         "source_heldout_scores": meta["source_heldout_scores"]}, indent=2))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,15 +75,12 @@ def _as_record(row: Any) -> RunRecord:
 
 def open_archive(run_dir: str | Path):
     """The run's archive, read-only (safe while a search writes)."""
-    from evomerge.search.archive import Archive
+    from evomerge.search.store import RunStore
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EvomergeError(f"run directory {run_dir} does not exist")
-    try:
-        return Archive(run_dir, readonly=True)
-    except sqlite3.DatabaseError as exc:
-        raise EvomergeError(f"{run_dir}: the archive cannot be read ({exc})") from None
+    return RunStore(run_dir).open_archive()
 
 
 def load_records(run_dir: str | Path, calibration: bool = False) -> list[RunRecord]:
