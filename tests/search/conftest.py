@@ -38,3 +38,4 @@ def write_config(tmp_path: Path):
         return path
 
     return write
+

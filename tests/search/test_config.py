@@ -11,6 +11,7 @@ import yaml
 from evomerge.cli import main
 from evomerge.io.synthetic import make_tiny_llama
 from evomerge.search.config import load_config
+from evomerge.search.archive import Archive
 from evomerge.search.run import SearchRun
 
 
@@ -100,12 +101,14 @@ def test_a_run_directory_from_another_version_is_refused(write_config, tmp_path,
     config = write_config(optimizer={"population": 2, "generations": 2})
     run = SearchRun.create(config, tmp_path / "run")
     run.close()
-    meta_path = tmp_path / "run" / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta_path.write_text(json.dumps({**meta, "evomerge_version": "0.0.1", "format": 0}))
+    archive = Archive(tmp_path / "run")
+    archive.set_meta(evomerge_version="0.0.1", format=0)
+    archive.close()
     line = one_line_error(capsys, "resume", str(tmp_path / "run"))
-    assert "meta.json: run directory written by evomerge 0.0.1 (format 0)" in line
-    assert not list((tmp_path / "run").glob("checkpoints/gen-000001*"))  # nothing ran
+    assert "archive.sqlite: run directory written by evomerge 0.0.1 (format 0)" in line
+    archive = Archive(tmp_path / "run", readonly=True)
+    assert archive.counts()["total"] == 0  # nothing ran
+    archive.close()
     line = one_line_error(capsys, "resume", str(tmp_path / "elsewhere"))
     assert "no such run directory" in line
 

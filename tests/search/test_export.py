@@ -15,13 +15,24 @@ from evomerge.cli import main as cli_main
 from evomerge.io.synthetic import make_tiny_llama
 from evomerge.merge.engine import SourceSet
 from evomerge.merge.plan import MergePlan
+import evomerge
 from evomerge.search.archive import Archive
+from evomerge.search.store import RUN_FORMAT
 from evomerge.search.export import load_records, pareto_front, top_k
 from evomerge.search.genome import build_space, merge_plan
 from evomerge.workers.types import Candidate, EvalResult, ObjectiveScore
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 L = 3
+
+
+def hand_made_archive(run_dir: Path, config: dict, objectives: list[str]) -> Archive:
+    """The archive of a run directory built by hand (no search): the config a search stores
+    in it, and the format and version marks a run's archive carries."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    archive = Archive(run_dir, objectives=objectives)
+    archive.set_meta(format=RUN_FORMAT, evomerge_version=evomerge.__version__, config=config)
+    return archive
 
 
 def make_tokenizer(path: Path) -> Path:
@@ -37,11 +48,9 @@ def make_tokenizer(path: Path) -> Path:
 
 def write_run(run_dir: Path, paths: dict[str, str], base: str, rows: list[dict], objectives: list[str]) -> Path:
     """A run directory as the search leaves it: its config and the archive of evaluations."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({
+    archive = hand_made_archive(run_dir, {
         "sources": paths, "base": base, "genome": {"method": "ties", "granularity": "layer"},
-        "objectives": [{"name": o, "task": f"zoo/{o}"} for o in objectives]}))
-    archive = Archive(run_dir, objectives=objectives)
+        "objectives": [{"name": o, "task": f"zoo/{o}"} for o in objectives]}, objectives)
     for r in rows:
         archive.add(Candidate(r["candidate_id"], r["generation"], r["genome"], r["plan"]),
                     EvalResult(r["candidate_id"], r["status"], {k: ObjectiveScore(**v) for k, v in r["objectives"].items()},
