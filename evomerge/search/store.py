@@ -59,6 +59,7 @@ class RunLock:
 
     def __init__(self, path: Path, label: Path) -> None:
         self.path = path
+        self.fd: int | None = None
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
@@ -75,7 +76,7 @@ class RunLock:
             raise EvomergeError(f"{path}: cannot lock the run ({exc.strerror})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd: int | None = fd
+        self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
@@ -83,7 +84,8 @@ class RunLock:
             self.fd = None
 
     def __del__(self) -> None:
-        self.release()
+        if getattr(self, "fd", None) is not None:
+            self.release()
 
 
 def _read_pid(fd: int) -> int | None:
@@ -193,7 +195,10 @@ class RunStore:
         meta = self.meta() if meta is None else meta
         if "config" not in meta:
             raise EvomergeError(f"{self.archive_path}: the archive holds no config (not a search run)")
-        return parse_config(meta["config"], f"{self.archive_path}: config", self.root)
+        cfg = parse_config(meta["config"], f"{self.archive_path}: config", self.root)
+        # A run directory may have been moved or copied: its files are where it is now.
+        cfg.run_dir = str(self.root.resolve())
+        return cfg
 
     def lock(self) -> RunLock:
         """Take the run's lock (one writing process per run directory)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.cli import main
+from evomerge.search.optimizers import OPTIMIZERS, is_multi_objective
 from evomerge.search.run import SearchRun
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,9 +112,9 @@ class StopAfter:
         pass
 
 
-@pytest.mark.parametrize("name", ["cmaes", "smsemoa", "random"])
-def test_interrupted_runs_of_other_optimizer_families_resume_identically(name, write_config, tmp_path):
-    single = name == "cmaes"
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_interrupted_runs_of_every_optimizer_resume_identically_by_replay(name, write_config, tmp_path):
+    single = not is_multi_objective(name)
     config = write_config(optimizer={"name": name, "population": 5, "generations": 3})
     expected = uninterrupted(config, tmp_path / "reference")
     run = SearchRun.create(config, tmp_path / "run")
