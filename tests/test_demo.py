@@ -65,3 +65,28 @@ def test_a_relative_zoo_path_is_made_absolute_before_the_run_keeps_the_config(tm
     cfg = load_demo_config(DEFAULT_CONFIG, zoo_paths("rel/zoo"), run_dir=None)
     assert all(Path(p).is_absolute() for p in cfg.sources.values())
     assert cfg.sources["base"] == str(tmp_path / "rel" / "zoo" / "base")
+
+
+def test_fresh_deletes_only_a_directory_that_evomerge_made_as_a_run(tmp_path):
+    from evomerge.demo import open_search
+    from evomerge.errors import EvomergeError
+    from evomerge.search.config import parse_config
+
+    synthetic = {"genome": {"kind": "box", "dim": 2}, "objectives": [{"name": "a", "task": "synthetic/a"}],
+                 "evaluator": {"kind": "synthetic"}, "optimizer": {"name": "random", "population": 2, "generations": 1}}
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    cfg = parse_config({**synthetic, "run_dir": str(mine)}, "demo config", tmp_path)
+    with pytest.raises(EvomergeError, match="mine: not an evomerge run directory"):
+        open_search(cfg, fresh=True)
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+    cfg = parse_config({**synthetic, "run_dir": str(tmp_path / "run")}, "demo config", tmp_path)
+    run = open_search(cfg, fresh=False)
+    run.run(progress=False)
+    run.close()
+    (tmp_path / "run" / "notes.txt").write_text("inside a run directory: goes with it")
+    run = open_search(cfg, fresh=True)            # an evomerge run: deleted and started afresh
+    assert run.archive.counts()["total"] == 0 and not (tmp_path / "run" / "notes.txt").exists()
+    run.close()

@@ -36,6 +36,12 @@ def one_line_error(capsys, *args: str) -> str:
     ({"objectives": []}, r"objectives: List should have at least 1 item"),
     ({"base": "nope"}, r"base: 'nope' is not one of the sources"),
     ({"optimizer": {"reference_point": [0.0]}}, r"optimizer.reference_point: 1 values for 2 objectives"),
+    # names become file names (calibration/<objective>.json) and plan references: identifiers only
+    ({"objectives": [{"name": "../../escaped", "task": "synthetic/a"}]},
+     r"objectives.0.name: '../../escaped' is not a plain name .*no path separators, no '..'"),
+    ({"objectives": [{"name": "a/b", "task": "synthetic/a"}]}, r"objectives.0.name: 'a/b' is not a plain name"),
+    ({"objectives": [{"name": "..", "task": "synthetic/a"}]}, r"objectives.0.name: '..' is not a plain name"),
+    ({"sources": {"../up": "m"}}, r"sources: '../up' is not a plain name"),
 ])
 def test_invalid_configs_fail_before_anything_is_written(changes, message, write_config, tmp_path, capsys):
     config = write_config(**changes)
