@@ -91,6 +91,33 @@ def prepare(cfg: SearchConfig) -> Setup:
     return Setup(cfg, space, optimizer, spec, ready)
 
 
+def check_can_start(setup: Setup) -> None:
+    """What would otherwise stop a search after its directory is written, checked first: the
+    inference backend, the device the controller (pre-search scoring) or local workers
+    evaluate on, and the Ray cluster (reachable, able to place every worker)."""
+    import importlib.util
+
+    cfg = setup.config
+    if cfg.evaluator.kind == "merge":
+        from evomerge.backends import BACKENDS
+        from evomerge.io.device import check_device
+
+        if cfg.evaluator.backend not in BACKENDS:
+            raise ConfigError(f"evaluator.backend: unknown backend {cfg.evaluator.backend!r} "
+                              f"(choose from {', '.join(BACKENDS)})")
+        evaluates_here = cfg.workers.backend == "local" or not setup.ready
+        if evaluates_here:
+            check_device(cfg.evaluator.device, "evaluator.device")
+            if cfg.evaluator.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+                raise ConfigError("evaluator.backend: 'vllm' needs the vllm extra (pip install 'evomerge[vllm]')")
+    if cfg.workers.backend == "ray":
+        from evomerge.workers import ray_cluster
+
+        w = cfg.workers
+        ray_cluster.connect(w.address, num_cpus=max(1, math.ceil(w.count * w.num_cpus)))
+        ray_cluster.check_resources(w.count, num_cpus=w.num_cpus, num_gpus=w.num_gpus, memory=w.memory)
+
+
 def check_objectives(spec: EvaluatorSpec, ready: bool, run_dir: Path | None) -> None:
     """Every objective's task exists and its estimator is known; once the pre-search phase is
     done, also that its calibration loads and fits the task."""
@@ -172,6 +199,7 @@ class SearchRun:
             raise EvomergeError(f"{run_dir}: run directory already exists (use `evomerge resume {run_dir}` "
                                 "or choose another run_dir)")
         setup = prepare(cfg)
+        check_can_start(setup)
         pool = make_pool(setup) if start_pool and setup.ready else None
         lock = None
         try:
@@ -201,6 +229,8 @@ class SearchRun:
         lock = store.lock()
         try:
             setup = prepare(store.config(meta))
+            if not meta.get("finished"):
+                check_can_start(setup)
             run = cls(run_dir, setup, lock, finished=bool(meta.get("finished")),
                       completed_generations=int(meta.get("generation") or 0))
             if start_pool and not run.finished and setup.ready:
