@@ -184,6 +184,22 @@ def zoo_task_names() -> list[str]:
     return sorted(f"zoo/{p.stem}" for p in (DATA_DIR / "zoo").glob("*.yaml"))
 
 
+def _peek_task_yaml(path: Path):
+    """A task YAML read as plain data; lm-eval's ``!function`` tags (Python imported from the
+    task's folder) are refused in one line: a task file never runs code here."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.constructor.ConstructorError as exc:
+        if "!function" in str(exc):
+            raise EvomergeError(f"{path}: uses `!function` (Python code from the task's folder); evomerge runs no "
+                                "code from a task file: pass the task's registered lm-eval name instead") from None
+        raise EvomergeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    except yaml.YAMLError as exc:
+        raise EvomergeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvomergeError(f"{path}: cannot read the task file ({exc})") from None
+
+
 def load_task(name_or_path: str | Path) -> Task:
     """Load a task by zoo name (``zoo/arith[:split]``), YAML path, or lm-eval task name."""
     spec = str(name_or_path)
@@ -196,7 +212,7 @@ def load_task(name_or_path: str | Path) -> Task:
         return load_task_yaml(path, split)
     if base.endswith((".yaml", ".yml")) and Path(base).is_file():
         # lm-eval task YAMLs have a 'task:' key; ours do not.
-        if "task" not in (yaml.safe_load(Path(base).read_text()) or {}):
+        if "task" not in (_peek_task_yaml(Path(base)) or {}):
             return load_task_yaml(base, split)
     from evomerge.tasks.lm_eval_adapter import load_lm_eval_task
 

@@ -160,12 +160,53 @@ def test_export_refuses_bad_requests_with_one_line(run, tmp_path, capsys):
     assert cli_main(["export", str(tmp_path / "no-run"), str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    # an existing candidate directory is kept unless --overwrite
+    # a directory in the way that is not this candidate's export is kept unless --overwrite
     out = tmp_path / "again"
-    assert cli_main(["export", str(run["dir"]), str(out), "--id", "1"]) == 0
+    (out / "candidate-1").mkdir(parents=True)
+    (out / "candidate-1" / "mine.txt").write_text("not an export")
     assert cli_main(["export", str(run["dir"]), str(out), "--id", "1"]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert (out / "candidate-1" / "mine.txt").exists()
     assert cli_main(["export", str(run["dir"]), str(out), "--id", "1", "--overwrite"]) == 0
+    assert not (out / "candidate-1" / "mine.txt").exists()
+    # and a path that is a file is one line too
+    (tmp_path / "afile").write_text("x")
+    assert cli_main(["export", str(run["dir"]), str(tmp_path / "afile"), "--id", "1"]) == 2
+    assert "afile: exists and is not a directory" in capsys.readouterr().err
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_an_export_run_again_keeps_verified_candidates_rewrites_damaged_ones_and_clears_leftovers(run, tmp_path,
+                                                                                                  capsys):
+    out = tmp_path / "out"
+    assert cli_main(["export", str(run["dir"]), str(out), "--front"]) == 0
+    weights = {i: out / f"candidate-{i}" / "model.safetensors" for i in (0, 1, 4)}
+    written = {i: p.stat().st_mtime_ns for i, p in weights.items()}
+    # what a kill -9 halfway through the next export leaves: a temporary with shards ...
+    leftover = out / f".candidate-0.tmp-{dead_pid()}-k9"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half a shard")
+    # ... and one candidate whose weights changed on disk since
+    data = bytearray(weights[1].read_bytes())
+    data[-3] ^= 0xFF
+    weights[1].write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli_main(["export", str(run["dir"]), str(out), "--front"]) == 0
+    assert capsys.readouterr().out.split() == [str(out / f"candidate-{i}") for i in (0, 1, 3, 4)]
+    assert not leftover.exists()
+    assert weights[0].stat().st_mtime_ns == written[0] and weights[4].stat().st_mtime_ns == written[4]  # verified
+    assert weights[1].read_bytes() != bytes(data)                                                       # rewritten
+    manifest = json.loads((out / "candidate-1" / "evomerge_export.json").read_text())["sha256"]
+    import hashlib
+    assert manifest["model.safetensors"] == hashlib.sha256(weights[1].read_bytes()).hexdigest()
 
 
 def test_an_exported_model_scores_what_its_candidate_scored_in_the_search(tmp_path):
