@@ -23,7 +23,10 @@ def run(args: argparse.Namespace) -> int:
               "nothing to resume")
         return 0
     search = SearchRun.resume(args.run_dir, start_pool=True)
-    print(f"resuming {search.run_dir} after generation {search._completed} (replaying the archive)")
-    search.run(progress=not args.no_progress)
+    try:
+        print(f"resuming {search.run_dir} after generation {search.completed_generations} (replaying the archive)")
+        search.run(progress=not args.no_progress)
+    finally:
+        search.close()           # releases the run's lock
     print_status(search.run_dir)
     return 0

@@ -244,6 +244,11 @@ class SearchRun:
     def finished(self) -> bool:
         return self.state.finished
 
+    @property
+    def completed_generations(self) -> int:
+        """Generations the archive recorded as complete when the run was opened."""
+        return self._completed
+
     # -- running -----------------------------------------------------------------------------
     def presearch(self, progress: bool = True) -> None:
         """Score the sources and calibrate the IRT objectives (resumable; see calibrate.py)."""
