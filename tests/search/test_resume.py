@@ -55,8 +55,9 @@ def rows_of_generation_at_least(run_dir: Path, generation: int) -> int:
 
 
 @pytest.mark.slow
-def test_kill_9_mid_generation_then_resume_gives_the_uninterrupted_archive(write_config, tmp_path, capsys):
-    config = write_config(optimizer={"name": "nsga2", "population": 6, "generations": 4},
+@pytest.mark.parametrize("optimizer", [{"name": "nsga2"}, {"name": "cmaes"}, {"name": "ng_mo", "steady_state": True}])
+def test_kill_9_mid_generation_then_resume_gives_the_uninterrupted_archive(optimizer, write_config, tmp_path, capsys):
+    config = write_config(optimizer={**optimizer, "population": 6, "generations": 4},
                           evaluator={"kind": "synthetic", "sleep": 0.05, "fail_every": 7})
     expected = uninterrupted(config, tmp_path / "reference")
 
