@@ -62,7 +62,16 @@ def token_available() -> bool:
     if os.environ.get("RAY_AUTH_TOKEN"):
         return True
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    return Path(path).is_file() if path else (Path.home() / ".ray" / "auth_token").is_file()
+    if path:
+        return Path(path).is_file()
+    homes = {Path.home()}
+    try:   # Ray's loader finds the account's home directory, which $HOME may not name
+        import pwd
+
+        homes.add(Path(pwd.getpwuid(os.getuid()).pw_dir))
+    except (ImportError, KeyError):
+        pass
+    return any((home / ".ray" / "auth_token").is_file() for home in homes)
 
 
 def use_token_for_explicit_address() -> bool:
@@ -71,6 +80,12 @@ def use_token_for_explicit_address() -> bool:
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is None and token_available():
         os.environ["RAY_AUTH_MODE"] = "token"
+        try:   # Ray reads its config when imported: have it read the mode again (as Ray does for "auto")
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except (ImportError, AttributeError):
+            pass
         return True
     return (mode or "").lower() == "token"
 

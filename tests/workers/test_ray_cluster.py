@@ -124,12 +124,17 @@ def evomerge(args: list[str], env: dict, **kw):
 
 
 def user_env(cluster, with_token: bool) -> dict:
-    """The cluster user's environment: its token where Ray keeps it, no RAY_AUTH_MODE set."""
+    """The cluster user's environment: the token in a file named by RAY_AUTH_TOKEN_PATH (or no
+    token at all), no RAY_AUTH_MODE set. (Ray would also read ~/.ray/auth_token of the
+    account, which is not the test's to write.)"""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["HOME"] = str(cluster["home"])
     if with_token:
-        (cluster["home"] / ".ray").mkdir(exist_ok=True)
-        shutil.copy(cluster["token"], cluster["home"] / ".ray" / "auth_token")
+        copy = cluster["home"] / "cluster-token"
+        shutil.copy(cluster["token"], copy)
+        env["RAY_AUTH_TOKEN_PATH"] = str(copy)
+    else:
+        env["RAY_AUTH_TOKEN_PATH"] = str(cluster["home"] / "no-token-here")
     return env
 
 
@@ -155,7 +160,7 @@ def test_a_search_joins_a_token_authenticated_cluster_and_its_workers_die_with_a
     assert lines[-1].startswith("error: cannot join the Ray cluster") and "RAY_AUTH_MODE=token" in lines[-1]
     assert not (tmp_path / "refused").exists()
 
-    # With it (in ~/.ray/auth_token, as `ray start` keeps it): the search runs on 2 workers of the cluster.
+    # With it: the search runs on 2 workers of the cluster.
     env = user_env(cluster, with_token=True)
     done = evomerge(["search", str(config), "--run-dir", str(tmp_path / "run"), "--address", cluster["address"],
                      "--no-progress"], env)
