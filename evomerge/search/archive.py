@@ -3,9 +3,14 @@
 ``archive.sqlite`` in the run directory, WAL mode, so ``evomerge status`` or a notebook
 can read it while the search writes. Each result is one transaction that inserts the
 evaluation, its per-objective scores and the updated non-dominated front and
-hypervolume together: a reader never sees a result without its front. Commits are
-durable (``synchronous=FULL``): the controller's progress lives in the same file and the
-same transactions (``meta``), so no power loss can leave the two out of step.
+hypervolume together: a reader never sees a result without its front. The controller's
+progress lives in the same file and the same transactions (``meta``), so no crash or power
+loss can leave the two out of step. Transactions that carry progress (a generation's last
+result, the end of the run) are durable -- ``synchronous=FULL``, on disk before the next
+generation is asked -- and so is every commit before them; the results in between are
+committed with ``synchronous=NORMAL`` (WAL: consistent, not yet fsynced), which saves an
+fsync per result: a power loss can take back at most the current generation's results,
+and resume evaluates those again.
 
 Every write transaction also records how many rows each table holds (``meta.rows``);
 ``verify()`` compares that with what the tables hold, so a deleted row is noticed before
@@ -161,9 +166,7 @@ class Archive:
         else:
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
-            # FULL: each commit is on disk before the next result is asked for; the controller's
-            # progress lives in these same transactions.
-            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA synchronous=NORMAL")   # FULL for durable transactions (below)
             self.db.executescript(_SCHEMA)
         self.db.row_factory = sqlite3.Row
         try:
@@ -198,8 +201,9 @@ class Archive:
             self._set_meta({"hypervolume": hypervolume(points[keep], self.reference) if len(keep) else 0.0})
 
     # -- writing ---------------------------------------------------------------------------
-    def transaction(self):
-        return _Transaction(self.db, self._record_counts)
+    def transaction(self, durable: bool = False):
+        """One write transaction; ``durable``: on disk (fsynced) when it returns."""
+        return _Transaction(self.db, self._record_counts, durable)
 
     def _record_counts(self) -> None:
         """Inside a write transaction: the row count of every table ``verify`` checks."""
@@ -226,7 +230,8 @@ class Archive:
             self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
     def set_meta(self, **values: Any) -> None:
-        with self.transaction():
+        """Record plain-data state (JSON values), durably."""
+        with self.transaction(durable=True):
             self._set_meta(values)
 
     def add(self, candidate: Candidate, result: EvalResult, submitted_at: float | None = None,
@@ -236,9 +241,9 @@ class Archive:
 
         ``responses`` ({objective: per-item scores}) of a full evaluation go in with it, so a
         calibration interrupted at any moment has each evaluation either whole or absent.
-        ``meta`` (the controller's progress, e.g. ``generation``) is committed with it."""
+        ``meta`` (the controller's progress, e.g. ``generation``) is committed with it, durably."""
         ok = result.status == "ok"
-        with self.transaction():
+        with self.transaction(durable=bool(meta)):
             for name, scores in (responses or {}).items():
                 self._add_responses(f"candidate:{candidate.candidate_id}", name, "search", scores)
             self.db.execute(
@@ -392,11 +397,14 @@ class _Transaction:
     """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rollback on error) on an autocommit connection;
     ``before_commit`` runs inside the transaction, last."""
 
-    def __init__(self, db: sqlite3.Connection, before_commit=None) -> None:
+    def __init__(self, db: sqlite3.Connection, before_commit=None, durable: bool = False) -> None:
         self.db = db
         self.before_commit = before_commit
+        self.durable = durable
 
     def __enter__(self) -> None:
+        if self.durable:   # a pragma, so outside the transaction: this commit (and the WAL before it) is fsynced
+            self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -406,4 +414,8 @@ class _Transaction:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        try:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            if self.durable:
+                self.db.execute("PRAGMA synchronous=NORMAL")

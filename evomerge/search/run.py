@@ -426,8 +426,10 @@ class SearchRun:
                 candidate = out[result.candidate_id]
             del out[candidate.candidate_id]
             told += 1
+            # progress (durable) once per population's worth of results, and with the last one
+            progress_mark = told % opt.population == 0 or told == total
             self.archive.add(candidate, result, submitted_at.pop(candidate.candidate_id, None), told_seq=told,
-                             meta={"generation": told // opt.population})
+                             meta={"generation": told // opt.population} if progress_mark else None)
             tell(candidate, result)
             launch(ask(1))
             bar.update(1)

@@ -151,10 +151,39 @@ def test_only_a_directory_carrying_the_run_marker_counts_as_a_run_directory(writ
     assert not RunStore.is_run_dir(tmp_path / "missing")
 
 
-def test_the_archive_commits_durably(tmp_path):
-    archive = Archive(tmp_path, objectives=["a"])
+def transactions(statements: list[str]) -> list[dict]:
+    """The write transactions in an SQLite statement trace, each marked durable when
+    ``synchronous=FULL`` was set for it."""
+    out, current, full = [], None, False
+    for sql in statements:
+        if sql.startswith("PRAGMA synchronous=FULL"):
+            full = True
+        elif sql.startswith("BEGIN"):
+            current = {"durable": full, "sql": []}
+        elif sql in ("COMMIT", "ROLLBACK") and current is not None:
+            out.append(current)
+            current, full = None, False
+        elif current is not None:
+            current["sql"].append(sql)
+    return out
+
+
+def test_each_generations_last_result_commits_durably_with_the_progress(write_config, tmp_path):
+    from evomerge.search.run import SearchRun
+
+    run = SearchRun.create(write_config(optimizer={"population": 3, "generations": 2}), tmp_path / "run")
+    statements: list[str] = []
+    run.archive.db.set_trace_callback(statements.append)
+    run.run(progress=False)
+    run.close()
+    writes = transactions(statements)
+    results = [t for t in writes if any(q.startswith("INSERT INTO evaluations") for q in t["sql"])]
+    assert [t["durable"] for t in results] == [False, False, True, False, False, True]
+    assert writes[-1]["durable"] and not any(q.startswith("INSERT INTO evaluations") for q in writes[-1]["sql"])
+    # between durable commits the archive runs at NORMAL (WAL: consistent, fsynced at the next durable one)
+    archive = Archive(tmp_path / "run")
     try:
-        assert archive.db.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL
         assert archive.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert archive.db.execute("PRAGMA synchronous").fetchone()[0] == 1
     finally:
         archive.close()
