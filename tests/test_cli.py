@@ -190,3 +190,48 @@ def test_eval_allow_bin_loads_pickled_weights_when_asked(models, capsys):
     capsys.readouterr()
     assert main(["eval", str(models["pickled"]), "--tasks", "zoo/calc:heldout", "--limit", "2", "--allow-bin"]) == 0
     assert "zoo/calc:heldout" in capsys.readouterr().out
+
+
+def full_disk(path="shard"):
+    import errno
+
+    def write(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    return write
+
+
+def test_a_full_disk_during_a_merge_is_one_line_and_leaves_no_partial_model(models, tmp_path, capsys, monkeypatch):
+    import evomerge.io.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "_write_streaming", full_disk(str(tmp_path / "out" / "model.safetensors")))
+    monkeypatch.setattr(checkpoint, "_write_buffered", full_disk(str(tmp_path / "out" / "model.safetensors")))
+    capsys.readouterr()
+    assert main(["merge", str(recipe(tmp_path, models["base"], models["tuned"])), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no space left on the device (writing "), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]     # no temporary left either
+
+
+def test_a_full_disk_during_a_search_is_one_line_and_the_run_resumes_later(tmp_path, capsys, monkeypatch):
+    import sqlite3
+
+    from evomerge.search.archive import Archive
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(SYNTHETIC))
+    real_add = Archive.add
+    calls = []
+
+    def add(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(Archive, "add", add)
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: no space left on the device"], err
+    monkeypatch.setattr(Archive, "add", real_add)            # space freed: the run continues where it was
+    assert main(["resume", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert "evaluations:  6 (6 ok" in capsys.readouterr().out
