@@ -167,7 +167,11 @@ class SearchRun:
         self.state = ControllerState(finished=finished)
         self._lock = lock
         self.archive = self.store.open_archive(readonly=False)
-        self.archive.verify()
+        try:
+            self.archive.verify()
+        except BaseException:
+            self.archive.close()
+            raise
         # Generations the archive says are complete: replay must find every one of their rows.
         self._completed = completed_generations
         self.multi = is_multi_objective(self.config.optimizer.name)

@@ -209,6 +209,10 @@ class RunStore:
 
 def check_format(where: Path, meta: dict[str, Any]) -> None:
     """Refuse archives of another run format or evomerge version, naming both."""
+    if "format" not in meta and "config" not in meta:
+        raise EvomergeError(f"{where}: not the archive of a run of this evomerge (no format recorded: an earlier "
+                            f"evomerge, whose run directories kept pickled checkpoints, or not a search run); "
+                            f"this is evomerge {evomerge.__version__} (format {RUN_FORMAT})")
     if meta.get("format") != RUN_FORMAT or meta.get("evomerge_version") != evomerge.__version__:
         found, fmt = meta.get("evomerge_version"), meta.get("format")
         raise EvomergeError(f"{where}: run directory written by evomerge {found} (format {fmt}); "

@@ -187,3 +187,24 @@ def test_each_generations_last_result_commits_durably_with_the_progress(write_co
         assert archive.db.execute("PRAGMA synchronous").fetchone()[0] == 1
     finally:
         archive.close()
+
+
+def test_a_run_directory_of_the_pickled_checkpoint_format_is_refused_without_reading_its_checkpoints(
+        write_config, tmp_path, capsys):
+    """What an earlier evomerge left: meta.json, config.yaml, checkpoints/*.state and an
+    archive without format marks. Nothing of it is unpickled; resume and status say why."""
+    run_dir = tmp_path / "old-run"
+    run_dir.mkdir()
+    archive = Archive(run_dir, objectives=["a", "b"])
+    archive.close()
+    sentinel = tmp_path / "code-ran"
+    (run_dir / "meta.json").write_text('{"format": 1, "evomerge_version": "0.1.0"}')
+    (run_dir / "config.yaml").write_bytes(pickle.dumps(RunsACommand(f"touch {sentinel}")))
+    (run_dir / "checkpoints").mkdir()
+    payload = pickle.dumps(RunsACommand(f"touch {sentinel}"))
+    (run_dir / "checkpoints" / "gen-000001.state").write_bytes(
+        b"evomerge-search-state 1 " + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    for command in ("resume", "status"):
+        code, _, err = cli(capsys, command, str(run_dir))
+        assert code == 2 and err.count("\n") == 1 and "no format recorded: an earlier evomerge" in err, err
+    assert not sentinel.exists()
