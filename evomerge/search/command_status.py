@@ -28,7 +28,9 @@ def status_lines(run_dir: str | Path) -> list[str]:
         audit = archive.audit_stats()
     finally:
         archive.close()
-    state = "finished" if meta.get("finished") else "in progress or stopped"
+    writer = store.writer()
+    state = ("finished" if meta.get("finished") else
+             f"running: pid {writer} writes it" if writer else "stopped; `evomerge resume` continues it")
     lines = [
         f"run:          {run_dir} ({state})",
         f"optimizer:    {cfg.optimizer.name}, population {cfg.optimizer.population}, seed {cfg.seed}",

@@ -67,7 +67,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = _read_pid(fd)
+            holder = lock_holder(path) or _read_pid(fd)
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 who = f"pid {holder}" if holder else "another process"
@@ -86,6 +86,28 @@ class RunLock:
     def __del__(self) -> None:
         if getattr(self, "fd", None) is not None:
             self.release()
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid holding the ``flock`` on ``path`` (Linux, from /proc/locks, without taking the
+    lock); None when nobody holds it or this cannot be known."""
+    try:
+        st = os.stat(path)
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        parts = line.split()
+        # "N: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE 0 EOF"; a waiter's line has "->" after "N:"
+        if len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        try:
+            major, minor, inode = parts[5].split(":")
+            if (int(major, 16), int(minor, 16), int(inode)) == (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino):
+                return int(parts[4])
+        except ValueError:
+            continue
+    return None
 
 
 def _read_pid(fd: int) -> int | None:
@@ -199,6 +221,10 @@ class RunStore:
         # A run directory may have been moved or copied: its files are where it is now.
         cfg.run_dir = str(self.root.resolve())
         return cfg
+
+    def writer(self) -> int | None:
+        """The pid of the process writing this run now, if any."""
+        return lock_holder(self.lock_path) if self.lock_path.is_file() else None
 
     def lock(self) -> RunLock:
         """Take the run's lock (one writing process per run directory)."""

@@ -117,10 +117,12 @@ def test_a_second_process_on_a_run_gets_one_line_naming_the_holder_and_readers_s
         status = subprocess.run([sys.executable, "-m", "evomerge.cli", "status", str(run_dir)],
                                 env=env, capture_output=True, text=True, timeout=120)
         assert status.returncode == 0 and "generation:   0 of 2 done" in status.stdout, status.stderr
+        assert f"(running: pid {holder.pid} writes it)" in status.stdout
     finally:
         holder.kill()
         holder.wait()
     # the holder died without releasing anything by hand: the lock went with it
+    assert RunStore(run_dir).writer() is None
     run = SearchRun.resume(run_dir)
     run.run(progress=False)
     run.close()
