@@ -146,11 +146,34 @@ def _check_sources(cfg: SearchConfig) -> None:
     SourceSet.load(cfg.sources, device="cpu", resident=False).check_compatible()
 
 
-def make_pool(setup: Setup):
+def make_pool(setup: Setup, spec: EvaluatorSpec | None = None):
+    """The config's workers, evaluating with ``spec`` (default: the search's evaluator)."""
     from evomerge.workers.pool import make_pool as build
 
-    factory = functools.partial(make_evaluator, setup.spec)
+    factory = functools.partial(make_evaluator, spec or setup.spec)
     return build(factory, **setup.config.workers.model_dump())
+
+
+def start_pool_for(setup: Setup, run_stub) -> Any:
+    """The workers the run needs first: the search's, or, while the pre-search phase is still
+    to run, the pre-search evaluator's (sources scored on every item) -- on the workers either
+    way, so a worker that cannot load a source stops the search before anything is written."""
+    if setup.ready:
+        return make_pool(setup)
+    from evomerge.search.calibrate import presearch_spec
+
+    return make_pool(setup, presearch_spec(run_stub))
+
+
+@dataclass
+class _PresearchStub:
+    """What ``presearch_spec`` reads of a run, before the run exists."""
+
+    setup: Setup
+
+    @property
+    def config(self) -> SearchConfig:
+        return self.setup.config
 
 
 class SearchRun:
@@ -204,7 +227,7 @@ class SearchRun:
                                 "or choose another run_dir)")
         setup = prepare(cfg)
         check_can_start(setup)
-        pool = make_pool(setup) if start_pool and setup.ready else None
+        pool = start_pool_for(setup, _PresearchStub(setup)) if start_pool else None
         lock = None
         try:
             if run_dir.is_dir():
@@ -237,8 +260,8 @@ class SearchRun:
                 check_can_start(setup)
             run = cls(run_dir, setup, lock, finished=bool(meta.get("finished")),
                       completed_generations=int(meta.get("generation") or 0))
-            if start_pool and not run.finished and setup.ready:
-                run.pool = make_pool(setup)
+            if start_pool and not run.finished:
+                run.pool = start_pool_for(setup, run)
         except BaseException:
             lock.release()
             raise
@@ -254,11 +277,12 @@ class SearchRun:
         return self._completed
 
     # -- running -----------------------------------------------------------------------------
-    def presearch(self, progress: bool = True) -> None:
-        """Score the sources and calibrate the IRT objectives (resumable; see calibrate.py)."""
+    def presearch(self, progress: bool = True, pool=None) -> None:
+        """Score the sources and calibrate the IRT objectives (resumable; see calibrate.py),
+        on ``pool`` (a pre-search pool, closed afterwards) or on workers started for it."""
         from evomerge.search.calibrate import fill_spec, presearch
 
-        presearch(self, progress)
+        presearch(self, progress, pool)
         self.setup.ready = fill_spec(self.setup.spec, self.config, self.run_dir)
         check_objectives(self.setup.spec, True, self.run_dir)
 
@@ -281,7 +305,10 @@ class SearchRun:
                 pool.close()
             return
         if not self.setup.ready:
-            self.presearch(progress)
+            # a pool this run started before the pre-search phase evaluates for that phase
+            self.presearch(progress, pool if own_pool else None)
+            if own_pool:
+                pool = None
         if pool is None:
             pool = make_pool(self.setup)
         try:
