@@ -115,3 +115,47 @@ def test_front_and_exports_are_the_searchs_own_and_a_calibration_merge_exports_b
     assert exported.name == "calibration-4"
     card = (exported / "README.md").read_text()
     assert "# evomerge calibration 4" in card and "calibration merge (candidate id -4)" in card
+
+
+def test_the_pre_search_phase_evaluates_on_the_workers_never_in_the_controller(tiny, finished, monkeypatch):
+    from evomerge.search.calibrate import SOURCE_ID, presearch_spec
+    from evomerge.workers.evaluator import make_evaluator
+    from evomerge.workers.pool import LocalPool
+
+    root, config = tiny
+    run = start(root, config, "on-workers")
+    worker = LocalPool(lambda: make_evaluator(presearch_spec(run)))   # stands for a worker process
+    submitted = []
+
+    class Workers:
+        def submit(self, candidate):
+            submitted.append(candidate)
+            worker.submit(candidate)
+
+        def pending(self):
+            return worker.pending()
+
+        def next_result(self, timeout=None):
+            return worker.next_result(timeout)
+
+        def close(self):
+            worker.close()
+
+    def no_evaluator_here(self, spec):
+        raise AssertionError("the controller built an evaluator")
+
+    monkeypatch.setattr(evaluator_module.CandidateEvaluator, "__init__", no_evaluator_here)
+    run.presearch(progress=False, pool=Workers())
+    run.close()
+    assert sorted(c.candidate_id for c in submitted) == [SOURCE_ID - 2, SOURCE_ID - 1, SOURCE_ID, *range(-9, 0)]
+    assert all(c.full for c in submitted)
+    assert all((c.heldout is not None) == (c.candidate_id <= SOURCE_ID) for c in submitted)   # sources: held-out too
+    # ... and it recorded what the controller-side phase recorded before
+    one, two = Archive(finished, readonly=True), Archive(root / "on-workers", readonly=True)
+    try:
+        assert {k: list(v) for k, v in one.responses("mc").items()} == \
+            {k: list(v) for k, v in two.responses("mc").items()}
+        assert one.meta()["source_heldout_scores"] == two.meta()["source_heldout_scores"]
+    finally:
+        one.close(), two.close()
+    assert calibration_path(root / "on-workers", "mc").read_text() == calibration_path(finished, "mc").read_text()
