@@ -93,8 +93,8 @@ def prepare(cfg: SearchConfig) -> Setup:
 
 def check_can_start(setup: Setup) -> None:
     """What would otherwise stop a search after its directory is written, checked first: the
-    inference backend, the device the controller (pre-search scoring) or local workers
-    evaluate on, and the Ray cluster (reachable, able to place every worker)."""
+    inference backend, the device a local pool evaluates on, and the Ray cluster (reachable,
+    able to place every worker)."""
     import importlib.util
 
     cfg = setup.config
@@ -105,8 +105,7 @@ def check_can_start(setup: Setup) -> None:
         if cfg.evaluator.backend not in BACKENDS:
             raise ConfigError(f"evaluator.backend: unknown backend {cfg.evaluator.backend!r} "
                               f"(choose from {', '.join(BACKENDS)})")
-        evaluates_here = cfg.workers.backend == "local" or not setup.ready
-        if evaluates_here:
+        if cfg.workers.backend == "local":    # evaluated in this process (Ray workers check their own)
             check_device(cfg.evaluator.device, "evaluator.device")
             if cfg.evaluator.backend == "vllm" and importlib.util.find_spec("vllm") is None:
                 raise ConfigError("evaluator.backend: 'vllm' needs the vllm extra (pip install 'evomerge[vllm]')")
