@@ -9,8 +9,10 @@ User errors (``EvomergeError``) become one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
+import sqlite3
 import sys
 
 from evomerge.errors import EvomergeError
@@ -63,6 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (OSError, sqlite3.OperationalError) as exc:
+        # A full disk is the user's to fix, not a bug: one line (outputs are atomic, so
+        # whatever was being written is gone again).
+        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in str(exc)
+        if not full or debug:
+            raise
+        where = getattr(exc, "filename", None)
+        print(f"error: no space left on the device{f' (writing {where})' if where else ''}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -70,9 +70,14 @@ def load_demo_config(path: Path, zoo, run_dir: Path | None, tiny: bool = False):
 def open_search(cfg, fresh: bool):
     """A new run, or the existing one in cfg.run_dir resumed (a finished run is reused)."""
     from evomerge.search.run import SearchRun
+    from evomerge.search.store import RunStore
 
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and fresh:
+        if not RunStore.is_run_dir(run_dir):   # never delete what evomerge did not make
+            raise EvomergeError(f"{run_dir}: not an evomerge run directory (no run marker); --fresh deletes only "
+                                "run directories, so move it away or choose another --run-dir")
+        RunStore(run_dir).lock().release()      # nobody is writing it
         shutil.rmtree(run_dir)
     if run_dir.is_dir() and any(run_dir.iterdir()):
         from evomerge.search.config import load_run_config

@@ -81,3 +81,28 @@ def test_the_demo_states_a_win_only_beyond_two_paired_standard_errors():
     assert margin_verdict(-0.01, 0.05) == "NOT better"
     # the same items both right or both wrong cancel: only the items that differ count
     assert paired_margin([1] * 50 + [0] * 50, [1] * 40 + [0] * 60)[1] < 0.031
+
+
+def test_fresh_deletes_only_a_directory_that_evomerge_made_as_a_run(tmp_path):
+    from evomerge.demo import open_search
+    from evomerge.errors import EvomergeError
+    from evomerge.search.config import parse_config
+
+    synthetic = {"genome": {"kind": "box", "dim": 2}, "objectives": [{"name": "a", "task": "synthetic/a"}],
+                 "evaluator": {"kind": "synthetic"}, "optimizer": {"name": "random", "population": 2, "generations": 1}}
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    cfg = parse_config({**synthetic, "run_dir": str(mine)}, "demo config", tmp_path)
+    with pytest.raises(EvomergeError, match="mine: not an evomerge run directory"):
+        open_search(cfg, fresh=True)
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+    cfg = parse_config({**synthetic, "run_dir": str(tmp_path / "run")}, "demo config", tmp_path)
+    run = open_search(cfg, fresh=False)
+    run.run(progress=False)
+    run.close()
+    (tmp_path / "run" / "notes.txt").write_text("inside a run directory: goes with it")
+    run = open_search(cfg, fresh=True)            # an evomerge run: deleted and started afresh
+    assert run.archive.counts()["total"] == 0 and not (tmp_path / "run" / "notes.txt").exists()
+    run.close()

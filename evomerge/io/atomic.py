@@ -1,15 +1,18 @@
 """Write user-visible output so that it is either complete or absent.
 
 Files go to ``<path>.tmp-<pid>``, are fsynced, then ``os.replace``d onto the
-final name. Directories are built in a temporary sibling (same filesystem, so
-the final rename is atomic) and renamed onto the final path only when the
-``with`` block finishes without an exception; on failure the temp dir is
-removed, so a crash never leaves a half-written model directory behind.
+final name. Directories are built in a temporary sibling ``.<name>.tmp-<pid>-<random>``
+(same filesystem, so the final rename is atomic) and renamed onto the final path only
+when the ``with`` block finishes without an exception; on failure the temp dir is
+removed. A process killed outright (``kill -9``, power loss) cannot clean up, so the next
+write to the same target removes the temporaries of writers that are no longer alive
+(their pid is in the name): a killed merge leaves its shards behind only until then.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -33,10 +36,69 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(final: str | Path) -> list[Path]:
+    """Remove the temporaries that dead writers left beside ``final``: ``.<name>.tmp-<pid>-*``
+    and ``.<name>.old-<pid>`` directories and ``<name>.tmp-<pid>`` files. A live writer's
+    temporaries are kept. Returns what was removed."""
+    final = Path(final)
+    parent = final.parent
+    if not parent.is_dir():
+        return []
+    name = re.escape(final.name)
+    pattern = re.compile(rf"^(?:\.{name}\.(?:tmp|old)-(\d+)(?:-.*)?|{name}\.tmp-(\d+))$")
+    removed = []
+    try:
+        siblings = list(parent.iterdir())
+    except OSError:
+        return []
+    for sibling in siblings:
+        match = pattern.match(sibling.name)
+        if not match:
+            continue
+        pid = int(match.group(1) or match.group(2))
+        if _alive(pid):
+            continue
+        try:
+            if sibling.is_dir() and not sibling.is_symlink():
+                shutil.rmtree(sibling)
+            else:
+                sibling.unlink()
+        except OSError:
+            continue          # not ours to remove after all (permissions): leave it
+        removed.append(sibling)
+    return removed
+
+
+def _make_parent(path: Path) -> None:
+    """Create ``path``'s parent folders; one line naming the path when that is impossible."""
+    for ancestor in [path.parent, *path.parent.parents]:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise EvomergeError(f"cannot write {path}: {ancestor} is a file, not a directory")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EvomergeError(f"cannot create the directory {path.parent} ({exc.strerror})") from None
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temp file + fsync + rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
+    remove_stale_temps(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -65,12 +127,16 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     ``final`` is always refused.
     """
     final = Path(final)
+    _make_parent(final)
     if final.exists() and not final.is_dir():
         raise EvomergeError(f"output path {final} exists and is not a directory")
     if final.is_dir() and not overwrite:
         raise EvomergeError(f"output directory {final} already exists (pass --overwrite to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_stale_temps(final)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    except OSError as exc:
+        raise EvomergeError(f"cannot write beside {final} ({exc.strerror})") from None
     try:
         yield tmp
         if final.is_dir():

@@ -52,14 +52,50 @@ _ST_DTYPES = {
 
 
 def read_safetensors_header(file: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file (tensor name -> dtype/shape/offsets) and where data starts."""
+    """The JSON header of a safetensors file (tensor name -> dtype/shape/offsets) and where data starts.
+
+    Validated against the file before anything is allocated: the header length must fit in
+    the file (a length of 2**40 is a damaged file, not a request for a terabyte), every entry
+    must be a dtype, a shape and offsets, and each tensor's bytes must lie inside the file and
+    match its shape -- so a truncated file is refused here, naming the file and the tensor."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"cannot read safetensors file {file}: {why}")
+
     try:
         with open(file, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise bad(f"{file_size} bytes, shorter than a safetensors header")
+            (size,) = struct.unpack("<Q", prefix)
+            if size > file_size - 8:
+                raise bad(f"header length {size} exceeds the file's {file_size} bytes (damaged or truncated)")
             header = json.loads(f.read(size))
-    except (OSError, struct.error, ValueError) as exc:
-        raise CheckpointError(f"cannot read safetensors file {file}: {exc}") from None
+    except CheckpointError:
+        raise
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise bad(str(exc)) from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
     header.pop("__metadata__", None)
+    data_size = file_size - 8 - size
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = (isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape)
+                  and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise bad(f"tensor {name}: malformed header entry {json.dumps(info)[:120]}")
+        if end > data_size:
+            raise bad(f"tensor {name} ends at byte {8 + size + end}, past the end of the file "
+                      f"({file_size} bytes): the file is truncated")
+        if dtype in _ST_DTYPES:
+            expected = math.prod(shape) * torch.empty((), dtype=_ST_DTYPES[dtype]).element_size()
+            if end - begin != expected:
+                raise bad(f"tensor {name}: {end - begin} bytes for shape {list(shape)} of {dtype} "
+                          f"(expected {expected})")
     return header, 8 + size
 
 

@@ -242,6 +242,8 @@ class MergePlan(_Strict):
             data = yaml.safe_load(path.read_text())
         except OSError as exc:
             raise ConfigError(f"cannot read merge config {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8); a merge config is YAML") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
         return cls.from_dict(data, source=str(path))

@@ -3,7 +3,18 @@
 ``archive.sqlite`` in the run directory, WAL mode, so ``evomerge status`` or a notebook
 can read it while the search writes. Each result is one transaction that inserts the
 evaluation, its per-objective scores and the updated non-dominated front and
-hypervolume together: a reader never sees a result without its front.
+hypervolume together: a reader never sees a result without its front. The controller's
+progress lives in the same file and the same transactions (``meta``), so no crash or power
+loss can leave the two out of step. Transactions that carry progress (a generation's last
+result, the end of the run) are durable -- ``synchronous=FULL``, on disk before the next
+generation is asked -- and so is every commit before them; the results in between are
+committed with ``synchronous=NORMAL`` (WAL: consistent, not yet fsynced), which saves an
+fsync per result: a power loss can take back at most the current generation's results,
+and resume evaluates those again.
+
+Every write transaction also records how many rows each table holds (``meta.rows``);
+``verify()`` compares that with what the tables hold, so a deleted row is noticed before
+a run is continued from a damaged archive.
 
 Objectives are maximised. The hypervolume is the volume dominated by the front and
 bounded below by the reference point (default: 0 for every objective, the worst
@@ -12,6 +23,7 @@ accuracy); points that do not strictly dominate the reference point add nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import time
@@ -24,6 +36,7 @@ from evomerge.errors import EvomergeError
 from evomerge.workers.types import Candidate, EvalResult
 
 ARCHIVE_FILE = "archive.sqlite"
+COUNTED_TABLES = ("evaluations", "scores", "responses", "told")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -125,6 +138,21 @@ def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
     return float(HV(ref_point=-reference)(-points))
 
 
+def _named(method):
+    """An SQLite error while reading names the archive file, in one line."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            raise EvomergeError(f"{self.path}: the archive cannot be read ({exc})") from None
+        except (ValueError, TypeError, KeyError) as exc:
+            if isinstance(exc, EvomergeError):
+                raise
+            raise EvomergeError(f"{self.path}: the archive holds malformed data ({type(exc).__name__}: {exc})") from None
+    return wrapper
+
+
 class Archive:
     """All evaluations of one run. ``readonly=True`` for watchers (status, report)."""
 
@@ -138,10 +166,14 @@ class Archive:
         else:
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+            self.db.execute("PRAGMA synchronous=NORMAL")   # FULL for durable transactions (below)
             self.db.executescript(_SCHEMA)
         self.db.row_factory = sqlite3.Row
-        meta = self.meta()
+        try:
+            meta = self.meta()
+        except EvomergeError:
+            self.db.close()
+            raise
         if objectives is not None and "objectives" not in meta:
             ref = [0.0] * len(objectives) if reference is None else [float(v) for v in reference]
             with self.transaction():
@@ -169,25 +201,49 @@ class Archive:
             self._set_meta({"hypervolume": hypervolume(points[keep], self.reference) if len(keep) else 0.0})
 
     # -- writing ---------------------------------------------------------------------------
-    def transaction(self):
-        return _Transaction(self.db)
+    def transaction(self, durable: bool = False):
+        """One write transaction; ``durable``: on disk (fsynced) when it returns."""
+        return _Transaction(self.db, self._record_counts, durable)
+
+    def _record_counts(self) -> None:
+        """Inside a write transaction: the row count of every table ``verify`` checks."""
+        self._set_meta({"rows": self._counts()})
+
+    def _counts(self) -> dict[str, int]:
+        return {t: self.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in COUNTED_TABLES}
+
+    @_named
+    def verify(self) -> None:
+        """Refuse an archive whose tables hold fewer or more rows than its last transaction
+        left (a row deleted or added by hand, a partial copy): one line naming the table."""
+        recorded = self.meta().get("rows")
+        if recorded is None:
+            return
+        for table, count in self._counts().items():
+            if count != recorded.get(table, 0):
+                raise EvomergeError(
+                    f"{self.path}: table {table} holds {count} rows but the archive recorded {recorded.get(table, 0)} "
+                    "(rows were deleted or added outside evomerge); this run cannot be continued exactly")
 
     def _set_meta(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
             self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
     def set_meta(self, **values: Any) -> None:
-        with self.transaction():
+        """Record plain-data state (JSON values), durably."""
+        with self.transaction(durable=True):
             self._set_meta(values)
 
     def add(self, candidate: Candidate, result: EvalResult, submitted_at: float | None = None,
-            responses: dict[str, list[float]] | None = None, told_seq: int | None = None) -> None:
+            responses: dict[str, list[float]] | None = None, told_seq: int | None = None,
+            meta: dict[str, Any] | None = None) -> None:
         """Record one result and update the front + hypervolume, in one transaction.
 
         ``responses`` ({objective: per-item scores}) of a full evaluation go in with it, so a
-        calibration interrupted at any moment has each evaluation either whole or absent."""
+        calibration interrupted at any moment has each evaluation either whole or absent.
+        ``meta`` (the controller's progress, e.g. ``generation``) is committed with it, durably."""
         ok = result.status == "ok"
-        with self.transaction():
+        with self.transaction(durable=bool(meta)):
             for name, scores in (responses or {}).items():
                 self._add_responses(f"candidate:{candidate.candidate_id}", name, "search", scores)
             self.db.execute(
@@ -204,6 +260,8 @@ class Archive:
             if ok and candidate.generation >= 0 and all(name in result.objectives for name in self.objectives):
                 point = np.array([result.objectives[name].value for name in self.objectives])
                 self._update_front(candidate.candidate_id, point)
+            if meta:
+                self._set_meta(meta)
 
     def _add_responses(self, subject: str, objective: str, split: str, scores) -> None:
         self.db.execute("INSERT OR REPLACE INTO responses VALUES (?,?,?,?)",
@@ -237,9 +295,11 @@ class Archive:
         return {cid: np.array([v[name] for name in self.objectives]) for cid, v in points.items()}
 
     # -- reading ---------------------------------------------------------------------------
+    @_named
     def meta(self) -> dict[str, Any]:
         return {row[0]: json.loads(row[1]) for row in self.db.execute("SELECT key, value FROM meta")}
 
+    @_named
     def records(self, where: str = "", params: tuple = ()) -> list[dict[str, Any]]:
         """Evaluations in candidate order, each a dict with decoded JSON and an
         ``objectives`` mapping ``name -> {value, stderr, n_items, full}``."""
@@ -264,11 +324,13 @@ class Archive:
         found = self.records("WHERE candidate_id = ?", (candidate_id,))
         return found[0] if found else None
 
+    @_named
     def told_after(self, seq: int) -> list[tuple[int, int]]:
         """(seq, candidate id) of the results told after the ``seq``-th, in told order."""
         return [tuple(row) for row in self.db.execute(
             "SELECT seq, candidate_id FROM told WHERE seq > ? ORDER BY seq", (seq,))]
 
+    @_named
     def front(self, calibration: bool = False) -> list[dict[str, Any]]:
         """The non-dominated search candidates. Calibration merges (generation -1) are kept
         out: they are random merges scored on every item, not search results.
@@ -279,6 +341,7 @@ class Archive:
         points = np.array([[r["objectives"][o]["value"] for o in self.objectives] for r in ok]).reshape(len(ok), -1)
         return [ok[i] for i in non_dominated(points)] if ok else []
 
+    @_named
     def responses(self, objective: str, split: str = "search") -> dict[str, np.ndarray]:
         """{subject: per-item scores} of one objective's full evaluations, in subject order."""
         rows = self.db.execute("SELECT subject, scores FROM responses WHERE objective = ? AND split = ? "
@@ -288,11 +351,13 @@ class Archive:
     def hypervolume(self) -> float:
         return float(self.meta().get("hypervolume", 0.0))
 
+    @_named
     def counts(self) -> dict[str, int]:
         rows = self.db.execute("SELECT status, COUNT(*) FROM evaluations GROUP BY status").fetchall()
         counts = {row[0]: row[1] for row in rows}
         return {"ok": counts.get("ok", 0), "failed": counts.get("failed", 0), "total": sum(counts.values())}
 
+    @_named
     def best(self, calibration: bool = False) -> dict[str, float]:
         """The best value per objective over successful search evaluations (and calibration
         merges too with ``calibration=True``)."""
@@ -303,6 +368,7 @@ class Archive:
         found = {row[0]: float(row[1]) for row in rows}
         return {name: found[name] for name in self.objectives if name in found}
 
+    @_named
     def audit_stats(self) -> dict[str, dict[str, float]]:
         """Per objective, over audited candidates: how far the estimate is from the full
         score (mean absolute error, bias) and how well it ranks them (Spearman). Calibration
@@ -328,13 +394,28 @@ class Archive:
 
 
 class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rollback on error) on an autocommit connection."""
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rollback on error) on an autocommit connection;
+    ``before_commit`` runs inside the transaction, last."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, before_commit=None, durable: bool = False) -> None:
         self.db = db
+        self.before_commit = before_commit
+        self.durable = durable
 
     def __enter__(self) -> None:
+        if self.durable:   # a pragma, so outside the transaction: this commit (and the WAL before it) is fsynced
+            self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None and self.before_commit is not None:
+            try:
+                self.before_commit()
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        try:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            if self.durable:
+                self.db.execute("PRAGMA synchronous=NORMAL")

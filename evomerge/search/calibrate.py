@@ -33,13 +33,12 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.io.atomic import atomic_write_text
+from evomerge.search.store import RunStore
 from evomerge.workers.evaluator import CALIBRATION_FREE, mean_estimate, subset_indices
 from evomerge.workers.types import Candidate
 
-CALIBRATION_DIR = "calibration"
 CALIBRATION_GENERATION = -1
 SOURCE_ID = -10**6            # candidate id of a source model's evaluation (not archived as a candidate)
-DONE_FILE = "sources.json"     # written last: the pre-search phase is complete
 
 
 def needs_calibration(objective) -> bool:
@@ -48,11 +47,11 @@ def needs_calibration(objective) -> bool:
 
 
 def calibration_path(run_dir: Path, name: str) -> Path:
-    return Path(run_dir) / CALIBRATION_DIR / f"{name}.json"
+    return RunStore(run_dir).calibration_path(name)
 
 
 def thetas_path(run_dir: Path, name: str) -> Path:
-    return Path(run_dir) / CALIBRATION_DIR / f"{name}.sources.json"
+    return RunStore(run_dir).thetas_path(name)
 
 
 def source_plan(name: str) -> dict:
@@ -69,7 +68,7 @@ def calibration_genomes(space, seed: int, n: int) -> list[np.ndarray]:
 def fill_spec(spec, cfg, run_dir: Path) -> bool:
     """Point the evaluator spec at the run's calibration artifacts; True when every
     objective that needs them has them (i.e. the pre-search phase is done)."""
-    ready = (Path(run_dir) / CALIBRATION_DIR / DONE_FILE).is_file()
+    ready = RunStore(run_dir).presearch_done_path.is_file()
     for obj_spec, obj in zip(spec.objectives, cfg.objectives):
         if obj.estimator in CALIBRATION_FREE:
             continue
@@ -78,22 +77,50 @@ def fill_spec(spec, cfg, run_dir: Path) -> bool:
             ready &= Path(obj_spec.calibration).is_file()
         path = thetas_path(run_dir, obj.name)
         if path.is_file():
-            obj_spec.source_thetas = json.loads(path.read_text())["thetas"]
+            obj_spec.source_thetas = _read_thetas(path)
         else:
             ready = False
     return ready
+
+
+def _read_thetas(path: Path) -> list:
+    """Source abilities from a run's calibration folder (JSON); one line if damaged."""
+    try:
+        thetas = json.loads(path.read_text())["thetas"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise EvomergeError(f"{path}: unreadable source abilities ({type(exc).__name__}); delete the file and "
+                            "resume to compute them again") from None
+    if not isinstance(thetas, list):
+        raise EvomergeError(f"{path}: unreadable source abilities (no list of thetas)")
+    return thetas
 
 
 def _subject(name: str) -> str:
     return f"source:{name}"
 
 
-def presearch(run, progress: bool = True) -> None:
-    """Source scores + calibration for ``run`` (a SearchRun); idempotent and resumable."""
+def presearch_spec(run):
+    """The evaluator of the pre-search phase: every objective scored on every item with its
+    own scoring (no calibration needed), on the run's sources, backend and device."""
+    from evomerge.workers.evaluator import EvaluatorSpec, ObjectiveSpec, task_options
+
+    spec = run.setup.spec
+    return EvaluatorSpec(kind="merge", objectives=[ObjectiveSpec(o.name, o.task, scoring=o.scoring, **task_options(o))
+                                                   for o in run.config.objectives],
+                         sources=dict(spec.sources), backend=spec.backend, device=spec.device,
+                         model_dir=spec.model_dir, threads=spec.threads)
+
+
+def presearch(run, progress: bool = True, pool=None) -> None:
+    """Source scores + calibration for ``run`` (a SearchRun); idempotent and resumable.
+
+    The evaluations run on the workers (``pool``: one started for ``presearch_spec``, or a
+    new one from the config's ``workers``), not in the controller: on a cluster the head
+    node never loads the sources. Each result is recorded as it arrives."""
     from tqdm import tqdm
 
-    from evomerge.tasks.task import load_task
-    from evomerge.workers.evaluator import CandidateEvaluator, EvaluatorSpec, ObjectiveSpec, task_options
+    from evomerge.search.run import make_pool
+    from evomerge.workers.types import EvalResult
 
     cfg, archive, run_dir = run.config, run.archive, run.run_dir
     calibrated = [o for o in cfg.objectives if needs_calibration(o)]
@@ -107,54 +134,60 @@ def presearch(run, progress: bool = True) -> None:
                     if any(_subject(s) not in have[o] for o in have)
                     or any(_subject(s) not in have_heldout[o] for o in have_heldout)]
     todo_merges = [i for i in range(len(genomes)) if archive.record(-(i + 1)) is None]
-    if todo_sources or todo_merges:
+    if not (todo_sources or todo_merges):
+        if pool is not None:
+            pool.close()
+    else:
         # Sources and calibration merges are scored on every item with each objective's own
         # scoring, so they sit on the same scale as the search's candidates (front, report).
-        full = EvaluatorSpec(kind="merge",
-                             objectives=[ObjectiveSpec(o.name, o.task, scoring=o.scoring, **task_options(o))
-                                         for o in cfg.objectives],
-                             sources=dict(run.setup.spec.sources), backend=run.setup.spec.backend,
-                             device=run.setup.spec.device, model_dir=run.setup.spec.model_dir,
-                             threads=run.setup.spec.threads)
-        evaluator = CandidateEvaluator(full)
-        heldout_tasks = {name: load_task(task) for name, task in heldout.items()}
-        bar = tqdm(total=len(todo_sources) + len(todo_merges), desc="sources + calibration", disable=not progress,
-                   file=sys.stderr, leave=True, dynamic_ncols=True)
-        for s in todo_sources:
-            bar.set_postfix_str(s, refresh=True)
-            cand = Candidate(SOURCE_ID, CALIBRATION_GENERATION, [], source_plan(s), audit=True)
-            result, responses = evaluator.evaluate_full(cand)
-            if result.status != "ok":
-                raise EvomergeError(f"sources.{s}: the source model cannot be evaluated ({result.error})")
-            if heldout_tasks:
-                result, held = evaluator.evaluate_full(cand, heldout_tasks)
-                if result.status != "ok":
-                    raise EvomergeError(f"sources.{s}: held-out evaluation failed ({result.error})")
-                archive.add_responses(_subject(s), held, split="heldout")
-            archive.add_responses(_subject(s), responses)  # last: marks this source done
-            bar.update(1)
-        for i in todo_merges:
-            x = genomes[i]
-            cand = run._candidate(-(i + 1), CALIBRATION_GENERATION, x)
-            cand.audit = True
-            bar.set_postfix_str(f"random merge {i + 1}/{len(genomes)}", refresh=True)
-            if cand.plan is None:   # the decoder rejected it: recorded as failed, not evaluated
-                from evomerge.workers.types import EvalResult
-                archive.add(cand, EvalResult(cand.candidate_id, "failed",
-                                             error=run._decode_errors.pop(cand.candidate_id, "decode failed")))
-            else:
-                t = time.time()
-                result, responses = evaluator.evaluate_full(cand)
-                archive.add(cand, result, t, responses=responses)
-            bar.update(1)
-        bar.close()
-        del evaluator
+        if pool is None:
+            pool = make_pool(run.setup, presearch_spec(run))
+        try:
+            bar = tqdm(total=len(todo_sources) + len(todo_merges), desc="sources + calibration",
+                       disable=not progress, file=sys.stderr, leave=True, dynamic_ncols=True)
+            sources: dict[int, str] = {}
+            merges: dict[int, tuple] = {}
+            for k, s in enumerate(todo_sources):
+                cand = Candidate(SOURCE_ID - k, CALIBRATION_GENERATION, [], source_plan(s), audit=True, full=True,
+                                 heldout=heldout or None)
+                sources[cand.candidate_id] = s
+                pool.submit(cand)
+            for i in todo_merges:
+                cand = run._candidate(-(i + 1), CALIBRATION_GENERATION, genomes[i])
+                cand.audit, cand.full = True, True
+                if cand.plan is None:   # the decoder rejected it: recorded as failed, not evaluated
+                    archive.add(cand, EvalResult(cand.candidate_id, "failed",
+                                                 error=run._decode_errors.pop(cand.candidate_id, "decode failed")))
+                    bar.update(1)
+                    continue
+                merges[cand.candidate_id] = (cand, time.time())
+                pool.submit(cand)
+            while pool.pending():
+                result = pool.next_result()
+                if result.candidate_id in sources:
+                    s = sources.pop(result.candidate_id)
+                    if result.status != "ok":
+                        raise EvomergeError(f"sources.{s}: the source model cannot be evaluated ({result.error})")
+                    if "heldout" in (result.responses or {}):
+                        archive.add_responses(_subject(s), result.responses["heldout"], split="heldout")
+                    archive.add_responses(_subject(s), result.responses["search"])  # last: marks this source done
+                    bar.set_postfix_str(s, refresh=False)
+                else:
+                    cand, submitted = merges.pop(result.candidate_id)
+                    responses = (result.responses or {}).get("search", {})
+                    result.responses = None
+                    archive.add(cand, result, submitted, responses=responses)
+                    bar.set_postfix_str(f"random merge {-cand.candidate_id}/{len(genomes)}", refresh=False)
+                bar.update(1)
+            bar.close()
+        finally:
+            pool.close()
 
     _record_source_scores(cfg, archive)
     for obj in irt:
         _calibrate(obj, cfg, run_dir, archive)
     meta = archive.meta()
-    done = Path(run_dir) / CALIBRATION_DIR / DONE_FILE
+    done = RunStore(run_dir).presearch_done_path
     done.parent.mkdir(exist_ok=True)
     atomic_write_text(done, json.dumps({"source_scores": meta["source_scores"],
                                         "source_heldout_scores": meta["source_heldout_scores"]}, indent=2))

@@ -13,18 +13,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from evomerge.search.command_status import print_status
-    from evomerge.search.run import SearchRun, read_meta
-    from evomerge.search.state import load_latest
+    from evomerge.search.run import SearchRun
+    from evomerge.search.store import RunStore
 
     # A finished run answers before anything heavy (torch, sources, tasks) is loaded.
-    read_meta(args.run_dir.resolve())
-    state = load_latest(args.run_dir.resolve())
-    if state.finished:
-        print(f"{args.run_dir.resolve()}: the search already finished (generation {state.generation}); "
+    meta = RunStore(args.run_dir.resolve()).meta()
+    if meta.get("finished"):
+        print(f"{args.run_dir.resolve()}: the search already finished (generation {meta.get('generation')}); "
               "nothing to resume")
         return 0
     search = SearchRun.resume(args.run_dir, start_pool=True)
-    print(f"resuming {search.run_dir} at generation {search.state.generation + 1}")
-    search.run(progress=not args.no_progress)
+    try:
+        print(f"resuming {search.run_dir} after generation {search.completed_generations} (replaying the archive)")
+        search.run(progress=not args.no_progress)
+    finally:
+        search.close()           # releases the run's lock
     print_status(search.run_dir)
     return 0

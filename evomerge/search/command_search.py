@@ -26,7 +26,10 @@ def run(args: argparse.Namespace) -> int:
     if args.workers:
         cfg.workers.count = args.workers
     search = SearchRun.create(cfg, args.run_dir, start_pool=True)
-    print(f"run directory: {search.run_dir}")
-    search.run(progress=not args.no_progress)
+    try:
+        print(f"run directory: {search.run_dir}")
+        search.run(progress=not args.no_progress)
+    finally:
+        search.close()           # releases the run's lock
     print_status(search.run_dir)
     return 0

@@ -14,14 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def status_lines(run_dir: str | Path) -> list[str]:
-    from evomerge.search.archive import Archive
-    from evomerge.search.config import load_run_config
-    from evomerge.search.run import read_meta
+    from evomerge.search.store import RunStore
 
     run_dir = Path(run_dir)
-    read_meta(run_dir)
-    cfg = load_run_config(run_dir)
-    archive = Archive(run_dir, readonly=True)
+    store = RunStore(run_dir)
+    cfg = store.config()
+    archive = store.open_archive()
     try:
         meta = archive.meta()
         counts = archive.counts()
@@ -30,7 +28,9 @@ def status_lines(run_dir: str | Path) -> list[str]:
         audit = archive.audit_stats()
     finally:
         archive.close()
-    state = "finished" if meta.get("finished") else "in progress or stopped"
+    writer = store.writer()
+    state = ("finished" if meta.get("finished") else
+             f"running: pid {writer} writes it" if writer else "stopped; `evomerge resume` continues it")
     lines = [
         f"run:          {run_dir} ({state})",
         f"optimizer:    {cfg.optimizer.name}, population {cfg.optimizer.population}, seed {cfg.seed}",
@@ -52,12 +52,9 @@ def status_lines(run_dir: str | Path) -> list[str]:
     else:
         lines.append("audit:        no audited candidates yet")
     for name in archive.objectives:
-        path = run_dir / "calibration" / f"{name}.sources.json"
+        path = store.thetas_path(name)
         if path.is_file():
-            import json
-
-            calib = json.loads(path.read_text()).get("calibration")
-            lines.append(f"calibration {name}: {calib}")
+            lines.append(f"calibration {name}: {_calibration_named(path)}")
     for model, scores in (meta.get("source_scores") or {}).items():
         held = (meta.get("source_heldout_scores") or {}).get(model, {})
         text = ", ".join(f"{o}={s['value']:.3f}{scale.get(o, '')}"
@@ -65,6 +62,17 @@ def status_lines(run_dir: str | Path) -> list[str]:
                          for o, s in scores.items())
         lines.append(f"source {model}: {text}")
     return lines
+
+
+def _calibration_named(thetas: Path) -> str:
+    """Which calibration a run's source abilities were computed under (a path, as JSON text)."""
+    import json
+
+    try:
+        found = json.loads(thetas.read_text()).get("calibration")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+        return f"unreadable ({thetas}: {type(exc).__name__})"
+    return str(found)
 
 
 def heldout_lines(run_dir: str | Path) -> list[str]:

@@ -46,6 +46,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Objective and source names end up in file names (calibration/<objective>.json) and
+# mergekit stage paths, so they are identifiers, never paths.
+_IDENTIFIER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+
+
+def check_identifier(name: str) -> str:
+    """``name`` unchanged if it is a plain name; ValueError naming it otherwise."""
+    if not isinstance(name, str) or not _IDENTIFIER.match(name) or ".." in name:
+        raise ValueError(f"{name!r} is not a plain name (letters, digits, '_', '.', '+', '-'; "
+                         "no path separators, no '..')")
+    return name
+
+
 class ObjectiveConfig(_Strict):
     name: str
     task: str                                   # zoo/NAME[:split], a task YAML, or an lm-eval task
@@ -60,6 +73,11 @@ class ObjectiveConfig(_Strict):
     # "exact_match,strict-match"; default the task's first), and lm-eval's evaluation options
     metric: str | None = None
     lm_eval: LMEvalOptions | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return check_identifier(v)
 
     @model_validator(mode="after")
     def _scoring_fits_estimator(self) -> "ObjectiveConfig":
@@ -171,6 +189,13 @@ class SearchConfig(_Strict):
             return out
         return v
 
+    @field_validator("sources")
+    @classmethod
+    def _source_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            check_identifier(name)
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> "SearchConfig":
         names = [o.name for o in self.objectives]
@@ -252,6 +277,8 @@ def load_config(path: str | Path) -> SearchConfig:
         raise ConfigError(f"{path}: no such config file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8); a config is YAML") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -325,11 +352,10 @@ def build_genome_space(cfg: SearchConfig):
 
 
 def load_run_config(run_dir: str | Path) -> SearchConfig:
-    """The resolved config a run directory keeps (paths in it are already absolute)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise EvomergeError(f"{run_dir}: not a search run directory (no config.yaml)")
-    return load_config(path)
+    """The resolved config a run keeps in its archive (paths in it are already absolute)."""
+    from evomerge.search.store import RunStore
+
+    return RunStore(run_dir).config()
 
 
 def load_run_sources(run_dir: str | Path) -> tuple[dict[str, str], str | None]:

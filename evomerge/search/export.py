@@ -5,7 +5,10 @@ negative id, ``OUT/calibration-<n>/``): safetensors + config +
 tokenizer, a ``README.md`` model card (recipe, scores with their standard errors
 and full-pool audits, the run it came from, the evomerge version) and
 ``mergekit.yaml``, the recipe for reproducing it with mergekit alone. Every model
-directory is written atomically: it is complete or absent.
+directory is written atomically: it is complete or absent, and it carries
+``evomerge_export.json``, the SHA-256 of each of its files. Running the same export again
+(after it was killed, or with more candidates) skips every candidate already exported and
+verified by those checksums; one that fails them is written again.
 
 The run is only read (SQLite opened read-only), so exporting during a search is safe.
 """
@@ -13,8 +16,8 @@ The run is only read (SQLite opened read-only), so exporting during a search is 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,15 +79,12 @@ def _as_record(row: Any) -> RunRecord:
 
 def open_archive(run_dir: str | Path):
     """The run's archive, read-only (safe while a search writes)."""
-    from evomerge.search.archive import Archive
+    from evomerge.search.store import RunStore
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EvomergeError(f"run directory {run_dir} does not exist")
-    try:
-        return Archive(run_dir, readonly=True)
-    except sqlite3.DatabaseError as exc:
-        raise EvomergeError(f"{run_dir}: the archive cannot be read ({exc})") from None
+    return RunStore(run_dir).open_archive()
 
 
 def load_records(run_dir: str | Path, calibration: bool = False) -> list[RunRecord]:
@@ -251,35 +251,90 @@ def model_card(record: RunRecord, run_dir: Path, plan: MergePlan | StagedPlan, p
     return "\n".join(lines)
 
 
+EXPORT_MANIFEST = "evomerge_export.json"
+PLAN_FILE = "evomerge_plan.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(target: Path) -> None:
+    """Record the checksum of every file of an exported model directory."""
+    from evomerge.io.atomic import atomic_write_text
+
+    files = {p.name: _sha256(p) for p in sorted(target.iterdir()) if p.is_file() and p.name != EXPORT_MANIFEST}
+    atomic_write_text(target / EXPORT_MANIFEST, json.dumps({"sha256": files}, indent=2) + "\n")
+
+
+def export_state(target: Path, plan: dict) -> str:
+    """``absent``; ``done`` (this plan's export, every checksum verified); ``ours`` (an export
+    of this plan that is incomplete or damaged: to be written again); ``foreign`` (something
+    else is there)."""
+    if not target.exists():
+        return "absent"
+    try:
+        if json.loads((target / PLAN_FILE).read_text()) != plan:
+            return "foreign"
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "foreign"
+    try:
+        files = json.loads((target / EXPORT_MANIFEST).read_text())["sha256"]
+        ok = isinstance(files, dict) and bool(files) and all(
+            isinstance(name, str) and "/" not in name and (target / name).is_file()
+            and _sha256(target / name) == digest for name, digest in files.items())
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        ok = False
+    return "done" if ok else "ours"
+
+
 def export_records(records: list[RunRecord], run_dir: str | Path, out: str | Path, sources=None,
                    paths: dict[str, str] | None = None, overwrite: bool = False) -> list[Path]:
     """Write each record as ``out/candidate-<id>`` (``out/calibration-<n>`` for a calibration
-    merge); returns the directories written."""
+    merge); returns the directories, written now or verified as exported before."""
+    from evomerge.io.atomic import remove_stale_temps
     from evomerge.io.checkpoint import write_checkpoint
     from evomerge.merge.engine import SourceSet
 
     run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and not out.is_dir():
+        raise EvomergeError(f"{out}: exists and is not a directory (the export writes candidate folders into it)")
     if paths is None:
         paths, _ = run_sources(run_dir)
-    if sources is None:
-        sources = SourceSet.load(paths)
     scoring = _objective_scoring(run_dir)
     written = []
+    todo = []
     for rec in records:
         if not rec.plan:
             raise EvomergeError(f"candidate {rec.candidate_id} has no stored plan in {run_dir}")
+        target = out / export_name(rec)
+        state = export_state(target, rec.plan)
+        if state == "done" and not overwrite:
+            remove_stale_temps(target)     # a killed earlier export's leftovers
+            written.append(target)         # exported before, checksums verified: kept
+        else:
+            todo.append((rec, state))
+    if todo and sources is None:
+        sources = SourceSet.load(paths)
+    for rec, state in todo:
         plan = plan_from_dict(rec.plan)
         final = plan.final if isinstance(plan, StagedPlan) else plan
         tok = final.tokenizer_source or final.base_model or final.referenced_models()[0]
         tok_path = paths.get(tok, paths.get(plan.stages[0][1].base_model, None) if isinstance(plan, StagedPlan) else None)
         tensors, config = _materialize(plan, sources)
         target = out / export_name(rec)
-        write_checkpoint(target, tensors, config, tokenizer_from=tok_path, overwrite=overwrite,
+        write_checkpoint(target, tensors, config, tokenizer_from=tok_path, overwrite=overwrite or state == "ours",
                          extra_files={"README.md": model_card(rec, run_dir, plan, paths, scoring),
                                       "mergekit.yaml": mergekit_yaml(plan, paths),
-                                      "evomerge_plan.json": json.dumps(rec.plan, indent=2) + "\n"})
+                                      PLAN_FILE: json.dumps(rec.plan, indent=2) + "\n"})
+        write_manifest(target)
         written.append(target)
-    return written
+    order = {export_name(r): i for i, r in enumerate(records)}
+    return sorted(written, key=lambda p: order[p.name])
 
 
 # --------------------------------------------------------------------------- CLI

@@ -9,10 +9,11 @@ Integer genes (layer swap: which source supplies a layer) are searched as contin
 values on ``[lower - 0.5, upper + 0.5)`` and rounded, so every integer gets the same
 share of the box; the optimizers never see the rounding.
 
-``state_dict()`` returns bytes-free Python objects or cloudpickled blobs that only
-this module writes and reads back (see ``evomerge/search/state.py``: checksummed,
-never weights). Every optimizer owns its random generator, so two runs with the
-same seed ask the same genomes whatever else in the process consumes randomness.
+``state_dict()`` returns in-memory snapshots (cloudpickled library objects) for use within
+one process; nothing writes them to disk: a run resumes by replaying its archive into a
+fresh optimizer (see ``evomerge/search/run.py``). That works because every optimizer owns
+its random generator, so two optimizers with the same seed, told the same values, ask
+the same genomes whatever else in the process consumes randomness.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import numpy as np
 from evomerge.errors import EvomergeError
 from evomerge.io.atomic import atomic_write_bytes, atomic_write_text
 from evomerge.search.archive import hypervolume
+from evomerge.search.store import RunStore
 from evomerge.search.export import (
     RunRecord,
     load_records,
@@ -229,7 +230,7 @@ def summary_markdown(run_dir: Path, records, objectives, front, source_scores, p
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the plots and report.md for a run; returns the output directory."""
     run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir / "report"
+    out = Path(out) if out is not None else RunStore(run_dir).report_dir
     records = load_records(run_dir)
     if not records:
         raise EvomergeError(f"{run_dir}: the archive has no evaluations yet")

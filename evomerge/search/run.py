@@ -1,12 +1,8 @@
 """The search run: config -> run directory -> generations of ask / evaluate / tell.
 
-A run directory holds
-
-    config.yaml        the resolved config (absolute paths), written once
-    meta.json          format + evomerge version + objectives, written once
-    archive.sqlite     every evaluation, the front and its hypervolume (archive.py)
-    checkpoints/       controller state at the start of the latest generations (state.py)
-    calibration/       IRT calibrations + source abilities per objective (calibrate.py)
+The run directory's layout is store.py's business (``RunStore``); what matters here is
+that its SQLite archive holds every evaluation and, in the same transactions, the
+controller's progress (the generation reached, whether the run finished) as plain data.
 
 A merge search starts with a pre-search phase (``calibrate.presearch``): the source
 models are scored as reference points and IRT estimators are calibrated; the pool of
@@ -15,19 +11,22 @@ workers starts after it, so every worker loads the finished calibration by path.
 Each generation: ask ``population`` genomes, decode them to plans, submit them all to the
 pool, record each result in the archive the moment it arrives, and tell the optimizer once
 the generation is complete (in candidate order, so the order results arrive in does not
-matter). Then the state for the next generation is checkpointed.
+matter). The generation's last result is committed together with the new generation count.
 
-Resume loads the newest good checkpoint, asks again -- the same genomes, since the
-optimizer's generator is part of the state -- and takes results already in the archive
-instead of evaluating them again. So a run killed at any moment loses no completed
-evaluation, redoes none, and (with a deterministic evaluator) ends with the same archive
-as a run that was never interrupted.
+Resume keeps no optimizer state from disk: it builds the optimizer afresh from the config
+(same seed) and replays the archive -- asks again, checks that each genome asked is the
+one archived under that candidate id, tells the archived results in the order they were
+told -- until it reaches what the archive does not hold, and continues from there. Every
+optimizer here is deterministic given its seed and what it was told, so a run killed at
+any moment loses no completed evaluation, redoes none, and (with a deterministic evaluator)
+ends with the same archive as a run that was never interrupted. An archive that does not
+hold what its recorded progress implies (a deleted row, a genome that replay does not ask
+again) is refused with a one-line error rather than continued differently.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import sys
 import time
@@ -37,38 +36,29 @@ from typing import Any
 
 import numpy as np
 
-import evomerge
 from evomerge.errors import CheckpointError, ConfigError, EvomergeError
-from evomerge.io.atomic import atomic_dir, atomic_write_text
+from evomerge.io.atomic import atomic_dir
 from evomerge.search.archive import Archive
-from evomerge.search.config import SearchConfig, build_genome_space, dump_config, load_config, load_run_config
+from evomerge.search.config import SearchConfig, build_genome_space, load_config
 from evomerge.search.optimizers import Optimizer, is_multi_objective, make_optimizer
-from evomerge.search.state import ControllerState, load_latest, save_state
+from evomerge.search.store import LOCK_FILE, RunLock, RunStore
 from evomerge.workers.evaluator import CALIBRATION_FREE, EvaluatorSpec, make_evaluator, prepare_objective
 from evomerge.workers.types import Candidate, EvalResult, ObjectiveScore
 
-RUN_FORMAT = 1
-META_FILE = "meta.json"
+
+def read_meta(run_dir: str | Path) -> dict[str, Any]:
+    """The run's recorded state (archive meta), refusing runs of another format or version."""
+    return RunStore(run_dir).meta()
 
 
-def read_meta(run_dir: Path) -> dict[str, Any]:
-    """meta.json of a run, refusing run directories of another format or evomerge version."""
-    path = run_dir / META_FILE
-    if not run_dir.is_dir():
-        raise EvomergeError(f"{run_dir}: no such run directory")
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EvomergeError(f"{run_dir}: not a search run directory (no {META_FILE})") from None
-    except (OSError, ValueError) as exc:
-        raise EvomergeError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != RUN_FORMAT \
-            or meta.get("evomerge_version") != evomerge.__version__:
-        found = meta.get("evomerge_version") if isinstance(meta, dict) else None
-        fmt = meta.get("format") if isinstance(meta, dict) else None
-        raise EvomergeError(f"{path}: run directory written by evomerge {found} (format {fmt}); "
-                            f"this is evomerge {evomerge.__version__} (format {RUN_FORMAT})")
-    return meta
+@dataclass
+class ControllerState:
+    """Where the controller is, in memory only: the archive holds what it takes to get
+    back here (replay), so nothing of this is written as it is."""
+
+    generation: int = 0              # the generation about to be asked
+    next_candidate_id: int = 0       # first candidate id of that generation
+    finished: bool = False
 
 
 @dataclass
@@ -101,6 +91,32 @@ def prepare(cfg: SearchConfig) -> Setup:
     return Setup(cfg, space, optimizer, spec, ready)
 
 
+def check_can_start(setup: Setup) -> None:
+    """What would otherwise stop a search after its directory is written, checked first: the
+    inference backend, the device a local pool evaluates on, and the Ray cluster (reachable,
+    able to place every worker)."""
+    import importlib.util
+
+    cfg = setup.config
+    if cfg.evaluator.kind == "merge":
+        from evomerge.backends import BACKENDS
+        from evomerge.io.device import check_device
+
+        if cfg.evaluator.backend not in BACKENDS:
+            raise ConfigError(f"evaluator.backend: unknown backend {cfg.evaluator.backend!r} "
+                              f"(choose from {', '.join(BACKENDS)})")
+        if cfg.workers.backend == "local":    # evaluated in this process (Ray workers check their own)
+            check_device(cfg.evaluator.device, "evaluator.device")
+            if cfg.evaluator.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+                raise ConfigError("evaluator.backend: 'vllm' needs the vllm extra (pip install 'evomerge[vllm]')")
+    if cfg.workers.backend == "ray":
+        from evomerge.workers import ray_cluster
+
+        w = cfg.workers
+        ray_cluster.connect(w.address, num_cpus=max(1, math.ceil(w.count * w.num_cpus)))
+        ray_cluster.check_resources(w.count, num_cpus=w.num_cpus, num_gpus=w.num_gpus, memory=w.memory)
+
+
 def check_objectives(spec: EvaluatorSpec, ready: bool, run_dir: Path | None) -> None:
     """Every objective's task exists and its estimator is known; once the pre-search phase is
     done, also that its calibration loads and fits the task."""
@@ -129,24 +145,57 @@ def _check_sources(cfg: SearchConfig) -> None:
     SourceSet.load(cfg.sources, device="cpu", resident=False).check_compatible()
 
 
-def make_pool(setup: Setup):
+def make_pool(setup: Setup, spec: EvaluatorSpec | None = None):
+    """The config's workers, evaluating with ``spec`` (default: the search's evaluator)."""
     from evomerge.workers.pool import make_pool as build
 
-    factory = functools.partial(make_evaluator, setup.spec)
+    factory = functools.partial(make_evaluator, spec or setup.spec)
     return build(factory, **setup.config.workers.model_dump())
+
+
+def start_pool_for(setup: Setup, run_stub) -> Any:
+    """The workers the run needs first: the search's, or, while the pre-search phase is still
+    to run, the pre-search evaluator's (sources scored on every item) -- on the workers either
+    way, so a worker that cannot load a source stops the search before anything is written."""
+    if setup.ready:
+        return make_pool(setup)
+    from evomerge.search.calibrate import presearch_spec
+
+    return make_pool(setup, presearch_spec(run_stub))
+
+
+@dataclass
+class _PresearchStub:
+    """What ``presearch_spec`` reads of a run, before the run exists."""
+
+    setup: Setup
+
+    @property
+    def config(self) -> SearchConfig:
+        return self.setup.config
 
 
 class SearchRun:
     """One search, bound to its run directory."""
 
-    def __init__(self, run_dir: Path, setup: Setup, state: ControllerState) -> None:
+    def __init__(self, run_dir: Path, setup: Setup, lock: RunLock, finished: bool = False,
+                 completed_generations: int = 0) -> None:
         self.run_dir = run_dir
+        self.store = RunStore(run_dir)
         self.setup = setup
         self.config = setup.config
         self.space = setup.space
-        self.optimizer = setup.optimizer
-        self.state = state
-        self.archive = Archive(run_dir)
+        self.optimizer = setup.optimizer        # fresh from the config: replay brings it up to date
+        self.state = ControllerState(finished=finished)
+        self._lock = lock
+        self.archive = self.store.open_archive(readonly=False)
+        try:
+            self.archive.verify()
+        except BaseException:
+            self.archive.close()
+            raise
+        # Generations the archive says are complete: replay must find every one of their rows.
+        self._completed = completed_generations
         self.multi = is_multi_objective(self.config.optimizer.name)
         self.objectives = self.config.objective_names
         self.weights = np.array([o.weight for o in self.config.objectives], dtype=float)
@@ -176,46 +225,63 @@ class SearchRun:
             raise EvomergeError(f"{run_dir}: run directory already exists (use `evomerge resume {run_dir}` "
                                 "or choose another run_dir)")
         setup = prepare(cfg)
-        state = ControllerState(generation=0, next_candidate_id=0, optimizer=setup.optimizer.state_dict())
-        pool = make_pool(setup) if start_pool and setup.ready else None
-        if run_dir.is_dir():
-            run_dir.rmdir()  # empty (checked above); atomic_dir wants to create it
-        with atomic_dir(run_dir) as tmp:
-            atomic_write_text(tmp / "config.yaml", dump_config(cfg))
-            meta = {"format": RUN_FORMAT, "evomerge_version": evomerge.__version__, "created": time.time(),
-                    "seed": cfg.seed, "objectives": cfg.objective_names}
-            atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
-            Archive(tmp, objectives=cfg.objective_names, reference=cfg.optimizer.reference_point).close()
-            save_state(tmp, state)
-        run = cls(run_dir, setup, state)
+        check_can_start(setup)
+        pool = start_pool_for(setup, _PresearchStub(setup)) if start_pool else None
+        lock = None
+        try:
+            if run_dir.is_dir():
+                run_dir.rmdir()  # empty (checked above); atomic_dir wants to create it
+            with atomic_dir(run_dir) as tmp:
+                RunStore.write_new(tmp, cfg)
+                # Locked before the directory appears under its name: no second process can
+                # take it over between creation and the first result.
+                lock = RunLock(tmp / LOCK_FILE, run_dir)
+            run = cls(run_dir, setup, lock)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            if pool is not None:
+                pool.close()
+            raise
         run.pool = pool
         return run
 
     @classmethod
     def resume(cls, run_dir: str | Path, start_pool: bool = False) -> "SearchRun":
+        """Reopen a run: its config and progress from the archive, the optimizer by replay."""
         run_dir = Path(run_dir).resolve()
-        read_meta(run_dir)
-        setup = prepare(load_run_config(run_dir))
-        state = load_latest(run_dir)
+        store = RunStore(run_dir)
+        meta = store.meta()
+        lock = store.lock()
         try:
-            setup.optimizer.load_state_dict(state.optimizer)
-        except Exception as exc:
-            raise CheckpointError(f"{run_dir}: checkpoint does not fit this run's optimizer ({exc})") from None
-        run = cls(run_dir, setup, state)
-        if start_pool and not state.finished and setup.ready:
-            run.pool = make_pool(setup)
+            setup = prepare(store.config(meta))
+            if not meta.get("finished"):
+                check_can_start(setup)
+            run = cls(run_dir, setup, lock, finished=bool(meta.get("finished")),
+                      completed_generations=int(meta.get("generation") or 0))
+            if start_pool and not run.finished:
+                run.pool = start_pool_for(setup, run)
+        except BaseException:
+            lock.release()
+            raise
         return run
 
     @property
     def finished(self) -> bool:
         return self.state.finished
 
+    @property
+    def completed_generations(self) -> int:
+        """Generations the archive recorded as complete when the run was opened."""
+        return self._completed
+
     # -- running -----------------------------------------------------------------------------
-    def presearch(self, progress: bool = True) -> None:
-        """Score the sources and calibrate the IRT objectives (resumable; see calibrate.py)."""
+    def presearch(self, progress: bool = True, pool=None) -> None:
+        """Score the sources and calibrate the IRT objectives (resumable; see calibrate.py),
+        on ``pool`` (a pre-search pool, closed afterwards) or on workers started for it."""
         from evomerge.search.calibrate import fill_spec, presearch
 
-        presearch(self, progress)
+        presearch(self, progress, pool)
         self.setup.ready = fill_spec(self.setup.spec, self.config, self.run_dir)
         check_objectives(self.setup.spec, True, self.run_dir)
 
@@ -238,7 +304,10 @@ class SearchRun:
                 pool.close()
             return
         if not self.setup.ready:
-            self.presearch(progress)
+            # a pool this run started before the pre-search phase evaluates for that phase
+            self.presearch(progress, pool if own_pool else None)
+            if own_pool:
+                pool = None
         if pool is None:
             pool = make_pool(self.setup)
         try:
@@ -247,13 +316,14 @@ class SearchRun:
             while (n := self._budget_left()) > 0:
                 self._generation(pool, n, progress)
             self.state.finished = True
-            save_state(self.run_dir, self.state)
             self.archive.set_meta(finished=True)
         finally:
             if own_pool:
                 pool.close()
 
     def _generation(self, pool, n: int, progress: bool) -> None:
+        """One generation: results the archive holds are taken from it (replay), the rest
+        evaluated; the last new result is committed with the generation count."""
         from tqdm import tqdm
 
         g = self.state.generation
@@ -261,50 +331,72 @@ class SearchRun:
         candidates = [self._candidate(self.state.next_candidate_id + i, g, x) for i, x in enumerate(xs)]
         results: dict[int, EvalResult] = {}
         by_id = {c.candidate_id: c for c in candidates}
-        submitted_at: dict[int, float] = {}
-        bar = tqdm(total=len(candidates), desc=f"gen {g + 1}/{self.config.optimizer.generations}",
-                   disable=not progress, file=sys.stderr, leave=True, dynamic_ncols=True)
+        fresh = []
         for c in candidates:
-            stored = self.archive.record(c.candidate_id) if c.candidate_id in self._stored else None
+            stored = self._stored_result(c)
             if stored is not None:                      # evaluated before an interruption
-                if not np.allclose(stored["genome"], c.genome, rtol=0, atol=1e-12):
-                    raise CheckpointError(f"{self.run_dir}: archive candidate {c.candidate_id} differs from the "
-                                          "genome the checkpoint asks again (archive and checkpoint disagree)")
-                results[c.candidate_id] = _result_from_record(stored)
-                bar.update(1)
-            elif c.candidate_id in self._decode_errors:  # decoding failed: record, do not evaluate
-                result = EvalResult(c.candidate_id, "failed", error=self._decode_errors.pop(c.candidate_id))
-                self.archive.add(c, result, time.time())
-                results[c.candidate_id] = result
+                results[c.candidate_id] = stored
+            else:
+                fresh.append(c)
+        if fresh and g < self._completed:
+            raise CheckpointError(f"{self.archive.path}: candidate {fresh[0].candidate_id} of generation {g} is "
+                                  f"missing, yet the archive records {self._completed} generations done; this run "
+                                  "cannot be continued exactly")
+        left = len(fresh)
+        submitted_at: dict[int, float] = {}
+
+        def record(candidate: Candidate, result: EvalResult) -> None:
+            nonlocal left
+            left -= 1
+            self.archive.add(candidate, result, submitted_at.get(candidate.candidate_id),
+                             meta={"generation": g + 1} if left == 0 else None)
+            results[candidate.candidate_id] = result
+
+        bar = tqdm(total=len(candidates), initial=len(candidates) - len(fresh),
+                   desc=f"gen {g + 1}/{self.config.optimizer.generations}",
+                   disable=not progress or not fresh, file=sys.stderr, leave=True, dynamic_ncols=True)
+        for c in fresh:
+            if c.candidate_id in self._decode_errors:  # decoding failed: record, do not evaluate
+                record(c, EvalResult(c.candidate_id, "failed", error=self._decode_errors.pop(c.candidate_id)))
                 bar.update(1)
             else:
                 submitted_at[c.candidate_id] = time.time()
                 pool.submit(c)
         while pool.pending():
             result = pool.next_result()
-            candidate = by_id[result.candidate_id]
-            self.archive.add(candidate, result, submitted_at.get(result.candidate_id))
-            results[result.candidate_id] = result
+            record(by_id[result.candidate_id], result)
             bar.update(1)
             if progress:
                 bar.set_postfix_str(self._best_text(result), refresh=False)
-        if progress:
+        if progress and fresh:
             bar.set_postfix_str(self._best_text())
         bar.close()
         told = np.array([self._told_values(results[c.candidate_id]) for c in candidates])
         self.optimizer.tell(xs, told)
-        self.state = ControllerState(g + 1, self.state.next_candidate_id + len(candidates),
-                                     self.optimizer.state_dict())
-        save_state(self.run_dir, self.state)
-        self.archive.set_meta(generation=g + 1)
+        self.state = ControllerState(g + 1, self.state.next_candidate_id + len(candidates))
+
+    def _stored_result(self, candidate: Candidate) -> EvalResult | None:
+        """The archived result of a candidate asked again during replay (None: not archived),
+        after checking that replay asked the very genome the archive holds."""
+        if candidate.candidate_id not in self._stored:
+            return None
+        stored = self.archive.record(candidate.candidate_id)
+        if stored is None:
+            return None
+        if not np.allclose(stored["genome"], candidate.genome, rtol=0, atol=1e-12):
+            raise CheckpointError(f"{self.archive.path}: candidate {candidate.candidate_id} holds another genome "
+                                  "than replaying the run asks for (the archive was changed, or the optimizer "
+                                  "is not deterministic); this run cannot be continued exactly")
+        self._decode_errors.pop(candidate.candidate_id, None)
+        return _result_from_record(stored)
 
     def _steady(self, pool, progress: bool) -> None:
         """Steady state: one new candidate asked whenever a result is told, so the pool stays
-        full. Exact on resume: results are told in the archive's ``told`` order, the
-        checkpoint holds the optimizer after some prefix of it (and what was out then), and
-        resuming replays the rest of that order -- each tell followed by its one ask --
-        before sending what is still out. Candidate ids are the ask order; a candidate's
-        generation is its id // population."""
+        full. Exact on resume: each result is archived with its place in the order results
+        reached the optimizer (the ``told`` table, same transaction), and resuming replays
+        that order -- the first population asked, then each archived tell followed by its one
+        ask -- before sending what is still out. Candidate ids are the ask order; a
+        candidate's generation is its id // population."""
         from collections import deque
 
         from tqdm import tqdm
@@ -313,7 +405,7 @@ class SearchRun:
         total = opt.population * opt.generations
         if opt.max_evaluations is not None:
             total = min(total, opt.max_evaluations)
-        told, next_id = self.state.told, self.state.next_candidate_id
+        told, next_id = 0, 0
         out: dict[int, Candidate] = {}          # asked, not yet told, in ask order
 
         def ask(k: int) -> list[Candidate]:
@@ -328,17 +420,17 @@ class SearchRun:
         def tell(candidate: Candidate, result: EvalResult) -> None:
             self.optimizer.tell([np.asarray(candidate.genome)], self._told_values(result)[None, :])
 
-        for cid, genome in self.state.pending:
-            out[cid] = self._candidate(cid, cid // opt.population, np.asarray(genome))
-        if not out and told == 0 and next_id == 0:
-            ask(opt.population)
-        for seq, cid in self.archive.told_after(told):   # told before an interruption
-            candidate, record = out.pop(cid, None), self.archive.record(cid)
-            if candidate is None or not np.allclose(record["genome"], candidate.genome, rtol=0, atol=1e-12):
-                raise CheckpointError(f"{self.run_dir}: archive candidate {cid} is not the one the checkpoint "
-                                      "asks next (archive and checkpoint disagree)")
-            self._decode_errors.pop(cid, None)
-            tell(candidate, _result_from_record(record))
+        ask(opt.population)
+        for seq, cid in self.archive.told_after(0):   # told before an interruption: replay
+            candidate = out.pop(cid, None)
+            if seq != told + 1 or candidate is None:
+                raise CheckpointError(f"{self.archive.path}: told result {seq} (candidate {cid}) is not the one "
+                                      "replaying the run tells next; this run cannot be continued exactly")
+            stored = self._stored_result(candidate)
+            if stored is None:
+                raise CheckpointError(f"{self.archive.path}: candidate {cid} was told but is not archived; "
+                                      "this run cannot be continued exactly")
+            tell(candidate, stored)
             told = seq
             ask(1)
         instant: deque[tuple[Candidate, EvalResult]] = deque()
@@ -364,20 +456,18 @@ class SearchRun:
                 candidate = out[result.candidate_id]
             del out[candidate.candidate_id]
             told += 1
-            self.archive.add(candidate, result, submitted_at.pop(candidate.candidate_id, None), told_seq=told)
+            # progress (durable) once per population's worth of results, and with the last one
+            progress_mark = told % opt.population == 0 or told == total
+            self.archive.add(candidate, result, submitted_at.pop(candidate.candidate_id, None), told_seq=told,
+                             meta={"generation": told // opt.population} if progress_mark else None)
             tell(candidate, result)
             launch(ask(1))
             bar.update(1)
             if progress:
                 bar.set_postfix_str(self._best_text(result), refresh=False)
-            if told % opt.population == 0 or not out:
-                self.state = ControllerState(told // opt.population, next_id, self.optimizer.state_dict(), told=told,
-                                             pending=tuple((c.candidate_id, c.genome) for c in out.values()))
-                save_state(self.run_dir, self.state)
-                self.archive.set_meta(generation=self.state.generation)
         bar.close()
         # Whatever the generational loop checks next sees the budget spent.
-        self.state.generation = max(self.state.generation, opt.generations)
+        self.state = ControllerState(max(told // opt.population, opt.generations), next_id)
 
     def _candidate(self, candidate_id: int, generation: int, x: np.ndarray) -> Candidate:
         every = self.config.audit.every
@@ -412,7 +502,9 @@ class SearchRun:
         return " ".join(f"{name}={self._best[name]:.3f}" for name in self.objectives if name in self._best)
 
     def close(self) -> None:
+        """Close the archive and release the run's lock (another process may resume it)."""
         self.archive.close()
+        self._lock.release()
 
 
 def _result_from_record(record: dict[str, Any]) -> EvalResult:
@@ -443,8 +535,7 @@ def judge(run_dir: str | Path, plans: dict[str, dict], split: str = "heldout",
     if split not in ("heldout", "search"):
         raise EvomergeError(f"split: expected 'heldout' or 'search', got {split!r}")
     run_dir = Path(run_dir)
-    read_meta(run_dir)
-    cfg = load_run_config(run_dir)
+    cfg = RunStore(run_dir).config()
     if cfg.evaluator.kind != "merge":
         raise EvomergeError(f"{run_dir}: judging needs a merge search (this run's evaluator is {cfg.evaluator.kind!r})")
     tasks = {o.name: (o.heldout_task if split == "heldout" else o.task) for o in cfg.objectives}
@@ -478,7 +569,7 @@ def judge(run_dir: str | Path, plans: dict[str, dict], split: str = "heldout",
 def judge_candidates(run_dir: str | Path, candidate_ids: list[int] | None = None, split: str = "heldout",
                      progress: bool = False) -> dict[int, dict[str, dict]]:
     """Judge archived candidates (default: the Pareto front) by full evaluation on ``split``."""
-    archive = Archive(run_dir, readonly=True)
+    archive = RunStore(run_dir).open_archive()
     try:
         records = archive.front() if candidate_ids is None else [archive.record(i) for i in candidate_ids]
     finally:

@@ -74,7 +74,10 @@ def make_model_backend(model: str | Path, backend: str = "hf", device: str = "cp
                        **kw):
     """A backend holding ``model`` (a model directory or a recipe YAML merged in memory)."""
     from evomerge.backends import make_backend
+    from evomerge.io.checkpoint import Checkpoint
+    from evomerge.io.device import check_device
 
+    check_device(device, "--device")
     path = Path(model)
     if not path.exists():
         raise ConfigError(f"{model}: no such model directory or recipe")
@@ -85,6 +88,10 @@ def make_model_backend(model: str | Path, backend: str = "hf", device: str = "cp
         b = make_backend(backend, tok_dir, device=device, **kw)
         b.load_weights(weights, config)
         return b
+    if not (allow_bin and not any(path.glob("*.safetensors"))):
+        Checkpoint(path).close()        # safetensors headers checked against the files: one line if damaged
+    if allow_bin and backend == "hf":
+        kw["allow_bin"] = True
     return make_backend(backend, path, device=device, **kw)
 
 

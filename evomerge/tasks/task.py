@@ -198,7 +198,11 @@ def _native(spec: str) -> tuple[Path | None, str | None]:
     if base.endswith((".yaml", ".yml")) and Path(base).is_file():
         # lm-eval task YAMLs have a top-level 'task:' (or 'group:') key; ours do not. Read as
         # text: lm-eval's '!function' tags are not plain YAML.
-        if not any(line.startswith(("task:", "group:")) for line in Path(base).read_text().splitlines()):
+        try:
+            text = Path(base).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EvomergeError(f"{base}: cannot read the task file ({exc})") from None
+        if not any(line.startswith(("task:", "group:")) for line in text.splitlines()):
             return Path(base), split or None
     return None, None
 

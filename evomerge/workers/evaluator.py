@@ -184,9 +184,33 @@ class CandidateEvaluator:
         self.sources.check_compatible()
         model_dir = spec.model_dir or next(iter(spec.sources.values()))
         self.backend = make_backend(spec.backend, Path(model_dir), device=spec.device)
+        self._heldout_tasks: dict[str, Any] = {}     # held-out tasks of pre-search candidates, by name
 
     def evaluate(self, candidate: Candidate) -> EvalResult:
+        if candidate.full:
+            return self._evaluate_every_item(candidate)
         result, _ = self._evaluate(candidate, None)
+        return result
+
+    def _evaluate_every_item(self, candidate: Candidate) -> EvalResult:
+        """A pre-search evaluation on a worker: every item of the objectives' tasks (and of
+        the candidate's held-out tasks), the per-item scores in ``result.responses``."""
+        from evomerge.tasks.task import load_task
+
+        result, responses = self.evaluate_full(candidate)
+        result.responses = {"search": responses}
+        if result.status == "ok" and candidate.heldout:
+            for task in candidate.heldout.values():
+                if task not in self._heldout_tasks:
+                    self._heldout_tasks[task] = load_task(task)
+            tasks = {name: self._heldout_tasks[task] for name, task in candidate.heldout.items()}
+            held, held_responses = self.evaluate_full(candidate, tasks)
+            if held.status != "ok":
+                held.error = f"held-out evaluation: {held.error}"
+                return held
+            result.responses["heldout"] = held_responses
+            result.items_scored += held.items_scored
+            result.seconds += held.seconds
         return result
 
     def evaluate_full(self, candidate: Candidate, tasks: dict[str, Any] | None = None

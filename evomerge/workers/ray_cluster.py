@@ -1,10 +1,18 @@
 """Starting or joining Ray, and checking that the cluster can hold the requested workers.
 
 ``evomerge search`` starts a private local Ray by default (no dashboard, a small object
-store: candidates and results are tiny). ``--address auto`` joins the cluster that
+store: candidates and results are tiny), watched by ``ray_watchdog`` so that it stops
+with the controller even after a ``kill -9``. ``--address auto`` joins the cluster that
 ``ray start --head`` started on this machine; ``--address HOST:PORT`` joins a remote
 head. Both fail fast with one line when nothing answers, so a search never hangs
 before it has written anything.
+
+Token authentication (on by default for clusters started by Ray >= 2.52 when a token
+exists): Ray itself sends the token only when it finds the cluster on its own
+(``auto``), not for an explicit address. evomerge sends it for an explicit address too,
+when ``RAY_AUTH_MODE`` is unset and a token is there (``RAY_AUTH_TOKEN``,
+``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``): the user named that cluster, and the
+token is the one ``ray start`` uses. ``RAY_AUTH_MODE=disabled`` opts out.
 """
 
 from __future__ import annotations
@@ -37,12 +45,64 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     if address is None:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                  object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=True)
+        _watch_private_ray()
         return ray.cluster_resources()
     if address != "auto":
         host, port = parse_address(address)
         _check_reachable(host, port, min(timeout, 5.0))
+        use_token_for_explicit_address()
     _init_with_timeout(address, timeout)
     return ray.cluster_resources()
+
+
+def token_available() -> bool:
+    """Whether a Ray auth token is there to send (only its presence is checked here; Ray reads it)."""
+    from pathlib import Path
+
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return Path(path).is_file()
+    homes = {Path.home()}
+    try:   # Ray's loader finds the account's home directory, which $HOME may not name
+        import pwd
+
+        homes.add(Path(pwd.getpwuid(os.getuid()).pw_dir))
+    except (ImportError, KeyError):
+        pass
+    return any((home / ".ray" / "auth_token").is_file() for home in homes)
+
+
+def use_token_for_explicit_address() -> bool:
+    """Turn on token authentication for joining a named cluster when a token exists and the
+    user did not choose a mode; True when token authentication is on."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is None and token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:   # Ray reads its config when imported: have it read the mode again (as Ray does for "auto")
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except (ImportError, AttributeError):
+            pass
+        return True
+    return (mode or "").lower() == "token"
+
+
+def _watch_private_ray() -> None:
+    """Start the watchdog that stops this process's private Ray when the process dies."""
+    from evomerge.workers.ray_watchdog import start_watchdog
+
+    try:
+        import ray._private.worker as ray_worker
+
+        node = ray_worker._global_node
+        pids = [info.process.pid for infos in node.all_processes.values() for info in infos
+                if getattr(info, "process", None) is not None]
+    except (AttributeError, ImportError):   # another Ray layout: Ray's own fate-sharing only
+        return
+    start_watchdog(pids)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -83,8 +143,14 @@ def _init_with_timeout(address: str, timeout: float) -> None:
     if outcome["error"] is not None:
         first = next((line.strip() for line in str(outcome["error"]).splitlines() if line.strip()), "")
         where = "no running Ray cluster found on this machine" if address == "auto" else f"at {address}"
+        hint = ""
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            hint = ("; if the cluster uses token authentication, put its token in ~/.ray/auth_token "
+                    "(or RAY_AUTH_TOKEN) and set RAY_AUTH_MODE=token")
+        elif "auth" in first.lower() or "Unauthenticated" in str(outcome["error"]):
+            hint = "; the token sent (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is not this cluster's"
         raise EvomergeError(f"cannot join the Ray cluster ({where}): "
-                            f"{type(outcome['error']).__name__}: {first[:200]}") from None
+                            f"{type(outcome['error']).__name__}: {first[:200]}{hint}") from None
 
 
 def nodes() -> list[dict[str, float]]:

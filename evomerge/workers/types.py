@@ -20,6 +20,10 @@ class Candidate:
     plan: dict[str, Any]              # MergePlan.to_dict(): the decoded recipe
     audit: bool = False               # also score on the full item pool (estimator audit)
     attempt: int = 0                  # retries after a worker died
+    # Pre-search (sources, calibration merges): score every item of each objective's task and
+    # of these held-out tasks ({objective: task}), and return the per-item scores.
+    full: bool = False
+    heldout: dict[str, str] | None = None
 
 
 @dataclass
@@ -42,6 +46,8 @@ class EvalResult:
     seconds: float = 0.0              # wall time on the worker
     items_scored: int = 0             # cost in scored items (anchors + audits)
     timings: dict[str, float] = field(default_factory=dict)  # merge / load / score seconds
+    # ``Candidate.full``: per-item scores, {"search" | "heldout": {objective: [score per item]}}
+    responses: dict[str, dict[str, list[float]]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -56,3 +56,44 @@ def test_atomic_write_text_and_bytes(tmp_path):
     atomic_write_bytes(p, b"two")
     assert p.read_bytes() == b"two"
     assert sorted(x.name for x in p.parent.iterdir()) == ["f.txt"]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_next_write_removes_what_killed_writers_left_and_keeps_live_ones(tmp_path):
+    import os
+
+    dead = dead_pid()
+    killed_dir = tmp_path / f".out.tmp-{dead}-abc123"      # a merge killed halfway: shards and all
+    killed_dir.mkdir()
+    (killed_dir / "model-00001-of-00002.safetensors").write_bytes(b"x" * 1000)
+    killed_old = tmp_path / f".out.old-{dead}"
+    killed_old.mkdir()
+    killed_file = tmp_path / f"notes.txt.tmp-{dead}"
+    killed_file.write_text("half")
+    live = tmp_path / f".out.tmp-{os.getppid()}-xyz"          # a writer that is still running
+    live.mkdir()
+    unrelated = tmp_path / ".other.tmp-1-abc"
+    unrelated.mkdir()
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "a.txt").write_text("done")
+    atomic_write_text(tmp_path / "notes.txt", "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", "notes.txt", live.name, unrelated.name])
+
+
+def test_writing_below_a_file_is_a_one_line_error_naming_it(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(EvomergeError, match="cannot write .*afile/sub/out: .*afile is a file, not a directory"):
+        with atomic_dir(tmp_path / "afile" / "sub" / "out"):
+            pass
+    with pytest.raises(EvomergeError, match="afile is a file, not a directory"):
+        atomic_write_text(tmp_path / "afile" / "f.txt", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -1,7 +1,7 @@
 """Before generation 0: sources as reference points, IRT calibration on sources + random merges.
 
 Real tiny Llamas (a base and two noisy fine-tunes), a 40-item multiple-choice task with a
-search and a held-out split, real HF scoring.
+search and a held-out split, real HF scoring (the ``tiny`` / ``finished`` fixtures of conftest.py).
 """
 
 from __future__ import annotations
@@ -18,54 +18,10 @@ from evomerge.search.calibrate import calibration_path, thetas_path
 from evomerge.search.run import SearchRun, judge, judge_candidates
 from evomerge.workers import evaluator as evaluator_module
 
-WORDS = ["cat", "dog", "sun", "sea", "red", "blue", "one", "two", "tree", "rock"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from evomerge.io.synthetic import make_tiny_llama
-    from evomerge.zoo.tokenizer import build_tokenizer, save_tokenizer
-
-    root = tmp_path_factory.mktemp("calibrate")
-    save_tokenizer(root / "tok")
-    vocab = build_tokenizer().get_vocab_size()
-    base = make_tiny_llama(root / "base", vocab_size=vocab, hidden_size=32, num_layers=2, tokenizer_from=root / "tok")
-    a = make_tiny_llama(root / "a", base=base, noise=0.6, seed=1, tokenizer_from=root / "tok")
-    b = make_tiny_llama(root / "b", base=base, noise=0.6, seed=2, tokenizer_from=root / "tok")
-    rng = np.random.default_rng(0)
-    for split, n in (("search", 40), ("heldout", 20)):
-        rows = []
-        for i in range(n):
-            choices = list(rng.choice(WORDS, 3, replace=False))
-            rows.append({"id": f"{split}-{i}", "prompt": f"{i} {choices[0]} is", "choices": choices,
-                         "answer": choices[i % 3]})
-        (root / f"mc.{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "mc.yaml").write_text(yaml.safe_dump({"name": "mc", "kind": "multiple_choice", "default_split": "search",
-                                                  "splits": {"search": "mc.search.jsonl", "heldout": "mc.heldout.jsonl"}}))
-    config = {
-        "seed": 5, "sources": {"base": str(base), "a": str(a), "b": str(b)}, "base": "base",
-        "genome": {"kind": "parameter", "method": "task_arithmetic", "granularity": "layer", "weight": [0.0, 1.5]},
-        "objectives": [{"name": "mc", "task": f"{root / 'mc.yaml'}:search", "estimator": "gmpirt"}],
-        "calibration": {"random_merges": 9, "anchors": 0.2, "dims": [1]},
-        "evaluator": {"kind": "merge", "threads": 1},
-        "optimizer": {"name": "random", "population": 4, "generations": 2}, "audit": {"every": 2},
-    }
-    return root, config
-
-
 def start(root, config, name):
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return SearchRun.create(path, root / name)
-
-
-@pytest.fixture(scope="module")
-def finished(tiny):
-    root, config = tiny
-    run = start(root, config, "run")
-    run.run(progress=False)
-    run.close()
-    return root / "run"
 
 
 def test_the_calibration_is_a_versioned_artifact_fitted_on_sources_and_random_merges(finished, tiny):
@@ -159,3 +115,47 @@ def test_front_and_exports_are_the_searchs_own_and_a_calibration_merge_exports_b
     assert exported.name == "calibration-4"
     card = (exported / "README.md").read_text()
     assert "# evomerge calibration 4" in card and "calibration merge (candidate id -4)" in card
+
+
+def test_the_pre_search_phase_evaluates_on_the_workers_never_in_the_controller(tiny, finished, monkeypatch):
+    from evomerge.search.calibrate import SOURCE_ID, presearch_spec
+    from evomerge.workers.evaluator import make_evaluator
+    from evomerge.workers.pool import LocalPool
+
+    root, config = tiny
+    run = start(root, config, "on-workers")
+    worker = LocalPool(lambda: make_evaluator(presearch_spec(run)))   # stands for a worker process
+    submitted = []
+
+    class Workers:
+        def submit(self, candidate):
+            submitted.append(candidate)
+            worker.submit(candidate)
+
+        def pending(self):
+            return worker.pending()
+
+        def next_result(self, timeout=None):
+            return worker.next_result(timeout)
+
+        def close(self):
+            worker.close()
+
+    def no_evaluator_here(self, spec):
+        raise AssertionError("the controller built an evaluator")
+
+    monkeypatch.setattr(evaluator_module.CandidateEvaluator, "__init__", no_evaluator_here)
+    run.presearch(progress=False, pool=Workers())
+    run.close()
+    assert sorted(c.candidate_id for c in submitted) == [SOURCE_ID - 2, SOURCE_ID - 1, SOURCE_ID, *range(-9, 0)]
+    assert all(c.full for c in submitted)
+    assert all((c.heldout is not None) == (c.candidate_id <= SOURCE_ID) for c in submitted)   # sources: held-out too
+    # ... and it recorded what the controller-side phase recorded before
+    one, two = Archive(finished, readonly=True), Archive(root / "on-workers", readonly=True)
+    try:
+        assert {k: list(v) for k, v in one.responses("mc").items()} == \
+            {k: list(v) for k, v in two.responses("mc").items()}
+        assert one.meta()["source_heldout_scores"] == two.meta()["source_heldout_scores"]
+    finally:
+        one.close(), two.close()
+    assert calibration_path(root / "on-workers", "mc").read_text() == calibration_path(finished, "mc").read_text()

@@ -11,6 +11,7 @@ import yaml
 from evomerge.cli import main
 from evomerge.io.synthetic import make_tiny_llama
 from evomerge.search.config import load_config
+from evomerge.search.archive import Archive
 from evomerge.search.run import SearchRun
 
 
@@ -35,6 +36,12 @@ def one_line_error(capsys, *args: str) -> str:
     ({"objectives": []}, r"objectives: List should have at least 1 item"),
     ({"base": "nope"}, r"base: 'nope' is not one of the sources"),
     ({"optimizer": {"reference_point": [0.0]}}, r"optimizer.reference_point: 1 values for 2 objectives"),
+    # names become file names (calibration/<objective>.json) and plan references: identifiers only
+    ({"objectives": [{"name": "../../escaped", "task": "synthetic/a"}]},
+     r"objectives.0.name: '../../escaped' is not a plain name .*no path separators, no '..'"),
+    ({"objectives": [{"name": "a/b", "task": "synthetic/a"}]}, r"objectives.0.name: 'a/b' is not a plain name"),
+    ({"objectives": [{"name": "..", "task": "synthetic/a"}]}, r"objectives.0.name: '..' is not a plain name"),
+    ({"sources": {"../up": "m"}}, r"sources: '../up' is not a plain name"),
 ])
 def test_invalid_configs_fail_before_anything_is_written(changes, message, write_config, tmp_path, capsys):
     config = write_config(**changes)
@@ -100,12 +107,14 @@ def test_a_run_directory_from_another_version_is_refused(write_config, tmp_path,
     config = write_config(optimizer={"population": 2, "generations": 2})
     run = SearchRun.create(config, tmp_path / "run")
     run.close()
-    meta_path = tmp_path / "run" / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta_path.write_text(json.dumps({**meta, "evomerge_version": "0.0.1", "format": 0}))
+    archive = Archive(tmp_path / "run")
+    archive.set_meta(evomerge_version="0.0.1", format=0)
+    archive.close()
     line = one_line_error(capsys, "resume", str(tmp_path / "run"))
-    assert "meta.json: run directory written by evomerge 0.0.1 (format 0)" in line
-    assert not list((tmp_path / "run").glob("checkpoints/gen-000001*"))  # nothing ran
+    assert "archive.sqlite: run directory written by evomerge 0.0.1 (format 0)" in line
+    archive = Archive(tmp_path / "run", readonly=True)
+    assert archive.counts()["total"] == 0  # nothing ran
+    archive.close()
     line = one_line_error(capsys, "resume", str(tmp_path / "elsewhere"))
     assert "no such run directory" in line
 

@@ -15,13 +15,24 @@ from evomerge.cli import main as cli_main
 from evomerge.io.synthetic import make_tiny_llama
 from evomerge.merge.engine import SourceSet
 from evomerge.merge.plan import MergePlan
+import evomerge
 from evomerge.search.archive import Archive
+from evomerge.search.store import RUN_FORMAT
 from evomerge.search.export import load_records, pareto_front, top_k
 from evomerge.search.genome import build_space, merge_plan
 from evomerge.workers.types import Candidate, EvalResult, ObjectiveScore
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 L = 3
+
+
+def hand_made_archive(run_dir: Path, config: dict, objectives: list[str]) -> Archive:
+    """The archive of a run directory built by hand (no search): the config a search stores
+    in it, and the format and version marks a run's archive carries."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    archive = Archive(run_dir, objectives=objectives)
+    archive.set_meta(format=RUN_FORMAT, evomerge_version=evomerge.__version__, config=config)
+    return archive
 
 
 def make_tokenizer(path: Path) -> Path:
@@ -37,11 +48,9 @@ def make_tokenizer(path: Path) -> Path:
 
 def write_run(run_dir: Path, paths: dict[str, str], base: str, rows: list[dict], objectives: list[str]) -> Path:
     """A run directory as the search leaves it: its config and the archive of evaluations."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({
+    archive = hand_made_archive(run_dir, {
         "sources": paths, "base": base, "genome": {"method": "ties", "granularity": "layer"},
-        "objectives": [{"name": o, "task": f"zoo/{o}"} for o in objectives]}))
-    archive = Archive(run_dir, objectives=objectives)
+        "objectives": [{"name": o, "task": f"zoo/{o}"} for o in objectives]}, objectives)
     for r in rows:
         archive.add(Candidate(r["candidate_id"], r["generation"], r["genome"], r["plan"]),
                     EvalResult(r["candidate_id"], r["status"], {k: ObjectiveScore(**v) for k, v in r["objectives"].items()},
@@ -151,12 +160,53 @@ def test_export_refuses_bad_requests_with_one_line(run, tmp_path, capsys):
     assert cli_main(["export", str(tmp_path / "no-run"), str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    # an existing candidate directory is kept unless --overwrite
+    # a directory in the way that is not this candidate's export is kept unless --overwrite
     out = tmp_path / "again"
-    assert cli_main(["export", str(run["dir"]), str(out), "--id", "1"]) == 0
+    (out / "candidate-1").mkdir(parents=True)
+    (out / "candidate-1" / "mine.txt").write_text("not an export")
     assert cli_main(["export", str(run["dir"]), str(out), "--id", "1"]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert (out / "candidate-1" / "mine.txt").exists()
     assert cli_main(["export", str(run["dir"]), str(out), "--id", "1", "--overwrite"]) == 0
+    assert not (out / "candidate-1" / "mine.txt").exists()
+    # and a path that is a file is one line too
+    (tmp_path / "afile").write_text("x")
+    assert cli_main(["export", str(run["dir"]), str(tmp_path / "afile"), "--id", "1"]) == 2
+    assert "afile: exists and is not a directory" in capsys.readouterr().err
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_an_export_run_again_keeps_verified_candidates_rewrites_damaged_ones_and_clears_leftovers(run, tmp_path,
+                                                                                                  capsys):
+    out = tmp_path / "out"
+    assert cli_main(["export", str(run["dir"]), str(out), "--front"]) == 0
+    weights = {i: out / f"candidate-{i}" / "model.safetensors" for i in (0, 1, 4)}
+    written = {i: p.stat().st_mtime_ns for i, p in weights.items()}
+    # what a kill -9 halfway through the next export leaves: a temporary with shards ...
+    leftover = out / f".candidate-0.tmp-{dead_pid()}-k9"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half a shard")
+    # ... and one candidate whose weights changed on disk since
+    data = bytearray(weights[1].read_bytes())
+    data[-3] ^= 0xFF
+    weights[1].write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli_main(["export", str(run["dir"]), str(out), "--front"]) == 0
+    assert capsys.readouterr().out.split() == [str(out / f"candidate-{i}") for i in (0, 1, 3, 4)]
+    assert not leftover.exists()
+    assert weights[0].stat().st_mtime_ns == written[0] and weights[4].stat().st_mtime_ns == written[4]  # verified
+    assert weights[1].read_bytes() != bytes(data)                                                       # rewritten
+    manifest = json.loads((out / "candidate-1" / "evomerge_export.json").read_text())["sha256"]
+    import hashlib
+    assert manifest["model.safetensors"] == hashlib.sha256(weights[1].read_bytes()).hexdigest()
 
 
 def test_an_exported_model_scores_what_its_candidate_scored_in_the_search(tmp_path):

@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 from evomerge.cli import main as cli_main
+import evomerge
 from evomerge.search.archive import Archive
+from evomerge.search.store import RUN_FORMAT
 from evomerge.search.genome import build_space
 from evomerge.workers.types import Candidate, EvalResult, ObjectiveScore
 from evomerge.search.archive import hypervolume
@@ -19,6 +21,15 @@ from evomerge.search.export import load_records
 
 L = 4
 GENOME = {"method": "ties", "granularity": "layer", "per_module": True}
+
+
+def hand_made_archive(run_dir: Path, config: dict, objectives: list[str]) -> Archive:
+    """The archive of a run directory built by hand (no search): the config a search stores
+    in it, and the format and version marks a run's archive carries."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    archive = Archive(run_dir, objectives=objectives)
+    archive.set_meta(format=RUN_FORMAT, evomerge_version=evomerge.__version__, config=config)
+    return archive
 
 
 def fake_sources(root: Path) -> dict[str, str]:
@@ -34,13 +45,11 @@ def fake_sources(root: Path) -> dict[str, str]:
 def make_run(root: Path, objectives=("arith", "copy"), with_sources=True, generations=3, per_gen=6) -> Path:
     paths = fake_sources(root / "models")
     run_dir = root / "run"
-    run_dir.mkdir()
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({
+    archive = hand_made_archive(run_dir, {
         "sources": paths, "base": "base", "genome": GENOME,
-        "objectives": [{"name": o, "task": f"zoo/{o}"} for o in objectives]}))
+        "objectives": [{"name": o, "task": f"zoo/{o}"} for o in objectives]}, list(objectives))
     space = build_space(GENOME, ["a", "b"], "base", L)
     rng = np.random.default_rng(0)
-    archive = Archive(run_dir, objectives=list(objectives))
     cid = 0
     for g in range(generations):
         for _ in range(per_gen):
@@ -107,9 +116,11 @@ def test_report_writes_plots_and_markdown(tmp_path):
 
 def test_report_without_source_scores_or_genome_notes_what_is_missing(tmp_path):
     run_dir = make_run(tmp_path, objectives=("composite",), with_sources=False)
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    archive = Archive(run_dir)
+    cfg = archive.meta()["config"]
     cfg["genome"]["granularity"] = "per-attention-head"  # no longer a valid space: nothing to decode with
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    archive.set_meta(config=cfg)
+    archive.close()
     out = write_report(run_dir, tmp_path / "rep")
     assert png_size(out / "pareto.png")[0] > 300
     assert not (out / "coefficients.png").exists()

@@ -1,4 +1,4 @@
-"""Checkpoint and resume: a search killed at any moment continues to the same archive."""
+"""Resume: a search killed at any moment continues, by replaying its archive, to the same archive."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from evomerge.cli import main
+from evomerge.search.optimizers import OPTIMIZERS, is_multi_objective
 from evomerge.search.run import SearchRun
-from evomerge.search.state import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,8 +55,9 @@ def rows_of_generation_at_least(run_dir: Path, generation: int) -> int:
 
 
 @pytest.mark.slow
-def test_kill_9_mid_generation_then_resume_gives_the_uninterrupted_archive(write_config, tmp_path, capsys):
-    config = write_config(optimizer={"name": "nsga2", "population": 6, "generations": 4},
+@pytest.mark.parametrize("optimizer", [{"name": "nsga2"}, {"name": "cmaes"}, {"name": "ng_mo", "steady_state": True}])
+def test_kill_9_mid_generation_then_resume_gives_the_uninterrupted_archive(optimizer, write_config, tmp_path, capsys):
+    config = write_config(optimizer={**optimizer, "population": 6, "generations": 4},
                           evaluator={"kind": "synthetic", "sleep": 0.05, "fail_every": 7})
     expected = uninterrupted(config, tmp_path / "reference")
 
@@ -82,7 +83,7 @@ def test_kill_9_mid_generation_then_resume_gives_the_uninterrupted_archive(write
     after = {row[0]: row[1:] for row in sqlite3.connect(run_dir / "archive.sqlite").execute(
         "SELECT candidate_id, finished_at, worker FROM evaluations")}
     assert all(after[cid] == before[cid] for cid in before)  # nothing completed was redone
-    assert len(list_checkpoints(run_dir)) == 2  # the last two are kept
+    assert not (run_dir / "checkpoints").exists()  # the archive is the only state
 
     code, out, _ = evomerge_cli(capsys, "resume", str(run_dir))
     assert code == 0 and "already finished" in out
@@ -112,9 +113,9 @@ class StopAfter:
         pass
 
 
-@pytest.mark.parametrize("name", ["cmaes", "smsemoa", "random"])
-def test_interrupted_runs_of_other_optimizer_families_resume_identically(name, write_config, tmp_path):
-    single = name == "cmaes"
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_interrupted_runs_of_every_optimizer_resume_identically_by_replay(name, write_config, tmp_path):
+    single = not is_multi_objective(name)
     config = write_config(optimizer={"name": name, "population": 5, "generations": 3})
     expected = uninterrupted(config, tmp_path / "reference")
     run = SearchRun.create(config, tmp_path / "run")
@@ -128,50 +129,87 @@ def test_interrupted_runs_of_other_optimizer_families_resume_identically(name, w
     assert len(expected[0]) == 15 and (single or len(expected[2]) > 1)
 
 
-def corrupt(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[-5] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(write_config, tmp_path):
+def interrupted_run(write_config, tmp_path: Path, stop_after: int = 10) -> Path:
     config = write_config(optimizer={"name": "nsga2", "population": 4, "generations": 3})
-    expected = uninterrupted(config, tmp_path / "reference")
     run = SearchRun.create(config, tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
-        run.run(pool=StopAfter(run, 10), progress=False)  # stops in generation 3 (index 2)
+        run.run(pool=StopAfter(run, stop_after), progress=False)  # stops in generation 3 (index 2)
     run.close()
-    newest = list_checkpoints(tmp_path / "run")[-1]
-    assert newest.name == "gen-000002.state"
-    corrupt(newest)
-    with pytest.warns(UserWarning, match="gen-000002.state: checksum mismatch.*previous checkpoint gen-000001"):
-        run = SearchRun.resume(tmp_path / "run")
-    assert run.state.generation == 1
-    run.run(progress=False)
-    assert outcome(tmp_path / "run") == expected
+    return tmp_path / "run"
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and not p.name.endswith(("-wal", "-shm"))}
 
 
-def test_both_checkpoints_corrupted_is_a_one_line_error_and_nothing_changes(write_config, tmp_path, capsys):
-    config = write_config(optimizer={"name": "nsga2", "population": 4, "generations": 3})
-    run = SearchRun.create(config, tmp_path / "run")
-    with pytest.raises(KeyboardInterrupt):
-        run.run(pool=StopAfter(run, 10), progress=False)
-    run.close()
-    for path in list_checkpoints(tmp_path / "run"):
-        corrupt(path)
-    before = snapshot(tmp_path / "run")
-    code, _, err = evomerge_cli(capsys, "resume", str(tmp_path / "run"))
-    assert code == 2
+def one_line_error(capsys, *args: str) -> str:
+    code, _, err = evomerge_cli(capsys, *args)
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "no usable checkpoint" in lines[0]
-    assert "checksum mismatch" in lines[0]
-    after = snapshot(tmp_path / "run")
-    assert {k: v for k, v in after.items() if not k.endswith(("-wal", "-shm"))} == \
-           {k: v for k, v in before.items() if not k.endswith(("-wal", "-shm"))}
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_the_archive_records_the_progress_and_no_checkpoint_file_is_written(write_config, tmp_path):
+    run_dir = interrupted_run(write_config, tmp_path)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".evomerge-run", "archive.sqlite", "config.yaml", "lock"]
+    db = sqlite3.connect(run_dir / "archive.sqlite")
+    meta = dict(db.execute("SELECT key, value FROM meta"))
+    assert meta["generation"] == "2" and meta["finished"] == "false"   # two generations told, then the kill
+    assert db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 10
+    db.close()
+
+
+@pytest.mark.parametrize("where", ["a finished generation", "the generation under way"])
+def test_a_deleted_archive_row_is_a_one_line_error_on_resume_and_nothing_changes(where, write_config, tmp_path,
+                                                                                 capsys):
+    run_dir = interrupted_run(write_config, tmp_path)
+    db = sqlite3.connect(run_dir / "archive.sqlite")
+    victim = 2 if where == "a finished generation" else 9
+    db.execute("DELETE FROM scores WHERE candidate_id = ?", (victim,))
+    db.execute("DELETE FROM evaluations WHERE candidate_id = ?", (victim,))
+    db.commit()
+    db.close()
+    before = snapshot(run_dir)
+    line = one_line_error(capsys, "resume", str(run_dir))
+    assert "archive.sqlite: table evaluations holds 9 rows but the archive recorded 10" in line
+    assert "cannot be continued exactly" in line
+    assert snapshot(run_dir) == before
+
+
+def test_a_row_deleted_with_its_count_is_still_caught_by_replay(write_config, tmp_path, capsys):
+    run_dir = interrupted_run(write_config, tmp_path)
+    db = sqlite3.connect(run_dir / "archive.sqlite")
+    db.execute("DELETE FROM scores WHERE candidate_id = 2")
+    db.execute("DELETE FROM evaluations WHERE candidate_id = 2")
+    db.execute("DELETE FROM meta WHERE key = 'rows'")   # the row counts gone too
+    db.commit()
+    db.close()
+    line = one_line_error(capsys, "resume", str(run_dir))
+    assert "candidate 2 of generation 0 is missing, yet the archive records 2 generations done" in line
+
+
+def test_a_changed_genome_is_refused_on_resume(write_config, tmp_path, capsys):
+    run_dir = interrupted_run(write_config, tmp_path)
+    db = sqlite3.connect(run_dir / "archive.sqlite")
+    db.execute("UPDATE evaluations SET genome = ? WHERE candidate_id = 5", ("[0.5, 0.5, 0.5, 0.5, 1.0]",))
+    db.commit()
+    db.close()
+    line = one_line_error(capsys, "resume", str(run_dir))
+    assert "candidate 5 holds another genome than replaying the run asks for" in line
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_archive_is_a_one_line_error_in_resume_and_status(damage, write_config, tmp_path, capsys):
+    run_dir = interrupted_run(write_config, tmp_path)
+    path = run_dir / "archive.sqlite"
+    data = path.read_bytes()
+    path.write_bytes(b"\x00not sqlite\xff" * 64 if damage == "garbage" else data[: len(data) // 3])
+    before = snapshot(run_dir)
+    for command in ("resume", "status"):
+        line = one_line_error(capsys, command, str(run_dir))
+        assert "archive.sqlite" in line
+    assert snapshot(run_dir) == before
 
 
 class Recording(StopAfter):
