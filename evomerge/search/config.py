@@ -263,16 +263,24 @@ def dump_config(cfg: SearchConfig) -> str:
 
 
 def source_depths(cfg: SearchConfig, where: str = "sources") -> dict[str, int]:
-    depths = {}
+    return {name: ck.num_layers for name, ck in _source_checkpoints(cfg, where).items()}
+
+
+def _source_checkpoints(cfg: SearchConfig, where: str = "sources") -> dict:
+    """The sources opened lazily (headers only), which is how their architecture and depth are read."""
+    from evomerge.io.checkpoint import Checkpoint
+
+    out = {}
     for name, path in cfg.sources.items():
-        config_json = Path(path) / "config.json"
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"{where}.{name}: {path} is not a model directory (no config.json)")
         try:
-            depths[name] = int(json.loads(config_json.read_text())["num_hidden_layers"])
-        except FileNotFoundError:
-            raise ConfigError(f"{where}.{name}: {path} is not a model directory (no config.json)") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{where}.{name}: cannot read num_hidden_layers from {config_json} ({exc})") from None
-    return depths
+            ck = Checkpoint(path)
+            ck.num_layers  # noqa: B018 - raises for an unknown architecture or a missing layer count
+        except EvomergeError as exc:
+            raise ConfigError(f"{where}.{name}: {exc}") from None
+        out[name] = ck
+    return out
 
 
 def box_space(genome: dict[str, Any], where: str = "genome") -> BoxSpace:
@@ -306,12 +314,19 @@ def build_genome_space(cfg: SearchConfig):
         return box_space(cfg.genome)
     from evomerge.search.genome import build_space
 
-    depths = source_depths(cfg)
-    if not depths:
+    from evomerge.io.architectures import common_architecture
+
+    checkpoints = _source_checkpoints(cfg)
+    if not checkpoints:
         raise ConfigError("sources: the genome space needs source models")
+    try:
+        architecture = common_architecture({name: ck.architecture for name, ck in checkpoints.items()})
+    except EvomergeError as exc:
+        raise ConfigError(f"sources: {exc}") from None
+    depths = {name: ck.num_layers for name, ck in checkpoints.items()}
     names = [n for n in cfg.sources if n != cfg.base]
     depth: int | dict[str, int] = depths if len(set(depths.values())) > 1 else next(iter(depths.values()))
-    space = build_space(cfg.genome, names, cfg.base, depth)
+    space = build_space(cfg.genome, names, cfg.base, depth, architecture)
     check_space(space)
     return space
 
