@@ -34,27 +34,32 @@ ARCHS = list(CONFIGS)
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe"}
 
 
-def config_for(model_type: str, vocab_size: int):
+def config_for(model_type: str, vocab_size: int, num_layers: int = 2):
     from transformers import AutoConfig
 
     if model_type == "gpt2":
-        return AutoConfig.for_model("gpt2", vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                    initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return AutoConfig.for_model(model_type, vocab_size=vocab_size, **COMMON, **CONFIGS[model_type])
+        return AutoConfig.for_model("gpt2", vocab_size=vocab_size, n_embd=32, n_layer=num_layers, n_head=4,
+                                    n_positions=64, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+                                    pad_token_id=0)
+    kw = {**COMMON, **CONFIGS[model_type], "num_hidden_layers": num_layers}
+    if "layer_types" in kw:  # one entry per layer
+        kw["layer_types"] = [kw["layer_types"][i % len(kw["layer_types"])] for i in range(num_layers)]
+    return AutoConfig.for_model(model_type, vocab_size=vocab_size, **kw)
 
 
-def build_family(model_type: str, root: Path, noise: float = 0.05) -> dict[str, Path]:
-    """``{"base", "a", "b"}`` -> model directories of one architecture under ``root``."""
+def build_family(model_type: str, root: Path, noise: float = 0.05, names: tuple[str, ...] = ("base", "a", "b"),
+                 num_layers: int = 2) -> dict[str, Path]:
+    """``{names[0]: base, names[1:]: base + noise}`` -> model directories of one architecture under ``root``."""
     from transformers import AutoModelForCausalLM
 
     from evomerge.zoo.tokenizer import build_tokenizer, save_tokenizer
 
     vocab = build_tokenizer().get_vocab_size()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config_for(model_type, vocab)).eval()
+    model = AutoModelForCausalLM.from_config(config_for(model_type, vocab, num_layers)).eval()
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     paths = {}
-    for i, name in enumerate(("base", "a", "b")):
+    for i, name in enumerate(names):
         if i:
             gen = torch.Generator().manual_seed(100 + i)
             with torch.no_grad():
