@@ -263,23 +263,32 @@ def dump_config(cfg: SearchConfig) -> str:
 
 
 def source_depths(cfg: SearchConfig, where: str = "sources") -> dict[str, int]:
-    return {name: ck.num_layers for name, ck in _source_checkpoints(cfg, where).items()}
+    return {name: depth for name, (_, depth) in _source_architectures(cfg, where).items()}
 
 
-def _source_checkpoints(cfg: SearchConfig, where: str = "sources") -> dict:
-    """The sources opened lazily (headers only), which is how their architecture and depth are read."""
+def _source_architectures(cfg: SearchConfig, where: str = "sources") -> dict:
+    """{source: (registry architecture, layer count)}, from config.json (and, only for an
+    architecture the registry must infer, the safetensors headers)."""
+    from evomerge.io.architectures import architecture_of
     from evomerge.io.checkpoint import Checkpoint
 
     out = {}
     for name, path in cfg.sources.items():
-        if not (Path(path) / "config.json").is_file():
-            raise ConfigError(f"{where}.{name}: {path} is not a model directory (no config.json)")
+        config_json = Path(path) / "config.json"
         try:
-            ck = Checkpoint(path)
-            ck.num_layers  # noqa: B018 - raises for an unknown architecture or a missing layer count
+            config = json.loads(config_json.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{where}.{name}: {path} is not a model directory (no config.json)") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{where}.{name}: cannot parse {config_json} ({exc})") from None
+        try:
+            try:
+                arch = architecture_of(config, where=str(path))
+            except EvomergeError:  # not registered: inferred from the tensor names, or refused
+                arch = Checkpoint(path).architecture
+            out[name] = (arch, arch.num_layers(config, str(config_json)))
         except EvomergeError as exc:
             raise ConfigError(f"{where}.{name}: {exc}") from None
-        out[name] = ck
     return out
 
 
@@ -316,14 +325,14 @@ def build_genome_space(cfg: SearchConfig):
 
     from evomerge.io.architectures import common_architecture
 
-    checkpoints = _source_checkpoints(cfg)
-    if not checkpoints:
+    found = _source_architectures(cfg)
+    if not found:
         raise ConfigError("sources: the genome space needs source models")
     try:
-        architecture = common_architecture({name: ck.architecture for name, ck in checkpoints.items()})
+        architecture = common_architecture({name: arch for name, (arch, _) in found.items()})
     except EvomergeError as exc:
         raise ConfigError(f"sources: {exc}") from None
-    depths = {name: ck.num_layers for name, ck in checkpoints.items()}
+    depths = {name: depth for name, (_, depth) in found.items()}
     names = [n for n in cfg.sources if n != cfg.base]
     depth: int | dict[str, int] = depths if len(set(depths.values())) > 1 else next(iter(depths.values()))
     space = build_space(cfg.genome, names, cfg.base, depth, architecture)
