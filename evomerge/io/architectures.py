@@ -153,6 +153,23 @@ class Architecture:
         return target
 
     # -- checkpoint layout -> runtime layout ------------------------------------------
+    def runtime_name(self, name: str) -> str:
+        """The name transformers 5 (and mergekit 0.1.5, which writes that layout) gives the
+        parameter holding checkpoint tensor ``name``: a fused expert tensor, a renamed module,
+        or ``name`` itself."""
+        split = self.split_layer(name)
+        if split is None or not (self.expert_fusions or self.runtime_renames):
+            return name
+        layer, suffix = split
+        for fusion in self.expert_fusions:
+            m = re.match(rf"^{re.escape(fusion.experts)}\.\d+\.(.+)$", suffix)
+            if m and m.group(1) in fusion.parts:
+                return f"{self.layer_prefix}{layer}.{fusion.runtime}"
+        for old, new in self.runtime_renames:
+            if suffix.startswith(old):
+                return f"{self.layer_prefix}{layer}.{new}{suffix[len(old):]}"
+        return name
+
     def to_runtime(self, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Weights named as in a checkpoint, renamed / fused as transformers 5 holds them in memory.
 

@@ -195,14 +195,15 @@ def compile_plan(plan: MergePlan, sources: SourceSet) -> list[TensorJob]:
         shared = {}
         for p in spec.params:
             if p.scope == "shared":
-                shared[p.name] = _resolved(p, shared_scopes, out_name, t, plan.merge_method, None)
+                shared[p.name] = _resolved(p, shared_scopes, _filter_name(sources, models[0], out_name), t,
+                                           plan.merge_method, None)
         per_input = []
         for i, (model, params, *_rest) in enumerate(srcs):
             values = {}
             for p in spec.params:
                 if p.scope == "input" or (p.scope == "non_base" and i != base_index):
-                    values[p.name] = _resolved(p, [params, slice_params, plan.parameters], in_names[i], t,
-                                               plan.merge_method, model)
+                    values[p.name] = _resolved(p, [params, slice_params, plan.parameters],
+                                               _filter_name(sources, model, in_names[i]), t, plan.merge_method, model)
             if spec.sparsify == "della_magprune" and i != base_index:
                 d, e = values["density"], values["epsilon"]
                 if 0 < d < 1 and not (0 < d - e and d + e < 1):
@@ -231,6 +232,32 @@ def compile_plan(plan: MergePlan, sources: SourceSet) -> list[TensorJob]:
     for name in sources.layout(last_srcs[0][0]).post:
         add(name, last_srcs, [name] * len(last_srcs), last_params, last_base, 0.0)
     return jobs
+
+
+class _FilterName(str):
+    """A tensor name whose parameter filters also match its runtime name.
+
+    mergekit 0.1.5 names MoE tensors as transformers 5 holds them (``mlp.experts.down_proj``
+    where a Mixtral checkpoint has ``block_sparse_moe.experts.3.w2.weight``), so recipes
+    written for it filter on ``mlp`` / ``down_proj``; evomerge merges the checkpoint layout.
+    A filter matches if it is a substring of either name (``evaluate_setting`` tests
+    ``filter in name``).
+    """
+
+    alias: str
+
+    def __new__(cls, name: str, alias: str) -> "_FilterName":
+        out = super().__new__(cls, name)
+        out.alias = alias
+        return out
+
+    def __contains__(self, sub: object) -> bool:
+        return str.__contains__(self, sub) or (isinstance(sub, str) and sub in self.alias)
+
+
+def _filter_name(sources: SourceSet, model: str, name: str) -> str:
+    alias = sources.checkpoints[model].architecture.runtime_name(name)
+    return name if alias == name else _FilterName(name, alias)
 
 
 def _resolved(p: M.Param, scopes, tensor_name: str, t: float, method: str, model: str | None):
