@@ -336,3 +336,21 @@ def test_moe_architectures_fuse_experts_as_transformers_loads_them(family):
     if model_type in MOE:
         assert any(name.endswith("experts.gate_up_proj") for name in runtime)
         assert not any(".experts.0." in name for name in runtime)
+
+
+def test_a_recipe_filter_on_mergekit_moe_names_reaches_the_per_expert_tensors(family):
+    """mergekit 0.1.5 names Mixtral's experts as transformers 5 holds them (mlp.experts.down_proj);
+    a recipe's ``filter: down_proj`` must scale the checkpoint's experts.*.w2 the same way."""
+    model_type, paths, sources, _ = family
+    arch = ARCHITECTURES[model_type]
+    if model_type not in MOE:
+        pytest.skip("dense: checkpoint and runtime names are the same")
+    plan = MergePlan.from_dict({"merge_method": "passthrough", "slices": [{"sources": [
+        {"model": "a", "layer_range": [0, 2], "parameters": {"scale": [{"filter": "down_proj", "value": 0.5},
+                                                                         {"value": 1.0}]}}]}]})
+    weights = merge(plan, sources)
+    scaled = [n for n in weights if "down_proj" in arch.runtime_name(n)]
+    assert any(".experts.0." in n for n in scaled)
+    for name, tensor in weights.items():
+        factor = 0.5 if name in scaled else 1.0
+        torch.testing.assert_close(tensor, factor * sources.tensor("a", name).float(), rtol=0, atol=0, msg=name)
