@@ -271,9 +271,6 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
             residual_writers=("self_attn.o_proj.", "down_proj."), expert_fusions=_MOE_QWEN_FUSIONS),
 ]}
 
-# Multimodal wrappers whose text model is one of the above (config under text_config).
-ALIASES = {"gemma3": "gemma3_text"}
-
 _noted: set[str] = set()
 
 
@@ -292,7 +289,6 @@ def architecture_of(config: Mapping, tensor_names: Iterable[str] | None = None, 
     model_type = config.get("model_type")
     if not model_type and isinstance(config.get("text_config"), dict):
         model_type = config["text_config"].get("model_type")
-    model_type = ALIASES.get(model_type, model_type)
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
     classes = list(config.get("architectures") or [])
