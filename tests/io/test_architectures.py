@@ -60,7 +60,7 @@ def _from_weights(config: dict, weights: dict, arch):
     model = AutoModelForCausalLM.from_config(_config_object(config)).eval()
     runtime = arch.to_runtime(weights)
     tied = {t for t, _ in arch.tied}
-    missing, unexpected = model.load_state_dict({k: v for k, v in runtime.items()}, strict=False)
+    missing, unexpected = model.load_state_dict(runtime, strict=False)
     assert not unexpected, unexpected
     assert set(missing) <= tied, missing
     return model
