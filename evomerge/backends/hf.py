@@ -21,13 +21,17 @@ from torch import Tensor
 from evomerge.backends.base import (ItemResult, check_indices, choice_rows, graded_results, harness_results,
                                     likelihood_rows, pick_choices)
 from evomerge.errors import CheckpointError
+from evomerge.io.architectures import architecture_of
 from evomerge.tasks.task import Task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Config keys that fix parameter shapes; any change means the model must be rebuilt.
+# Config keys that fix parameter shapes or per-layer behaviour; any change means the model must be
+# rebuilt. The architecture's own layer-count key (``n_layer`` for GPT-2) is added per model.
 SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-              "num_key_value_heads", "vocab_size", "tie_word_embeddings", "head_dim", "model_type")
+              "num_key_value_heads", "vocab_size", "tie_word_embeddings", "head_dim", "model_type",
+              "n_layer", "n_embd", "n_head", "n_inner", "num_local_experts", "num_experts", "moe_intermediate_size",
+              "shared_expert_intermediate_size", "layer_types", "mlp_only_layers")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -109,9 +113,17 @@ class HFBackend:
         return dict(self.model.named_parameters())
 
     def load_weights(self, weights: dict[str, Tensor], config: dict) -> None:
+        """Swap a candidate's weights (checkpoint names, as a merge makes them) into the model.
+
+        The registry maps checkpoint names to the runtime's: transformers 5 holds a MoE
+        layer's experts as fused 3-D parameters where checkpoints have one tensor per expert.
+        """
         from transformers import AutoModelForCausalLM
 
-        changed = any(config.get(k) != self.config.get(k) for k in SHAPE_KEYS if k in config or k in self.config)
+        arch = architecture_of(config, weights.keys(), where=f"candidate for {self.model_dir}")
+        weights = arch.to_runtime(weights)
+        keys = (*SHAPE_KEYS, arch.layer_count_key)
+        changed = any(config.get(k) != self.config.get(k) for k in keys if k in config or k in self.config)
         if changed:
             self.model = AutoModelForCausalLM.from_config(_config_object(config), dtype=self.dtype)
             self.model.to(self.device).eval()
@@ -121,9 +133,9 @@ class HFBackend:
         missing = [n for n in params if n not in weights]
         if missing:
             raise CheckpointError(f"candidate weights lack tensor {missing[0]} ({len(missing)} missing)")
-        tied = bool(self.config.get("tie_word_embeddings"))
+        tied_names = {t for t, _ in arch.tied} if self.config.get("tie_word_embeddings") else set()
         for name in weights:
-            if name not in params and not (tied and name == "lm_head.weight"):
+            if name not in params and name not in tied_names:
                 raise CheckpointError(f"candidate tensor {name} does not exist in the {self.config.get('model_type')} model")
         with torch.no_grad():
             for name, param in params.items():
