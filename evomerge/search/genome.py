@@ -49,8 +49,8 @@ from evomerge.merge.registry import METHODS, MergeMethod, Param
 
 MERGED = "merged"  # name of the intermediate model of the combined space
 
-# Every registered merge method can be searched; its genes come from its declared parameters.
-MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+# Every registered merge method can be searched (``genome.method``); its genes come from its
+# declared parameters (see ParameterSpace).
 
 
 # --------------------------------------------------------------------------- config
@@ -74,7 +74,7 @@ def _check_bounds(value: Bounds, info) -> Bounds:
 
 class ParameterSpaceConfig(_Strict):
     kind: Literal["parameter"] = "parameter"
-    method: MethodName
+    method: str
     granularity: str = "model"  # model | layer | block:N
     per_module: bool = False  # separate attention / MLP genes
     separate: list[Literal["embed", "norm", "lm_head"]] = []  # extra genes for these tensors
@@ -93,6 +93,13 @@ class ParameterSpaceConfig(_Strict):
     @classmethod
     def _legacy_bounds(cls, v: Bounds | None, info) -> Bounds | None:
         return None if v is None else _check_bounds(v, info)
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown merge method {v!r} (registered: {', '.join(METHODS)})")
+        return v
 
     @field_validator("granularity")
     @classmethod
