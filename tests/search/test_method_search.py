@@ -81,3 +81,41 @@ def test_each_method_searches_exports_and_its_exported_recipe_re_merges_to_the_s
             assert torch.equal(got[key], tensor), key
         merged_something |= any(not torch.equal(want[k], base[k]) for k in want)
     assert merged_something  # real merges, not copies of the base
+
+
+def test_a_method_without_parameters_has_an_empty_genome_that_gradient_free_optimizers_refuse_in_one_line():
+    from evomerge.errors import ConfigError
+    from evomerge.search.genome import build_space
+    from evomerge.search.optimizers import make_optimizer
+
+    space = build_space({"method": "arcee_fusion"}, ["base", "a"], "base", 2)
+    assert space.dim == 0
+    assert space.decode(space.random(__import__("numpy").random.default_rng(0))).merge_method == "arcee_fusion"
+    with pytest.raises(ConfigError, match="optimizer.name: cmaes needs at least one gene"):
+        make_optimizer("cmaes", space, 1, seed=0)
+
+
+@pytest.mark.parametrize("genome, message", [
+    ({"method": "nearswap"}, "merges the base with exactly one source, got 2"),
+    ({"method": "karcher", "bounds": {"weight": [0, 1]}}, "bounds.weight: merge_method karcher has no parameter 'weight'"),
+    ({"method": "sce", "bounds": {"select_topk": [0.0, 1.0]}}, "bounds.select_topk: [0, 1] leaves sce's valid range (0, 1]"),
+    ({"method": "passthrough"}, "search its merges with genome.kind: layer_swap or data_flow"),
+])
+def test_genome_config_errors_for_the_new_methods_are_one_line(genome, message):
+    from evomerge.errors import ConfigError
+    from evomerge.search.genome import build_space
+
+    with pytest.raises(ConfigError) as err:
+        build_space(genome, ["base", "a", "b"], "base", 2)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bounds_make_any_declared_parameter_a_gene():
+    from evomerge.search.genome import build_space
+
+    space = build_space({"method": "breadcrumbs", "bounds": {"gamma": [0.0, 0.05], "density": [0.5, 0.9]}},
+                        ["base", "a"], "base", 2)
+    assert space.names == ["weight[a]", "density[a]", "gamma[a]"]
+    assert space.lower.tolist() == [0.0, 0.5, 0.0] and space.upper.tolist() == [1.0, 0.9, 0.05]
+    plan = space.decode(__import__("numpy").array([0.5, 0.7, 0.02]))
+    assert plan.models[0].parameters == {"weight": 0.5, "density": 0.7, "gamma": 0.02}
