@@ -206,3 +206,16 @@ def test_merge_inputs_split_base_and_others():
     x = MergeInputs([torch.zeros(1), torch.ones(1), 2 * torch.ones(1)], 1, {}, [{"w": 1}, {}, {"w": 3}])
     assert torch.equal(x.base, torch.ones(1)) and [float(t) for t in x.others] == [0.0, 2.0]
     assert x.values("w") == [1, 3]
+
+
+def test_the_benchmark_has_a_valid_recipe_for_every_registered_method():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_merge.py"
+    spec = importlib.util.spec_from_file_location("bench_merge", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert set(bench.RECIPES) == set(METHODS)
+    for name, recipe in bench.RECIPES.items():
+        assert MergePlan.from_dict(recipe).merge_method == name
