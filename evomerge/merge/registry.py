@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -29,7 +29,6 @@ from torch import Tensor
 from evomerge.merge import methods as K
 
 REQUIRED = object()  # default of a parameter the recipe must set
-_REQUIRED = REQUIRED  # older name
 
 Scope = Literal["shared", "input", "non_base"]
 Bounds = tuple[float, float]
@@ -169,7 +168,6 @@ class MergeMethod:
     search_note: str = ""  # shown when a parameter-space search cannot use the method
     summary: str = ""
     reference: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def needs_base(self) -> bool:

@@ -9,8 +9,10 @@ for reports and model cards.
 
 Four spaces, chosen by ``genome.kind`` in the search config:
 
-- ``parameter``: coefficients of one merge method (weights, densities, SLERP t,
-  DELLA epsilon) at a chosen granularity -- one gene per source (``model``),
+- ``parameter``: coefficients of one merge method -- any registered method; one gene
+  family per parameter it declares with search bounds (weights, densities, SLERP t,
+  DELLA epsilon, SCE select_topk, ...; ``evomerge.merge.registry``) -- at a chosen
+  granularity -- one gene per source (``model``),
   per block of N layers (``block:N``) or per layer (``layer``) -- optionally
   split into attention / MLP, with optional separate genes for embeddings,
   norms and the head. Per-layer values are written as mergekit gradient lists
