@@ -398,7 +398,8 @@ def main() -> int:
                                       "rc": 0, **inner}
         results["methods"][method] = row
         print(f"[{method}] done: " + ", ".join(
-            f"{k} {v.get('wall_s', float('nan')):.1f}s {v.get('peak_rss_gb', float('nan')):.2f}GB"
+            f"{k} {v.get('wall_s', v.get('floor_s', float('nan'))):.1f}s"
+            + (f" {v['peak_rss_gb']:.2f}GB" if "peak_rss_gb" in v else "")
             for k, v in row.items() if isinstance(v, dict)), flush=True)
         if args.json:  # partial results survive an interrupted run
             args.json.write_text(json.dumps(results, indent=2))
