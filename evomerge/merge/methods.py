@@ -429,35 +429,31 @@ def karcher(tensors: list[Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> 
     xs = [_f(t) for t in tensors]
     alpha = 1.0 / len(xs)
     norms = [torch.linalg.vector_norm(x) for x in xs]
-    units = [x / n if float(n) != 0.0 else torch.zeros_like(x) for x, n in zip(xs, norms)]
-    valid = [u for u, n in zip(units, norms) if float(n) > tol]
+    valid = [i for i, n in enumerate(norms) if float(n) > tol]
     if not valid:
         return torch.zeros_like(xs[0])
-    alpha_sum = sum([alpha] * len(valid))
-    share = [alpha / alpha_sum] * len(valid)  # the valid inputs' weights, renormalised
-    mean = torch.zeros_like(valid[0])
-    for a, u in zip(share, valid):
-        mean += a * u
+    # The valid inputs' unit vectors as the rows of one matrix: each iteration reads them twice
+    # (their dot products with the mean, then the weighted tangent) as two matrix-vector products.
+    units = torch.stack([xs[i].reshape(-1) / norms[i] for i in valid])
+    share = torch.full((len(valid),), alpha / sum([alpha] * len(valid)), dtype=units.dtype)  # renormalised
+    mean = share @ units
     mean_norm = torch.linalg.vector_norm(mean)
-    mean = valid[0].clone() if float(mean_norm) < tol else mean / mean_norm
+    mean = units[0].clone() if float(mean_norm) < tol else mean / mean_norm
     for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
-        flat_mean = mean.reshape(-1)
-        for a, u in zip(share, valid):
-            dot = torch.dot(flat_mean, u.reshape(-1)).clamp(-1.0, 1.0)
-            theta = torch.arccos(dot)
-            if float(theta) < tol:
-                continue
-            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+        dots = (units @ mean).clamp(-1.0, 1.0)
+        theta = torch.arccos(dots)
+        # log map: sum_i w_i theta_i / sin(theta_i) (u_i - dot_i mean), inputs at the mean left out
+        coef = torch.where(theta >= tol, share * theta / torch.sin(theta), 0.0)
+        tangent = (coef @ units).sub_(mean, alpha=float((coef * dots).sum()))
         tangent_norm = torch.linalg.vector_norm(tangent)
         if float(tangent_norm) < tol:
             break
-        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        mean = mean.mul(torch.cos(tangent_norm)).add_(tangent.mul_(torch.sin(tangent_norm) / tangent_norm))
         unit_norm = torch.linalg.vector_norm(mean)
         if float(unit_norm) > tol:
-            mean = mean / unit_norm
+            mean.div_(unit_norm)
     scale = sum(alpha * n for n in norms)
-    return scale * mean
+    return (scale * mean).reshape(xs[0].shape)
 
 
 def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0) -> Tensor:
