@@ -280,8 +280,8 @@ def floor_table(results: dict) -> str:
              "each tool in a fresh process (imports included), the floor measured beside it in the same run; "
              "L = 1-minute load average before the measurement.", "",
              "| method | floor s (read + write) | mergekit s / GB | evomerge s / GB | mergekit / floor | "
-             "evomerge / floor | evomerge / mergekit memory | L |",
-             "|---|---|---|---|---|---|---|---|"]
+             "evomerge / floor | evomerge / mergekit memory | CPU s mergekit / evomerge | L |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method, row in results["methods"].items():
         fl, mk, ed = row.get("floor"), row.get("mergekit"), row.get("evomerge_disk")
         ok = lambda m: bool(m) and not m.get("rc")
@@ -291,7 +291,9 @@ def floor_table(results: dict) -> str:
         r_ed = f"{ed['wall_s'] / fl['floor_s']:.2f}x" if fl and ok(ed) else "-"
         r_mem = f"{ed['peak_rss_gb'] / mk['peak_rss_gb']:.2f}" if ok(mk) and ok(ed) else "-"
         load = f"{ed['load_before']:.1f}" if ok(ed) else "-"
-        lines.append(f"| {method} | {floor} | {cell(mk)} | {cell(ed)} | {r_mk} | {r_ed} | {r_mem} | {load} |")
+        cpu = lambda m: f"{m['user_s'] + m['sys_s']:.1f}" if ok(m) else "-"
+        lines.append(f"| {method} | {floor} | {cell(mk)} | {cell(ed)} | {r_mk} | {r_ed} | {r_mem} | "
+                     f"{cpu(mk)} / {cpu(ed)} | {load} |")
     return "\n".join(lines) + "\n"
 
 
