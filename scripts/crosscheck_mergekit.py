@@ -98,6 +98,26 @@ def substitute(node, models: dict[str, Path]):
     return node
 
 
+def genome_recipes() -> dict[str, dict]:
+    """One recipe per searchable method as a search writes it: a seeded random genome of the
+    method's parameter space (per-layer genes, so gradients) decoded and exported as mergekit YAML."""
+    import numpy as np
+
+    from evomerge.search.genome import build_space
+
+    out = {}
+    for i, (name, method) in enumerate(METHODS.items()):
+        if name == "passthrough":
+            continue  # searched through layer_swap / data_flow, whose recipes are passthrough slices
+        sources = ["base", "ft_a"] if method.max_non_base == 1 else ["base", "ft_a", "ft_b"]
+        space = build_space({"method": name, "granularity": "layer"}, sources, "base", MODEL_SHAPE["num_layers"])
+        plan = space.decode(space.random(np.random.default_rng(100 + i))).to_dict()
+        plan.pop("random_seed", None)  # both tools get --random-seed / the default seed of their own
+        plan["dtype"] = "float32"
+        out[f"genome_{name}"] = plan
+    return out
+
+
 # ---------------------------------------------------------------- running both tools
 
 MERGEKIT_DRIVER = r"""
@@ -390,6 +410,8 @@ def main() -> int:
                     help="keep models and outputs here (default: a temp dir)")
     ap.add_argument("--only", default=None, help="comma-separated recipe names")
     ap.add_argument("--json", type=Path, default=None, help="write the summary here")
+    ap.add_argument("--no-genomes", action="store_true",
+                    help="skip the recipes decoded from a search genome of every method")
     ap.add_argument("--markdown", type=Path, default=None,
                     help="write the table as markdown into this file (between crosscheck markers if present)")
     args = ap.parse_args()
@@ -414,6 +436,15 @@ def main() -> int:
         cfg.parent.mkdir(exist_ok=True)
         cfg.write_text(yaml.safe_dump(recipe, sort_keys=False))
         recipes[path.stem] = (recipe, yaml.safe_load(path.read_text()), cfg)
+    if not args.no_genomes:
+        for name, raw in genome_recipes().items():
+            if args.only and name not in args.only.split(","):
+                continue
+            recipe = substitute(raw, models)
+            cfg = work / "configs" / f"{name}.yaml"
+            cfg.parent.mkdir(exist_ok=True)
+            cfg.write_text(yaml.safe_dump(recipe, sort_keys=False))
+            recipes[name] = (recipe, raw, cfg)
 
     def out_dir(tool, name):
         d = work / "out" / tool / name
