@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""Benchmark evomerge against mergekit 0.1.5 on ~220M-parameter float32 Llama checkpoints.
+"""Benchmark evomerge against mergekit 0.1.5 and the I/O floor on float32 Llama checkpoints.
 
 In one run: makes three checkpoints in code (a base and two fine-tunes = base + noise;
-hidden 1024, 12 layers, intermediate 2816, vocab 32000, untied embeddings; cached under
---workdir), then for each of TIES, task arithmetic and linear measures, each in a fresh
-subprocess (wall time, and the child's peak RSS from wait4):
+hidden 1024, 12 layers, intermediate 2816, vocab 32000, untied embeddings, ~220M parameters;
+`--medium`: hidden 512, 8 layers, ~42M; cached under --workdir), then for every registered
+merge method (or --methods) measures, each in a fresh subprocess (wall time, and the
+child's peak RSS from wait4):
 
+  floor           read the files the recipe reads and write as many bytes as its output,
+                  fsynced (what no merge tool can beat on this machine, measured beside it)
   mergekit        `mergekit-yaml CONFIG OUT` from .venv-mergekit (scripts/setup_mergekit_venv.sh)
   evomerge disk   `evomerge merge CONFIG OUT`
   evomerge memory `merge(plan, sources)` with the sources resident, timed over --repeats
-                  calls after loading (the per-candidate cost of a search worker)
+                  calls after loading (the per-candidate cost of a search worker; 0: skipped)
 
 and prints them with the ratios against the targets: mergekit / evomerge wall time to disk
 >= 5, evomerge / mergekit peak memory <= 0.5, mergekit run / in-memory merge >= 10.
@@ -17,6 +20,10 @@ Import times are measured separately. The machine is shared, so the 1-minute loa
 average is printed beside every measurement.
 
     .venv/bin/python scripts/bench_merge.py [--workdir /tmp/evomerge-bench] [--json bench.json]
+                                            [--medium] [--methods ties,sce] [--floor-table]
+
+``--floor-table`` prints the floor / mergekit / evomerge table (ratios to the floor, peak memory)
+as markdown, for docs/merge-methods.md.
 """
 
 from __future__ import annotations
@@ -37,21 +44,80 @@ PY = sys.executable
 SHAPE = dict(num_layers=12, hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
              num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=False)
 
+def _models(*entries) -> list[dict]:
+    return [{"model": m, **({"parameters": p} if p else {})} for m, p in entries]
+
+
+# One recipe per registered merge method (tests check the lists agree); mergekit 0.1.5 runs all of them.
 RECIPES = {
-    "ties": {"merge_method": "ties", "base_model": "base",
-             "models": [{"model": "ft_a", "parameters": {"weight": 1.0, "density": 0.5}},
-                        {"model": "ft_b", "parameters": {"weight": 0.7, "density": 0.5}}],
-             "dtype": "float32"},
-    "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": "base",
-                        "models": [{"model": "ft_a", "parameters": {"weight": 0.6}},
-                                   {"model": "ft_b", "parameters": {"weight": 0.4}}],
-                        "dtype": "float32"},
     "linear": {"merge_method": "linear",
-               "models": [{"model": "base", "parameters": {"weight": 1.0}},
-                          {"model": "ft_a", "parameters": {"weight": 1.0}},
-                          {"model": "ft_b", "parameters": {"weight": 1.0}}],
-               "dtype": "float32"},
+               "models": _models(("base", {"weight": 1.0}), ("ft_a", {"weight": 1.0}), ("ft_b", {"weight": 1.0}))},
+    "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": "base",
+                        "models": _models(("ft_a", {"weight": 0.6}), ("ft_b", {"weight": 0.4}))},
+    "ties": {"merge_method": "ties", "base_model": "base",
+             "models": _models(("ft_a", {"weight": 1.0, "density": 0.5}), ("ft_b", {"weight": 0.7, "density": 0.5}))},
+    "dare_ties": {"merge_method": "dare_ties", "base_model": "base",
+                  "models": _models(("ft_a", {"weight": 1.0, "density": 0.5}), ("ft_b", {"weight": 0.7, "density": 0.5}))},
+    "dare_linear": {"merge_method": "dare_linear", "base_model": "base",
+                    "models": _models(("ft_a", {"weight": 0.6, "density": 0.5}), ("ft_b", {"weight": 0.4, "density": 0.5}))},
+    "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": "base",
+                    "models": _models(("ft_a", {"weight": 0.6, "density": 0.9}), ("ft_b", {"weight": 0.4, "density": 0.9}))},
+    "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": "base",
+                         "models": _models(("ft_a", {"weight": 0.6, "density": 0.9}),
+                                           ("ft_b", {"weight": 0.4, "density": 0.9}))},
+    "della": {"merge_method": "della", "base_model": "base",
+              "models": _models(("ft_a", {"weight": 1.0, "density": 0.5, "epsilon": 0.1}),
+                                ("ft_b", {"weight": 0.7, "density": 0.5, "epsilon": 0.1}))},
+    "della_linear": {"merge_method": "della_linear", "base_model": "base",
+                     "models": _models(("ft_a", {"weight": 0.6, "density": 0.5, "epsilon": 0.1}),
+                                       ("ft_b", {"weight": 0.4, "density": 0.5, "epsilon": 0.1}))},
+    "slerp": {"merge_method": "slerp", "base_model": "base", "models": _models(("base", None), ("ft_a", None)),
+              "parameters": {"t": 0.4}},
+    "model_stock": {"merge_method": "model_stock", "base_model": "base",
+                    "models": _models(("ft_a", None), ("ft_b", None))},
+    "passthrough": {"merge_method": "passthrough", "models": _models(("ft_a", None))},
+    "nuslerp": {"merge_method": "nuslerp", "base_model": "base",
+                "models": _models(("ft_a", {"weight": 0.6}), ("ft_b", {"weight": 0.4}))},
+    "multislerp": {"merge_method": "multislerp", "base_model": "base",
+                   "models": _models(("ft_a", {"weight": 0.6}), ("ft_b", {"weight": 0.4}))},
+    "karcher": {"merge_method": "karcher", "models": _models(("base", None), ("ft_a", None), ("ft_b", None))},
+    "sce": {"merge_method": "sce", "base_model": "base", "models": _models(("ft_a", None), ("ft_b", None)),
+            "parameters": {"select_topk": 0.5}},
+    "nearswap": {"merge_method": "nearswap", "base_model": "base", "models": _models(("base", None), ("ft_a", None)),
+                 "parameters": {"t": 0.001}},
+    "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": "base",
+                     "models": _models(("base", None), ("ft_a", None))},
+    "ram": {"merge_method": "ram", "base_model": "base", "models": _models(("ft_a", None), ("ft_b", None)),
+            "parameters": {"epsilon": 0.002}},
+    "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": "base", "models": _models(("ft_a", None), ("ft_b", None)),
+                   "parameters": {"epsilon": 0.002}},
 }
+for _r in RECIPES.values():
+    _r["dtype"] = "float32"
+
+# The floor: read the recipe's input files once (from the page cache, as both tools find them)
+# and write the output's number of bytes in 16 MiB chunks, fsynced as evomerge's output is.
+FLOOR_CHILD = r"""
+import json, os, sys, time
+inputs, out_path, n_bytes = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+chunk = bytearray(16 << 20)
+view = memoryview(chunk)
+t0 = time.perf_counter()
+for path in inputs:
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(chunk):
+            pass
+t_read = time.perf_counter() - t0
+with open(out_path, "wb", buffering=0) as f:
+    left = n_bytes
+    while left > 0:
+        left -= f.write(view[:min(left, len(chunk))])
+    os.fsync(f.fileno())
+total = time.perf_counter() - t0
+os.unlink(out_path)
+print("RESULT " + json.dumps({"read_s": t_read, "write_s": total - t_read, "floor_s": total}))
+"""
+
 
 IN_MEMORY_CHILD = r"""
 import json, sys, time
@@ -206,20 +272,55 @@ def print_table(results: dict) -> None:
                   f"merges {', '.join(f'{t:.2f}s' for t in em['merge_s'])} ({em['threads']} torch threads)")
 
 
+def floor_table(results: dict) -> str:
+    """Markdown: per method the floor, mergekit and evomerge (disk) wall time and peak memory, with ratios."""
+    shape = results.get("shape", {})
+    lines = [f"{results.get('cpus')} cores, three float32 checkpoints of {results.get('model_bytes', 0) / 1e9:.2f} GB "
+             f"(hidden {shape.get('hidden_size')}, {shape.get('num_layers')} layers, vocab {shape.get('vocab_size')}); "
+             "each tool in a fresh process (imports included), the floor measured beside it in the same run; "
+             "L = 1-minute load average before the measurement.", "",
+             "| method | floor s (read + write) | mergekit s / GB | evomerge s / GB | mergekit / floor | "
+             "evomerge / floor | evomerge / mergekit memory | CPU s mergekit / evomerge | L |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method, row in results["methods"].items():
+        fl, mk, ed = row.get("floor"), row.get("mergekit"), row.get("evomerge_disk")
+        ok = lambda m: bool(m) and not m.get("rc")
+        cell = lambda m: f"{m['wall_s']:.1f} / {m['peak_rss_gb']:.2f}" if ok(m) else ("failed" if m else "-")
+        floor = f"{fl['floor_s']:.1f} ({fl['read_s']:.1f} + {fl['write_s']:.1f})" if fl else "-"
+        r_mk = f"{mk['wall_s'] / fl['floor_s']:.2f}x" if fl and ok(mk) else "-"
+        r_ed = f"{ed['wall_s'] / fl['floor_s']:.2f}x" if fl and ok(ed) else "-"
+        r_mem = f"{ed['peak_rss_gb'] / mk['peak_rss_gb']:.2f}" if ok(mk) and ok(ed) else "-"
+        load = f"{ed['load_before']:.1f}" if ok(ed) else "-"
+        cpu = lambda m: f"{m['user_s'] + m['sys_s']:.1f}" if ok(m) else "-"
+        lines.append(f"| {method} | {floor} | {cell(mk)} | {cell(ed)} | {r_mk} | {r_ed} | {r_mem} | "
+                     f"{cpu(mk)} / {cpu(ed)} | {load} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/evomerge-bench"))
-    ap.add_argument("--methods", default=",".join(RECIPES), help="comma-separated subset")
+    ap.add_argument("--methods", default=",".join(RECIPES), help="comma-separated subset (default: every method)")
     ap.add_argument("--repeats", type=int, default=3, help="in-memory merges timed per method")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--small", action="store_true", help="tiny models: a smoke test of this script")
+    ap.add_argument("--medium", action="store_true", help="~42M-parameter models (hidden 512, 8 layers)")
+    ap.add_argument("--floor-table", action="store_true",
+                    help="with --table-from: print the floor / mergekit / evomerge table as markdown")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--table-from", type=Path, default=None,
                     help="only print the table of an earlier run's --json file")
     args = ap.parse_args()
     if args.table_from:
-        print_table(json.loads(args.table_from.read_text()))
+        data = json.loads(args.table_from.read_text())
+        if args.floor_table:
+            print(floor_table(data), end="")
+        else:
+            print_table(data)
         return 0
+    if args.medium:
+        SHAPE.update(num_layers=8, hidden_size=512, intermediate_size=1408, num_attention_heads=8,
+                     num_key_value_heads=8, vocab_size=16000)
     if args.small:
         SHAPE.update(num_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                      num_key_value_heads=4, vocab_size=256)
@@ -270,12 +371,26 @@ def main() -> int:
             print(f"[{method}] evomerge merge failed: {r['stderr'][-500:]}")
         elif not args.skip_mergekit and not row["mergekit"]["rc"]:
             row["max_abs_diff_vs_mergekit"], row["worst_tensor"] = max_diff(out_evo, out_mk)
+        if not r["rc"]:
+            # The floor for this recipe, measured now: same input files, same output bytes.
+            out_bytes = sum(f.stat().st_size for f in out_evo.glob("*.safetensors"))
+            files = [str(f) for ref in refs for f in sorted(Path(ref).glob("*.safetensors"))]
+            fl = measure_rss([PY, "-c", FLOOR_CHILD, json.dumps(files), str(work / "floor.bin"), str(out_bytes)], env)
+            line = next((l for l in fl["stdout"].splitlines() if l.startswith("RESULT ")), None)
+            if fl["rc"] or line is None:
+                print(f"[{method}] floor measurement failed: {fl['stderr'][-500:]}")
+            else:
+                row["floor"] = {**json.loads(line[len("RESULT "):]), "input_bytes": sum(os.path.getsize(f) for f in files),
+                                "output_bytes": out_bytes, "load_before": fl["load_before"]}
         for d in (out_mk, out_evo):
             shutil.rmtree(d, ignore_errors=True)
 
-        r = measure_rss([PY, "-c", IN_MEMORY_CHILD, str(cfg), json.dumps(refs), str(args.repeats)], env)
+        r = measure_rss([PY, "-c", IN_MEMORY_CHILD, str(cfg), json.dumps(refs), str(args.repeats)], env) \
+            if args.repeats > 0 else {"rc": 0, "stdout": "", "skipped": True}
         line = next((l for l in r["stdout"].splitlines() if l.startswith("RESULT ")), None)
-        if r["rc"] or line is None:
+        if r.get("skipped"):
+            pass
+        elif r["rc"] or line is None:
             print(f"[{method}] in-memory merge failed: {r['stderr'][-500:]}")
             row["evomerge_memory"] = {"rc": r["rc"] or 1}
         else:
@@ -285,12 +400,15 @@ def main() -> int:
                                       "rc": 0, **inner}
         results["methods"][method] = row
         print(f"[{method}] done: " + ", ".join(
-            f"{k} {v.get('wall_s', float('nan')):.1f}s {v.get('peak_rss_gb', float('nan')):.2f}GB"
+            f"{k} {v.get('wall_s', v.get('floor_s', float('nan'))):.1f}s"
+            + (f" {v['peak_rss_gb']:.2f}GB" if "peak_rss_gb" in v else "")
             for k, v in row.items() if isinstance(v, dict)), flush=True)
         if args.json:  # partial results survive an interrupted run
             args.json.write_text(json.dumps(results, indent=2))
 
     print_table(results)
+    print()
+    print(floor_table(results), end="")
     results["load_at_end"] = os.getloadavg()
     print(f"load average at end: {results['load_at_end']}")
     if args.json:

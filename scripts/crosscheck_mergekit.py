@@ -13,7 +13,12 @@ the definition (kept fraction ~ density, survivors rescaled to keep the task vec
 norm as mergekit does, DELLA's rank-dependent keep probability) and compares the
 statistics of both outputs (fraction of changed entries, mean |output - base|).
 
-    .venv/bin/python scripts/crosscheck_mergekit.py [--json out.json] [--only ties,slerp]
+    .venv/bin/python scripts/crosscheck_mergekit.py [--json out.json] [--markdown docs/merge-methods.md]
+                                                    [--only ties,slerp]
+
+Every method in evomerge's registry must have at least one recipe (a missing one fails the
+run). For each deterministic recipe the table also gives how far the output is from the
+nearest input, so an agreement is never between two copies of a source.
 
 Exit status 1 if any recipe fails its check.
 """
@@ -40,7 +45,13 @@ CONFIG_DIR = ROOT / "configs" / "mergekit"
 MERGEKIT_PY = ROOT / ".venv-mergekit" / "bin" / "python"
 EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
 
-RANDOM_METHODS = {"dare_linear", "dare_ties", "della", "della_linear"}
+sys.path.insert(0, str(ROOT))  # this checkout's evomerge
+from evomerge.merge.registry import METHODS  # noqa: E402
+
+# Methods whose output depends on random numbers, checked by definition and statistics. arcee_fusion
+# draws only for tensors above 10^6 entries (its quantile sample); the models here are smaller, so it
+# is deterministic and compared entry by entry.
+RANDOM_METHODS = {name for name, m in METHODS.items() if m.random} - {"arcee_fusion"}
 FP32_TOL = 1e-5
 HALF_ULPS = 2.0
 # Differences we keep on purpose. They are still measured and printed, with the reason, but do not
@@ -85,6 +96,26 @@ def substitute(node, models: dict[str, Path]):
     if isinstance(node, list):
         return [substitute(v, models) for v in node]
     return node
+
+
+def genome_recipes() -> dict[str, dict]:
+    """One recipe per searchable method as a search writes it: a seeded random genome of the
+    method's parameter space (per-layer genes, so gradients) decoded and exported as mergekit YAML."""
+    import numpy as np
+
+    from evomerge.search.genome import build_space
+
+    out = {}
+    for i, (name, method) in enumerate(METHODS.items()):
+        if name == "passthrough":
+            continue  # searched through layer_swap / data_flow, whose recipes are passthrough slices
+        sources = ["base", "ft_a"] if method.max_non_base == 1 else ["base", "ft_a", "ft_b"]
+        space = build_space({"method": name, "granularity": "layer"}, sources, "base", MODEL_SHAPE["num_layers"])
+        plan = space.decode(space.random(np.random.default_rng(100 + i))).to_dict()
+        plan.pop("random_seed", None)  # both tools get --random-seed / the default seed of their own
+        plan["dtype"] = "float32"
+        out[f"genome_{name}"] = plan
+    return out
 
 
 # ---------------------------------------------------------------- running both tools
@@ -154,6 +185,16 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- deterministic check
+
+def nearest_input(out: dict, inputs: list[dict]) -> float:
+    """max |out - x| over all tensors, for the input x closest to the output (0: a copy of x)."""
+    best = math.inf
+    for x in inputs:
+        d = max(((out[n].float() - x[n].float()).abs().max().item() for n in out if n in x
+                 and x[n].shape == out[n].shape), default=math.inf)
+        best = min(best, d)
+    return best
+
 
 def compare_exact(evo: dict, mk: dict) -> dict:
     problems = []
@@ -319,6 +360,48 @@ def compare_random(recipe: dict, evo: dict, mk: dict, base: dict, fts: dict) -> 
     return {"passed": not problems, "problems": problems, **info}
 
 
+# ---------------------------------------------------------------- markdown
+
+BEGIN, END = "<!-- crosscheck:begin -->", "<!-- crosscheck:end -->"
+
+
+def markdown_table(rows: list[dict], documented: list[str]) -> str:
+    lines = [f"mergekit 0.1.5 vs `evomerge merge`, every recipe in `configs/mergekit/`, small Llama checkpoints "
+             f"{MODEL_SHAPE} (base + three fine-tunes = base + 0.01 noise). Exact recipes: worst absolute "
+             f"difference over all tensors (tolerance {FP32_TOL:g} for float32, {HALF_ULPS:g} ulps for 16-bit) "
+             "and the output's distance to its nearest input; random recipes: definition and statistics.", "",
+             "| recipe | method | dtype | max abs diff vs mergekit | nearest input | check | result |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        verdict = "pass" if r["passed"] else ("documented difference" if r["config"] in documented else "FAIL")
+        if "max_abs" in r:
+            near = r.get("nearest_input_max_abs")
+            lines.append(f"| {r['config']} | {r['method']} | {r['dtype']} | {r['max_abs']:.2e} | "
+                         f"{near:.2e} | exact | {verdict} |" if near is not None else
+                         f"| {r['config']} | {r['method']} | {r['dtype']} | {r['max_abs']:.2e} | - | exact | {verdict} |")
+        elif "changed_fraction_evomerge" in r:
+            check = (f"changed {r['changed_fraction_evomerge']:.3f} vs {r['changed_fraction_mergekit']:.3f}, "
+                     f"mean abs delta ratio {r['mean_abs_delta_ratio']:.3f}")
+            if "kept_fraction" in r:
+                check += f", kept {r['kept_fraction']:.3f} at density {r['density']}"
+            lines.append(f"| {r['config']} | {r['method']} | {r['dtype']} | (random) | - | {check} | {verdict} |")
+        else:
+            lines.append(f"| {r['config']} | {r['method']} | {r['dtype']} | - | - | "
+                         f"{'; '.join(r.get('problems', []))} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, rows: list[dict], documented: list[str]) -> None:
+    table = markdown_table(rows, documented)
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + BEGIN + "\n" + table + END + rest.split(END, 1)[1]
+    else:
+        text = text + ("\n" if text else "") + BEGIN + "\n" + table + END + "\n"
+    path.write_text(text)
+
+
 # ---------------------------------------------------------------- main
 
 def main() -> int:
@@ -327,6 +410,10 @@ def main() -> int:
                     help="keep models and outputs here (default: a temp dir)")
     ap.add_argument("--only", default=None, help="comma-separated recipe names")
     ap.add_argument("--json", type=Path, default=None, help="write the summary here")
+    ap.add_argument("--no-genomes", action="store_true",
+                    help="skip the recipes decoded from a search genome of every method")
+    ap.add_argument("--markdown", type=Path, default=None,
+                    help="write the table as markdown into this file (between crosscheck markers if present)")
     args = ap.parse_args()
 
     tmp = None
@@ -338,6 +425,8 @@ def main() -> int:
     torch.manual_seed(0)
     models = build_models(work)
 
+    covered = {yaml.safe_load(p.read_text())["merge_method"] for p in CONFIG_DIR.glob("*.yaml")}
+    uncovered = sorted(set(METHODS) - covered)
     recipes = {}
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         if args.only and path.stem not in args.only.split(","):
@@ -347,6 +436,15 @@ def main() -> int:
         cfg.parent.mkdir(exist_ok=True)
         cfg.write_text(yaml.safe_dump(recipe, sort_keys=False))
         recipes[path.stem] = (recipe, yaml.safe_load(path.read_text()), cfg)
+    if not args.no_genomes:
+        for name, raw in genome_recipes().items():
+            if args.only and name not in args.only.split(","):
+                continue
+            recipe = substitute(raw, models)
+            cfg = work / "configs" / f"{name}.yaml"
+            cfg.parent.mkdir(exist_ok=True)
+            cfg.write_text(yaml.safe_dump(recipe, sort_keys=False))
+            recipes[name] = (recipe, raw, cfg)
 
     def out_dir(tool, name):
         d = work / "out" / tool / name
@@ -385,6 +483,7 @@ def main() -> int:
         evo, mk = load_dir(evo_dir), load_dir(mk_dir)
         if row["kind"] == "exact":
             row.update(compare_exact(evo, mk))
+            row["nearest_input_max_abs"] = nearest_input(evo, [base, *fts.values()])
         else:
             row.update(compare_random(recipe, evo, mk, base, fts_by_path))
         n_evo, n_mk = num_layers(evo_dir), num_layers(mk_dir)
@@ -420,7 +519,10 @@ def main() -> int:
     failed = [r["config"] for r in rows if not r["passed"] and r["config"] not in DOCUMENTED_DIFFERENCES]
     for name in documented:
         print(f"documented difference, not a failure: {name}: {DOCUMENTED_DIFFERENCES[name]}")
-    print(f"\n{len(rows) - len(failed) - len(documented)}/{len(rows)} recipes pass"
+    if uncovered:
+        print(f"registered methods without a recipe in {CONFIG_DIR.name}/: {', '.join(uncovered)}")
+        failed += [f"(no recipe: {m})" for m in uncovered]
+    print(f"\n{len(rows) - len([f for f in failed if not f.startswith('(')]) - len(documented)}/{len(rows)} recipes pass"
           + (f"; {len(documented)} documented difference(s)" if documented else "")
           + (f"; failing: {', '.join(failed)}" if failed else ""))
     if args.json:
@@ -428,6 +530,8 @@ def main() -> int:
                                          "model_shape": MODEL_SHAPE, "rows": rows,
                                          "documented_differences": {k: DOCUMENTED_DIFFERENCES[k]
                                                                     for k in documented}}, indent=2))
+    if args.markdown:
+        write_markdown(args.markdown, rows, documented)
     if tmp is not None:
         tmp.cleanup()
     return 1 if failed else 0

@@ -31,7 +31,7 @@ from torch import Tensor
 from evomerge.errors import CheckpointError, ConfigError, EvomergeError
 from evomerge.io.architectures import common_architecture
 from evomerge.io.checkpoint import Checkpoint, write_checkpoint
-from evomerge.merge import methods as M
+from evomerge.merge import registry
 from evomerge.merge.plan import MergePlan, resolve
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -175,7 +175,7 @@ def compile_plan(plan: MergePlan, sources: SourceSet) -> list[TensorJob]:
         if model not in sources.checkpoints:
             raise ConfigError(f"the plan uses model {model!r}, which is not among the sources "
                               f"({', '.join(sources.names) or 'none'})")
-    spec = M.METHODS[plan.merge_method]
+    spec = registry.METHODS[plan.merge_method]
     slices = _plan_slices(plan, sources)
     for srcs, _, _ in slices:
         for model, _, start, end in srcs:
@@ -204,11 +204,10 @@ def compile_plan(plan: MergePlan, sources: SourceSet) -> list[TensorJob]:
                 if p.scope == "input" or (p.scope == "non_base" and i != base_index):
                     values[p.name] = _resolved(p, [params, slice_params, plan.parameters],
                                                _filter_name(sources, model, in_names[i]), t, plan.merge_method, model)
-            if spec.sparsify == "della_magprune" and i != base_index:
-                d, e = values["density"], values["epsilon"]
-                if 0 < d < 1 and not (0 < d - e and d + e < 1):
-                    raise ConfigError(f"density {d:g} +/- epsilon {e:g} leaves (0, 1) for model {model}, "
-                                      f"tensor {in_names[i]}")
+            if spec.constraint is not None and i != base_index:
+                problem = spec.constraint({**shared, **values})
+                if problem:
+                    raise ConfigError(f"{problem} for model {model}, tensor {in_names[i]}")
             per_input.append(values)
         jobs.append(TensorJob(out_name, models, list(in_names), base_index, shared, per_input))
 
@@ -260,12 +259,12 @@ def _filter_name(sources: SourceSet, model: str, name: str) -> str:
     return name if alias == name else _FilterName(name, alias)
 
 
-def _resolved(p: M.Param, scopes, tensor_name: str, t: float, method: str, model: str | None):
+def _resolved(p: registry.Param, scopes, tensor_name: str, t: float, method: str, model: str | None):
     try:
         value = resolve(p, scopes, tensor_name, t)
     except ValueError as exc:
         raise ConfigError(f"parameter {p.name} for tensor {tensor_name}: {exc}") from None
-    if value is M._REQUIRED:
+    if value is registry.REQUIRED:
         who = f" for model {model}" if model else ""
         raise ConfigError(f"merge_method {method} needs parameter {p.name!r}{who} (tensor {tensor_name})")
     return value
@@ -277,29 +276,12 @@ def _seed_for(base_seed: int, job: TensorJob) -> int:
     return (base_seed * 1_000_003 + zlib.crc32(job.out_name.encode())) % (2**63 - 1)
 
 
-def _run_job(method: str, spec: M.MethodSpec, job: TensorJob, tensors: list[Tensor], seed: int) -> Tensor:
-    p, inp = job.shared, job.per_input
-    if method == "passthrough":
-        return M.passthrough(tensors[0], inp[0]["scale"])
-    if method == "linear":
-        return M.linear(tensors, [v["weight"] for v in inp], normalize=p["normalize"])
-    bi = job.base_index
-    base = tensors[bi]
-    if method == "slerp":
-        return M.slerp(p["t"], base, tensors[1 - bi])
-    others = [x for i, x in enumerate(tensors) if i != bi]
-    if method == "model_stock":
-        return M.model_stock(base, others, filter_wise=p["filter_wise"])
-    vals = [v for i, v in enumerate(inp) if i != bi]
+def _run_job(spec: registry.MergeMethod, job: TensorJob, tensors: list[Tensor], seed: int) -> Tensor:
     generator = None
-    if spec.sparsify in ("random", "della_magprune"):
-        generator = torch.Generator(device=base.device).manual_seed(_seed_for(seed, job))
-    return M.generalized_task_arithmetic(
-        base, others, [v["weight"] for v in vals], [v["density"] for v in vals],
-        sparsify=spec.sparsify, consensus=spec.consensus, normalize=p["normalize"], rescale=p["rescale"],
-        lam=p["lambda"], gammas=[v.get("gamma", 0.01) for v in vals],
-        epsilons=[v.get("epsilon", 0.15) for v in vals], generator=generator,
-    )
+    if spec.random:
+        generator = torch.Generator(device=tensors[0].device).manual_seed(_seed_for(seed, job))
+    base_index = None if spec.base == "ignored" else job.base_index
+    return spec.run(registry.MergeInputs(tensors, base_index, job.shared, job.per_input, generator))
 
 
 def iter_merge(plan: MergePlan, sources: SourceSet, device: str | torch.device | None = None
@@ -365,7 +347,7 @@ def _inputs(sources: SourceSet, jobs: list[TensorJob], prefetch: bool) -> Iterat
 
 def _run(plan: MergePlan, sources: SourceSet, jobs: list[TensorJob], device, prefetch: bool = False
          ) -> Iterator[tuple[str, Tensor]]:
-    spec = M.METHODS[plan.merge_method]
+    spec = registry.METHODS[plan.merge_method]
     in_dtype = TORCH_DTYPES[plan.dtype] if plan.dtype else None
     out_dtype = TORCH_DTYPES[plan.out_dtype] if plan.out_dtype else None
     device = torch.device(device) if device is not None else None
@@ -384,7 +366,7 @@ def _run(plan: MergePlan, sources: SourceSet, jobs: list[TensorJob], device, pre
             try:
                 result = _offset_gain_scaled(plan.merge_method, sources, job, tensors)
                 if result is None:
-                    result = _run_job(plan.merge_method, spec, job, tensors, seed)
+                    result = _run_job(spec, job, tensors, seed)
             except ValueError as exc:
                 raise EvomergeError(f"{plan.merge_method} failed on tensor {job.out_name}: {exc}") from None
             del tensors

@@ -10,123 +10,18 @@ resident source weights).
 All arithmetic happens in float32 (float64 if the inputs are float64); the
 result is cast back to the inputs' dtype by the engine.
 
-The ``METHODS`` table below describes every method's parameters (scope, default,
-valid range) for plan validation and per-tensor resolution.
+Which parameters each method takes (scope, default, range, search bounds) and how
+the engine calls it is declared once per method in ``evomerge.merge.registry``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from evomerge.merge import fused
-
-_REQUIRED = object()
-
-
-# -- method table ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Param:
-    """One method parameter. scope: 'shared' (one value per tensor), 'input' (per model,
-    base included) or 'non_base' (per model, base excluded)."""
-
-    name: str
-    kind: type  # float or bool
-    scope: str
-    default: Any = _REQUIRED
-    low: float | None = None
-    high: float | None = None
-
-    @property
-    def required(self) -> bool:
-        return self.default is _REQUIRED
-
-    def coerce(self, value: Any) -> Any:
-        if self.kind is bool:
-            if isinstance(value, str):
-                if value.lower() in ("true", "yes", "on", "1"):
-                    return True
-                if value.lower() in ("false", "no", "off", "0"):
-                    return False
-                raise ValueError(f"{self.name} must be true or false, got {value!r}")
-            return bool(value)
-        if isinstance(value, bool):
-            return float(value)
-        return float(value)
-
-    def validate(self, value: Any, where: str) -> None:
-        """Raise ValueError naming ``where`` when a leaf value is of the wrong type or out of range."""
-        if self.kind is bool:
-            if not isinstance(value, (bool, int)) and str(value).lower() not in ("true", "false", "yes", "no", "on", "off"):
-                raise ValueError(f"{where}: {value!r} is not a boolean")
-            return
-        try:
-            x = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: {value!r} is not a number") from None
-        if not math.isfinite(x):
-            raise ValueError(f"{where}: {value!r} is not finite")
-        if (self.low is not None and x < self.low) or (self.high is not None and x > self.high):
-            lo = "-inf" if self.low is None else f"{self.low:g}"
-            hi = "inf" if self.high is None else f"{self.high:g}"
-            raise ValueError(f"{where}: {value!r} is outside [{lo}, {hi}]")
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    params: tuple[Param, ...]
-    needs_base: bool = False
-    min_inputs: int = 1
-    max_inputs: int | None = None
-    # generalized task arithmetic family only:
-    sparsify: str | None = None  # magnitude | random | magnitude_outliers | della_magprune
-    consensus: str | None = None  # sum (TIES sign election by summed mass)
-
-    def param(self, name: str) -> Param | None:
-        return next((p for p in self.params if p.name == name), None)
-
-
-def _gta(name: str, sparsify: str | None, consensus: str | None, normalize: bool, rescale: bool) -> MethodSpec:
-    params = [
-        Param("int8_mask", bool, "shared", False),
-        Param("normalize", bool, "shared", normalize),
-        Param("rescale", bool, "shared", rescale),
-        Param("lambda", float, "shared", 1.0),
-        Param("weight", float, "non_base"),
-        Param("density", float, "non_base", 1.0, 0.0, 1.0),
-    ]
-    if sparsify == "magnitude_outliers":
-        params.append(Param("gamma", float, "non_base", 0.01, 0.0, 1.0))
-    if sparsify == "della_magprune":
-        params.append(Param("epsilon", float, "non_base", 0.15, 0.0, 1.0))
-    return MethodSpec(name, tuple(params), needs_base=True, sparsify=sparsify, consensus=consensus)
-
-
-METHODS: dict[str, MethodSpec] = {
-    s.name: s
-    for s in (
-        MethodSpec("linear", (Param("weight", float, "input"), Param("normalize", bool, "shared", True))),
-        _gta("task_arithmetic", None, None, normalize=False, rescale=False),
-        _gta("ties", "magnitude", "sum", normalize=True, rescale=False),
-        _gta("dare_ties", "random", "sum", normalize=False, rescale=True),
-        _gta("dare_linear", "random", None, normalize=False, rescale=True),
-        _gta("breadcrumbs", "magnitude_outliers", None, normalize=False, rescale=False),
-        _gta("breadcrumbs_ties", "magnitude_outliers", "sum", normalize=False, rescale=False),
-        _gta("della", "della_magprune", "sum", normalize=True, rescale=True),
-        _gta("della_linear", "della_magprune", None, normalize=False, rescale=True),
-        MethodSpec("slerp", (Param("t", float, "shared", low=0.0, high=1.0),), needs_base=True,
-                   min_inputs=2, max_inputs=2),
-        MethodSpec("model_stock", (Param("filter_wise", bool, "shared", False),), needs_base=True, min_inputs=3),
-        MethodSpec("passthrough", (Param("scale", float, "input", None),), max_inputs=1),
-    )
-}
-
 
 # -- helpers --------------------------------------------------------------------------------
 
@@ -456,3 +351,198 @@ def model_stock(base: Tensor, tensors: list[Tensor], filter_wise: bool = False) 
 def passthrough(tensor: Tensor, scale: float | None = None) -> Tensor:
     """The tensor unchanged (shared, not copied), or multiplied by ``scale``."""
     return tensor if scale is None else _f(tensor) * scale
+
+
+# -- spherical and consensus methods added with mergekit 0.1.5 ---------------------------------
+
+def nuslerp(t: float, v0: Tensor, v1: Tensor, *, row_wise: bool = False, flatten: bool = True,
+            eps: float = 1e-8) -> Tensor:
+    """SLERP from ``v0`` (t=0) to ``v1`` (t=1) over whole tensors (``flatten``), over each
+    row (the last axis), or over each column (``row_wise``, the first axis).
+
+    Coefficients come from the angle between the unit vectors and multiply the raw vectors;
+    pairs with 1 - cos^2 <= eps^2 are interpolated linearly.
+    """
+    a, b = _f(v0), _f(v1)
+    shape = a.shape
+    if flatten:
+        a, b = a.reshape(-1), b.reshape(-1)
+    elif row_wise:
+        a, b = a.transpose(0, -1), b.transpose(0, -1)
+    ua = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
+    ub = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (ua * ub).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    del ua, ub
+    colinear = (1 - cos * cos) <= eps * eps
+    # acos(0) on the colinear rows keeps sin(theta) away from 0; their result is replaced below.
+    theta = torch.acos(torch.where(colinear, 0.0, cos).to(cos.dtype))
+    out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * a + t * b, out)
+    if row_wise and not flatten:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+def multislerp(tensors: list[Tensor], weights: list[float], base: Tensor | None = None, *,
+               normalize_weights: bool = True, eps: float = 1e-8) -> Tensor:
+    """Barycentric interpolation on the hypersphere (task vectors when ``base`` is given).
+
+    The unit vectors' weighted mean, projected back on the sphere, is the tangent point;
+    the weighted mean of the inputs' tangent-space projections is mapped back with the
+    exponential map and scaled by the weighted mean of the input norms. A single input is
+    returned as it is (mergekit: no interpolation, the base is not added back).
+    """
+    if len(tensors) == 1:
+        return tensors[0]
+    x = torch.stack([_f(t) for t in tensors])
+    if base is not None:
+        x.sub_(_f(base))
+    flat = x.reshape(len(tensors), -1)
+    w = torch.tensor(weights, dtype=flat.dtype, device=flat.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        if len(tensors) != 2:
+            raise ValueError("the weighted sum of the inputs' directions is zero (antipodal inputs "
+                             "with balancing weights); change the weights")
+        out = (x[0] * w[0] + x[1] * w[1])
+        return out if base is None else out.add_(_f(base))
+    mean = mean / mean_norm
+    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
+    step = (tangents * w.view(-1, 1)).sum(0)
+    step_norm = torch.linalg.vector_norm(step) + eps
+    out = mean * torch.cos(step_norm) + step * (torch.sin(step_norm) / step_norm)
+    out = (out * (norms.squeeze(-1) * w).sum()).reshape(x.shape[1:])
+    return out if base is None else out.add_(_f(base))
+
+
+def karcher(tensors: list[Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
+    """The Karcher (Riemannian) mean of the inputs' directions on the unit sphere, equal
+    weights, by fixed-point iteration; scaled by the mean input norm. Inputs with norm
+    <= ``tol`` do not pull the direction but still count in the norm's mean."""
+    if len(tensors) == 1:
+        return tensors[0]
+    xs = [_f(t) for t in tensors]
+    alpha = 1.0 / len(xs)
+    norms = [torch.linalg.vector_norm(x) for x in xs]
+    valid = [i for i, n in enumerate(norms) if float(n) > tol]
+    if not valid:
+        return torch.zeros_like(xs[0])
+    # The valid inputs' unit vectors as the rows of one matrix: each iteration reads them twice
+    # (their dot products with the mean, then the weighted tangent) as two matrix-vector products.
+    units = torch.stack([xs[i].reshape(-1) / norms[i] for i in valid])
+    share = torch.full((len(valid),), alpha / sum([alpha] * len(valid)), dtype=units.dtype)  # renormalised
+    mean = share @ units
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = units[0].clone() if float(mean_norm) < tol else mean / mean_norm
+    for _ in range(max_iter):
+        dots = (units @ mean).clamp(-1.0, 1.0)
+        theta = torch.arccos(dots)
+        # log map: sum_i w_i theta_i / sin(theta_i) (u_i - dot_i mean), inputs at the mean left out
+        coef = torch.where(theta >= tol, share * theta / torch.sin(theta), 0.0)
+        tangent = (coef @ units).sub_(mean, alpha=float((coef * dots).sum()))
+        tangent_norm = torch.linalg.vector_norm(tangent)
+        if float(tangent_norm) < tol:
+            break
+        mean = mean.mul(torch.cos(tangent_norm)).add_(tangent.mul_(torch.sin(tangent_norm) / tangent_norm))
+        unit_norm = torch.linalg.vector_norm(mean)
+        if float(unit_norm) > tol:
+            mean.div_(unit_norm)
+    scale = sum(alpha * n for n in norms)
+    return (scale * mean).reshape(xs[0].shape)
+
+
+def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0) -> Tensor:
+    """SCE: Select the entries where the task vectors vary most across models (top
+    ``select_topk`` of the non-zero variances), Calculate per-model weights from the mean
+    squared task vector, Erase entries whose sign disagrees with the summed majority."""
+    b = _f(base)
+    if not tensors:
+        return b.clone()
+    tvs = torch.stack([_f(x) - b for x in tensors])
+    if select_topk < 1:
+        var = tvs.var(dim=0, unbiased=False)
+        k = int(torch.count_nonzero(var) * select_topk)
+        keep = torch.zeros_like(var, dtype=torch.bool) if k == 0 else \
+            _rank_at_least(var.abs().float().view(torch.int32), var.numel() - k)
+        tvs.mul_(keep.to(tvs.dtype))
+        del var, keep
+    majority = torch.where(tvs.sum(dim=0) >= 0, 1.0, -1.0).to(tvs.dtype)
+    agree = (tvs.sign() == majority).to(tvs.dtype)
+    energy = tvs.square().reshape(len(tensors), -1).mean(dim=1)
+    total = float(energy.sum())
+    w = torch.ones_like(energy) / len(tensors) if abs(total) < 1e-6 else energy / total
+    agree.mul_(w.view(-1, *([1] * (tvs.dim() - 1))))  # each model's weight where it agrees
+    merged = (tvs * agree).sum(dim=0)
+    return merged.div_(agree.sum(dim=0).clamp(min=1e-6)).add_(b)
+
+
+def nearswap(base: Tensor, other: Tensor, t: float) -> Tensor:
+    """NearSwap: take ``other`` where it is within ``t`` of the base, and move toward it by
+    t / |other - base| elsewhere (entry by entry)."""
+    a, b = _f(base), _f(other)
+    w = (t / (a - b).abs_().clamp_(min=1e-6)).clamp_(0, 1)
+    return w * b + (1 - w) * a
+
+
+def arcee_fusion(base: Tensor, other: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Arcee Fusion: keep the changes of ``other`` whose importance |delta| * KL(softmax rows)
+    reaches median + 1.5 IQR of all importances (quantiles from at most 10^6 entries drawn
+    with replacement), the base elsewhere."""
+    a, b = _f(base), _f(other)
+    delta = b - a
+    p = torch.softmax(b, dim=-1) + 1e-8
+    q = torch.softmax(a, dim=-1) + 1e-8
+    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    del p, q
+    importance = delta.abs() * kl
+    flat = importance.reshape(-1)
+    if flat.numel() > _FUSION_SAMPLE:
+        flat = flat[torch.randint(flat.numel(), (_FUSION_SAMPLE,), generator=generator, device=flat.device)]
+    # The sorted values at floor(q * (n - 1)), by selection (linear time) instead of a full sort.
+    at = (torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long().tolist()
+    q1, median, q3 = (flat.kthvalue(i + 1).values for i in at)
+    keep = importance >= median + 1.5 * (q3 - q1)
+    return a + delta * keep.to(delta.dtype)
+
+
+_FUSION_SAMPLE = 1_000_000
+
+
+def ram(base: Tensor, tensors: list[Tensor], *, epsilon: float = 1e-5, r: float | None = None,
+        alpha: float = 0.2) -> Tensor:
+    """RAM (Reinforced Agent Merging): entries changed (|delta| > epsilon) by one model only
+    keep that model's change, entries changed by several take their mean.
+
+    RAM+ tensor-local (``r`` given): a model's unique changes are scaled by
+    1 + r * clamp(shared / unique, 0, alpha), shared and unique counting its changed entries.
+    """
+    b = _f(base)
+    if not tensors:
+        return b.clone()
+    tvs = torch.stack([_f(x) - b for x in tensors]).reshape(len(tensors), -1)
+    changed = tvs.abs() > epsilon
+    counts = changed.sum(dim=0, keepdim=True)
+    shared, unique = counts > 1, counts == 1
+    tvs.mul_(changed)
+    unique_part = tvs * unique
+    if r is not None:
+        n_shared = (changed & shared).sum(dim=1)
+        n_unique = (changed & unique).sum(dim=1)
+        rho = n_shared / n_unique.clamp(min=epsilon)
+        unique_part.mul_((1 + r * rho.clamp(min=0, max=alpha)).unsqueeze(-1))
+    merged = (unique_part + tvs * shared / counts.clamp(min=1)).sum(dim=0, keepdim=True)
+    return b + merged.reshape(b.shape)
+
+
+def __getattr__(name: str):
+    # The method table moved to evomerge.merge.registry; old imports keep working.
+    if name in ("METHODS", "Param"):
+        from evomerge.merge import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module 'evomerge.merge.methods' has no attribute {name!r}")

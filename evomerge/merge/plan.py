@@ -20,6 +20,7 @@ a setting that resolves to nothing (no filter matched) falls through.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.merge.methods import METHODS, Param
+from evomerge.merge.registry import METHODS, MergeMethod, Param
 
 ParamValue = Any  # float | int | bool | str | list[float] | list[dict] | dict -- checked by _check_setting
 
@@ -167,15 +168,9 @@ class MergePlan(_Strict):
             where = f"slices[{slice_idx}]" if self.slices is not None else "models"
             if len(set(names)) != len(names):
                 raise ValueError(f"{where} lists a model twice")
-            has_base = base is not None and base in names
-            if spec.needs_base and not has_base:
-                raise ValueError(f"merge_method {self.merge_method} needs a base_model")
-            if len(names) < spec.min_inputs:
-                raise ValueError(f"merge_method {self.merge_method} needs at least {spec.min_inputs} "
-                                 f"models (base included) in {where}, got {len(names)}")
-            if spec.max_inputs is not None and len(names) > spec.max_inputs:
-                raise ValueError(f"merge_method {self.merge_method} takes at most {spec.max_inputs} "
-                                 f"model(s) in {where}, got {len(names)}")
+            problem = spec.check_inputs(len(names), base is not None and base in names, where)
+            if problem:
+                raise ValueError(problem)
         self._check_parameter_values(spec)
         return self
 
@@ -196,8 +191,8 @@ class MergePlan(_Strict):
                                      f"{self.merge_method} (allowed: {allowed})")
                 for leaf in _leaves(setting):
                     param.validate(leaf, f"{where}.{name}")
-        if self.merge_method in ("della", "della_linear"):
-            _check_della(self)
+        if spec.constraint is not None:
+            _check_constraint(self, spec)
 
     # -- structure helpers used by the engine ---------------------------------
     def input_groups(self) -> list[list[tuple[str, dict]]]:
@@ -283,16 +278,22 @@ def _leaves(setting: Any) -> list:
     return [setting]
 
 
-def _check_della(plan: MergePlan) -> None:
-    """mergekit needs density +/- epsilon inside (0, 1) wherever DELLA prunes."""
-    # Checked on the scalar/global values here; per-tensor combinations are rechecked by the engine.
-    dens = [float(v) for v in _leaves(plan.parameters.get("density", 1.0))]
-    eps = [float(v) for v in _leaves(plan.parameters.get("epsilon", 0.15))]
-    for d in dens:
-        for e in eps:
-            if 0 < d < 1 and not (0 < d - e and d + e < 1):
-                raise ValueError(f"parameters: density {d} with epsilon {e} puts drop probabilities "
-                                 "outside (0, 1); need 0 < density - epsilon and density + epsilon < 1")
+def _check_constraint(plan: MergePlan, spec: MergeMethod) -> None:
+    """A method's cross-parameter constraint on the plan-level values (e.g. DELLA's density +/- epsilon).
+
+    Checked on every combination of the plan-wide settings' values here; the engine rechecks
+    each model's resolved values per tensor.
+    """
+    choices = [[(p.name, v) for v in _leaves(plan.parameters[p.name])] if p.name in plan.parameters
+               else [(p.name, p.default)] for p in spec.params if not p.required or p.name in plan.parameters]
+    for combo in itertools.product(*choices):
+        try:
+            values = {name: spec.param(name).coerce(v) if v is not None else v for name, v in combo}
+        except ValueError:
+            continue  # reported per tensor with the tensor's name
+        problem = spec.constraint(values)
+        if problem:
+            raise ValueError(f"parameters: {problem}")
 
 
 def _refuse_unsupported(d: dict, source: str) -> None:

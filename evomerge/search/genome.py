@@ -9,8 +9,10 @@ for reports and model cards.
 
 Four spaces, chosen by ``genome.kind`` in the search config:
 
-- ``parameter``: coefficients of one merge method (weights, densities, SLERP t,
-  DELLA epsilon) at a chosen granularity -- one gene per source (``model``),
+- ``parameter``: coefficients of one merge method -- any registered method; one gene
+  family per parameter it declares with search bounds (weights, densities, SLERP t,
+  DELLA epsilon, SCE select_topk, ...; ``evomerge.merge.registry``) -- at a chosen
+  granularity -- one gene per source (``model``),
   per block of N layers (``block:N``) or per layer (``layer``) -- optionally
   split into attention / MLP, with optional separate genes for embeddings,
   norms and the head. Per-layer values are written as mergekit gradient lists
@@ -45,17 +47,17 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.io.architectures import ARCHITECTURES, Architecture, architecture_of
 from evomerge.merge.plan import MergePlan
+from evomerge.merge.registry import METHODS, MergeMethod, Param
 
 MERGED = "merged"  # name of the intermediate model of the combined space
 
-# Methods that merge task vectors against a base model.
-BASE_METHODS = {"ties", "dare_ties", "della", "task_arithmetic", "breadcrumbs", "slerp"}
-DENSITY_METHODS = {"ties", "dare_ties", "della", "breadcrumbs"}
+# Every registered merge method can be searched (``genome.method``); its genes come from its
+# declared parameters (see ParameterSpace).
 
 
 # --------------------------------------------------------------------------- config
@@ -79,18 +81,32 @@ def _check_bounds(value: Bounds, info) -> Bounds:
 
 class ParameterSpaceConfig(_Strict):
     kind: Literal["parameter"] = "parameter"
-    method: Literal["ties", "dare_ties", "della", "task_arithmetic", "breadcrumbs", "linear", "slerp"]
+    method: str
     granularity: str = "model"  # model | layer | block:N
     per_module: bool = False  # separate attention / MLP genes
     separate: list[Literal["embed", "norm", "lm_head"]] = []  # extra genes for these tensors
-    weight: Bounds = (0.0, 1.0)
-    density: Bounds = (0.1, 1.0)
-    epsilon: Bounds = (0.0, 0.1)  # della only
-    t: Bounds = (0.0, 1.0)  # slerp only
-    normalize: bool | None = None  # passed through to ties-like methods when set
+    # Gene bounds. Unset: the method's declared search bounds (weight [0, 1], density [0.1, 1],
+    # DELLA epsilon [0, 0.1], SLERP t [0, 1], ...); ``bounds`` sets any declared parameter's
+    # (and makes a parameter without declared search bounds a gene).
+    weight: Bounds | None = None
+    density: Bounds | None = None
+    epsilon: Bounds | None = None
+    t: Bounds | None = None
+    bounds: dict[str, Bounds] = {}
+    normalize: bool | None = None  # passed through to methods with a normalize parameter when set
     random_seed: int = 0  # fixed so DARE / DELLA drops make decoding deterministic
 
-    _bounds = field_validator("weight", "density", "epsilon", "t")(_check_bounds)
+    @field_validator("weight", "density", "epsilon", "t")
+    @classmethod
+    def _legacy_bounds(cls, v: Bounds | None, info) -> Bounds | None:
+        return None if v is None else _check_bounds(v, info)
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown merge method {v!r} (registered: {', '.join(METHODS)})")
+        return v
 
     @field_validator("granularity")
     @classmethod
@@ -101,10 +117,40 @@ class ParameterSpaceConfig(_Strict):
 
     @field_validator("density", "epsilon")
     @classmethod
-    def _unit(cls, v: Bounds) -> Bounds:
-        if v[0] < 0 or v[1] > 1:
+    def _unit(cls, v: Bounds | None) -> Bounds | None:
+        if v is not None and (v[0] < 0 or v[1] > 1):
             raise ValueError(f"must lie within [0, 1], got [{v[0]}, {v[1]}]")
         return v
+
+    @model_validator(mode="after")
+    def _declared(self):
+        spec = METHODS[self.method]
+        for name, b in self.bounds.items():
+            if spec.param(name) is None:
+                names = ", ".join(p.name for p in spec.params if p.kind is not bool or p.search) or "none"
+                raise ValueError(f"bounds.{name}: merge_method {self.method} has no parameter {name!r} "
+                                 f"(its parameters: {names})")
+            _check_bounds(b, None)
+        for p in spec.params:
+            b = self.gene_bounds(p)
+            if b is None:
+                continue
+            lo, hi = b
+            if p.low is not None and (lo < p.low or (p.low_open and lo <= p.low)) or \
+                    p.high is not None and (hi > p.high or (p.high_open and hi >= p.high)):
+                valid = ("(" if p.low_open else "[") + ("-inf" if p.low is None else f"{p.low:g}") + ", " + \
+                    ("inf" if p.high is None else f"{p.high:g}") + (")" if p.high_open else "]")
+                raise ValueError(f"bounds.{p.name}: [{lo:g}, {hi:g}] leaves {self.method}'s valid range {valid}")
+        return self
+
+    def gene_bounds(self, p: Param) -> Bounds | None:
+        """The bounds of parameter ``p``'s gene, or None when the search leaves it at its default."""
+        if p.name in self.bounds:
+            return tuple(self.bounds[p.name])
+        legacy = getattr(self, p.name, None) if p.name in ("weight", "density", "epsilon", "t") else None
+        if legacy is not None and p.search is not None:
+            return tuple(legacy)
+        return p.search
 
 
 class LayerSwapConfig(_Strict):
@@ -354,8 +400,29 @@ def _as_param(per_layer: list[float]) -> float | list[float]:
     return [float(v) for v in per_layer]
 
 
+def _method_inputs(method: MergeMethod, sources: list[str], base_model: str | None) -> tuple[list[str], bool]:
+    """(the models a parameter-space merge combines, besides a base; whether the base is one)."""
+    if method.needs_base and base_model is None:
+        raise ConfigError(f"genome.method: {method.name} needs a base model (set the config's base)")
+    use_base = base_model is not None and method.base != "ignored"
+    if use_base:
+        models = [s for s in sources if s != base_model]
+    else:
+        models = list(sources) if base_model is None or base_model in sources else [base_model, *sources]
+    if not models:
+        raise ConfigError("genome: no source besides the base model to merge")
+    if method.min_non_base == method.max_non_base == 1 and len(models) != 1:
+        raise ConfigError(f"genome.method: {method.name} merges the base with exactly one source, got {len(models)}")
+    problem = method.check_inputs(len(models) + int(use_base), use_base, "the search's sources")
+    if problem:
+        note = f" ({method.search_note})" if method.search_note else ""
+        raise ConfigError(f"genome.method: {problem}{note}")
+    return models, use_base
+
+
 class ParameterSpace(GenomeSpace):
-    """Coefficients of one merge method; see the module docstring."""
+    """Coefficients of one merge method, one gene family per parameter it declares with
+    search bounds (see ``evomerge.merge.registry``); see the module docstring."""
 
     def __init__(self, cfg: ParameterSpaceConfig, sources: list[str], base_model: str | None, num_layers: int,
                  architecture: Architecture | None = None):
@@ -363,16 +430,8 @@ class ParameterSpace(GenomeSpace):
         self.cfg, self.num_layers, self.base_model = cfg, num_layers, base_model
         # Which tensor names the per-module / separate genes filter on.
         self.arch = architecture or ARCHITECTURES["llama"]
-        if cfg.method in BASE_METHODS and base_model is None:
-            raise ConfigError(f"genome.method: {cfg.method} needs a base model (set the config's base)")
-        if cfg.method == "linear":
-            self.models = list(sources) if base_model is None or base_model in sources else [base_model, *sources]
-        else:
-            self.models = [s for s in sources if s != base_model]
-        if not self.models:
-            raise ConfigError("genome: no source besides the base model to merge")
-        if cfg.method == "slerp" and len(self.models) != 1:
-            raise ConfigError(f"genome.method: slerp merges the base with exactly one source, got {len(self.models)}")
+        self.method: MergeMethod = METHODS[cfg.method]
+        self.models, self.use_base = _method_inputs(self.method, sources, base_model)
         if cfg.granularity == "model":
             self.n_groups = 1
         elif cfg.granularity == "layer":
@@ -381,15 +440,17 @@ class ParameterSpace(GenomeSpace):
             self.n_groups = math.ceil(num_layers / int(cfg.granularity.split(":")[1]))
         self.modules = ["attn", "mlp"] if cfg.per_module else ["all"]
 
-        # families: (param name, model or None for global, bounds)
-        fams: list[tuple[str, str | None, Bounds]] = []
-        if cfg.method == "slerp":
-            fams.append(("t", None, cfg.t))
-        else:
-            for m in self.models:
-                fams.append(("weight", m, cfg.weight))
-                if cfg.method in DENSITY_METHODS:
-                    fams.append(("density", m, cfg.density))
+        # Genes from the method's declared parameters: layered families (per model, then shared)
+        # expand over layer groups / modules / separate parts; whole-merge genes (integers,
+        # booleans, DELLA's epsilon) come last.
+        searched = [(p, cfg.gene_bounds(p)) for p in self.method.params if cfg.gene_bounds(p) is not None]
+        fams: list[tuple[str, str | None, Bounds]] = []  # (param name, model or None for shared, bounds)
+        for m in self.models:
+            fams += [(p.name, m, b) for p, b in searched if p.per_model and p.varies_over_layers]
+        fams += [(p.name, None, b) for p, b in searched if not p.per_model and p.varies_over_layers]
+        flat = [(p.name, m, b) for m in self.models for p, b in searched if p.per_model and not p.varies_over_layers]
+        flat += [(p.name, None, b) for p, b in searched if not p.per_model and not p.varies_over_layers]
+        self.per_model_genes = any(p.per_model for p, _ in searched)
         # index[(param, model, module)] -> gene indices per group; extra[(param, model, part)] -> gene
         self.index: dict[tuple[str, str | None, str], list[int]] = {}
         self.extra: dict[tuple[str, str | None, str], int] = {}
@@ -403,10 +464,12 @@ class ParameterSpace(GenomeSpace):
                 ]
             for part in cfg.separate:
                 self.extra[(param, model, part)] = self._add(f"{who}.{part}", bounds)
-        self.epsilon: dict[str, int] = {}
-        if cfg.method == "della":
-            for m in self.models:
-                self.epsilon[m] = self._add(f"epsilon[{m}]", cfg.epsilon)
+        # flat[(param, model or None)] -> the one gene of a whole-merge parameter
+        self.flat: dict[tuple[str, str | None], int] = {}
+        for param, model, bounds in flat:
+            kind = self.method.param(param).kind
+            self.flat[(param, model)] = self._add(f"{param}[{model}]" if model else param, bounds,
+                                                  integer=kind in (int, bool))
 
     def _value(self, x: np.ndarray, param: str, model: str | None) -> tuple[float | list, dict[str, list[float]]]:
         """The mergekit parameter value for one (param, model) and its per-layer series."""
@@ -433,36 +496,47 @@ class ParameterSpace(GenomeSpace):
         entries.append({"value": _as_param(rest)})
         return entries, series
 
-    def _della_epsilon(self, x: np.ndarray, model: str) -> float:
-        # DELLA's keep probabilities density +/- epsilon must stay inside (0, 1): shrink
-        # epsilon to fit the model's tightest density (deterministic, so decoding stays pure).
-        eps = float(x[self.epsilon[model]])
-        densities = [float(x[i]) for key, idx in self.index.items() if key[:2] == ("density", model) for i in idx]
-        densities += [float(x[i]) for key, i in self.extra.items() if key[:2] == ("density", model)]
-        room = min((min(d, 1 - d) for d in densities if 0 < d < 1), default=1.0)
-        return min(eps, 0.99 * room)
+    def _flat_values(self, x: np.ndarray, model: str | None) -> dict[str, Any]:
+        """The whole-merge genes of one model (or the shared ones), typed and fitted by the method."""
+        values = {p: float(x[i]) for (p, m), i in self.flat.items() if m == model}
+        if model is not None and values and self.method.fit_genes is not None:
+            genes: dict[str, list[float]] = {}
+            for (p, m, _), idx in self.index.items():
+                if m == model:
+                    genes.setdefault(p, []).extend(float(x[i]) for i in idx)
+            for (p, m, _), i in self.extra.items():
+                if m == model:
+                    genes.setdefault(p, []).append(float(x[i]))
+            for p, v in values.items():
+                genes.setdefault(p, []).append(v)
+            values.update(self.method.fit_genes(genes))
+        kinds = {p.name: p.kind for p in self.method.params}
+        return {p: (bool(round(v)) if kinds[p] is bool else int(round(v)) if kinds[p] is int else v)
+                for p, v in values.items()}
 
     def decode(self, x: np.ndarray) -> MergePlan:
         x = self.clip(x)
-        cfg = self.cfg
+        cfg, method = self.cfg, self.method
         plan: dict[str, Any] = {"merge_method": cfg.method, "random_seed": cfg.random_seed}
-        if cfg.method == "slerp":
-            value, _ = self._value(x, "t", None)
-            plan["models"] = [{"model": self.base_model}, {"model": self.models[0]}]
-            plan["parameters"] = {"t": value}
-        else:
+        shared: dict[str, Any] = {}
+        if self.per_model_genes:
             models = []
             for m in self.models:
-                params = {"weight": self._value(x, "weight", m)[0]}
-                if cfg.method in DENSITY_METHODS:
-                    params["density"] = self._value(x, "density", m)[0]
-                if cfg.method == "della":
-                    params["epsilon"] = self._della_epsilon(x, m)
+                params = {p: self._value(x, p, m)[0] for (p, mm, module) in self.index if mm == m and module == self.modules[0]}
+                params.update(self._flat_values(x, m))
                 models.append({"model": m, "parameters": params})
-            plan["models"] = models
-            if cfg.normalize is not None and cfg.method in DENSITY_METHODS | {"task_arithmetic", "linear"}:
-                plan["parameters"] = {"normalize": cfg.normalize}
-        if cfg.method != "linear":
+        else:
+            models = ([{"model": self.base_model}] if self.use_base else []) + [{"model": m} for m in self.models]
+        for (p, mm, module) in self.index:
+            if mm is None and module == self.modules[0]:
+                shared[p] = self._value(x, p, None)[0]
+        shared.update(self._flat_values(x, None))
+        if cfg.normalize is not None and method.param("normalize") is not None:
+            shared["normalize"] = cfg.normalize
+        plan["models"] = models
+        if shared:
+            plan["parameters"] = shared
+        if self.use_base:
             plan["base_model"] = self.base_model
         return MergePlan.from_dict(plan)
 

@@ -335,6 +335,10 @@ def make_optimizer(name: str, space: Space, n_obj: int, seed: int, population: i
     if n_obj > 1 and not multi:
         raise ConfigError(f"optimizer.name: {name} is single-objective; got {n_obj} objectives")
     options = dict(options or {})
+    if space.dim == 0 and family == "nevergrad":
+        # e.g. genome.method: arcee_fusion, which has no parameters: every candidate is the same merge
+        raise ConfigError(f"optimizer.name: {name} needs at least one gene and this genome has none "
+                          "(use random, which evaluates the one possible merge)")
     if start is not None:
         if family != "nevergrad":
             raise ConfigError(f"optimizer.start: {name} cannot start from a genome "

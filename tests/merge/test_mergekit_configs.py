@@ -106,3 +106,10 @@ def test_recipe_merges(path: Path, models, sources):
             assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), atol=1e-5), name
             if "scale" not in path.read_text() or not name.endswith(("o_proj.weight", "down_proj.weight")):
                 assert torch.equal(tensor, src), name
+
+
+def test_every_registered_method_has_an_example_recipe_for_the_crosscheck():
+    from evomerge.merge.registry import METHODS
+
+    covered = {yaml.safe_load(p.read_text())["merge_method"] for p in RECIPES}
+    assert set(METHODS) <= covered, sorted(set(METHODS) - covered)

@@ -132,3 +132,99 @@ def test_inputs_are_never_modified():
     M.model_stock(base, [a, b])
     M.linear([a, b], [1, 2])
     assert all(torch.equal(x, y) for x, y in zip((base, a, b), copies))
+
+
+# -- the methods added with mergekit 0.1.5 -------------------------------------------------------
+
+def test_nuslerp_flattened_is_slerp_and_row_wise_interpolates_each_column():
+    v0, v1 = T(1, 0, 0, 0), T(0, 1, 0, 0)
+    assert torch.allclose(M.nuslerp(0.5, v0, v1), M.slerp(0.5, v0, v1))
+    # rows (last axis) vs columns (first axis): row 0 is 90 degrees apart, row 1 colinear
+    a = torch.tensor([[1.0, 0.0], [2.0, 2.0]])
+    b = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    rows = M.nuslerp(0.5, a, b, flatten=False)
+    assert torch.allclose(rows[0], T(math.sqrt(0.5), math.sqrt(0.5)))
+    assert torch.allclose(rows[1], T(1.5, 1.5))  # colinear: linear interpolation
+    cols = M.nuslerp(0.5, a, b, flatten=False, row_wise=True)
+    assert torch.allclose(cols, M.nuslerp(0.5, a.T, b.T, flatten=False).T)
+
+
+def test_multislerp_of_two_orthogonal_unit_vectors_is_their_midpoint_on_the_arc():
+    out = M.multislerp([T(1, 0), T(0, 1)], [1.0, 1.0])
+    assert torch.allclose(out, T(math.sqrt(0.5), math.sqrt(0.5)), atol=1e-6)
+    # with a base the task vectors are interpolated and the base added back; norms scale the result
+    base = T(1, 1)
+    out = M.multislerp([base + T(2, 0), base + T(0, 2)], [3.0, 1.0], base)
+    # weights 3/4, 1/4: the tangent point is the weighted mean of the unit vectors, (3/4, 1/4)
+    # normalised, and the weighted tangent vectors cancel there; the norm is the weighted mean norm
+    angle = math.atan2(*(out - base).flip(0).tolist())
+    assert math.isclose(angle, math.atan2(0.25, 0.75), abs_tol=1e-5)
+    assert math.isclose(torch.linalg.vector_norm(out - base).item(), 2.0, rel_tol=1e-5)
+    single = T(4, 5)
+    assert M.multislerp([single], [0.3], base) is single  # nothing to interpolate
+
+
+def test_karcher_mean_of_directions_times_the_mean_norm():
+    out = M.karcher([T(2, 0), T(0, 4)], max_iter=50, tol=1e-9)
+    # equal weights: the direction halfway along the arc, the norm the mean of 2 and 4
+    assert torch.allclose(out, 3 * T(math.sqrt(0.5), math.sqrt(0.5)), atol=1e-5)
+    three = [T(1, 0, 0), T(0, 1, 0), T(0, 0, 1)]
+    assert torch.allclose(M.karcher(three), torch.full((3,), 1 / math.sqrt(3)), atol=1e-5)
+
+
+def test_sce_selects_varying_entries_weights_by_energy_and_erases_minority_signs():
+    base = T(0, 0, 0, 0)
+    a, b = T(1, 2, -1, 0.5), T(1, -4, 1, 0.5)
+    out = M.sce(base, [a, b])
+    wa, wb = (1 + 4 + 1 + 0.25) / 4, (1 + 16 + 1 + 0.25) / 4
+    wa, wb = wa / (wa + wb), wb / (wa + wb)
+    # entry 0 and 3: both agree -> weighted mean = the common value; entry 1: sum -2 -> b alone;
+    # entry 2: sum 0 counts as positive -> b alone
+    assert torch.allclose(out, T(1, -4, 1, 0.5))
+    # select_topk is a share of the entries whose variance is non-zero (1 and 2): 0.5 keeps entry 1
+    assert torch.allclose(M.sce(base, [a, b], select_topk=0.5), T(0, -4, 0, 0))
+    assert torch.allclose(M.sce(base, [a, b], select_topk=0.99), T(0, -4, 0, 0))  # int(2 * 0.99) = 1
+    assert wa < wb
+
+
+def test_nearswap_takes_near_entries_and_moves_t_toward_far_ones():
+    base, other = T(0, 0, 0), T(0.05, 1.0, -0.2)
+    out = M.nearswap(base, other, t=0.1)
+    # |diff| <= t: swapped whole; otherwise weight t / |diff|
+    assert torch.allclose(out, T(0.05, 0.1, -0.1))
+
+
+def test_arcee_fusion_keeps_only_the_outstanding_changes():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 32, generator=g)
+    other = base + 1e-4 * torch.randn(64, 32, generator=g)
+    other[3, 5] += 5.0  # one important change
+    out = M.arcee_fusion(base, other)
+    changed = (out != base)
+    assert changed[3, 5] and out[3, 5] == other[3, 5]
+    assert changed.float().mean() < 0.2  # most small changes are dropped
+
+
+def test_ram_keeps_unique_changes_whole_and_averages_shared_ones():
+    base = T(0, 0, 0, 0)
+    a, b = T(1, 2, 0, 0), T(3, 0, 0, -1)
+    assert torch.allclose(M.ram(base, [a, b]), T(2, 2, 0, -1))
+    # RAM+: a has 1 shared, 1 unique -> rho 1, clamped to alpha 0.5 -> unique changes x (1 + 0.2 * 0.5)
+    out = M.ram(base, [a, b], r=0.2, alpha=0.5)
+    assert torch.allclose(out, T(2, 2 * 1.1, 0, -1 * 1.1))
+    # changes at or below epsilon do not count
+    assert torch.allclose(M.ram(T(0, 0), [T(1e-6, 1), T(5, 1)]), T(5, 1))
+
+
+def test_new_methods_never_modify_their_inputs():
+    g = torch.Generator().manual_seed(0)
+    base, a, b = (torch.randn(8, 16, generator=g) for _ in range(3))
+    copies = [t.clone() for t in (base, a, b)]
+    M.nuslerp(0.3, a, b, flatten=False, row_wise=True)
+    M.multislerp([a, b], [1, 2], base)
+    M.karcher([base, a, b])
+    M.sce(base, [a, b], select_topk=0.5)
+    M.nearswap(base, a, 0.1)
+    M.arcee_fusion(base, a)
+    M.ram(base, [a, b], r=0.1)
+    assert all(torch.equal(x, y) for x, y in zip((base, a, b), copies))

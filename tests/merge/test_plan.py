@@ -3,7 +3,7 @@
 import pytest
 
 from evomerge.errors import ConfigError
-from evomerge.merge.methods import METHODS
+from evomerge.merge.registry import METHODS
 from evomerge.merge.plan import MergePlan, evaluate_setting, resolve
 
 
