@@ -28,7 +28,7 @@ import yaml
 import evomerge
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.merge.plan import MergePlan
-from evomerge.search.genome import StagedPlan, plan_from_dict
+from evomerge.merge.staged import StagedPlan, plan_from_dict
 
 # --------------------------------------------------------------------------- archive rows
 
@@ -177,7 +177,7 @@ def run_sources(run_dir: Path) -> tuple[dict[str, str], str | None]:
 def _materialize(plan: MergePlan | StagedPlan, sources) -> tuple[Any, dict]:
     """(iterator of (name, tensor), output config) for either plan kind."""
     from evomerge.merge.engine import iter_merge, output_config
-    from evomerge.search.genome import staged_sources
+    from evomerge.merge.staged import staged_sources
 
     if isinstance(plan, StagedPlan):
         sources = staged_sources(plan, sources)

@@ -227,7 +227,7 @@ class CandidateEvaluator:
 
     def _evaluate(self, candidate: Candidate, full_tasks: dict[str, tuple[Any, str]] | None
                   ) -> tuple[EvalResult, dict[str, list[float]]]:
-        from evomerge.search.genome import merge_plan, plan_from_dict, plan_output_config
+        from evomerge.merge.staged import merge_with_config, plan_from_dict
 
         start = time.perf_counter()
         timings: dict[str, float] = {}
@@ -236,8 +236,7 @@ class CandidateEvaluator:
         try:
             plan = plan_from_dict(candidate.plan)
             t = time.perf_counter()
-            weights = merge_plan(plan, self.sources)
-            config = plan_output_config(plan, self.sources)
+            weights, config = merge_with_config(plan, self.sources)
             timings["merge"] = time.perf_counter() - t
             bad = next((name for name, w in weights.items()
                         if w.is_floating_point() and not bool(self.torch.isfinite(w).all())), None)

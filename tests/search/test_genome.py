@@ -304,3 +304,22 @@ def test_combined_space_merges_then_stacks_the_merged_layers(sources):
         want = stage1[name] if src == "m" else sources.tensor("a", name)
         assert torch.equal(out[f"model.layers.{k}.self_attn.q_proj.weight"], want)
     assert not any(n.startswith("model.layers.4.") for n in out)
+
+
+def test_a_combined_candidate_merges_its_first_stage_once_and_returns_its_config(sources, monkeypatch):
+    from evomerge.merge import engine
+    from evomerge.merge.staged import merge_with_config
+
+    space = build_space({"kind": "combined", "parameter": {"method": "task_arithmetic"},
+                         "data_flow": {"sources": [MERGED, "a"], "repetitions": 1, "scaling": "none"}},
+                        ["base", "a", "b"], "base", L)
+    x = np.zeros(space.dim)
+    for t in (0, 1, 4 + 2):  # merged:0, merged:1, a:2
+        x[space.names.index(f"flow.slot{t}.include")] = 1
+    plan = space.decode(x)
+    calls = []
+    real = engine.merge
+    monkeypatch.setattr(engine, "merge", lambda p, *a, **k: calls.append(p.merge_method) or real(p, *a, **k))
+    weights, config = merge_with_config(plan, sources)
+    assert calls == ["task_arithmetic", "passthrough"]      # stage 1 once, then the stack over it
+    assert config["num_hidden_layers"] == 3 and not any(n.startswith("model.layers.3.") for n in weights)
