@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from evomerge.backends.base import (ItemResult, check_indices, choice_rows, graded_results, likelihood_rows,
-                                    pick_choices)
+from evomerge.backends.base import (ItemResult, check_indices, choice_rows, graded_results, layer_template,
+                                    likelihood_rows, pad_with_identity_layers, pick_choices, same_but_depth)
 from evomerge.errors import CheckpointError
 from evomerge.tasks.task import Task
 
@@ -67,10 +67,15 @@ def _in_worker_pool() -> bool:
 
 class HFBackend:
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None,
-                 batch_size: int = 64, num_threads: int | None = None, allow_bin: bool = False):
+                 batch_size: int = 64, num_threads: int | None = None, allow_bin: bool = False,
+                 layer_capacity: int | None = None):
         """``num_threads``: torch intra-op threads for this process. Default: 1 inside a worker
         pool (a Ray actor, or ``EVOMERGE_WORKER`` set), where workers already fill the cores
-        and tiny matmuls lose more to thread hand-offs than they gain; else torch's default."""
+        and tiny matmuls lose more to thread hand-offs than they gain; else torch's default.
+        ``layer_capacity``: the most layers a candidate may have (a data-flow genome's
+        ``max_layers``): the model is built that deep once, and a shallower candidate fills
+        the spare layers with identity layers (``base.pad_with_identity_layers``) instead of
+        a rebuild."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_dir = Path(model_dir)
@@ -102,15 +107,29 @@ class HFBackend:
         # transformers 5.x renamed past_key_values -> cache
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.rebuilds = 0                  # how often load_weights had to rebuild (observability)
+        from evomerge.io.checkpoint import Checkpoint
+
+        if has_safetensors:                # one layer's tensors, in checkpoint names: what a spare layer holds
+            ck = Checkpoint(self.model_dir)
+            self._template = layer_template({n: ck.shape(n) for n in ck.tensor_names},
+                                            {n: ck.dtype(n) for n in ck.tensor_names})
+        else:
+            self._template = {}
+        depth = int(self.config.get("num_hidden_layers", 0))
+        if layer_capacity and layer_capacity > depth and self._template:
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.load_weights(state, {**self.config, "num_hidden_layers": depth}, min_layers=layer_capacity)
+            self.rebuilds = 0              # built this deep up front, not a restart
 
     # ------------------------------------------------------------ weights
     def _params(self) -> dict[str, Tensor]:
         # named_parameters drops tied duplicates (lm_head.weight when embeddings are tied)
         return dict(self.model.named_parameters())
 
-    def load_weights(self, weights: dict[str, Tensor], config: dict) -> None:
+    def load_weights(self, weights: dict[str, Tensor], config: dict, min_layers: int = 0) -> None:
         from transformers import AutoModelForCausalLM
 
+        weights, config = self._fill_spare_layers(weights, config, min_layers)
         changed = any(config.get(k) != self.config.get(k) for k in SHAPE_KEYS if k in config or k in self.config)
         if changed:
             self.model = AutoModelForCausalLM.from_config(_config_object(config), dtype=self.dtype)
@@ -131,6 +150,21 @@ class HFBackend:
                 if tuple(src.shape) != tuple(param.shape):
                     raise CheckpointError(f"tensor {name}: shape {tuple(src.shape)} does not fit {tuple(param.shape)}")
                 param.copy_(src.to(device=param.device, dtype=param.dtype))
+
+    def _fill_spare_layers(self, weights: dict[str, Tensor], config: dict, min_layers: int = 0
+                           ) -> tuple[dict[str, Tensor], dict]:
+        """A candidate that differs from the model only in having fewer layers (a data-flow
+        merge) gets identity layers in the spare slots, so it swaps in place; one with more
+        layers (or ``min_layers``) is padded to its new depth, so later ones fit."""
+        key = "num_hidden_layers"
+        layers, current = config.get(key), self.config.get(key)
+        same = same_but_depth(config, self.config, SHAPE_KEYS)
+        if not (same and self._template and isinstance(layers, int) and isinstance(current, int)):
+            return weights, config
+        depth = current if layers <= current and min_layers <= current else max(layers, min_layers)
+        if layers == depth:
+            return weights, config
+        return pad_with_identity_layers(weights, config, depth, self._template)
 
     # ------------------------------------------------------------ scoring
     def score(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:

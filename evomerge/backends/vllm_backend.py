@@ -32,22 +32,26 @@ smaller heads are refused with a one-line error.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import gc
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
-from evomerge.backends.base import (ItemResult, check_indices, choice_rows, graded_results, likelihood_rows,
-                                    pick_choices)
+from evomerge.backends.base import (PER_LAYER_KEYS, ItemResult, check_indices, choice_rows, graded_results,
+                                    layer_template, likelihood_rows, longest_request, pad_with_identity_layers,
+                                    pick_choices, same_but_depth)
 from evomerge.backends.hf import SHAPE_KEYS, load_tokenizer
-from evomerge.errors import CheckpointError, EvomergeError
+from evomerge.errors import CheckpointError, ConfigError, EvomergeError
 from evomerge.tasks.task import Task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,11 +78,12 @@ def _llvmlite_hidden():
             ffi.lib = lib
 
 
-def _reference_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+def _reference_tensors(model_dir: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+    """Shapes and dtypes of a checkpoint's tensors (headers only)."""
     from evomerge.io.checkpoint import Checkpoint
 
     ck = Checkpoint(model_dir)
-    return {name: tuple(ck.shape(name)) for name in ck.tensor_names}
+    return {name: tuple(ck.shape(name)) for name in ck.tensor_names}, {name: ck.dtype(name) for name in ck.tensor_names}
 
 
 def _repack_tied_lm_head(worker) -> None:
@@ -93,11 +98,72 @@ def _repack_tied_lm_head(worker) -> None:
     head.quant_method.process_weights_after_loading(head)
 
 
+# Engine arguments evomerge sets itself: the model and tokenizer are the backend's, and its
+# tokenizer is loaded without remote code.
+OWNED_ENGINE_ARGS = {"model": "the backend's model directory", "tokenizer": "the model directory's tokenizer",
+                     "skip_tokenizer_init": "scoring needs the tokenizer"}
+# KV cache on CPU: room for this many requests of the longest length at once (vLLM schedules
+# fewer when they do not fit; one request of max_model_len must always fit).
+KV_CONCURRENT_REQUESTS = 64
+KV_BLOCK_TOKENS = 128                  # vLLM's CPU block size: a request holds whole blocks
+DEFAULT_CONTEXT = 4096                 # max_model_len when the requests are not known up front
+
+
+def engine_arg_names() -> set[str] | None:
+    """The keyword arguments ``vllm.EngineArgs`` takes, None where vLLM is not importable."""
+    try:
+        from vllm import EngineArgs
+    except ImportError:
+        return None
+    return {f.name for f in dataclasses.fields(EngineArgs)}
+
+
+def check_engine_options(options: Mapping[str, Any] | None, where: str = "evaluator.engine") -> dict[str, Any]:
+    """Engine options checked against vLLM's engine arguments: an unknown key or one evomerge
+    sets itself is a one-line error naming it. Where vLLM is not importable only the owned
+    keys are checked (the worker checks the rest when it starts the engine)."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"{where}: must be a mapping of vLLM engine arguments, got {type(options).__name__}")
+    for key in options:
+        if key in OWNED_ENGINE_ARGS:
+            raise ConfigError(f"{where}.{key}: set by evomerge ({OWNED_ENGINE_ARGS[key]})")
+    names = engine_arg_names()
+    if names is not None:
+        for key in options:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{where}.{key}: not a vLLM engine argument (vllm.EngineArgs){hint}")
+    return dict(options)
+
+
+def kv_cache_bytes(config: dict, n_layers: int, max_model_len: int, dtype: str) -> int:
+    """KV cache for ``KV_CONCURRENT_REQUESTS`` requests of ``max_model_len`` tokens: per token
+    2 (K and V) x layers x KV heads x head dim x bytes per value."""
+    import torch
+
+    kv_heads = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    per_token = 2 * n_layers * kv_heads * _head_dim(config) * getattr(torch, str(dtype)).itemsize
+    blocks = -(-max_model_len // KV_BLOCK_TOKENS)
+    return per_token * blocks * KV_BLOCK_TOKENS * KV_CONCURRENT_REQUESTS
+
+
+def _num_layers(config: dict) -> int:
+    return int(config.get("num_hidden_layers", 0))
+
+
 class VLLMBackend:
-    def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | None = None,
-                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.5,
-                 kv_cache_memory_bytes: int | None = None, seed: int = 0, enforce_eager: bool = True,
+    def __init__(self, model_dir: str | Path, device: str = "cpu", engine: Mapping[str, Any] | None = None,
+                 tasks: Sequence[Task] = (), layer_capacity: int | None = None, batch_size: int | None = None,
                  **engine_kwargs):
+        """``engine``: vLLM engine arguments (``evaluator.engine``; keyword arguments mean the same).
+        Defaults that need no tuning: ``max_model_len`` fits the longest request of ``tasks``
+        (bounded by the model's ``max_position_embeddings``), and on CPU the KV cache is sized
+        to it. ``layer_capacity``: the most layers a candidate may have (a data-flow genome's
+        ``max_layers``); the engine is built that deep once and shallower candidates are padded
+        with identity layers, so they load in place. ``batch_size`` sets ``max_num_seqs``."""
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").exists():
             raise CheckpointError(f"{self.model_dir}: not a model directory (no config.json)")
@@ -106,33 +172,70 @@ class VLLMBackend:
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise EvomergeError(f"vllm backend: device must be 'cpu' or 'cuda', got {device!r}")
         self.device = device
-        self.dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
         self.tokenizer = load_tokenizer(self.model_dir)   # errors name the directory
         self.config = json.loads((self.model_dir / "config.json").read_text())
-        self.engine_options = dict(
-            dtype=self.dtype, max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
-            **engine_kwargs,
-        )
+        self.shapes, dtypes = _reference_tensors(self.model_dir)
+        self.template = layer_template(self.shapes, dtypes)
+        self.capacity = max(int(layer_capacity or 0), _num_layers(self.config))
+        options = {"dtype": "float32" if device == "cpu" else "bfloat16", "seed": 0, "enforce_eager": True}
+        options.update(check_engine_options(engine_kwargs, "engine"))
+        options.update(check_engine_options(engine))
+        if batch_size and "max_num_seqs" not in options:
+            options["max_num_seqs"] = int(batch_size)
+        if options.get("max_model_len") is None:
+            options["max_model_len"] = self._context_length(tasks)
         if device == "cpu":
             # On CPU vLLM reserves gpu_memory_utilization x host RAM unless told the KV size.
-            self.engine_options["kv_cache_memory_bytes"] = kv_cache_memory_bytes or 256 << 20
-        else:
-            self.engine_options["gpu_memory_utilization"] = gpu_memory_utilization
-            if kv_cache_memory_bytes:
-                self.engine_options["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+            options.setdefault("kv_cache_memory_bytes", kv_cache_bytes(
+                self.config, self.capacity, int(options["max_model_len"]), options["dtype"]))
+        elif "kv_cache_memory_bytes" not in options:
+            options.setdefault("gpu_memory_utilization", 0.5)
+        self.engine_options = options
+        self.dtype = options["dtype"]
         self.restarts = 0                  # engine restarts forced by architecture changes
         self._restart_dir: Path | None = None
-        self.llm = self._start(self.model_dir)
-        self.shapes = _reference_shapes(self.model_dir)
+        if self.capacity > _num_layers(self.config):
+            from evomerge.io.checkpoint import Checkpoint
+
+            # Built at full depth on placeholder weights, then the model's own layers go in,
+            # the spare ones as identity layers.
+            source_config = dict(self.config)
+            _, self.config = pad_with_identity_layers({}, source_config, self.capacity, {})
+            self.llm = self._start(self.model_dir, overrides={
+                k: self.config[k] for k in ("num_hidden_layers", *PER_LAYER_KEYS) if k in self.config})
+            self._grow_shapes(_num_layers(source_config), self.capacity)
+            ck = Checkpoint(self.model_dir)
+            self.load_weights({name: ck.get(name) for name in ck.tensor_names}, source_config)
+        else:
+            self.llm = self._start(self.model_dir)
+
+    def _grow_shapes(self, have: int, n_layers: int) -> None:
+        """The engine's tensor table, from ``have`` layers (its checkpoint's) to ``n_layers``."""
+        for layer in range(have, n_layers):
+            for suffix, (shape, _) in self.template.items():
+                self.shapes[f"model.layers.{layer}.{suffix}"] = shape
+
+    def _context_length(self, tasks: Sequence[Task]) -> int:
+        """max_model_len: the longest request of ``tasks`` with a little room (rounded up to
+        16 tokens), at most the model's ``max_position_embeddings``."""
+        limit = int(self.config.get("max_position_embeddings") or DEFAULT_CONTEXT)
+        # lm-eval tasks build their requests themselves (few-shot, templates): not known here.
+        if not tasks or any(getattr(t, "harness", None) is not None for t in tasks):
+            return min(limit, DEFAULT_CONTEXT)
+        longest = max(longest_request(t, self._encode, self.tokenizer.eos_token_id) for t in tasks)
+        return min(limit, -(-(longest + 8) // 16) * 16)
 
     # ------------------------------------------------------------ engine
-    def _start(self, model_dir: Path):
+    def _start(self, model_dir: Path, overrides: dict | None = None):
+        """An engine on ``model_dir``; with config ``overrides`` (a deeper engine) its weights are
+        left to the caller (vLLM's dummy load format: no checkpoint of that depth is on disk)."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
             from vllm import LLM
             from vllm.platforms import current_platform
         except ImportError as exc:
             raise EvomergeError(f"backend 'vllm' needs vllm installed (scripts/setup_vllm_venv.sh on CPU): {exc}") from None
+        check_engine_options(self.engine_options)
         platform = "cpu" if current_platform.is_cpu() else "cuda"
         want = "cpu" if self.device == "cpu" else "cuda"
         if platform != want:
@@ -142,11 +245,14 @@ class VLLMBackend:
         if platform == "cpu" and _head_dim(config) not in CPU_HEAD_SIZES:
             raise EvomergeError(f"{model_dir}: head dimension {_head_dim(config)} is not supported by vLLM's "
                                 f"CPU attention (needs one of {', '.join(map(str, CPU_HEAD_SIZES))})")
+        options = dict(self.engine_options)
+        if overrides:
+            options["hf_overrides"] = {**(options.get("hf_overrides") or {}), **overrides}
+            options["load_format"] = "dummy"
         try:
             with _llvmlite_hidden():
-                return LLM(model=str(model_dir), tokenizer=str(self.model_dir), trust_remote_code=False,
-                           **self.engine_options)
-        except (ValueError, RuntimeError, OSError) as exc:
+                return LLM(model=str(model_dir), tokenizer=str(self.model_dir), **options)
+        except (ValueError, RuntimeError, OSError, TypeError) as exc:
             raise EvomergeError(f"{model_dir}: vLLM engine failed to start ({str(exc).splitlines()[0]})") from None
 
     def close(self) -> None:
@@ -171,42 +277,37 @@ class VLLMBackend:
         self._restart_dir = Path(tempfile.mkdtemp(prefix="evomerge-vllm-"))
         path = write_checkpoint(self._restart_dir / "model", weights.items(), config,
                                 tokenizer_from=self.model_dir)
+        if self.device == "cpu" and "kv_cache_memory_bytes" in self.engine_options:
+            self.engine_options["kv_cache_memory_bytes"] = max(self.engine_options["kv_cache_memory_bytes"], kv_cache_bytes(
+                config, _num_layers(config), int(self.engine_options["max_model_len"]), self.dtype))
         self.llm = self._start(Path(path))
         self.config = dict(config)
-        self.shapes = _reference_shapes(Path(path))
+        self.shapes, dtypes = _reference_tensors(Path(path))
+        self.template = layer_template(self.shapes, dtypes)
+        self.capacity = _num_layers(config)
         self.restarts += 1
 
     # ------------------------------------------------------------ weights
+    def fits_in_place(self, config: dict) -> bool:
+        """Whether a candidate of this config loads into the running engine: the same
+        architecture, at most as many layers as the engine has (the rest become identity)."""
+        return same_but_depth(config, self.config, SHAPE_KEYS) and _num_layers(config) <= self.capacity
+
     def load_weights(self, weights: dict[str, Tensor], config: dict) -> None:
         if self.llm is None:
             raise EvomergeError("vllm backend is closed")
-        changed = any(config.get(k) != self.config.get(k) for k in SHAPE_KEYS if k in config or k in self.config)
-        self._check(weights, self.shapes if not changed else None, config)
-        if changed:
+        if not self.fits_in_place(config):
+            self._check(weights, None, config)
             self._restart(weights, config)
             return
+        if _num_layers(config) < self.capacity:
+            weights, config = pad_with_identity_layers(weights, config, self.capacity, self.template)
+        self._check(weights, self.shapes, config)
         self.llm.collective_rpc("reload_weights", kwargs={
             "weights_iterator": list(weights.items()), "is_checkpoint_format": True})
         if self.device == "cpu" and self.config.get("tie_word_embeddings"):
             self.llm.collective_rpc(_repack_tied_lm_head)
         self.llm.reset_prefix_cache()
-
-    def _check(self, weights: dict[str, Tensor], shapes: dict[str, tuple[int, ...]] | None, config: dict) -> None:
-        tied = bool(config.get("tie_word_embeddings"))
-        if shapes is None:                 # new architecture: only names can be checked cheaply
-            if "model.embed_tokens.weight" not in weights:
-                raise CheckpointError("candidate weights lack tensor model.embed_tokens.weight")
-            return
-        missing = [n for n in shapes if n not in weights and not (tied and n == "lm_head.weight")]
-        if missing:
-            raise CheckpointError(f"candidate weights lack tensor {missing[0]} ({len(missing)} missing)")
-        for name, tensor in weights.items():
-            if name not in shapes:
-                if tied and name == "lm_head.weight":
-                    continue
-                raise CheckpointError(f"candidate tensor {name} does not exist in {self.model_dir}")
-            if tuple(tensor.shape) != shapes[name]:
-                raise CheckpointError(f"tensor {name}: shape {tuple(tensor.shape)} does not fit {shapes[name]}")
 
     # ------------------------------------------------------------ scoring
     def score(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:

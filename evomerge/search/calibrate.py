@@ -114,7 +114,9 @@ def presearch(run, progress: bool = True) -> None:
                                                        for o in cfg.objectives],
                              sources=dict(run.setup.spec.sources), backend=run.setup.spec.backend,
                              device=run.setup.spec.device, model_dir=run.setup.spec.model_dir,
-                             threads=run.setup.spec.threads)
+                             threads=run.setup.spec.threads, engine=dict(run.setup.spec.engine),
+                             layer_capacity=run.setup.spec.layer_capacity,
+                             context_tasks=list(run.setup.spec.context_tasks))
         evaluator = CandidateEvaluator(full)
         heldout_tasks = {name: load_task(task) for name, task in heldout.items()}
         bar = tqdm(total=len(todo_sources) + len(todo_merges), desc="sources + calibration", disable=not progress,

@@ -3,6 +3,11 @@
 A model is a Hugging Face model directory or a mergekit-style recipe YAML, which is merged
 in memory (nothing written to disk) and scored through the same backend the search uses.
 Prints an accuracy table; ``--out`` writes one JSON line per scored item.
+
+``--backend vllm`` scores with a vLLM engine; ``--engine KEY=VALUE`` (repeatable, or one
+JSON/YAML mapping) passes vLLM engine arguments, checked against ``vllm.EngineArgs``. By
+default the engine's context fits the longest request of the tasks and, on CPU, its KV cache
+is sized to that (see ``evomerge/backends/vllm_backend.py``).
 """
 
 from __future__ import annotations
@@ -25,10 +30,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write per-item results here (JSONL)")
     parser.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="items scored at once (hf: default 64; vllm: the engine's max_num_seqs)")
+    parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                        help="a vLLM engine argument for --backend vllm (repeatable; VALUE read as YAML), "
+                             "or all of them as one JSON/YAML mapping: --engine '{max_model_len: 512}'")
     parser.add_argument("--allow-bin", action="store_true", help="also load pickled .bin weights")
     parser.add_argument("--scoring", default="exact", choices=["exact", "likelihood"],
                         help="exact: 0/1 per item (accuracy); likelihood: the probability of the reference output")
+
+
+def parse_engine_options(values: list[str]) -> dict:
+    """``--engine`` values -> vLLM engine options: each ``KEY=VALUE`` (VALUE parsed as YAML, so
+    numbers and booleans come out typed) or a whole JSON/YAML mapping; later ones win."""
+    import yaml
+
+    options: dict = {}
+    for value in values:
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                mapping = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--engine {value!r}: invalid JSON/YAML ({str(exc).splitlines()[0]})") from None
+            if not isinstance(mapping, dict):
+                raise ConfigError(f"--engine {value!r}: expected a mapping of engine arguments")
+            options.update({str(k): v for k, v in mapping.items()})
+            continue
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--engine {value!r}: expected KEY=VALUE or a JSON/YAML mapping")
+        try:
+            options[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            options[key.strip()] = raw
+    return options
 
 
 def _recipe_weights(path: Path, device: str, allow_bin: bool) -> tuple[dict, dict, Path]:
@@ -58,10 +94,24 @@ def make_model_backend(model: str | Path, backend: str = "hf", device: str = "cp
         if path.suffix not in (".yaml", ".yml"):
             raise ConfigError(f"{model}: expected a model directory or a .yaml recipe")
         weights, config, tok_dir = _recipe_weights(path, device, allow_bin)
+        if backend == "vllm":          # an engine as deep as the recipe: its weights load in place
+            kw.setdefault("layer_capacity", config.get("num_hidden_layers"))
         b = make_backend(backend, tok_dir, device=device, **kw)
         b.load_weights(weights, config)
         return b
     return make_backend(backend, path, device=device, **kw)
+
+
+def backend_options(backend: str, batch_size: int | None, engine: dict, tasks: list[Task]) -> dict:
+    """Keyword arguments for ``make_backend``: the HF backend's batch size, or vLLM's engine
+    options (checked against vLLM's engine arguments) and the tasks its context is sized for."""
+    if backend == "hf":
+        if engine:
+            raise ConfigError(f"--engine {next(iter(engine))}: engine options are for --backend vllm")
+        return {"batch_size": batch_size or 64}
+    from evomerge.backends.vllm_backend import check_engine_options
+
+    return {"engine": check_engine_options(engine, "--engine"), "tasks": tasks, "batch_size": batch_size}
 
 
 def evaluate(backend, tasks: list[Task], limit: int | None = None, scoring: str = "exact") -> dict[str, list]:
@@ -80,11 +130,16 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be a positive integer")
     tasks = [load_task(n) for n in names]
+    options = backend_options(args.backend, args.batch_size, parse_engine_options(args.engine), tasks)
     rows, lines = [], []
     for model in args.models:
         start = time.perf_counter()
-        backend = make_model_backend(model, args.backend, args.device, args.allow_bin, batch_size=args.batch_size)
-        results = evaluate(backend, tasks, args.limit, args.scoring)
+        backend = make_model_backend(model, args.backend, args.device, args.allow_bin, **options)
+        try:
+            results = evaluate(backend, tasks, args.limit, args.scoring)
+        finally:
+            if hasattr(backend, "close"):      # a vLLM engine holds its KV cache until closed
+                backend.close()
         seconds = time.perf_counter() - start
         for (label, res), task in zip(results.items(), tasks):
             acc = sum(r.score for r in res) / max(1, len(res))

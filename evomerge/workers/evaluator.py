@@ -62,6 +62,9 @@ class EvaluatorSpec:
     sleep: float = 0.0
     fail_every: int = 0
     threads: int | None = None                      # torch CPU threads per worker (None: torch's default)
+    engine: dict[str, Any] = field(default_factory=dict)   # vllm: engine arguments (evaluator.engine)
+    layer_capacity: int | None = None               # most layers a candidate can have (data_flow max_layers)
+    context_tasks: list[str] = field(default_factory=list)  # more tasks the engine's context must fit (held-out)
 
     @classmethod
     def from_config(cls, cfg, space) -> "EvaluatorSpec":
@@ -71,10 +74,20 @@ class EvaluatorSpec:
                       for o in cfg.objectives]
         model_dir = ev.model_dir or (cfg.sources.get(cfg.base) if cfg.base else None) \
             or next(iter(cfg.sources.values()), None)
+        heldout = [o.heldout_task for o in cfg.objectives if o.heldout_task]
         return cls(kind=ev.kind, objectives=objectives, sources=dict(cfg.sources), backend=ev.backend,
                    device=ev.device, model_dir=model_dir, lower=[float(v) for v in space.lower],
                    upper=[float(v) for v in space.upper], sleep=ev.sleep, fail_every=ev.fail_every,
-                   threads=ev.threads)
+                   threads=ev.threads, engine=dict(ev.engine), layer_capacity=layer_capacity(space),
+                   context_tasks=heldout)
+
+
+def layer_capacity(space) -> int | None:
+    """The most layers a candidate of ``space`` can have, where the genome varies the layer
+    count (data_flow and combined spaces: ``max_layers``); None where it follows the sources."""
+    flow = getattr(space, "flow", space)             # a combined space's data-flow part
+    capacity = getattr(flow, "max_layers", None)
+    return int(capacity) if capacity else None
 
 
 def make_evaluator(spec: EvaluatorSpec):
@@ -173,7 +186,28 @@ class CandidateEvaluator:
         self.sources = SourceSet.load(spec.sources, device=spec.device, resident=True)
         self.sources.check_compatible()
         model_dir = spec.model_dir or next(iter(spec.sources.values()))
-        self.backend = make_backend(spec.backend, Path(model_dir), device=spec.device)
+        self.backend = make_backend(spec.backend, Path(model_dir), device=spec.device,
+                                    **self._backend_options(spec))
+
+    def _backend_options(self, spec: EvaluatorSpec) -> dict[str, Any]:
+        """What the backend is built with: an engine as deep as the deepest candidate, and for
+        vLLM the engine options and every task whose requests its context must hold."""
+        if spec.backend != "vllm":
+            return {"layer_capacity": spec.layer_capacity} if spec.layer_capacity else {}
+        from evomerge.tasks.task import load_task
+
+        tasks = [obj.task for obj in self.objectives]
+        for name in spec.context_tasks:
+            try:
+                tasks.append(load_task(name))
+            except EvomergeError:          # a missing held-out task is reported where it is judged
+                pass
+        return {"engine": dict(spec.engine), "tasks": tasks, "layer_capacity": spec.layer_capacity}
+
+    @property
+    def engine_restarts(self) -> int:
+        """How often the backend had to restart its engine / rebuild its model (new architecture)."""
+        return int(getattr(self.backend, "restarts", getattr(self.backend, "rebuilds", 0)))
 
     def evaluate(self, candidate: Candidate) -> EvalResult:
         result, _ = self._evaluate(candidate, None)
@@ -211,9 +245,14 @@ class CandidateEvaluator:
                 return EvalResult(candidate.candidate_id, "failed", error=f"merged tensor {bad} has NaN/inf values",
                                   seconds=time.perf_counter() - start, timings=timings), {}
             t = time.perf_counter()
+            restarts = self.engine_restarts
             self.backend.load_weights(weights, config)
             del weights
             timings["load"] = time.perf_counter() - t
+            if self.engine_restarts != restarts:
+                # Not loaded in place: the engine restarted (its seconds are the load's). The
+                # archive keeps it per candidate; `evomerge status` counts them.
+                timings["restart"] = timings["load"]
             t = time.perf_counter()
             scores = {}
             if full_tasks is None:
