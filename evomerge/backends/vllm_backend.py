@@ -309,6 +309,23 @@ class VLLMBackend:
             self.llm.collective_rpc(_repack_tied_lm_head)
         self.llm.reset_prefix_cache()
 
+    def _check(self, weights: dict[str, Tensor], shapes: dict[str, tuple[int, ...]] | None, config: dict) -> None:
+        tied = bool(config.get("tie_word_embeddings"))
+        if shapes is None:                 # new architecture: only names can be checked cheaply
+            if "model.embed_tokens.weight" not in weights:
+                raise CheckpointError("candidate weights lack tensor model.embed_tokens.weight")
+            return
+        missing = [n for n in shapes if n not in weights and not (tied and n == "lm_head.weight")]
+        if missing:
+            raise CheckpointError(f"candidate weights lack tensor {missing[0]} ({len(missing)} missing)")
+        for name, tensor in weights.items():
+            if name not in shapes:
+                if tied and name == "lm_head.weight":
+                    continue
+                raise CheckpointError(f"candidate tensor {name} does not exist in {self.model_dir}")
+            if tuple(tensor.shape) != shapes[name]:
+                raise CheckpointError(f"tensor {name}: shape {tuple(tensor.shape)} does not fit {shapes[name]}")
+
     # ------------------------------------------------------------ scoring
     def score(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
         indices = self._checked(task, indices)
