@@ -12,9 +12,22 @@ directly on a running CPU engine fails for exactly that reason ("Attempted to lo
 (128, 256) into parameter (0,)"). The prefix cache is reset after a swap: its KV blocks were
 computed by the old weights.
 
-An architecture change (another layer count, e.g. a data-flow merge) cannot be reloaded in
-place -- the KV cache is laid out per layer -- so the engine is restarted on a temporary
-checkpoint of the candidate. ``restarts`` counts those.
+Another layer count cannot be reloaded into an engine -- its KV cache is laid out per layer
+-- so the engine is built once as deep as the deepest candidate can be (``layer_capacity``: a
+data-flow genome's ``max_layers``; vLLM's dummy load format with ``hf_overrides``, then the
+model's own weights), and a candidate with fewer layers fills the spare slots with identity
+layers (``base.pad_with_identity_layers``: zero residual-writing projections, so a spare layer
+adds exactly 0 to the residual stream and the outputs are the shallower model's). Only a real
+architecture change (hidden size, vocabulary, more layers than the capacity) restarts the
+engine, on a temporary checkpoint of the candidate; ``restarts`` counts those.
+
+Engine options (``engine=``, the search config's ``evaluator.engine``, ``evomerge eval
+--engine``) are vLLM's ``EngineArgs``, checked by name (``check_engine_options``). Defaults
+that need no tuning on a real model: ``max_model_len`` fits the longest request of the tasks
+the backend is built for (prompt + generation, or prompt + choice / reference), bounded by
+``max_position_embeddings``; on CPU ``kv_cache_memory_bytes`` holds
+``KV_CONCURRENT_REQUESTS`` requests of that length (vLLM's own default there is the
+model's whole context, 8192 tokens for SmolLM2, more KV cache than it is given).
 
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the weights reach it
 by reference, with no serialization, and scripts need no ``if __name__ == "__main__"`` guard.
