@@ -107,6 +107,7 @@ class HFBackend:
         # transformers 5.x renamed past_key_values -> cache
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.rebuilds = 0                  # how often load_weights had to rebuild (observability)
+        self._depth_from_config: bool | None = None
         from evomerge.io.checkpoint import Checkpoint
 
         if has_safetensors:                # one layer's tensors, in checkpoint names: what a spare layer holds
@@ -129,6 +130,7 @@ class HFBackend:
     def load_weights(self, weights: dict[str, Tensor], config: dict, min_layers: int = 0) -> None:
         from transformers import AutoModelForCausalLM
 
+        layers = config.get("num_hidden_layers")
         weights, config = self._fill_spare_layers(weights, config, min_layers)
         changed = any(config.get(k) != self.config.get(k) for k in SHAPE_KEYS if k in config or k in self.config)
         if changed:
@@ -136,6 +138,7 @@ class HFBackend:
             self.model.to(self.device).eval()
             self.config = self.model.config.to_dict()
             self.rebuilds += 1
+            self._depth_from_config = None
         params = self._params()
         missing = [n for n in params if n not in weights]
         if missing:
@@ -150,6 +153,22 @@ class HFBackend:
                 if tuple(src.shape) != tuple(param.shape):
                     raise CheckpointError(f"tensor {name}: shape {tuple(src.shape)} does not fit {tuple(param.shape)}")
                 param.copy_(src.to(device=param.device, dtype=param.dtype))
+        self._run_layers(layers)
+
+    def _run_layers(self, layers) -> None:
+        """Run only the candidate's own layers where the model's forward reads its depth from
+        its config (transformers' Llama-like decoders loop over ``layers[:num_hidden_layers]``
+        and size their KV cache from it): a padded candidate then costs its own depth. The
+        spare layers are identity layers anyway, so other models compute the same outputs."""
+        if self._depth_from_config is None:
+            inner = getattr(self.model, "model", None)
+            try:
+                source = inspect.getsource(type(inner).forward) if inner is not None else ""
+            except (OSError, TypeError):
+                source = ""
+            self._depth_from_config = "self.layers[: self.config.num_hidden_layers]" in source
+        if self._depth_from_config and isinstance(layers, int):
+            self.model.config.num_hidden_layers = min(layers, int(self.config["num_hidden_layers"]))
 
     def _fill_spare_layers(self, weights: dict[str, Tensor], config: dict, min_layers: int = 0
                            ) -> tuple[dict[str, Tensor], dict]:

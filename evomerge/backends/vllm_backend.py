@@ -69,6 +69,7 @@ from evomerge.tasks.task import Task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+WORKER_EXTENSION = "evomerge.workers.vllm_extension.EvomergeWorkerExtension"
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
@@ -167,16 +168,39 @@ def _num_layers(config: dict) -> int:
     return int(config.get("num_hidden_layers", 0))
 
 
+def use_layers(worker, n_layers: int) -> bool:
+    """Runs inside a vLLM worker: its model runs only its first ``n_layers`` decoder layers.
+
+    vLLM's decoder models loop over ``layers[start_layer:end_layer]`` (the pipeline-parallel
+    range); with one pipeline stage that is every layer, and lowering ``end_layer`` skips the
+    spare layers of a shallower candidate, so it costs its own depth's compute. The spare
+    layers hold identity weights as well, so a model class that ignores ``end_layer`` still
+    computes the same outputs. Returns whether the model has such a range."""
+    inner = getattr(worker.get_model(), "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or getattr(inner, "start_layer", None) != 0 or not hasattr(inner, "end_layer"):
+        return False
+    if not hasattr(inner, "_evomerge_depth"):
+        inner._evomerge_depth = inner.end_layer    # the engine's own depth (this stage's end)
+    if inner._evomerge_depth != len(layers):           # pipeline stages: leave the range alone
+        return False
+    inner.end_layer = min(int(n_layers), inner._evomerge_depth)
+    return True
+
+
 class VLLMBackend:
     def __init__(self, model_dir: str | Path, device: str = "cpu", engine: Mapping[str, Any] | None = None,
                  tasks: Sequence[Task] = (), layer_capacity: int | None = None, batch_size: int | None = None,
-                 **engine_kwargs):
+                 multiprocess: bool = False, **engine_kwargs):
         """``engine``: vLLM engine arguments (``evaluator.engine``; keyword arguments mean the same).
         Defaults that need no tuning: ``max_model_len`` fits the longest request of ``tasks``
         (bounded by the model's ``max_position_embeddings``), and on CPU the KV cache is sized
         to it. ``layer_capacity``: the most layers a candidate may have (a data-flow genome's
         ``max_layers``); the engine is built that deep once and shallower candidates are padded
-        with identity layers, so they load in place. ``batch_size`` sets ``max_num_seqs``."""
+        with identity layers, so they load in place. ``batch_size`` sets ``max_num_seqs``.
+        ``multiprocess``: vLLM in its default multiprocess mode (its workers in their own
+        processes, ``tensor_parallel_size`` > 1 possible); candidates then arrive as plans
+        (``load_plan``), merged inside the workers (``workers.vllm_extension``)."""
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").exists():
             raise CheckpointError(f"{self.model_dir}: not a model directory (no config.json)")
@@ -203,11 +227,20 @@ class VLLMBackend:
                 self.config, self.capacity, int(options["max_model_len"]), options["dtype"]))
         elif "kv_cache_memory_bytes" not in options:
             options.setdefault("gpu_memory_utilization", 0.5)
+        self.multiprocess = bool(multiprocess)
+        if self.multiprocess:
+            options.setdefault("worker_extension_cls", WORKER_EXTENSION)
         self.engine_options = options
         self.dtype = options["dtype"]
         self.restarts = 0                  # engine restarts forced by architecture changes
         self._restart_dir: Path | None = None
-        if self.capacity > _num_layers(self.config):
+        if self.capacity > _num_layers(self.config) and self.multiprocess:
+            _, self.config = pad_with_identity_layers({}, dict(self.config), self.capacity, {})
+            self.llm = self._start(self.model_dir, overrides={
+                k: self.config[k] for k in ("num_hidden_layers", *PER_LAYER_KEYS) if k in self.config})
+            self.load_plan({"merge_method": "passthrough", "models": [{"model": "model"}]},
+                           {"model": str(self.model_dir)})
+        elif self.capacity > _num_layers(self.config):
             from evomerge.io.checkpoint import Checkpoint
 
             # Built at full depth on placeholder weights, then the model's own layers go in,
@@ -242,7 +275,7 @@ class VLLMBackend:
     def _start(self, model_dir: Path, overrides: dict | None = None):
         """An engine on ``model_dir``; with config ``overrides`` (a deeper engine) its weights are
         left to the caller (vLLM's dummy load format: no checkpoint of that depth is on disk)."""
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.multiprocess else "0"
         try:
             from vllm import LLM
             from vllm.platforms import current_platform
@@ -306,20 +339,39 @@ class VLLMBackend:
         architecture, at most as many layers as the engine has (the rest become identity)."""
         return same_but_depth(config, self.config, SHAPE_KEYS) and _num_layers(config) <= self.capacity
 
+    def load_plan(self, plan: dict, sources: Mapping[str, str]) -> None:
+        """Multiprocess mode: each engine worker merges ``plan`` (a plan dict, as the archive
+        stores it) over ``sources`` ({name in the plan: model dir}) into its model, tensor by
+        tensor. The candidate must fit in place (``fits_in_place``); the caller restarts
+        otherwise (``load_weights``)."""
+        if self.llm is None:
+            raise EvomergeError("vllm backend is closed")
+        if not self.multiprocess:
+            raise EvomergeError("vllm backend: load_plan needs the engine in multiprocess mode")
+        results = self.llm.collective_rpc("evomerge_load_plan", args=(plan, dict(sources)))
+        bad = next((r["nonfinite"] for r in results if r.get("nonfinite")), None)
+        self.llm.reset_prefix_cache()
+        if bad is not None:
+            raise CheckpointError(f"merged tensor {bad} has NaN/inf values")
+
     def load_weights(self, weights: dict[str, Tensor], config: dict) -> None:
         if self.llm is None:
             raise EvomergeError("vllm backend is closed")
+        if self.multiprocess and self.fits_in_place(config):
+            raise EvomergeError("vllm backend in multiprocess mode loads candidates as plans (load_plan)")
         if not self.fits_in_place(config):
             self._check(weights, None, config)
             self._restart(weights, config)
             return
-        if _num_layers(config) < self.capacity:
+        layers = _num_layers(config)
+        if layers < self.capacity:
             weights, config = pad_with_identity_layers(weights, config, self.capacity, self.template)
         self._check(weights, self.shapes, config)
         self.llm.collective_rpc("reload_weights", kwargs={
             "weights_iterator": list(weights.items()), "is_checkpoint_format": True})
         if self.device == "cpu" and self.config.get("tie_word_embeddings"):
             self.llm.collective_rpc(_repack_tied_lm_head)
+        self.llm.collective_rpc(use_layers, args=(layers,))
         self.llm.reset_prefix_cache()
 
     def _check(self, weights: dict[str, Tensor], shapes: dict[str, tuple[int, ...]] | None, config: dict) -> None:

@@ -116,7 +116,8 @@ def presearch(run, progress: bool = True) -> None:
                              device=run.setup.spec.device, model_dir=run.setup.spec.model_dir,
                              threads=run.setup.spec.threads, engine=dict(run.setup.spec.engine),
                              layer_capacity=run.setup.spec.layer_capacity,
-                             context_tasks=list(run.setup.spec.context_tasks))
+                             context_tasks=list(run.setup.spec.context_tasks),
+                             multiprocess=run.setup.spec.multiprocess)
         evaluator = CandidateEvaluator(full)
         heldout_tasks = {name: load_task(task) for name, task in heldout.items()}
         bar = tqdm(total=len(todo_sources) + len(todo_merges), desc="sources + calibration", disable=not progress,

@@ -97,6 +97,9 @@ class EvaluatorConfig(_Strict):
     # gpu_memory_utilization, tensor_parallel_size, ...), checked against vllm.EngineArgs.
     # Default: a context that fits the objectives' longest request, a KV cache sized to it on CPU.
     engine: dict[str, Any] = {}
+    # vllm: the engine's workers in their own processes (vLLM's default mode; needed for
+    # tensor_parallel_size > 1); candidates reach them as plans and are merged there
+    multiprocess: bool = False
     sleep: float = Field(0.0, ge=0)             # synthetic: seconds per evaluation
     fail_every: int = Field(0, ge=0)            # synthetic: every N-th candidate fails (0: never)
 
@@ -105,6 +108,8 @@ class EvaluatorConfig(_Strict):
         if self.engine and self.backend != "vllm":
             raise ValueError(f"engine.{next(iter(self.engine))}: engine options are for backend vllm "
                              f"(backend is {self.backend!r})")
+        if self.multiprocess and self.backend != "vllm":
+            raise ValueError(f"multiprocess: the engine's worker processes are vLLM's (backend is {self.backend!r})")
         if self.engine and self.kind == "merge":
             from evomerge.backends.vllm_backend import check_engine_options
 

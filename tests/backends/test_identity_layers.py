@@ -83,6 +83,7 @@ def test_hf_backend_built_to_capacity_loads_every_depth_in_place_and_scores_as_a
     for seed, layers in ((3, 1), (4, 5), (5, 3)):
         model = tiny_model(seed, layers)
         backend.load_weights(*weights_of(model))
+        assert backend.model.config.num_hidden_layers == layers      # the spare layers are not run
         model.save_pretrained(tmp_path / f"m{seed}", safe_serialization=True)
         save_tokenizer(tmp_path / f"m{seed}")
         fresh = HFBackend(tmp_path / f"m{seed}")
