@@ -348,7 +348,10 @@ class VLLMBackend:
             raise EvomergeError("vllm backend is closed")
         if not self.multiprocess:
             raise EvomergeError("vllm backend: load_plan needs the engine in multiprocess mode")
-        results = self.llm.collective_rpc("evomerge_load_plan", args=(plan, dict(sources)))
+        try:
+            results = self.llm.collective_rpc("evomerge_load_plan", args=(plan, dict(sources)))
+        except Exception as exc:           # raised in a worker process; vLLM wraps it in a generic Exception
+            raise EvomergeError(f"vLLM engine worker could not merge the plan ({str(exc).splitlines()[0]})") from None
         bad = next((r["nonfinite"] for r in results if r.get("nonfinite")), None)
         self.llm.reset_prefix_cache()
         if bad is not None:

@@ -92,8 +92,8 @@ def test_plans_merged_in_the_engine_worker_score_as_the_hf_backend_on_the_merged
         # a merge that overflows is reported by name; the engine keeps serving
         with pytest.raises(CheckpointError, match="NaN/inf"):
             engine.load_plan({"merge_method": "linear", "parameters": {"normalize": False},
-                              "models": [{"model": "a", "parameters": {"weight": 1e38}},
-                                         {"model": "b", "parameters": {"weight": 1e38}}]}, sources)
+                              "models": [{"model": "a", "parameters": {"weight": 3e38}},
+                                         {"model": "b", "parameters": {"weight": 3e38}}]}, sources)
         engine.load_plan(plans["ties"], sources)
         assert len(engine.score(gen, [0, 1])) == 2
         with pytest.raises(EvomergeError, match="load_plan"):
