@@ -227,7 +227,9 @@ class VLLMBackend:
                 self.config, self.capacity, int(options["max_model_len"]), options["dtype"]))
         elif "kv_cache_memory_bytes" not in options:
             options.setdefault("gpu_memory_utilization", 0.5)
-        self.multiprocess = bool(multiprocess)
+        # Parallel engines run their ranks in worker processes, which only plans can reach.
+        parallel = int(options.get("tensor_parallel_size") or 1) * int(options.get("pipeline_parallel_size") or 1)
+        self.multiprocess = bool(multiprocess) or parallel > 1
         if self.multiprocess:
             options.setdefault("worker_extension_cls", WORKER_EXTENSION)
         self.engine_options = options

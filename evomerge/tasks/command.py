@@ -67,8 +67,9 @@ def parse_engine_options(values: list[str]) -> dict:
     return options
 
 
-def _recipe_weights(path: Path, device: str, allow_bin: bool) -> tuple[dict, dict, Path]:
-    """Merge a recipe in memory; returns (weights, config, model dir for the tokenizer)."""
+def _recipe_weights(path: Path, device: str, allow_bin: bool):
+    """A recipe's (weights(): merged in memory when called, config, model dir for the
+    tokenizer, {model name: directory})."""
     from evomerge.merge.engine import SourceSet, merge, output_config
     from evomerge.merge.plan import MergePlan
 
@@ -79,7 +80,8 @@ def _recipe_weights(path: Path, device: str, allow_bin: bool) -> tuple[dict, dic
     if plan.tokenizer_source == "base" or tok_source is None:
         tok_source = plan.base_model or models[0]
     tok_dir = sources.checkpoints[tok_source].path if tok_source in sources.checkpoints else Path(tok_source)
-    return merge(plan, sources), output_config(plan, sources), tok_dir
+    paths = {name: str(ck.path) for name, ck in sources.checkpoints.items()}
+    return (lambda: merge(plan, sources)), output_config(plan, sources), tok_dir, paths
 
 
 def make_model_backend(model: str | Path, backend: str = "hf", device: str = "cpu", allow_bin: bool = False,
@@ -93,11 +95,16 @@ def make_model_backend(model: str | Path, backend: str = "hf", device: str = "cp
     if path.is_file():
         if path.suffix not in (".yaml", ".yml"):
             raise ConfigError(f"{model}: expected a model directory or a .yaml recipe")
-        weights, config, tok_dir = _recipe_weights(path, device, allow_bin)
+        weights, config, tok_dir, sources = _recipe_weights(path, device, allow_bin)
         if backend == "vllm":          # an engine as deep as the recipe: its weights load in place
             kw.setdefault("layer_capacity", config.get("num_hidden_layers"))
         b = make_backend(backend, tok_dir, device=device, **kw)
-        b.load_weights(weights, config)
+        if getattr(b, "multiprocess", False):   # the engine's workers merge the recipe themselves
+            from evomerge.merge.plan import MergePlan
+
+            b.load_plan(MergePlan.from_yaml(path).to_dict(), sources)
+        else:
+            b.load_weights(weights(), config)
         return b
     return make_backend(backend, path, device=device, **kw)
 
