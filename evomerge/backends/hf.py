@@ -21,13 +21,17 @@ from torch import Tensor
 from evomerge.backends.base import (ItemResult, check_indices, choice_rows, graded_results, layer_template,
                                     likelihood_rows, pad_with_identity_layers, pick_choices, same_but_depth)
 from evomerge.errors import CheckpointError
+from evomerge.io.architectures import architecture_of
 from evomerge.tasks.task import Task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Config keys that fix parameter shapes; any change means the model must be rebuilt.
+# Config keys that fix parameter shapes or per-layer behaviour; any change means the model must be
+# rebuilt. The architecture's own layer-count key (``n_layer`` for GPT-2) is added per model.
 SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-              "num_key_value_heads", "vocab_size", "tie_word_embeddings", "head_dim", "model_type")
+              "num_key_value_heads", "vocab_size", "tie_word_embeddings", "head_dim", "model_type",
+              "n_layer", "n_embd", "n_head", "n_inner", "num_local_experts", "num_experts", "moe_intermediate_size",
+              "shared_expert_intermediate_size", "layer_types", "mlp_only_layers")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -112,15 +116,16 @@ class HFBackend:
 
         if has_safetensors:                # one layer's tensors, in checkpoint names: what a spare layer holds
             ck = Checkpoint(self.model_dir)
+            arch = architecture_of(self.config, ck.tensor_names, where=str(self.model_dir))
             self._template = layer_template({n: ck.shape(n) for n in ck.tensor_names},
-                                            {n: ck.dtype(n) for n in ck.tensor_names})
+                                            {n: ck.dtype(n) for n in ck.tensor_names}, arch.layer_prefix)
+            depth = int(self.config.get(arch.layer_count_key, 0))
+            if layer_capacity and layer_capacity > depth and self._template:
+                # rebuilt this deep up front (not a restart), the checkpoint's layers first
+                self.load_weights({n: ck.get(n) for n in ck.tensor_names}, dict(self.config), min_layers=layer_capacity)
+                self.rebuilds = 0
         else:
             self._template = {}
-        depth = int(self.config.get("num_hidden_layers", 0))
-        if layer_capacity and layer_capacity > depth and self._template:
-            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.load_weights(state, {**self.config, "num_hidden_layers": depth}, min_layers=layer_capacity)
-            self.rebuilds = 0              # built this deep up front, not a restart
 
     # ------------------------------------------------------------ weights
     def _params(self) -> dict[str, Tensor]:
@@ -128,11 +133,20 @@ class HFBackend:
         return dict(self.model.named_parameters())
 
     def load_weights(self, weights: dict[str, Tensor], config: dict, min_layers: int = 0) -> None:
+        """Swap a candidate's weights (checkpoint names, as a merge makes them) into the model.
+
+        A shallower candidate is first padded with identity layers (``_fill_spare_layers``).
+        The registry maps checkpoint names to the runtime's: transformers 5 holds a MoE
+        layer's experts as fused 3-D parameters where checkpoints have one tensor per expert.
+        """
         from transformers import AutoModelForCausalLM
 
-        layers = config.get("num_hidden_layers")
-        weights, config = self._fill_spare_layers(weights, config, min_layers)
-        changed = any(config.get(k) != self.config.get(k) for k in SHAPE_KEYS if k in config or k in self.config)
+        arch = architecture_of(config, weights.keys(), where=f"candidate for {self.model_dir}")
+        layers = config.get(arch.layer_count_key)
+        weights, config = self._fill_spare_layers(weights, config, min_layers, arch)
+        weights = arch.to_runtime(weights)
+        keys = (*SHAPE_KEYS, arch.layer_count_key)
+        changed = any(config.get(k) != self.config.get(k) for k in keys if k in config or k in self.config)
         if changed:
             self.model = AutoModelForCausalLM.from_config(_config_object(config), dtype=self.dtype)
             self.model.to(self.device).eval()
@@ -143,9 +157,9 @@ class HFBackend:
         missing = [n for n in params if n not in weights]
         if missing:
             raise CheckpointError(f"candidate weights lack tensor {missing[0]} ({len(missing)} missing)")
-        tied = bool(self.config.get("tie_word_embeddings"))
+        tied_names = {t for t, _ in arch.tied} if self.config.get("tie_word_embeddings") else set()
         for name in weights:
-            if name not in params and not (tied and name == "lm_head.weight"):
+            if name not in params and name not in tied_names:
                 raise CheckpointError(f"candidate tensor {name} does not exist in the {self.config.get('model_type')} model")
         with torch.no_grad():
             for name, param in params.items():
@@ -170,20 +184,21 @@ class HFBackend:
         if self._depth_from_config and isinstance(layers, int):
             self.model.config.num_hidden_layers = min(layers, int(self.config["num_hidden_layers"]))
 
-    def _fill_spare_layers(self, weights: dict[str, Tensor], config: dict, min_layers: int = 0
+    def _fill_spare_layers(self, weights: dict[str, Tensor], config: dict, min_layers: int, arch
                            ) -> tuple[dict[str, Tensor], dict]:
         """A candidate that differs from the model only in having fewer layers (a data-flow
         merge) gets identity layers in the spare slots, so it swaps in place; one with more
         layers (or ``min_layers``) is padded to its new depth, so later ones fit."""
-        key = "num_hidden_layers"
+        key = arch.layer_count_key
         layers, current = config.get(key), self.config.get(key)
-        same = same_but_depth(config, self.config, SHAPE_KEYS)
+        same = same_but_depth(config, self.config, (*SHAPE_KEYS, key), layer_count_key=key)
         if not (same and self._template and isinstance(layers, int) and isinstance(current, int)):
             return weights, config
         depth = current if layers <= current and min_layers <= current else max(layers, min_layers)
         if layers == depth:
             return weights, config
-        return pad_with_identity_layers(weights, config, depth, self._template)
+        return pad_with_identity_layers(weights, config, depth, self._template, layer_prefix=arch.layer_prefix,
+                                        layer_count_key=key)
 
     # ------------------------------------------------------------ scoring
     def score(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:

@@ -380,17 +380,23 @@ class VLLMBackend:
         self.llm.reset_prefix_cache()
 
     def _check(self, weights: dict[str, Tensor], shapes: dict[str, tuple[int, ...]] | None, config: dict) -> None:
-        tied = bool(config.get("tie_word_embeddings"))
+        from evomerge.io.architectures import architecture_of
+
+        # vLLM reads checkpoint names (is_checkpoint_format), so no runtime mapping here; the
+        # registry only says which tensors must be there and which may be tied away.
+        arch = architecture_of(config, weights.keys(), where=f"candidate for {self.model_dir}")
+        tied_names = {t for t, _ in arch.tied} if config.get("tie_word_embeddings") else set()
         if shapes is None:                 # new architecture: only names can be checked cheaply
-            if "model.embed_tokens.weight" not in weights:
-                raise CheckpointError("candidate weights lack tensor model.embed_tokens.weight")
+            for name in arch.embeddings:
+                if name not in weights:
+                    raise CheckpointError(f"candidate weights lack tensor {name}")
             return
-        missing = [n for n in shapes if n not in weights and not (tied and n == "lm_head.weight")]
+        missing = [n for n in shapes if n not in weights and n not in tied_names]
         if missing:
             raise CheckpointError(f"candidate weights lack tensor {missing[0]} ({len(missing)} missing)")
         for name, tensor in weights.items():
             if name not in shapes:
-                if tied and name == "lm_head.weight":
+                if name in tied_names:
                     continue
                 raise CheckpointError(f"candidate tensor {name} does not exist in {self.model_dir}")
             if tuple(tensor.shape) != shapes[name]:

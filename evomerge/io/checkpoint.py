@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from evomerge.errors import CheckpointError
+from evomerge.io.architectures import Architecture, architecture_of
 from evomerge.io.atomic import atomic_dir
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -87,6 +88,7 @@ class Checkpoint:
         self._offset: dict[str, int] = {}  # absolute byte offset of each tensor's data
         self._fds: dict[Path, int] = {}
         self._bin_tensors: dict[str, torch.Tensor] | None = None
+        self._architecture: Architecture | None = None
         files = self._safetensors_files()
         if files:
             self._index_safetensors(files)
@@ -154,13 +156,15 @@ class Checkpoint:
 
     # -- access ------------------------------------------------------------
     @property
+    def architecture(self) -> Architecture:
+        """This model's entry in the architecture registry (inferred for a Llama-like unknown one)."""
+        if self._architecture is None:
+            self._architecture = architecture_of(self.config, self.tensor_names, where=self.name)
+        return self._architecture
+
+    @property
     def num_layers(self) -> int:
-        cfg = self.config
-        if "num_hidden_layers" not in cfg and isinstance(cfg.get("text_config"), dict):
-            cfg = cfg["text_config"]
-        if "num_hidden_layers" not in cfg:
-            raise CheckpointError(f"{self.path / 'config.json'} has no num_hidden_layers")
-        return int(cfg["num_hidden_layers"])
+        return self.architecture.num_layers(self.config, str(self.path / "config.json"))
 
     def __contains__(self, name: str) -> bool:
         return name in self._shape

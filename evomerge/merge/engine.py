@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import queue
 import random
-import re
 import threading
 import zlib
 from collections.abc import Iterator, Mapping
@@ -30,12 +29,11 @@ import torch
 from torch import Tensor
 
 from evomerge.errors import CheckpointError, ConfigError, EvomergeError
+from evomerge.io.architectures import common_architecture
 from evomerge.io.checkpoint import Checkpoint, write_checkpoint
 from evomerge.merge import methods as M
 from evomerge.merge.plan import MergePlan, resolve
 
-# "model.layers.3.mlp.up_proj.weight" -> ("model.layers.", 3, "mlp.up_proj.weight")
-LAYER_RE = re.compile(r"^(.*?\.(?:layers|h|blocks|layer)\.)(\d+)\.(.+)$")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -51,19 +49,19 @@ class Layout:
 
 
 def _layout(ckpt: Checkpoint) -> Layout:
-    prefix = None
+    """Split a model's tensors by its registry architecture (``evomerge.io.architectures``)."""
+    arch = ckpt.architecture
     layers: dict[int, list[str]] = {}
     pre, post = [], []
     for name in ckpt.tensor_names:
-        m = LAYER_RE.match(name)
-        if m and (prefix is None or m.group(1) == prefix):
-            prefix = m.group(1)
-            layers.setdefault(int(m.group(2)), []).append(m.group(3))
-        elif "embed" in name or name.endswith(("wte.weight", "wpe.weight")):
+        split = arch.split_layer(name)
+        if split is not None:
+            layers.setdefault(split[0], []).append(split[1])
+        elif arch.is_pre(name):
             pre.append(name)
         else:
             post.append(name)
-    return Layout(prefix, dict(sorted(layers.items())), pre, post)
+    return Layout(arch.layer_prefix if layers else None, dict(sorted(layers.items())), pre, post)
 
 
 class SourceSet:
@@ -110,12 +108,9 @@ class SourceSet:
         if len(names) < 2:
             return
         first = names[0]
-        ref_arch = _architecture(self.checkpoints[first])
+        common_architecture({name: self.checkpoints[name].architecture for name in names})
         ref_shapes = _canonical_shapes(self.checkpoints[first], self._layouts[first])
         for other in names[1:]:
-            arch = _architecture(self.checkpoints[other])
-            if arch != ref_arch:
-                raise CheckpointError(f"architecture mismatch: {first} is {ref_arch}, {other} is {arch}")
             shapes = _canonical_shapes(self.checkpoints[other], self._layouts[other])
             for key, shape in ref_shapes.items():
                 if key not in shapes:
@@ -128,17 +123,13 @@ class SourceSet:
                     raise CheckpointError(f"tensor {key} is in {other} but missing from {first}")
 
 
-def _architecture(ck: Checkpoint) -> str:
-    archs = ck.config.get("architectures") or [ck.config.get("model_type", "?")]
-    return ",".join(archs)
-
-
 def _canonical_shapes(ck: Checkpoint, layout: Layout) -> dict[str, tuple[int, ...]]:
     """Tensor shapes keyed by name with the layer index replaced by '*'."""
     out = {}
+    arch = ck.architecture
     for name in ck.tensor_names:
-        m = LAYER_RE.match(name)
-        key = f"{m.group(1)}*.{m.group(3)}" if m and m.group(1) == layout.prefix else name
+        split = arch.split_layer(name)
+        key = f"{arch.layer_prefix}*.{split[1]}" if split is not None else name
         shape = ck.shape(name)
         if key in out and out[key] != shape:
             raise CheckpointError(f"layers of {ck.name} differ in shape at {name}")
@@ -204,14 +195,15 @@ def compile_plan(plan: MergePlan, sources: SourceSet) -> list[TensorJob]:
         shared = {}
         for p in spec.params:
             if p.scope == "shared":
-                shared[p.name] = _resolved(p, shared_scopes, out_name, t, plan.merge_method, None)
+                shared[p.name] = _resolved(p, shared_scopes, _filter_name(sources, models[0], out_name), t,
+                                           plan.merge_method, None)
         per_input = []
         for i, (model, params, *_rest) in enumerate(srcs):
             values = {}
             for p in spec.params:
                 if p.scope == "input" or (p.scope == "non_base" and i != base_index):
-                    values[p.name] = _resolved(p, [params, slice_params, plan.parameters], in_names[i], t,
-                                               plan.merge_method, model)
+                    values[p.name] = _resolved(p, [params, slice_params, plan.parameters],
+                                               _filter_name(sources, model, in_names[i]), t, plan.merge_method, model)
             if spec.sparsify == "della_magprune" and i != base_index:
                 d, e = values["density"], values["epsilon"]
                 if 0 < d < 1 and not (0 < d - e and d + e < 1):
@@ -240,6 +232,32 @@ def compile_plan(plan: MergePlan, sources: SourceSet) -> list[TensorJob]:
     for name in sources.layout(last_srcs[0][0]).post:
         add(name, last_srcs, [name] * len(last_srcs), last_params, last_base, 0.0)
     return jobs
+
+
+class _FilterName(str):
+    """A tensor name whose parameter filters also match its runtime name.
+
+    mergekit 0.1.5 names MoE tensors as transformers 5 holds them (``mlp.experts.down_proj``
+    where a Mixtral checkpoint has ``block_sparse_moe.experts.3.w2.weight``), so recipes
+    written for it filter on ``mlp`` / ``down_proj``; evomerge merges the checkpoint layout.
+    A filter matches if it is a substring of either name (``evaluate_setting`` tests
+    ``filter in name``).
+    """
+
+    alias: str
+
+    def __new__(cls, name: str, alias: str) -> "_FilterName":
+        out = super().__new__(cls, name)
+        out.alias = alias
+        return out
+
+    def __contains__(self, sub: object) -> bool:
+        return str.__contains__(self, sub) or (isinstance(sub, str) and sub in self.alias)
+
+
+def _filter_name(sources: SourceSet, model: str, name: str) -> str:
+    alias = sources.checkpoints[model].architecture.runtime_name(name)
+    return name if alias == name else _FilterName(name, alias)
 
 
 def _resolved(p: M.Param, scopes, tensor_name: str, t: float, method: str, model: str | None):
@@ -364,11 +382,34 @@ def _run(plan: MergePlan, sources: SourceSet, jobs: list[TensorJob], device, pre
                 tensors = [x.to(in_dtype) for x in tensors]
             dtype = out_dtype or _promoted(tensors)
             try:
-                result = _run_job(plan.merge_method, spec, job, tensors, seed)
+                result = _offset_gain_scaled(plan.merge_method, sources, job, tensors)
+                if result is None:
+                    result = _run_job(plan.merge_method, spec, job, tensors, seed)
             except ValueError as exc:
                 raise EvomergeError(f"{plan.merge_method} failed on tensor {job.out_name}: {exc}") from None
             del tensors
             yield job.out_name, result if result.dtype == dtype else result.to(dtype)
+
+
+def _offset_gain_scaled(method: str, sources: SourceSet, job: TensorJob, tensors: list[Tensor]) -> Tensor | None:
+    """A passthrough ``scale`` on a norm whose gain is stored as ``gain - 1`` (Gemma2/3).
+
+    Scaling such a norm means scaling its output, i.e. its gain ``1 + w``: the stored
+    weight becomes ``c * (1 + w) - 1``. (mergekit multiplies the stored ``w``, which for
+    these norms scales nothing in particular.) This is what makes a data-flow residual
+    scale, folded into Gemma's post-attention / post-feed-forward norms, exact.
+    None for every other tensor.
+    """
+    if method != "passthrough":
+        return None
+    scale = job.per_input[0].get("scale")
+    if scale is None or scale == 1.0:
+        return None
+    arch = sources.checkpoints[job.models[0]].architecture
+    if not arch.norm_gain_offset or not any(f in job.names[0] for f in arch.norm_filters):
+        return None
+    w = tensors[0]
+    return ((1.0 + w.float()) * float(scale) - 1.0).to(w.dtype)
 
 
 def _promoted(tensors: list[Tensor]) -> torch.dtype:
@@ -394,17 +435,14 @@ def output_config(plan: MergePlan, sources: SourceSet) -> dict:
         raise ConfigError(f"the plan uses model {ref!r}, which is not among the sources")
     config = copy.deepcopy(sources.checkpoints[ref].config)
     if plan.slices is not None:
-        n_layers = sum(s.num_layers for s in plan.slices)
-        target = config["text_config"] if "num_hidden_layers" not in config and isinstance(
-            config.get("text_config"), dict) else config
-        types = target.get("layer_types")
-        if isinstance(types, list):
-            new_types = []
-            for s in plan.slices:
-                src_types = sources.checkpoints[s.sources[0].model].config.get("layer_types") or types
-                new_types += src_types[s.sources[0].layer_range[0]:s.sources[0].layer_range[1]]
-            target["layer_types"] = new_types
-        target["num_hidden_layers"] = n_layers
+        # Output layer j is layer i of the slice source that leads its slice; the layer count
+        # and every per-layer config key (layer_types, mlp_only_layers, ...) follow.
+        source_layers = []
+        for s in plan.slices:
+            lead = sources.checkpoints[s.sources[0].model]
+            start, end = s.sources[0].layer_range
+            source_layers += [(lead.config, i) for i in range(start, end)]
+        sources.checkpoints[ref].architecture.with_layers(config, source_layers)
     dtype = plan.out_dtype or plan.dtype
     if dtype:
         name = str(TORCH_DTYPES[dtype]).removeprefix("torch.")

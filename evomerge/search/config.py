@@ -286,16 +286,33 @@ def dump_config(cfg: SearchConfig) -> str:
 
 
 def source_depths(cfg: SearchConfig, where: str = "sources") -> dict[str, int]:
-    depths = {}
+    return {name: depth for name, (_, depth) in _source_architectures(cfg, where).items()}
+
+
+def _source_architectures(cfg: SearchConfig, where: str = "sources") -> dict:
+    """{source: (registry architecture, layer count)}, from config.json (and, only for an
+    architecture the registry must infer, the safetensors headers)."""
+    from evomerge.io.architectures import architecture_of
+    from evomerge.io.checkpoint import Checkpoint
+
+    out = {}
     for name, path in cfg.sources.items():
         config_json = Path(path) / "config.json"
         try:
-            depths[name] = int(json.loads(config_json.read_text())["num_hidden_layers"])
+            config = json.loads(config_json.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{where}.{name}: {path} is not a model directory (no config.json)") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{where}.{name}: cannot read num_hidden_layers from {config_json} ({exc})") from None
-    return depths
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{where}.{name}: cannot parse {config_json} ({exc})") from None
+        try:
+            try:
+                arch = architecture_of(config, where=str(path))
+            except EvomergeError:  # not registered: inferred from the tensor names, or refused
+                arch = Checkpoint(path).architecture
+            out[name] = (arch, arch.num_layers(config, str(config_json)))
+        except EvomergeError as exc:
+            raise ConfigError(f"{where}.{name}: {exc}") from None
+    return out
 
 
 def box_space(genome: dict[str, Any], where: str = "genome") -> BoxSpace:
@@ -329,12 +346,19 @@ def build_genome_space(cfg: SearchConfig):
         return box_space(cfg.genome)
     from evomerge.search.genome import build_space
 
-    depths = source_depths(cfg)
-    if not depths:
+    from evomerge.io.architectures import common_architecture
+
+    found = _source_architectures(cfg)
+    if not found:
         raise ConfigError("sources: the genome space needs source models")
+    try:
+        architecture = common_architecture({name: arch for name, (arch, _) in found.items()})
+    except EvomergeError as exc:
+        raise ConfigError(f"sources: {exc}") from None
+    depths = {name: depth for name, (_, depth) in found.items()}
     names = [n for n in cfg.sources if n != cfg.base]
     depth: int | dict[str, int] = depths if len(set(depths.values())) > 1 else next(iter(depths.values()))
-    space = build_space(cfg.genome, names, cfg.base, depth)
+    space = build_space(cfg.genome, names, cfg.base, depth, architecture)
     check_space(space)
     return space
 

@@ -24,8 +24,12 @@ Four spaces, chosen by ``genome.kind`` in the search config:
   the same logits as multiplying o_proj and down_proj of layer k and every
   later layer by 1/s (the stream is then 1/s of the scaled one everywhere and
   the final norm removes the factor). So the plan carries the cumulative
-  1/prod(s) as passthrough ``scale`` parameters filtered to o_proj/down_proj,
-  which mergekit also understands.
+  1/prod(s) as passthrough ``scale`` parameters filtered to the tensors that
+  write into the residual stream, which the architecture registry names
+  (o_proj/down_proj for Llama, c_proj for GPT-2, every expert's down projection
+  for MoE, the post-attention / post-feed-forward norms' gains for Gemma2/3);
+  mergekit understands the same parameters (except Gemma's gains, see
+  ``evomerge.merge.engine._offset_gain_scaled``).
 - ``combined``: a parameter-space merge, then data flow over [merged + sources].
   A single mergekit config cannot reference its own output, so this decodes to
   a ``StagedPlan``: stage ``merged`` (a MergePlan), then a passthrough MergePlan
@@ -44,6 +48,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.errors import ConfigError
+from evomerge.io.architectures import ARCHITECTURES, Architecture, architecture_of
 from evomerge.merge.plan import MergePlan
 
 MERGED = "merged"  # name of the intermediate model of the combined space
@@ -198,10 +203,17 @@ class _TensorView:
         self.name, self.config, self.tensor_names, self._get = name, config, list(names), get
         self.path = path if path is not None else Path(name)
         self._names = set(names)
+        self._architecture: Architecture | None = None
+
+    @property
+    def architecture(self) -> Architecture:
+        if self._architecture is None:
+            self._architecture = architecture_of(self.config, self.tensor_names, where=self.name)
+        return self._architecture
 
     @property
     def num_layers(self) -> int:
-        return int(self.config.get("num_hidden_layers", self.config.get("text_config", {}).get("num_hidden_layers")))
+        return self.architecture.num_layers(self.config, f"config of {self.name}")
 
     def __contains__(self, name: str) -> bool:
         return name in self._names
@@ -345,9 +357,12 @@ def _as_param(per_layer: list[float]) -> float | list[float]:
 class ParameterSpace(GenomeSpace):
     """Coefficients of one merge method; see the module docstring."""
 
-    def __init__(self, cfg: ParameterSpaceConfig, sources: list[str], base_model: str | None, num_layers: int):
+    def __init__(self, cfg: ParameterSpaceConfig, sources: list[str], base_model: str | None, num_layers: int,
+                 architecture: Architecture | None = None):
         super().__init__()
         self.cfg, self.num_layers, self.base_model = cfg, num_layers, base_model
+        # Which tensor names the per-module / separate genes filter on.
+        self.arch = architecture or ARCHITECTURES["llama"]
         if cfg.method in BASE_METHODS and base_model is None:
             raise ConfigError(f"genome.method: {cfg.method} needs a base model (set the config's base)")
         if cfg.method == "linear":
@@ -403,13 +418,14 @@ class ParameterSpace(GenomeSpace):
             return _as_param(series["all"]), series
         # First matching filter wins (mergekit); specific names before the catch-all.
         entries: list[dict] = []
-        names = {"embed": "embed_tokens", "lm_head": "lm_head", "norm": "norm"}
         for part in ("embed", "lm_head", "norm"):
             if part in self.cfg.separate:
-                entries.append({"filter": names[part], "value": float(x[self.extra[(param, model, part)]])})
+                value = float(x[self.extra[(param, model, part)]])
+                entries += [{"filter": f, "value": value} for f in self.arch.separate_filters(part)]
         if self.cfg.per_module:
-            entries.append({"filter": "self_attn", "value": _as_param(series["attn"])})
-            entries.append({"filter": "mlp", "value": _as_param(series["mlp"])})
+            for module in ("attn", "mlp"):
+                value = _as_param(series[module])
+                entries += [{"filter": f, "value": value} for f in self.arch.module_filters(module)]
             # Anything else inside a layer (its norms, unless they have a gene) takes the mean.
             rest = [(a + b) / 2 for a, b in zip(series["attn"], series["mlp"])]
         else:
@@ -545,8 +561,11 @@ class DataFlowSpace(GenomeSpace):
     """Sakana's data-flow space over the layers of a collection of models."""
 
     def __init__(self, cfg: DataFlowConfig, sources: list[str], base_model: str | None,
-                 num_layers: int | dict[str, int], extra_models: list[str] = ()):
+                 num_layers: int | dict[str, int], extra_models: list[str] = (),
+                 architecture: Architecture | None = None):
         super().__init__()
+        # Where a residual scale is folded: the tensors that write into the residual stream.
+        self.arch = architecture or ARCHITECTURES["llama"]
         everything = list(sources) if base_model is None or base_model in sources else [base_model, *sources]
         everything = [*extra_models, *everything]
         self.collection = cfg.sources or everything
@@ -599,7 +618,7 @@ class DataFlowSpace(GenomeSpace):
             if cumulative != 1.0:
                 c = 1.0 / cumulative
                 src["parameters"] = {"scale": [
-                    {"filter": "o_proj", "value": c}, {"filter": "down_proj", "value": c}, {"value": 1.0}]}
+                    *({"filter": f, "value": c} for f in self.arch.residual_writers), {"value": 1.0}]}
             slices.append({"sources": [src]})
         return slices
 
@@ -625,13 +644,15 @@ class DataFlowSpace(GenomeSpace):
 class CombinedSpace(GenomeSpace):
     """Parameter-space merge, then data flow over [merged + sources]; decodes to a StagedPlan."""
 
-    def __init__(self, cfg: CombinedConfig, sources: list[str], base_model: str | None, num_layers: int):
+    def __init__(self, cfg: CombinedConfig, sources: list[str], base_model: str | None, num_layers: int,
+                 architecture: Architecture | None = None):
         super().__init__()
         if MERGED in sources or MERGED == base_model:
             raise ConfigError(f"genome.kind: combined reserves the model name {MERGED!r}; rename that source")
-        self.param = ParameterSpace(cfg.parameter, sources, base_model, num_layers)
+        self.param = ParameterSpace(cfg.parameter, sources, base_model, num_layers, architecture)
         df_cfg = cfg.data_flow
-        self.flow = DataFlowSpace(df_cfg, sources, base_model, num_layers, extra_models=[MERGED])
+        self.flow = DataFlowSpace(df_cfg, sources, base_model, num_layers, extra_models=[MERGED],
+                                  architecture=architecture)
         self.tokenizer_source = base_model or sources[0]
         for g in self.param.genes:
             self.genes.append(_Gene(f"param.{g.name}", g.low, g.high, g.integer))
@@ -656,11 +677,13 @@ class CombinedSpace(GenomeSpace):
 
 
 def build_space(genome: dict | BaseModel, sources: list[str], base_model: str | None,
-                num_layers: int | dict[str, int]) -> GenomeSpace:
+                num_layers: int | dict[str, int], architecture: Architecture | None = None) -> GenomeSpace:
     """The genome space of a search.
 
     ``sources``: the model names plans refer to (the SourceSet keys); ``base_model``: one of
-    them or None; ``num_layers``: the sources' depth (one int, or per source for data flow).
+    them or None; ``num_layers``: the sources' depth (one int, or per source for data flow);
+    ``architecture``: the sources' registry entry (``evomerge.io.architectures``; default
+    Llama), which names the tensors per-module genes and data-flow scales apply to.
     """
     cfg = parse_genome_config(genome)
     if isinstance(num_layers, dict):
@@ -671,9 +694,9 @@ def build_space(genome: dict | BaseModel, sources: list[str], base_model: str | 
     if common is None and not isinstance(cfg, DataFlowConfig):
         raise ConfigError(f"genome.kind: {cfg.kind} needs sources of equal depth, got {num_layers}")
     if isinstance(cfg, ParameterSpaceConfig):
-        return ParameterSpace(cfg, sources, base_model, common)
+        return ParameterSpace(cfg, sources, base_model, common, architecture)
     if isinstance(cfg, LayerSwapConfig):
         return LayerSwapSpace(cfg, sources, base_model, common)
     if isinstance(cfg, DataFlowConfig):
-        return DataFlowSpace(cfg, sources, base_model, num_layers)
-    return CombinedSpace(cfg, sources, base_model, common)
+        return DataFlowSpace(cfg, sources, base_model, num_layers, architecture=architecture)
+    return CombinedSpace(cfg, sources, base_model, common, architecture)

@@ -23,7 +23,7 @@ def test_sharded_write_then_read_gives_identical_tensors(tmp_path):
     tok.mkdir()
     (tok / "tokenizer.json").write_text("{}")
     (tok / "tokenizer_config.json").write_text('{"x": 1}')
-    out = write_checkpoint(tmp_path / "m", tensors.items(), {"num_hidden_layers": 12, "architectures": ["X"]},
+    out = write_checkpoint(tmp_path / "m", tensors.items(), {"num_hidden_layers": 12, "architectures": ["LlamaForCausalLM"]},
                            tokenizer_from=tok, max_shard_size=2000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shard_files = set(index["weight_map"].values())
