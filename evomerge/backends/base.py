@@ -18,6 +18,7 @@ class ItemResult:
     index: int                         # position of the item in task.items
     score: float                       # 0/1, or graded in [0, 1]
     output: str                        # generated text, or the chosen choice for multiple choice
+    metrics: dict | None = None        # lm-eval tasks: every "metric,filter" value of this item
 
 
 @runtime_checkable
@@ -40,6 +41,12 @@ class Backend(Protocol):
 def scoring_method(backend: Backend, scoring: str) -> Callable[[Task, Sequence[int]], list[ItemResult]]:
     """``backend.score`` for exact scoring, ``backend.likelihood`` for likelihood scoring."""
     return backend.likelihood if scoring == "likelihood" else backend.score
+
+
+def harness_results(backend: Backend, task: Task, indices: Sequence[int], scoring: str) -> list[ItemResult]:
+    """An lm-eval task's results (``task.harness``: lm-eval builds and scores the requests,
+    ``backend`` answers them through its token-level methods)."""
+    return [ItemResult(r.index, r.score, r.output, r.metrics) for r in task.harness.score(backend, indices, scoring)]
 
 
 def check_indices(task: Task, indices: Sequence[int]) -> list[int]:

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from evomerge.backends.base import (ItemResult, check_indices, choice_rows, graded_results, layer_template,
-                                    likelihood_rows, pad_with_identity_layers, pick_choices, same_but_depth)
+from evomerge.backends.base import (ItemResult, check_indices, choice_rows, graded_results, harness_results,
+                                    layer_template, likelihood_rows, pad_with_identity_layers, pick_choices,
+                                    same_but_depth)
 from evomerge.errors import CheckpointError
 from evomerge.io.architectures import architecture_of
 from evomerge.tasks.task import Task
@@ -202,6 +203,8 @@ class HFBackend:
 
     # ------------------------------------------------------------ scoring
     def score(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
+        if task.harness is not None:       # an lm-eval task: lm-eval scores it, this backend answers
+            return harness_results(self, task, indices, "exact")
         indices = check_indices(task, indices)
         results: list[ItemResult] = []
         run = self._generate if task.kind == "generate" else self._choose
@@ -211,6 +214,8 @@ class HFBackend:
         return results
 
     def likelihood(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
+        if task.harness is not None:       # an lm-eval task: lm-eval scores it, this backend answers
+            return harness_results(self, task, indices, "likelihood")
         indices = check_indices(task, indices)
         rows, owners = likelihood_rows(task, indices, self._encode, self.tokenizer.eos_token_id)
         with torch.inference_mode():
@@ -222,15 +227,35 @@ class HFBackend:
 
     def _generate(self, task: Task, chunk: list[int]) -> list[ItemResult]:
         prompts = [self._encode(task.items[i].prompt) for i in chunk]
+        texts = self._greedy(prompts, task.max_new_tokens, task.stop)
+        return [ItemResult(i, float(task.is_correct(i, text)), text) for i, text in zip(chunk, texts)]
+
+    def greedy_generate(self, prompts: list[list[int]], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
+        """Greedy continuations of token-id prompts, decoded without special tokens and cut at
+        end-of-sequence; generation also ends once a ``stop`` string appears (the text still
+        holds it). The token-level entry point lm-eval requests use (``tasks.lm_eval_lm``)."""
+        out: list[str] = []
+        with torch.inference_mode():
+            for start in range(0, len(prompts), self.batch_size):
+                out.extend(self._greedy(prompts[start:start + self.batch_size], max_new_tokens, list(stop)))
+        return out
+
+    def token_loglikelihoods(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Per (context ids, continuation ids) row: the continuation's summed log-probability and
+        whether greedy decoding would have produced it (lm-eval's ``loglikelihood`` answer)."""
+        with torch.inference_mode():
+            return [(ll, greedy) for ll, _, greedy in self._loglikelihood(rows, with_greedy=True)]
+
+    def _greedy(self, prompts: list[list[int]], max_new_tokens: int, stop: list[str]) -> list[str]:
         width, pad = max(map(len, prompts)), self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = (torch.arange(width, device=self.device)[None, :] >= torch.tensor(
             [width - len(p) for p in prompts], device=self.device)[:, None]).long()
         eos = self.tokenizer.eos_token_id
-        done = torch.zeros(len(chunk), dtype=torch.bool, device=self.device)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         new_tokens, cache = [], None
         step_ids = ids
-        for _ in range(task.max_new_tokens):
+        for _ in range(max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
             out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
                              use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
@@ -239,27 +264,26 @@ class HFBackend:
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             new_tokens.append(nxt)
             done |= nxt == eos
-            if task.stop:                  # decode only when the task has stop strings
+            if stop:                       # decode only when there are stop strings
                 texts = self.tokenizer.batch_decode(torch.stack(new_tokens, 1).tolist(), skip_special_tokens=True)
-                done |= torch.tensor([any(st in t for st in task.stop) for t in texts], device=self.device)
+                done |= torch.tensor([any(st in t for st in stop) for t in texts], device=self.device)
             if bool(done.all()):
                 break
             step_ids = nxt[:, None]
             mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
-        generated = torch.stack(new_tokens, dim=1).tolist()
-        results = []
-        for row, i in zip(generated, chunk):
+        texts = []
+        for row in torch.stack(new_tokens, dim=1).tolist():
             if eos in row:
                 row = row[: row.index(eos)]
-            text = self.tokenizer.decode(row, skip_special_tokens=True)
-            results.append(ItemResult(i, float(task.is_correct(i, text)), text))
-        return results
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return texts
 
     def _choose(self, task: Task, chunk: list[int]) -> list[ItemResult]:
         rows, owners = choice_rows(task, chunk, self._encode)
         return pick_choices(task, chunk, owners, [ll for ll, _ in self._loglikelihood(rows)])
 
-    def _loglikelihood(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
+    def _loglikelihood(self, rows: list[tuple[list[int], list[int]]], with_greedy: bool = False) -> list[tuple]:
+        """(summed log-probability, continuation length[, is greedy]) per row."""
         out = []
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(rows), self.batch_size):
@@ -273,5 +297,8 @@ class HFBackend:
                 # token t is predicted by the logits at position t-1
                 positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=self.device)
                 targets = torch.tensor(cont, device=self.device)
-                out.append((float(logprobs[r, positions, targets].sum()), len(cont)))
+                row = (float(logprobs[r, positions, targets].sum()), len(cont))
+                if with_greedy:
+                    row += (bool((logprobs[r, positions].argmax(-1) == targets).all()),)
+                out.append(row)
         return out

@@ -61,8 +61,8 @@ from typing import Any
 from torch import Tensor
 
 from evomerge.backends.base import (PER_LAYER_KEYS, ItemResult, check_indices, choice_rows, graded_results,
-                                    layer_template, likelihood_rows, longest_request, pad_with_identity_layers,
-                                    pick_choices, same_but_depth)
+                                    harness_results, layer_template, likelihood_rows, longest_request,
+                                    pad_with_identity_layers, pick_choices, same_but_depth)
 from evomerge.backends.hf import SHAPE_KEYS, load_tokenizer
 from evomerge.errors import CheckpointError, ConfigError, EvomergeError
 from evomerge.tasks.task import Task
@@ -404,12 +404,16 @@ class VLLMBackend:
 
     # ------------------------------------------------------------ scoring
     def score(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
+        if task.harness is not None:       # an lm-eval task: lm-eval scores it, this backend answers
+            return harness_results(self, task, indices, "exact")
         indices = self._checked(task, indices)
         if not indices:
             return []
         return self._generate(task, indices) if task.kind == "generate" else self._choose(task, indices)
 
     def likelihood(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
+        if task.harness is not None:       # an lm-eval task: lm-eval scores it, this backend answers
+            return harness_results(self, task, indices, "likelihood")
         indices = self._checked(task, indices)
         if not indices:
             return []
@@ -453,3 +457,31 @@ class VLLMBackend:
                                     use_tqdm=False)
         return [sum(out.prompt_logprobs[len(ctx) + t][tok].logprob for t, tok in enumerate(cont))
                 for (ctx, cont), out in zip(rows, outputs)]
+
+    # ------------------------------------------------------------ token level (lm-eval requests)
+    def token_loglikelihoods(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Per (context ids, continuation ids) row: the continuation's summed log-probability and
+        whether each of its tokens is the model's top choice (rank 1 in ``prompt_logprobs``)."""
+        from vllm import SamplingParams
+
+        if self.llm is None:
+            raise EvomergeError("vllm backend is closed")
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+        outputs = self.llm.generate([{"prompt_token_ids": ctx + cont} for ctx, cont in rows], params, use_tqdm=False)
+        results = []
+        for (ctx, cont), out in zip(rows, outputs):
+            picked = [out.prompt_logprobs[len(ctx) + t][tok] for t, tok in enumerate(cont)]
+            results.append((sum(p.logprob for p in picked), all(p.rank == 1 for p in picked)))
+        return results
+
+    def greedy_generate(self, prompts: list[list[int]], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
+        """Greedy continuations of token-id prompts without special tokens, ending at
+        end-of-sequence or before the first ``stop`` string."""
+        from vllm import SamplingParams
+
+        if self.llm is None:
+            raise EvomergeError("vllm backend is closed")
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=list(stop) or None,
+                                skip_special_tokens=True)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [out.outputs[0].text for out in outputs]

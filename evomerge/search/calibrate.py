@@ -93,7 +93,7 @@ def presearch(run, progress: bool = True) -> None:
     from tqdm import tqdm
 
     from evomerge.tasks.task import load_task
-    from evomerge.workers.evaluator import CandidateEvaluator, EvaluatorSpec, ObjectiveSpec
+    from evomerge.workers.evaluator import CandidateEvaluator, EvaluatorSpec, ObjectiveSpec, task_options
 
     cfg, archive, run_dir = run.config, run.archive, run.run_dir
     calibrated = [o for o in cfg.objectives if needs_calibration(o)]
@@ -110,8 +110,9 @@ def presearch(run, progress: bool = True) -> None:
     if todo_sources or todo_merges:
         # Sources and calibration merges are scored on every item with each objective's own
         # scoring, so they sit on the same scale as the search's candidates (front, report).
-        full = EvaluatorSpec(kind="merge", objectives=[ObjectiveSpec(o.name, o.task, scoring=o.scoring)
-                                                       for o in cfg.objectives],
+        full = EvaluatorSpec(kind="merge",
+                             objectives=[ObjectiveSpec(o.name, o.task, scoring=o.scoring, **task_options(o))
+                                         for o in cfg.objectives],
                              sources=dict(run.setup.spec.sources), backend=run.setup.spec.backend,
                              device=run.setup.spec.device, model_dir=run.setup.spec.model_dir,
                              threads=run.setup.spec.threads, engine=dict(run.setup.spec.engine),

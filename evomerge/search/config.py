@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.search.optimizers import OPTIMIZERS, BoxSpace, check_space
 
+from evomerge.tasks.lm_eval_adapter import LMEvalOptions
 from evomerge.workers.evaluator import CALIBRATION_FREE
 
 
@@ -55,6 +56,10 @@ class ObjectiveConfig(_Strict):
     # exact: 0/1 per item (greedy output vs answer); likelihood: the probability of the
     # reference output, a graded score with far less noise per item (estimators full | subset)
     scoring: Literal["exact", "likelihood"] = "exact"
+    # lm-eval tasks: the metric maximised, as lm-eval names its results ("acc_norm",
+    # "exact_match,strict-match"; default the task's first), and lm-eval's evaluation options
+    metric: str | None = None
+    lm_eval: LMEvalOptions | None = None
 
     @model_validator(mode="after")
     def _scoring_fits_estimator(self) -> "ObjectiveConfig":

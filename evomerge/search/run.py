@@ -106,7 +106,7 @@ def check_objectives(spec: EvaluatorSpec, ready: bool, run_dir: Path | None) -> 
     done, also that its calibration loads and fits the task."""
     from evomerge.estimators.calibration import MAPPED
     from evomerge.search.calibrate import calibration_path
-    from evomerge.workers.evaluator import ObjectiveSpec
+    from evomerge.workers.evaluator import ObjectiveSpec, task_options
 
     for o in spec.objectives:
         if ready:
@@ -117,9 +117,9 @@ def check_objectives(spec: EvaluatorSpec, ready: bool, run_dir: Path | None) -> 
                               f"(choose from {', '.join(CALIBRATION_FREE)}, {', '.join(MAPPED)})")
         given = o.calibration is not None and (run_dir is None or Path(o.calibration) != calibration_path(run_dir, o.name))
         if given:   # a calibration from the config: check it now (abilities come later)
-            prepare_objective(ObjectiveSpec(o.name, o.task, o.estimator, o.calibration, [[0.0]]))
+            prepare_objective(ObjectiveSpec(o.name, o.task, o.estimator, o.calibration, [[0.0]], **task_options(o)))
         else:
-            prepare_objective(ObjectiveSpec(o.name, o.task, scoring=o.scoring))
+            prepare_objective(ObjectiveSpec(o.name, o.task, scoring=o.scoring, **task_options(o)))
 
 
 def _check_sources(cfg: SearchConfig) -> None:
@@ -438,7 +438,7 @@ def judge(run_dir: str | Path, plans: dict[str, dict], split: str = "heldout",
     from tqdm import tqdm
 
     from evomerge.tasks.task import load_task
-    from evomerge.workers.evaluator import CandidateEvaluator, EvaluatorSpec, ObjectiveSpec
+    from evomerge.workers.evaluator import CandidateEvaluator, EvaluatorSpec, ObjectiveSpec, task_options
 
     if split not in ("heldout", "search"):
         raise EvomergeError(f"split: expected 'heldout' or 'search', got {split!r}")
@@ -455,7 +455,8 @@ def judge(run_dir: str | Path, plans: dict[str, dict], split: str = "heldout",
     spec = EvaluatorSpec.from_config(cfg, build_genome_space(cfg))
     spec.objectives = [ObjectiveSpec(name, task) for name, task in tasks.items()]
     evaluator = CandidateEvaluator(spec)
-    loaded = {name: load_task(task) for name, task in tasks.items()}
+    options = {o.name: task_options(o) for o in cfg.objectives}      # an lm-eval objective's metric
+    loaded = {name: load_task(task, **options.get(name, {})) for name, task in tasks.items()}
     out: dict[str, dict[str, dict]] = {}
     bar = tqdm(total=len(plans), desc=f"judging on {split} items", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)

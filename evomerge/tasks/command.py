@@ -4,6 +4,11 @@ A model is a Hugging Face model directory or a mergekit-style recipe YAML, which
 in memory (nothing written to disk) and scored through the same backend the search uses.
 Prints an accuracy table; ``--out`` writes one JSON line per scored item.
 
+lm-eval tasks are scored by lm-eval (``tasks.lm_eval_adapter``): ``--metric`` picks the number
+in the table (default each task's first metric), ``--num-fewshot``, ``--apply-chat-template``,
+``--system-instruction`` and ``--fewshot-as-multiturn`` mean what they mean to ``lm_eval run``,
+and each ``--out`` line carries every metric of the item under every filter (``metrics``).
+
 ``--backend vllm`` scores with a vLLM engine; ``--engine KEY=VALUE`` (repeatable, or one
 JSON/YAML mapping) passes vLLM engine arguments, checked against ``vllm.EngineArgs``. By
 default the engine's context fits the longest request of the tasks and, on CPU, its KV cache
@@ -19,7 +24,7 @@ import time
 from pathlib import Path
 
 from evomerge.errors import ConfigError
-from evomerge.tasks.task import Task, load_task
+from evomerge.tasks.task import Task, is_lm_eval_task, load_task
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +43,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-bin", action="store_true", help="also load pickled .bin weights")
     parser.add_argument("--scoring", default="exact", choices=["exact", "likelihood"],
                         help="exact: 0/1 per item (accuracy); likelihood: the probability of the reference output")
+    lm = parser.add_argument_group("lm-eval tasks")
+    lm.add_argument("--metric", default=None,
+                    help="the metric in the table, as lm-eval names it: acc_norm, exact_match,strict-match (default: "
+                         "each task's first)")
+    lm.add_argument("--num-fewshot", type=int, default=None, help="override the tasks' num_fewshot")
+    lm.add_argument("--apply-chat-template", action="store_true", help="format requests with the tokenizer's chat template")
+    lm.add_argument("--system-instruction", default=None, help="a system turn before each request")
+    lm.add_argument("--fewshot-as-multiturn", default=None, type=lambda v: v.lower() in ("1", "true", "yes"),
+                    metavar="BOOL", help="few-shot examples as chat turns (default: on with --apply-chat-template)")
+    lm.add_argument("--trust-task-code", action="store_true",
+                    help="run the !function Python of task YAMLs outside lm-eval's own tasks")
+
+
+def lm_eval_options(args: argparse.Namespace) -> dict:
+    """The lm-eval evaluation options given on the command line (empty: lm-eval's defaults)."""
+    given = {"num_fewshot": args.num_fewshot, "apply_chat_template": args.apply_chat_template or None,
+             "system_instruction": args.system_instruction, "fewshot_as_multiturn": args.fewshot_as_multiturn,
+             "trust_task_code": args.trust_task_code or None}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def parse_engine_options(values: list[str]) -> dict:
@@ -130,18 +154,31 @@ def evaluate(backend, tasks: list[Task], limit: int | None = None, scoring: str 
             score(task, range(min(len(task.items), limit or len(task.items)))) for task in tasks}
 
 
+def _load(name: str, metric: str | None, options: dict) -> Task:
+    """A task with the lm-eval flags; they are lm-eval's, so evomerge's own tasks ignore them."""
+    if is_lm_eval_task(name):
+        return load_task(name, metric=metric, lm_eval=options or None)
+    return load_task(name)
+
+
+def _plain(value):
+    """JSON for the numbers lm-eval's metrics return (numpy scalars, tuples of them)."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
 def run(args: argparse.Namespace) -> int:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise ConfigError("--tasks: name at least one task")
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be a positive integer")
-    tasks = [load_task(n) for n in names]
-    options = backend_options(args.backend, args.batch_size, parse_engine_options(args.engine), tasks)
+    options = lm_eval_options(args)
+    tasks = [_load(n, args.metric, options) for n in names]
+    backend_kw = backend_options(args.backend, args.batch_size, parse_engine_options(args.engine), tasks)
     rows, lines = [], []
     for model in args.models:
         start = time.perf_counter()
-        backend = make_model_backend(model, args.backend, args.device, args.allow_bin, **options)
+        backend = make_model_backend(model, args.backend, args.device, args.allow_bin, **backend_kw)
         try:
             results = evaluate(backend, tasks, args.limit, args.scoring)
         finally:
@@ -150,16 +187,22 @@ def run(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - start
         for (label, res), task in zip(results.items(), tasks):
             acc = sum(r.score for r in res) / max(1, len(res))
-            rows.append((model, label, len(res), acc))
+            shown = label if task.harness is None or args.scoring == "likelihood" else f"{label} [{task.harness.metric}]"
+            rows.append((model, shown, len(res), acc))
             for r in res:
                 item = task.items[r.index]
-                lines.append(json.dumps({"model": model, "task": label, "index": r.index, "id": item.id,
-                                         "score": r.score, "output": r.output, "answer": item.answer}))
+                line = {"model": model, "task": label, "index": r.index, "id": item.id,
+                        "score": r.score, "output": r.output, "answer": item.answer}
+                if r.metrics is not None:
+                    line["metrics"] = r.metrics
+                lines.append(json.dumps(line, default=_plain))
         print(f"# {model}: {seconds:.1f} s", file=sys.stderr)
     width = max(len(r[0]) for r in rows)
-    print(f"{'model':<{width}}  {'task':<20} {'n':>5}  {'accuracy' if args.scoring == 'exact' else 'likelihood'}")
+    header = "likelihood" if args.scoring == "likelihood" else (args.metric or "accuracy")
+    task_width = max(20, *(len(r[1]) for r in rows))
+    print(f"{'model':<{width}}  {'task':<{task_width}} {'n':>5}  {header}")
     for model, label, n, acc in rows:
-        print(f"{model:<{width}}  {label:<20} {n:>5}  {acc:.3f}")
+        print(f"{model:<{width}}  {label:<{task_width}} {n:>5}  {acc:.3f}")
     if args.out:
         from evomerge.io.atomic import atomic_write_text
 

@@ -26,7 +26,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -58,6 +58,9 @@ class Task:
     source: str = ""                   # where the definition came from (for messages)
     target: str | None = None          # item meta field holding the whole reference output
     target_eos: bool = False           # likelihood scoring: the reference ends with end-of-sequence
+    # lm-eval tasks: lm-eval itself builds the requests and scores the responses
+    # (tasks.lm_eval_adapter.Harness); backends hand score/likelihood over to it
+    harness: Any = None
 
     def reference(self, index: int) -> str:
         """The whole output a correct model writes for item ``index`` (likelihood scoring)."""
@@ -184,20 +187,41 @@ def zoo_task_names() -> list[str]:
     return sorted(f"zoo/{p.stem}" for p in (DATA_DIR / "zoo").glob("*.yaml"))
 
 
-def load_task(name_or_path: str | Path) -> Task:
-    """Load a task by zoo name (``zoo/arith[:split]``), YAML path, or lm-eval task name."""
-    spec = str(name_or_path)
+def _native(spec: str) -> tuple[Path | None, str | None]:
+    """(the evomerge task YAML ``spec`` names, its split), or (None, None) for an lm-eval task."""
     base, _, split = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
-    split = split or None
     if base.startswith("zoo/"):
         path = DATA_DIR / "zoo" / f"{base[4:]}.yaml"
         if not path.exists():
             raise EvomergeError(f"unknown zoo task {base!r} (have {', '.join(zoo_task_names())})")
-        return load_task_yaml(path, split)
+        return path, split or None
     if base.endswith((".yaml", ".yml")) and Path(base).is_file():
-        # lm-eval task YAMLs have a 'task:' key; ours do not.
-        if "task" not in (yaml.safe_load(Path(base).read_text()) or {}):
-            return load_task_yaml(base, split)
+        # lm-eval task YAMLs have a top-level 'task:' (or 'group:') key; ours do not. Read as
+        # text: lm-eval's '!function' tags are not plain YAML.
+        if not any(line.startswith(("task:", "group:")) for line in Path(base).read_text().splitlines()):
+            return Path(base), split or None
+    return None, None
+
+
+def is_lm_eval_task(name_or_path: str | Path) -> bool:
+    """Whether ``load_task`` hands this name to lm-eval (not a zoo task nor an evomerge task YAML)."""
+    return _native(str(name_or_path))[0] is None
+
+
+def load_task(name_or_path: str | Path, metric: str | None = None, lm_eval: dict | None = None) -> Task:
+    """Load a task by zoo name (``zoo/arith[:split]``), YAML path, or lm-eval task name.
+
+    ``metric`` (``acc_norm``, ``exact_match,strict-match``...) and ``lm_eval`` (evaluation
+    options: num_fewshot, apply_chat_template, system_instruction, fewshot_as_multiturn) apply
+    to lm-eval tasks only; zoo tasks score exact match (or choice accuracy) of the answer."""
+    spec = str(name_or_path)
+    native, split = _native(spec)
+    if native is not None:
+        if metric is not None or lm_eval:
+            what = "metric" if metric is not None else "lm_eval options"
+            raise EvomergeError(f"task {spec}: a {what} applies to lm-eval tasks only "
+                                "(evomerge tasks score their answers by exact match)")
+        return load_task_yaml(native, split)
     from evomerge.tasks.lm_eval_adapter import load_lm_eval_task
 
-    return load_lm_eval_task(spec)
+    return load_lm_eval_task(spec, metric=metric, options=lm_eval)

@@ -45,6 +45,15 @@ class ObjectiveSpec:
     scoring: str = "exact"                          # exact (0/1 per item) | likelihood (graded, Backend.likelihood)
     subset: float = 0.1                             # estimator "subset": < 1 a fraction of the items, else a count
     subset_seed: int = 0                            # ... drawn once from this seed, the same in every worker
+    metric: str | None = None                       # lm-eval tasks: "acc_norm", "exact_match,strict-match"...
+    lm_eval: dict | None = None                     # lm-eval tasks: evaluation options (LMEvalOptions)
+
+
+def task_options(objective) -> dict:
+    """The ``ObjectiveSpec`` / ``load_task`` keywords an objective config gives its task."""
+    options = getattr(objective, "lm_eval", None)
+    return {"metric": getattr(objective, "metric", None),
+            "lm_eval": options.model_dump(exclude_defaults=True) if hasattr(options, "model_dump") else options}
 
 
 @dataclass
@@ -71,7 +80,8 @@ class EvaluatorSpec:
     def from_config(cls, cfg, space) -> "EvaluatorSpec":
         ev = cfg.evaluator
         objectives = [ObjectiveSpec(o.name, o.task, o.estimator, o.calibration, scoring=o.scoring,
-                                    subset=cfg.calibration.anchors, subset_seed=cfg.calibration_seed)
+                                    subset=cfg.calibration.anchors, subset_seed=cfg.calibration_seed,
+                                    **task_options(o))
                       for o in cfg.objectives]
         model_dir = ev.model_dir or (cfg.sources.get(cfg.base) if cfg.base else None) \
             or next(iter(cfg.sources.values()), None)
@@ -115,7 +125,7 @@ def prepare_objective(spec: ObjectiveSpec):
 
     where = f"objectives.{spec.name}"
     try:
-        task = load_task(spec.task)
+        task = load_task(spec.task, metric=spec.metric, lm_eval=spec.lm_eval)
     except EvomergeError as exc:
         raise EvomergeError(f"{where}.task: {exc}") from None
     if not task.items:

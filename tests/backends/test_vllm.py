@@ -361,3 +361,20 @@ def test_real_zoo_models_and_a_merge_agree_with_hf_backend():
     finally:
         engine.close()
     assert accuracy["ties(arith+lang)"] > accuracy["expert-lang"], accuracy    # what the search exploits
+
+
+def test_token_level_methods_lm_eval_uses_agree_with_hf_backend(engine, dirs):
+    """token_loglikelihoods and greedy_generate, the methods lm-eval tasks are answered with
+    (tasks.lm_eval_lm.BackendLM), give the HF backend's answers."""
+    engine.load_weights(*weights_of(tiny_model(0)))
+    hf = HFBackend(dirs["a"])
+    encode = hf.tokenizer
+    rows = [(encode(p)["input_ids"], encode(c, add_special_tokens=False)["input_ids"])
+            for p in PROMPTS for c in CHOICES]
+    got, want = engine.token_loglikelihoods(rows), hf.token_loglikelihoods(rows)
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], rel=1e-2, abs=1e-4)
+    assert sum(g == w for (_, g), (_, w) in zip(got, want)) >= len(rows) - 2      # greedy flags (near-ties aside)
+    prompts = [encode(p)["input_ids"] for p in PROMPTS]
+    texts, reference = engine.greedy_generate(prompts, MAX_NEW, [";"]), hf.greedy_generate(prompts, MAX_NEW, [";"])
+    cut = [t.split(";")[0] for t in reference]                                      # vLLM stops before the stop string
+    assert sum(a.split(";")[0] == b for a, b in zip(texts, cut)) >= len(PROMPTS) - 2

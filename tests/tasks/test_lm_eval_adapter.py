@@ -63,16 +63,29 @@ def task_dir(tmp_path_factory):
 def test_multiple_choice_task_from_local_yaml_dir(task_dir):
     task = load_task(f"{task_dir}:evomerge_local_mc")
     assert task.kind == "multiple_choice" and len(task) == 6 and task.split == "test"
+    # items describe lm-eval's documents: the request's context, the choices, the gold choice
     assert task.items[0].prompt == "Question: 0+1\nAnswer:"
-    assert task.items[0].choices == [" 1", " 2", " x"]           # target delimiter kept
-    assert [i.answer for i in task.items[:3]] == [" 1", " 3", " x"]
+    assert task.items[0].choices == ["1", "2", "x"]
+    assert [i.answer for i in task.items[:3]] == ["1", "3", "x"]
+    assert [i.id for i in task.items] == [str(i) for i in range(6)]
+    # each document's requests are lm-eval's: the target delimiter starts every continuation
+    requests = task.harness.leaves[0].requests[0]
+    assert [r.args for r in requests] == [("Question: 0+1\nAnswer:", " 1"), ("Question: 0+1\nAnswer:", " 2"),
+                                          ("Question: 0+1\nAnswer:", " x")]
+    assert task.harness.metric == "acc,none"
 
 
-def test_generation_task_keeps_stops_budget_and_regex(task_dir):
+def test_generation_task_keeps_its_filter_pipeline_and_generation_kwargs(task_dir):
     task = load_task(str(task_dir / "gen.yaml"))
-    assert (task.name, task.kind, task.max_new_tokens, task.stop) == ("evomerge_local_gen", "generate", 5, [";"])
+    assert (task.name, task.kind) == ("evomerge_local_gen", "generate")
     assert task.items[1].answer == "3"
-    assert task.is_correct(1, "1+2=3;=9") and not task.is_correct(1, "=4")
+    (request,) = task.harness.leaves[0].requests[1]
+    assert request.args[0] == "1+2=" and request.args[1]["until"] == [";"] and request.args[1]["max_gen_toks"] == 5
+    assert task.harness.metric == "exact_match,strict"
+    # the filters are lm-eval's: the regex's first match, then take_first
+    request.resps = ["1+2=3;=9"]
+    task.harness.leaves[0].task._filters[0].apply([request])
+    assert request.filtered_resps["strict"] == "3"
 
 
 def test_unknown_lm_eval_task_is_named():
