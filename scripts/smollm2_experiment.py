@@ -150,6 +150,34 @@ RECIPES = {
 }
 
 
+# A fork of this (big) process would count its pages in the child's peak RSS until exec: the
+# merges are started from a small launcher that reports its own child's peak RSS.
+LAUNCHER = r"""
+import json, os, subprocess, sys, time
+t0 = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_, status, usage = os.wait4(p.pid, 0)
+err = p.stderr.read().decode(errors="replace").strip().splitlines()[-1:]
+print("RESULT " + json.dumps({"wall_s": time.perf_counter() - t0, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,
+                             "user_s": usage.ru_utime, "sys_s": usage.ru_stime,
+                             "rc": os.waitstatus_to_exitcode(status), "error": err}))
+"""
+
+
+def measure(cmd: list[str], env: dict) -> dict:
+    import subprocess
+
+    load = os.getloadavg()[0]
+    proc = subprocess.run(["/usr/bin/env", "python3", "-c", LAUNCHER, *cmd], capture_output=True, text=True, env=env)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        return {"rc": 1, "error": proc.stderr.strip().splitlines()[-1:], "load_before": load}
+    out = json.loads(line[len("RESULT "):])
+    if not out["rc"]:
+        out.pop("error")
+    return {**out, "load_before": load}
+
+
 def merge_bench(models: dict[str, Path], work: Path, skip_mergekit: bool) -> dict:
     results = {}
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
@@ -165,16 +193,11 @@ def merge_bench(models: dict[str, Path], work: Path, skip_mergekit: bool) -> dic
                 shutil.rmtree(out, ignore_errors=True)
                 out.parent.mkdir(parents=True, exist_ok=True)
             if not skip_mergekit:
-                m = BENCH.measure_rss([str(BENCH.MERGEKIT_BIN / "mergekit-yaml"), str(cfg), str(outs["mergekit"]),
-                                       "--no-cuda", "--copy-tokenizer", "--random-seed", "0"], env=env)
-                row["mergekit"] = {k: m[k] for k in ("wall_s", "peak_rss_gb", "user_s", "sys_s", "rc", "load_before")}
-                if m["rc"]:
-                    row["mergekit"]["error"] = m["stderr"].strip().splitlines()[-1:]
-            e = BENCH.measure_rss([sys.executable, "-m", "evomerge.cli", "merge", str(cfg), str(outs["evomerge"])],
-                                  env=env)
-            row["evomerge"] = {k: e[k] for k in ("wall_s", "peak_rss_gb", "user_s", "sys_s", "rc", "load_before")}
-            if e["rc"]:
-                row["evomerge"]["error"] = e["stderr"].strip().splitlines()[-1:]
+                m = row["mergekit"] = measure([str(BENCH.MERGEKIT_BIN / "mergekit-yaml"), str(cfg),
+                                               str(outs["mergekit"]), "--no-cuda", "--copy-tokenizer",
+                                               "--random-seed", "0"], env)
+            e = row["evomerge"] = measure([sys.executable, "-m", "evomerge.cli", "merge", str(cfg),
+                                           str(outs["evomerge"])], env)
             if not skip_mergekit and not m["rc"] and not e["rc"]:
                 row["max_abs_diff"], row["worst_tensor"] = BENCH.max_diff(outs["evomerge"], outs["mergekit"])
             results[key] = row
@@ -231,7 +254,7 @@ def markdown(r: dict) -> str:
              f"- **fine-tunes**: " + "; ".join(f"{k}: {v.get('steps')} AdamW steps, loss {v.get('loss_first', 0):.2f} -> "
                                                f"{v.get('loss_last', 0):.2f}" for k, v in r["fine_tunes"].items()
                                                if not v.get("cached")), ""]
-    lines += ["| merge | mergekit 0.1.5 wall / peak RSS | evomerge wall / peak RSS | max abs diff |",
+    lines += ["| merge | mergekit 0.1.5: time / peak RSS | evomerge: time / peak RSS | max abs diff |",
               "|---|---|---|---|"]
     for key, row in r["merge"].items():
         def cell(m):
@@ -239,7 +262,8 @@ def markdown(r: dict) -> str:
                 return "-"
             if m.get("rc"):
                 return "failed: " + " ".join(m.get("error", []))[:80]
-            return f"{m['wall_s']:.1f} s / {m['peak_rss_gb']:.2f} GB (load {m['load_before']:.1f})"
+            return (f"{m['wall_s']:.0f} s wall, {m['user_s'] + m['sys_s']:.0f} s CPU / {m['peak_rss_gb']:.2f} GB "
+                    f"(load {m['load_before']:.0f})")
         diff = row.get("max_abs_diff")
         lines.append(f"| {key} | {cell(row.get('mergekit'))} | {cell(row.get('evomerge'))} | "
                      f"{'-' if diff is None else f'{diff:.1e}'} |")
@@ -259,27 +283,35 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/evomerge-smollm2"))
     ap.add_argument("--steps", type=int, default=12, help="AdamW steps per fine-tune")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--parts", default="eval,merge,search", help="comma-separated: eval, merge, search "
+                    "(parts left out are taken from --json if it exists)")
     ap.add_argument("--conversion", type=Path, default=None, help="JSON line printed by smollm2_from_gguf.py")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--doc", action="store_true")
     args = ap.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    r: dict = {"load_start": os.getloadavg()[0]}
+    parts = set(args.parts.split(","))
+    r: dict = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    r["load_start"] = os.getloadavg()[0]
     if args.conversion and args.conversion.exists():
         r["conversion"] = json.loads(args.conversion.read_text())
-    r["eval"] = eval_vs_generate(args.model, work)
-    print("eval:", json.dumps({k: v for k, v in r["eval"].items() if k != "pairs"}), flush=True)
+    if "eval" in parts:
+        r["eval"] = eval_vs_generate(args.model, work)
+        print("eval:", json.dumps({k: v for k, v in r["eval"].items() if k != "pairs"}), flush=True)
     models = {"base": args.model, "ft_a": work / "ft_sums", "ft_b": work / "ft_capitals"}
-    r["fine_tunes"] = {"ft_a": fine_tune(args.model, models["ft_a"], sums_rows(), args.steps, 1),
-                       "ft_b": fine_tune(args.model, models["ft_b"], capital_rows(), args.steps, 2)}
+    tunes = {"ft_a": fine_tune(args.model, models["ft_a"], sums_rows(), args.steps, 1),
+             "ft_b": fine_tune(args.model, models["ft_b"], capital_rows(), args.steps, 2)}
+    r["fine_tunes"] = {k: v for k, v in tunes.items() if not v.get("cached")} or r.get("fine_tunes", {})
     print("fine-tunes:", json.dumps(r["fine_tunes"]), flush=True)
-    r["merge"] = merge_bench(models, work, args.skip_mergekit)
-    print("merge:", json.dumps(r["merge"]), flush=True)
-    tasks = {"sums": write_task(work / "sums.yaml", "sums", sums_rows()[::5], 4),
-             "capitals": write_task(work / "capitals.yaml", "capitals", capital_rows()[::2], 4)}
-    r["search"] = search(models, work, tasks)
-    print("search:", json.dumps(r["search"]), flush=True)
+    if "merge" in parts:
+        r["merge"] = merge_bench(models, work, args.skip_mergekit)
+        print("merge:", json.dumps(r["merge"]), flush=True)
+    if "search" in parts:
+        tasks = {"sums": write_task(work / "sums.yaml", "sums", sums_rows()[::5], 4),
+                 "capitals": write_task(work / "capitals.yaml", "capitals", capital_rows()[::2], 4)}
+        r["search"] = search(models, work, tasks)
+        print("search:", json.dumps(r["search"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(r, indent=2, default=str) + "\n")
     text = markdown(r)
@@ -288,7 +320,7 @@ def main() -> int:
         doc = DOC.read_text()
         start, end = doc.index(BEGIN) + len(BEGIN), doc.index(END)
         DOC.write_text(doc[:start] + "\n" + text + doc[end:])
-    return 0 if r["eval"]["equal"] == r["eval"]["prompts"] else 1
+    return 0 if r.get("eval", {}).get("equal") == r.get("eval", {}).get("prompts") else 1
 
 
 if __name__ == "__main__":
