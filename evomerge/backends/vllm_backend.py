@@ -29,11 +29,14 @@ the backend is built for (prompt + generation, or prompt + choice / reference), 
 ``KV_CONCURRENT_REQUESTS`` requests of that length (vLLM's own default there is the
 model's whole context, 8192 tokens for SmolLM2, more KV cache than it is given).
 
-The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the weights reach it
-by reference, with no serialization, and scripts need no ``if __name__ == "__main__"`` guard.
-Run one backend per worker process (a Ray actor). vLLM's multiprocess mode is not used: its
-RPC turns the (name, tensor) pairs into lists (tried with vLLM 0.32.0: "'list' object has no
-attribute 'dtype'").
+By default the engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the
+weights reach it by reference, with no serialization, and scripts need no ``if __name__ ==
+"__main__"`` guard; run one backend per worker process (a Ray actor). ``multiprocess=True``
+(and any ``tensor_parallel_size`` / ``pipeline_parallel_size`` > 1) runs vLLM's own worker
+processes instead: its RPC cannot carry tensors (vLLM 0.32.0 turns the (name, tensor) pairs
+into lists), so candidates go to the workers as plans (``load_plan``) and are merged there
+(``evomerge/workers/vllm_extension.py``). vLLM then spawns its processes: a script needs the
+``__main__`` guard.
 
 Scoring matches ``HFBackend``: prompts are tokenized here with the model's HF tokenizer and
 passed as token ids; generation is greedy (temperature 0); multiple choice sums the
