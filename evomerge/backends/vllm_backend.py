@@ -167,6 +167,21 @@ def kv_cache_bytes(config: dict, n_layers: int, max_model_len: int, dtype: str) 
     return per_token * blocks * KV_BLOCK_TOKENS * KV_CONCURRENT_REQUESTS
 
 
+def _cpu_groups(ranks: int) -> str | None:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``ranks`` workers: this process's cores in equal
+    contiguous groups, e.g. ``0|1`` for two ranks on two cores (run that way: TP=2 on 2 cores)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    size = len(cpus) // ranks
+    if size < 1:
+        return None
+    parts = []
+    for r in range(ranks):
+        group = cpus[r * size:(r + 1) * size]
+        contiguous = group[-1] - group[0] == len(group) - 1
+        parts.append(f"{group[0]}-{group[-1]}" if contiguous and len(group) > 1 else ",".join(map(str, group)))
+    return "|".join(parts)
+
+
 def _num_layers(config: dict) -> int:
     return int(config.get("num_hidden_layers", 0))
 
@@ -297,6 +312,13 @@ class VLLMBackend:
             raise EvomergeError(f"{model_dir}: head dimension {_head_dim(config)} is not supported by vLLM's "
                                 f"CPU attention (needs one of {', '.join(map(str, CPU_HEAD_SIZES))})")
         options = dict(self.engine_options)
+        ranks = int(options.get("tensor_parallel_size") or 1) * int(options.get("pipeline_parallel_size") or 1)
+        if platform == "cpu" and ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vLLM's CPU build binds each rank to a NUMA node by default and refuses more ranks
+            # than nodes ("Not enough allowed NUMA nodes"); split this process's cores instead.
+            groups = _cpu_groups(ranks)
+            if groups:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = groups
         if overrides:
             options["hf_overrides"] = {**(options.get("hf_overrides") or {}), **overrides}
             options["load_format"] = "dummy"
