@@ -206,7 +206,8 @@ def merge_bench(models: dict[str, Path], work: Path, skip_mergekit: bool) -> dic
 
 # ---------------------------------------------------------------- 4. a search
 
-def search(models: dict[str, Path], work: Path, tasks: dict[str, Path]) -> dict:
+def search(models: dict[str, Path], work: Path, tasks: dict[str, Path], population: int = 4,
+           generations: int = 2) -> dict:
     from evomerge.search.archive import Archive
     from evomerge.search.run import SearchRun
 
@@ -217,7 +218,7 @@ def search(models: dict[str, Path], work: Path, tasks: dict[str, Path]) -> dict:
         "genome": {"kind": "parameter", "method": "task_arithmetic", "granularity": "model", "weight": [0.0, 1.5]},
         "objectives": [{"name": name, "task": str(path)} for name, path in tasks.items()],
         "evaluator": {"kind": "merge", "backend": "hf", "device": "cpu"},
-        "optimizer": {"name": "nsga2", "population": 4, "generations": 2}, "audit": {"every": 0},
+        "optimizer": {"name": "nsga2", "population": population, "generations": generations}, "audit": {"every": 0},
         "workers": {"backend": "local", "count": 1},
     }
     (work / "search.yaml").write_text(yaml.safe_dump(config))
@@ -267,8 +268,11 @@ def markdown(r: dict) -> str:
         diff = row.get("max_abs_diff")
         lines.append(f"| {key} | {cell(row.get('mergekit'))} | {cell(row.get('evomerge'))} | "
                      f"{'-' if diff is None else f'{diff:.1e}'} |")
-    s = r["search"]
-    lines += ["", f"- **search**: {s['candidates']} candidates ({s['ok']} ok), NSGA-II 2 x 4, task-arithmetic "
+    s = r.get("search")
+    if not s:
+        return "\n".join(lines + ["", "- **search**: not measured in this run."]) + "\n"
+    lines += ["", f"- **search**: {s['candidates']} candidates ({s['ok']} ok), NSGA-II {s.get('generations', 2)} "
+              f"generation(s) x {s.get('population', 4)}, task-arithmetic "
               f"weights of the two fine-tunes, HF backend: {s['wall_s']:.0f} s wall including scoring the "
               f"three sources. Sources: " + "; ".join(f"{m}: " + ", ".join(f"{k} {v:.2f}" for k, v in sc.items())
                                                      for m, sc in s["source_scores"].items())
@@ -283,6 +287,8 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/evomerge-smollm2"))
     ap.add_argument("--steps", type=int, default=12, help="AdamW steps per fine-tune")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--population", type=int, default=4)
+    ap.add_argument("--generations", type=int, default=2)
     ap.add_argument("--parts", default="eval,merge,search", help="comma-separated: eval, merge, search "
                     "(parts left out are taken from --json if it exists)")
     ap.add_argument("--conversion", type=Path, default=None, help="JSON line printed by smollm2_from_gguf.py")
@@ -310,7 +316,8 @@ def main() -> int:
     if "search" in parts:
         tasks = {"sums": write_task(work / "sums.yaml", "sums", sums_rows()[::5], 4),
                  "capitals": write_task(work / "capitals.yaml", "capitals", capital_rows()[::2], 4)}
-        r["search"] = search(models, work, tasks)
+        r["search"] = search(models, work, tasks, args.population, args.generations)
+        r["search"].update(population=args.population, generations=args.generations)
         print("search:", json.dumps(r["search"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(r, indent=2, default=str) + "\n")
