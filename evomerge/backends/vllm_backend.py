@@ -72,6 +72,7 @@ from evomerge.tasks.task import Task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+_IN_PROCESS_ENGINES = 0                # live engines sharing this process's vLLM state
 WORKER_EXTENSION = "evomerge.workers.vllm_extension.EvomergeWorkerExtension"
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
@@ -322,22 +323,32 @@ class VLLMBackend:
         if overrides:
             options["hf_overrides"] = {**(options.get("hf_overrides") or {}), **overrides}
             options["load_format"] = "dummy"
+        global _IN_PROCESS_ENGINES
         try:
             with _llvmlite_hidden():
-                return LLM(model=str(model_dir), tokenizer=str(self.model_dir), **options)
+                llm = LLM(model=str(model_dir), tokenizer=str(self.model_dir), **options)
+            if not self.multiprocess:
+                _IN_PROCESS_ENGINES += 1
+            return llm
         except (ValueError, RuntimeError, OSError, TypeError) as exc:
             raise EvomergeError(f"{model_dir}: vLLM engine failed to start ({str(exc).splitlines()[0]})") from None
 
     def close(self) -> None:
         """Shut the engine down and free its memory (the backend is unusable afterwards)."""
+        global _IN_PROCESS_ENGINES
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+            if not self.multiprocess:
+                _IN_PROCESS_ENGINES -= 1
+            # vLLM's distributed state is process-wide: tear it down only when no engine in
+            # this process still uses it
+            if _IN_PROCESS_ENGINES == 0:
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-            cleanup_dist_env_and_memory()
+                cleanup_dist_env_and_memory()
         if self._restart_dir is not None:
             shutil.rmtree(self._restart_dir, ignore_errors=True)
             self._restart_dir = None

@@ -190,48 +190,6 @@ def test_out_of_range_index_and_unsupported_head_size(engine, tmp_path):
         VLLMBackend(save(small_heads, tmp_path / "h16"), device="cpu")
 
 
-@pytest.mark.slow
-def test_layer_count_change_restarts_the_engine_and_identity_padding_gives_the_same_results(engine, dirs, tmp_path):
-    """Runs last: a 3-layer candidate cannot be reloaded into the 2-layer engine; it restarts on
-    it. An engine built 4 layers deep (``layer_capacity``) loads the same 3-layer candidate in
-    place, the spare layer an identity layer, and then a 2-layer one: item for item the restart
-    path's and a fresh engine's results, and no restart."""
-    deeper = tiny_model(2, layers=3)
-    deeper_dir = save(deeper, tmp_path / "deeper")
-    gen, mc = generate_task(["1"] * len(PROMPTS)), mc_task()
-    idx = list(range(len(PROMPTS)))
-    rows = [(engine._encode(p), engine._encode(c, special=False)) for p in PROMPTS for c in CHOICES]
-    engine.load_weights(*weights_of(deeper))
-    assert engine.restarts == 1 and engine.config["num_hidden_layers"] == 3
-    hf = HFBackend(deeper_dir)
-    refs = [greedy_with_margin(hf.model, hf.tokenizer, p) for p in PROMPTS]
-    restarted = engine.score(gen, idx)
-    for r, (out, margin) in zip(restarted, refs):
-        if margin > MARGIN:
-            assert r.output == out
-    restarted_mc, restarted_ll = engine.score(mc, idx), engine.loglikelihoods(rows)
-    engine.load_weights(*weights_of(tiny_model(0)))             # the 2-layer A, padded with an identity layer
-    assert engine.restarts == 1
-    a_in_restarted = engine.score(gen, idx)
-    engine.close()
-
-    padded = VLLMBackend(dirs["b"], device="cpu", tasks=[gen, mc], layer_capacity=4)
-    try:
-        assert padded.restarts == 0 and padded.capacity == 4
-        # the default context: the tasks' longest request (+ a little), within max_position_embeddings
-        longest = max(longest_request(t, padded._encode, padded.tokenizer.eos_token_id) for t in (gen, mc))
-        assert longest < padded.engine_options["max_model_len"] <= min(128, longest + 24)
-        padded.load_weights(*weights_of(deeper))
-        assert [(r.output, r.score) for r in padded.score(gen, idx)] == [(r.output, r.score) for r in restarted]
-        assert [r.output for r in padded.score(mc, idx)] == [r.output for r in restarted_mc]
-        assert padded.loglikelihoods(rows) == pytest.approx(restarted_ll, abs=1e-5)
-        padded.load_weights(*weights_of(tiny_model(0)))
-        assert [r.output for r in padded.score(gen, idx)] == [r.output for r in a_in_restarted]
-        assert padded.restarts == 0
-    finally:
-        padded.close()
-
-
 def test_eval_command_with_the_vllm_backend_scores_every_item_as_the_hf_backend(tmp_path, capsys):
     """`evomerge eval ZOO_MODEL --backend vllm` (default engine options) writes the same per-item
     scores as `--backend hf`, exact and likelihood."""
@@ -378,3 +336,45 @@ def test_token_level_methods_lm_eval_uses_agree_with_hf_backend(engine, dirs):
     texts, reference = engine.greedy_generate(prompts, MAX_NEW, [";"]), hf.greedy_generate(prompts, MAX_NEW, [";"])
     cut = [t.split(";")[0] for t in reference]                                      # vLLM stops before the stop string
     assert sum(a.split(";")[0] == b for a, b in zip(texts, cut)) >= len(PROMPTS) - 2
+
+
+@pytest.mark.slow
+def test_layer_count_change_restarts_the_engine_and_identity_padding_gives_the_same_results(engine, dirs, tmp_path):
+    """Runs last (it closes the module's engine): a 3-layer candidate cannot be reloaded into
+    the 2-layer engine; it restarts on it. An engine built 4 layers deep (``layer_capacity``) loads the same 3-layer candidate in
+    place, the spare layer an identity layer, and then a 2-layer one: item for item the restart
+    path's and a fresh engine's results, and no restart."""
+    deeper = tiny_model(2, layers=3)
+    deeper_dir = save(deeper, tmp_path / "deeper")
+    gen, mc = generate_task(["1"] * len(PROMPTS)), mc_task()
+    idx = list(range(len(PROMPTS)))
+    rows = [(engine._encode(p), engine._encode(c, special=False)) for p in PROMPTS for c in CHOICES]
+    engine.load_weights(*weights_of(deeper))
+    assert engine.restarts == 1 and engine.config["num_hidden_layers"] == 3
+    hf = HFBackend(deeper_dir)
+    refs = [greedy_with_margin(hf.model, hf.tokenizer, p) for p in PROMPTS]
+    restarted = engine.score(gen, idx)
+    for r, (out, margin) in zip(restarted, refs):
+        if margin > MARGIN:
+            assert r.output == out
+    restarted_mc, restarted_ll = engine.score(mc, idx), engine.loglikelihoods(rows)
+    engine.load_weights(*weights_of(tiny_model(0)))             # the 2-layer A, padded with an identity layer
+    assert engine.restarts == 1
+    a_in_restarted = engine.score(gen, idx)
+    engine.close()                 # closing an in-process engine tears down vLLM's process-wide state
+
+    padded = VLLMBackend(dirs["b"], device="cpu", tasks=[gen, mc], layer_capacity=4)
+    try:
+        assert padded.restarts == 0 and padded.capacity == 4
+        # the default context: the tasks' longest request (+ a little), within max_position_embeddings
+        longest = max(longest_request(t, padded._encode, padded.tokenizer.eos_token_id) for t in (gen, mc))
+        assert longest < padded.engine_options["max_model_len"] <= min(128, longest + 24)
+        padded.load_weights(*weights_of(deeper))
+        assert [(r.output, r.score) for r in padded.score(gen, idx)] == [(r.output, r.score) for r in restarted]
+        assert [r.output for r in padded.score(mc, idx)] == [r.output for r in restarted_mc]
+        assert padded.loglikelihoods(rows) == pytest.approx(restarted_ll, abs=1e-5)
+        padded.load_weights(*weights_of(tiny_model(0)))
+        assert [r.output for r in padded.score(gen, idx)] == [r.output for r in a_in_restarted]
+        assert padded.restarts == 0
+    finally:
+        padded.close()
