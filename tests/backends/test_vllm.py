@@ -3,7 +3,9 @@ the same per-item results as a fresh engine, and agree with the HF backend.
 
 Runs only where vllm imports (``scripts/setup_vllm_venv.sh``, then
 ``.venv-vllm/bin/python -m pytest tests/backends/test_vllm.py``); skipped elsewhere.
-One engine for the whole module: starting one costs ~10-25 s on 2 cores.
+One engine for the whole module: starting one costs ~10-25 s on 2 cores. The tests on it come
+first: shutting down an in-process engine (the other tests start and close their own) tears
+down vLLM's process-wide distributed state, which the module's engine then lacks.
 """
 
 from __future__ import annotations
@@ -190,6 +192,23 @@ def test_out_of_range_index_and_unsupported_head_size(engine, tmp_path):
         VLLMBackend(save(small_heads, tmp_path / "h16"), device="cpu")
 
 
+def test_token_level_methods_lm_eval_uses_agree_with_hf_backend(engine, dirs):
+    """token_loglikelihoods and greedy_generate, the methods lm-eval tasks are answered with
+    (tasks.lm_eval_lm.BackendLM), give the HF backend's answers."""
+    engine.load_weights(*weights_of(tiny_model(0)))
+    hf = HFBackend(dirs["a"])
+    encode = hf.tokenizer
+    rows = [(encode(p)["input_ids"], encode(c, add_special_tokens=False)["input_ids"])
+            for p in PROMPTS for c in CHOICES]
+    got, want = engine.token_loglikelihoods(rows), hf.token_loglikelihoods(rows)
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], rel=1e-2, abs=1e-4)
+    assert sum(g == w for (_, g), (_, w) in zip(got, want)) >= len(rows) - 2      # greedy flags (near-ties aside)
+    prompts = [encode(p)["input_ids"] for p in PROMPTS]
+    texts, reference = engine.greedy_generate(prompts, MAX_NEW, [";"]), hf.greedy_generate(prompts, MAX_NEW, [";"])
+    cut = [t.split(";")[0] for t in reference]                                      # vLLM stops before the stop string
+    assert sum(a.split(";")[0] == b for a, b in zip(texts, cut)) >= len(PROMPTS) - 2
+
+
 def test_eval_command_with_the_vllm_backend_scores_every_item_as_the_hf_backend(tmp_path, capsys):
     """`evomerge eval ZOO_MODEL --backend vllm` (default engine options) writes the same per-item
     scores as `--backend hf`, exact and likelihood."""
@@ -319,23 +338,6 @@ def test_real_zoo_models_and_a_merge_agree_with_hf_backend():
     finally:
         engine.close()
     assert accuracy["ties(arith+lang)"] > accuracy["expert-lang"], accuracy    # what the search exploits
-
-
-def test_token_level_methods_lm_eval_uses_agree_with_hf_backend(engine, dirs):
-    """token_loglikelihoods and greedy_generate, the methods lm-eval tasks are answered with
-    (tasks.lm_eval_lm.BackendLM), give the HF backend's answers."""
-    engine.load_weights(*weights_of(tiny_model(0)))
-    hf = HFBackend(dirs["a"])
-    encode = hf.tokenizer
-    rows = [(encode(p)["input_ids"], encode(c, add_special_tokens=False)["input_ids"])
-            for p in PROMPTS for c in CHOICES]
-    got, want = engine.token_loglikelihoods(rows), hf.token_loglikelihoods(rows)
-    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], rel=1e-2, abs=1e-4)
-    assert sum(g == w for (_, g), (_, w) in zip(got, want)) >= len(rows) - 2      # greedy flags (near-ties aside)
-    prompts = [encode(p)["input_ids"] for p in PROMPTS]
-    texts, reference = engine.greedy_generate(prompts, MAX_NEW, [";"]), hf.greedy_generate(prompts, MAX_NEW, [";"])
-    cut = [t.split(";")[0] for t in reference]                                      # vLLM stops before the stop string
-    assert sum(a.split(";")[0] == b for a, b in zip(texts, cut)) >= len(PROMPTS) - 2
 
 
 @pytest.mark.slow
