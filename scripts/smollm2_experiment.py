@@ -245,7 +245,7 @@ def search(models: dict[str, Path], work: Path, tasks: dict[str, Path], populati
 # ---------------------------------------------------------------- report
 
 def markdown(r: dict) -> str:
-    e = r["eval"]
+    e = r.get("eval") or {"equal": 0, "prompts": 0, "pairs": [{"prompt": "-", "evomerge": "-"}]}
     lines = [f"Machine: 2 shared CPU cores (1-min load average at start {r['load_start']:.1f}); "
              f"conversion (scripts/smollm2_from_gguf.py): {r.get('conversion', {}).get('seconds', '?')} s, "
              f"peak RSS {r.get('conversion', {}).get('peak_rss_mb', '?')} MB.", "",
@@ -253,18 +253,18 @@ def markdown(r: dict) -> str:
              f"`generate(do_sample=False)` on {e['equal']} of {e['prompts']} prompts (16 new tokens each); "
              f"e.g. {e['pairs'][0]['prompt']!r} -> {e['pairs'][0]['evomerge']!r}.",
              f"- **fine-tunes**: " + "; ".join(f"{k}: {v.get('steps')} AdamW steps, loss {v.get('loss_first', 0):.2f} -> "
-                                               f"{v.get('loss_last', 0):.2f}" for k, v in r["fine_tunes"].items()
+                                               f"{v.get('loss_last', 0):.2f}" for k, v in r.get("fine_tunes", {}).items()
                                                if not v.get("cached")), ""]
     lines += ["| merge | mergekit 0.1.5: time / peak RSS | evomerge: time / peak RSS | max abs diff |",
               "|---|---|---|---|"]
-    for key, row in r["merge"].items():
+    for key, row in r.get("merge", {}).items():
         def cell(m):
             if not m:
                 return "-"
             if m.get("rc"):
                 return "failed: " + " ".join(m.get("error", []))[:80]
-            return (f"{m['wall_s']:.0f} s wall, {m['user_s'] + m['sys_s']:.0f} s CPU / {m['peak_rss_gb']:.2f} GB "
-                    f"(load {m['load_before']:.0f})")
+            rss = "RSS not measured" if m.get("peak_rss_gb") is None else f"{m['peak_rss_gb']:.2f} GB"
+            return f"{m['wall_s']:.0f} s wall, {m['user_s'] + m['sys_s']:.0f} s CPU / {rss} (load {m['load_before']:.0f})"
         diff = row.get("max_abs_diff")
         lines.append(f"| {key} | {cell(row.get('mergekit'))} | {cell(row.get('evomerge'))} | "
                      f"{'-' if diff is None else f'{diff:.1e}'} |")
