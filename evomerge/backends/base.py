@@ -142,3 +142,103 @@ def graded_results(task: Task, indices: Sequence[int], owners: list[tuple[int, i
         else:
             results.append(ItemResult(i, math.exp(min(lls[0], 0.0)), task.reference(i)))
     return results
+
+
+def longest_request(task: Task, encode: Callable[..., list[int]], eos_token_id: int | None) -> int:
+    """The most tokens one request of ``task`` occupies in an engine, whichever way it is scored:
+    exact generation (prompt + ``max_new_tokens``), multiple-choice rows (prompt + choice) and
+    likelihood rows (prompt + reference [+ end-of-sequence]). Sizes the engine's context."""
+    indices = range(len(task.items))
+    rows, _ = likelihood_rows(task, indices, encode, eos_token_id)
+    longest = max((len(ctx) + len(cont) for ctx, cont in rows), default=0)
+    if task.kind == "generate":
+        longest = max([longest] + [len(encode(item.prompt)) + task.max_new_tokens for item in task.items])
+    return longest
+
+
+# --------------------------------------------------------------------------- identity layers
+
+# Where a Llama-like decoder's layers live in checkpoint names (Llama, Mistral, Qwen2, Gemma, Mixtral).
+LLAMA_LAYER_PREFIX = "model.layers."
+
+
+# Config lists with one entry per layer: a padded candidate's entries must be the engine's first
+# ones (Gemma2 / Qwen2 fix sliding-window vs full attention per layer when the engine is built).
+PER_LAYER_KEYS = ("layer_types",)
+
+
+def same_but_depth(config: dict, engine_config: dict, shape_keys: Sequence[str],
+                   layer_count_key: str = "num_hidden_layers") -> bool:
+    """Whether a candidate's architecture is the engine's up to having fewer or more layers:
+    every shape key but the layer count equal, per-layer lists agreeing on the layers it has."""
+    for key in shape_keys:
+        if key == layer_count_key or key in PER_LAYER_KEYS or (key not in config and key not in engine_config):
+            continue
+        if config.get(key) != engine_config.get(key):
+            return False
+    for key in PER_LAYER_KEYS:
+        mine, theirs = config.get(key), engine_config.get(key)
+        if isinstance(mine, list) and isinstance(theirs, list):
+            if mine != theirs[: len(mine)]:
+                return False
+        elif mine != theirs:
+            return False
+    return True
+
+
+def split_layer_name(name: str, layer_prefix: str = LLAMA_LAYER_PREFIX) -> tuple[int, str] | None:
+    """``(layer index, suffix)`` of a layer tensor name, None for the tensors outside the layers."""
+    if not name.startswith(layer_prefix):
+        return None
+    index, dot, suffix = name[len(layer_prefix):].partition(".")
+    return (int(index), suffix) if dot and index.isdigit() else None
+
+
+def pad_with_identity_layers(weights: dict[str, Tensor], config: dict, n_layers: int,
+                             layer_template: dict[str, tuple[tuple[int, ...], "torch.dtype"]],
+                             layer_prefix: str = LLAMA_LAYER_PREFIX,
+                             layer_count_key: str = "num_hidden_layers") -> tuple[dict[str, Tensor], dict]:
+    """A candidate with fewer layers than the running engine, made to fill all ``n_layers`` slots.
+
+    Slots ``k .. n_layers - 1`` (``k`` = the candidate's layer count) get identity layers:
+    every tensor of a spare layer is zero. What makes the layer an exact identity is that its
+    residual-writing projections (o_proj and down_proj in a Llama-like block, their biases too)
+    are zero, so the block adds exactly 0 to the residual stream -- a norm after them
+    (Gemma2's post-norms) maps 0 to 0 as well; the other tensors are zero so that nothing
+    inside the spare layer can overflow. The outputs are then bit-for-bit those of the
+    ``k``-layer model (``h + 0 == h``), while the engine keeps its ``n_layers`` KV-cache
+    layout and the weights swap in place. ``layer_template`` maps each layer-tensor suffix to
+    (shape, dtype) (from the engine's own checkpoint). The zero tensors are shared between
+    slots (no copies: the engine copies them into its own storage).
+    """
+    import torch
+
+    have = int(config.get(layer_count_key, 0))
+    if have > n_layers:
+        raise EvomergeError(f"candidate has {have} layers, more than the engine's {n_layers}")
+    padded = dict(weights)
+    zeros: dict[tuple, Tensor] = {}
+    for layer in range(have, n_layers):
+        for suffix, (shape, dtype) in layer_template.items():
+            key = (tuple(shape), dtype)
+            if key not in zeros:
+                zeros[key] = torch.zeros(shape, dtype=dtype)
+            padded[f"{layer_prefix}{layer}.{suffix}"] = zeros[key]
+    out_config = dict(config)
+    out_config[layer_count_key] = n_layers
+    for key in PER_LAYER_KEYS:         # spare layers add nothing, whatever their type: repeat the last
+        if isinstance(config.get(key), list) and config[key]:
+            out_config[key] = list(config[key]) + [config[key][-1]] * (n_layers - len(config[key]))
+    return padded, out_config
+
+
+def layer_template(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, "torch.dtype"],
+                   layer_prefix: str = LLAMA_LAYER_PREFIX) -> dict[str, tuple[tuple[int, ...], "torch.dtype"]]:
+    """{suffix: (shape, dtype)} of one decoder layer, read from a checkpoint's tensor table
+    (layer 0's tensors; every layer of a homogeneous decoder has the same)."""
+    out = {}
+    for name, shape in shapes.items():
+        parts = split_layer_name(name, layer_prefix)
+        if parts is not None and parts[0] == 0:
+            out[parts[1]] = (tuple(shape), dtypes[name])
+    return out

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from evomerge.backends.base import (ItemResult, check_indices, choice_rows, graded_results, harness_results,
-                                    likelihood_rows, pick_choices)
+                                    layer_template, likelihood_rows, pad_with_identity_layers, pick_choices,
+                                    same_but_depth)
 from evomerge.errors import CheckpointError
 from evomerge.io.architectures import architecture_of
 from evomerge.tasks.task import Task
@@ -71,10 +72,15 @@ def _in_worker_pool() -> bool:
 
 class HFBackend:
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None,
-                 batch_size: int = 64, num_threads: int | None = None, allow_bin: bool = False):
+                 batch_size: int = 64, num_threads: int | None = None, allow_bin: bool = False,
+                 layer_capacity: int | None = None):
         """``num_threads``: torch intra-op threads for this process. Default: 1 inside a worker
         pool (a Ray actor, or ``EVOMERGE_WORKER`` set), where workers already fill the cores
-        and tiny matmuls lose more to thread hand-offs than they gain; else torch's default."""
+        and tiny matmuls lose more to thread hand-offs than they gain; else torch's default.
+        ``layer_capacity``: the most layers a candidate may have (a data-flow genome's
+        ``max_layers``): the model is built that deep once, and a shallower candidate fills
+        the spare layers with identity layers (``base.pad_with_identity_layers``) instead of
+        a rebuild."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_dir = Path(model_dir)
@@ -106,21 +112,39 @@ class HFBackend:
         # transformers 5.x renamed past_key_values -> cache
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.rebuilds = 0                  # how often load_weights had to rebuild (observability)
+        self._depth_from_config: bool | None = None
+        from evomerge.io.checkpoint import Checkpoint
+
+        if has_safetensors:                # one layer's tensors, in checkpoint names: what a spare layer holds
+            ck = Checkpoint(self.model_dir)
+            arch = architecture_of(self.config, ck.tensor_names, where=str(self.model_dir))
+            self._template = layer_template({n: ck.shape(n) for n in ck.tensor_names},
+                                            {n: ck.dtype(n) for n in ck.tensor_names}, arch.layer_prefix)
+            depth = int(self.config.get(arch.layer_count_key, 0))
+            if layer_capacity and layer_capacity > depth and self._template:
+                # rebuilt this deep up front (not a restart), the checkpoint's layers first
+                self.load_weights({n: ck.get(n) for n in ck.tensor_names}, dict(self.config), min_layers=layer_capacity)
+                self.rebuilds = 0
+        else:
+            self._template = {}
 
     # ------------------------------------------------------------ weights
     def _params(self) -> dict[str, Tensor]:
         # named_parameters drops tied duplicates (lm_head.weight when embeddings are tied)
         return dict(self.model.named_parameters())
 
-    def load_weights(self, weights: dict[str, Tensor], config: dict) -> None:
+    def load_weights(self, weights: dict[str, Tensor], config: dict, min_layers: int = 0) -> None:
         """Swap a candidate's weights (checkpoint names, as a merge makes them) into the model.
 
+        A shallower candidate is first padded with identity layers (``_fill_spare_layers``).
         The registry maps checkpoint names to the runtime's: transformers 5 holds a MoE
         layer's experts as fused 3-D parameters where checkpoints have one tensor per expert.
         """
         from transformers import AutoModelForCausalLM
 
         arch = architecture_of(config, weights.keys(), where=f"candidate for {self.model_dir}")
+        layers = config.get(arch.layer_count_key)
+        weights, config = self._fill_spare_layers(weights, config, min_layers, arch)
         weights = arch.to_runtime(weights)
         keys = (*SHAPE_KEYS, arch.layer_count_key)
         changed = any(config.get(k) != self.config.get(k) for k in keys if k in config or k in self.config)
@@ -129,6 +153,7 @@ class HFBackend:
             self.model.to(self.device).eval()
             self.config = self.model.config.to_dict()
             self.rebuilds += 1
+            self._depth_from_config = None
         params = self._params()
         missing = [n for n in params if n not in weights]
         if missing:
@@ -143,6 +168,38 @@ class HFBackend:
                 if tuple(src.shape) != tuple(param.shape):
                     raise CheckpointError(f"tensor {name}: shape {tuple(src.shape)} does not fit {tuple(param.shape)}")
                 param.copy_(src.to(device=param.device, dtype=param.dtype))
+        self._run_layers(layers)
+
+    def _run_layers(self, layers) -> None:
+        """Run only the candidate's own layers where the model's forward reads its depth from
+        its config (transformers' Llama-like decoders loop over ``layers[:num_hidden_layers]``
+        and size their KV cache from it): a padded candidate then costs its own depth. The
+        spare layers are identity layers anyway, so other models compute the same outputs."""
+        if self._depth_from_config is None:
+            inner = getattr(self.model, "model", None)
+            try:
+                source = inspect.getsource(type(inner).forward) if inner is not None else ""
+            except (OSError, TypeError):
+                source = ""
+            self._depth_from_config = "self.layers[: self.config.num_hidden_layers]" in source
+        if self._depth_from_config and isinstance(layers, int):
+            self.model.config.num_hidden_layers = min(layers, int(self.config["num_hidden_layers"]))
+
+    def _fill_spare_layers(self, weights: dict[str, Tensor], config: dict, min_layers: int, arch
+                           ) -> tuple[dict[str, Tensor], dict]:
+        """A candidate that differs from the model only in having fewer layers (a data-flow
+        merge) gets identity layers in the spare slots, so it swaps in place; one with more
+        layers (or ``min_layers``) is padded to its new depth, so later ones fit."""
+        key = arch.layer_count_key
+        layers, current = config.get(key), self.config.get(key)
+        same = same_but_depth(config, self.config, (*SHAPE_KEYS, key), layer_count_key=key)
+        if not (same and self._template and isinstance(layers, int) and isinstance(current, int)):
+            return weights, config
+        depth = current if layers <= current and min_layers <= current else max(layers, min_layers)
+        if layers == depth:
+            return weights, config
+        return pad_with_identity_layers(weights, config, depth, self._template, layer_prefix=arch.layer_prefix,
+                                        layer_count_key=key)
 
     # ------------------------------------------------------------ scoring
     def score(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:

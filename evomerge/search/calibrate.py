@@ -108,7 +108,9 @@ def presearch_spec(run):
     return EvaluatorSpec(kind="merge", objectives=[ObjectiveSpec(o.name, o.task, scoring=o.scoring, **task_options(o))
                                                    for o in run.config.objectives],
                          sources=dict(spec.sources), backend=spec.backend, device=spec.device,
-                         model_dir=spec.model_dir, threads=spec.threads)
+                         model_dir=spec.model_dir, threads=spec.threads, engine=dict(spec.engine),
+                         layer_capacity=spec.layer_capacity, context_tasks=list(spec.context_tasks),
+                         multiprocess=spec.multiprocess)
 
 
 def presearch(run, progress: bool = True, pool=None) -> None:

@@ -26,6 +26,7 @@ def status_lines(run_dir: str | Path) -> list[str]:
         front = archive.front()
         best = archive.best()
         audit = archive.audit_stats()
+        engine = engine_line(archive, cfg)
     finally:
         archive.close()
     writer = store.writer()
@@ -39,6 +40,8 @@ def status_lines(run_dir: str | Path) -> list[str]:
         f"front:        {len(front)} candidates, hypervolume {meta.get('hypervolume', 0.0):.4f} "
         f"(reference {meta.get('reference')})",
     ]
+    if engine:
+        lines.append(engine)
     # Likelihood objectives are mean probabilities of the reference output, not accuracies.
     scale = {o.name: " (likelihood)" if o.scoring == "likelihood" else "" for o in cfg.objectives}
     for name in archive.objectives:
@@ -73,6 +76,29 @@ def _calibration_named(thetas: Path) -> str:
     except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
         return f"unreadable ({thetas}: {type(exc).__name__})"
     return str(found)
+
+
+def engine_line(archive, cfg) -> str | None:
+    """How the candidates reached the engine: loaded in place, or after an engine restart
+    (a candidate's ``timings.restart``, written by the evaluator)."""
+    if cfg.evaluator.kind != "merge":
+        return None
+    import json
+
+    loaded = restarts = 0
+    restart_seconds = 0.0
+    for (text,) in archive.db.execute("SELECT timings FROM evaluations WHERE timings IS NOT NULL"):
+        timings = json.loads(text) if text else {}
+        if "load" not in timings:
+            continue
+        loaded += 1
+        if "restart" in timings:
+            restarts += 1
+            restart_seconds += float(timings["restart"])
+    if not loaded:
+        return None
+    return (f"engine:       {cfg.evaluator.backend}, {loaded - restarts} of {loaded} candidates loaded in place, "
+            f"{restarts} engine restarts ({restart_seconds:.1f} s)")
 
 
 def heldout_lines(run_dir: str | Path) -> list[str]:

@@ -116,8 +116,31 @@ class EvaluatorConfig(_Strict):
     device: str = "cpu"
     model_dir: str | None = None                # tokenizer + architecture; default: the base or first source
     threads: int | None = Field(None, ge=1)     # torch CPU threads per worker; default: torch's choice
+    # vllm: engine arguments handed to vllm.LLM (max_model_len, kv_cache_memory_bytes, dtype,
+    # gpu_memory_utilization, tensor_parallel_size, ...), checked against vllm.EngineArgs.
+    # Default: a context that fits the objectives' longest request, a KV cache sized to it on CPU.
+    engine: dict[str, Any] = {}
+    # vllm: the engine's workers in their own processes (vLLM's default mode; needed for
+    # tensor_parallel_size > 1); candidates reach them as plans and are merged there
+    multiprocess: bool = False
     sleep: float = Field(0.0, ge=0)             # synthetic: seconds per evaluation
     fail_every: int = Field(0, ge=0)            # synthetic: every N-th candidate fails (0: never)
+
+    @model_validator(mode="after")
+    def _engine_options(self) -> "EvaluatorConfig":
+        if self.engine and self.backend != "vllm":
+            raise ValueError(f"engine.{next(iter(self.engine))}: engine options are for backend vllm "
+                             f"(backend is {self.backend!r})")
+        if self.multiprocess and self.backend != "vllm":
+            raise ValueError(f"multiprocess: the engine's worker processes are vLLM's (backend is {self.backend!r})")
+        if self.engine and self.kind == "merge":
+            from evomerge.backends.vllm_backend import check_engine_options
+
+            try:
+                check_engine_options(self.engine, "engine")
+            except EvomergeError as exc:
+                raise ValueError(str(exc)) from None
+        return self
 
 
 class OptimizerConfig(_Strict):

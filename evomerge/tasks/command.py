@@ -8,6 +8,11 @@ lm-eval tasks are scored by lm-eval (``tasks.lm_eval_adapter``): ``--metric`` pi
 in the table (default each task's first metric), ``--num-fewshot``, ``--apply-chat-template``,
 ``--system-instruction`` and ``--fewshot-as-multiturn`` mean what they mean to ``lm_eval run``,
 and each ``--out`` line carries every metric of the item under every filter (``metrics``).
+
+``--backend vllm`` scores with a vLLM engine; ``--engine KEY=VALUE`` (repeatable, or one
+JSON/YAML mapping) passes vLLM engine arguments, checked against ``vllm.EngineArgs``. By
+default the engine's context fits the longest request of the tasks and, on CPU, its KV cache
+is sized to that (see ``evomerge/backends/vllm_backend.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write per-item results here (JSONL)")
     parser.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="items scored at once (hf: default 64; vllm: the engine's max_num_seqs)")
+    parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                        help="a vLLM engine argument for --backend vllm (repeatable; VALUE read as YAML), "
+                             "or all of them as one JSON/YAML mapping: --engine '{max_model_len: 512}'")
     parser.add_argument("--allow-bin", action="store_true", help="also load pickled .bin weights")
     parser.add_argument("--scoring", default="exact", choices=["exact", "likelihood"],
                         help="exact: 0/1 per item (accuracy); likelihood: the probability of the reference output")
@@ -55,8 +64,36 @@ def lm_eval_options(args: argparse.Namespace) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _recipe_weights(path: Path, device: str, allow_bin: bool) -> tuple[dict, dict, Path]:
-    """Merge a recipe in memory; returns (weights, config, model dir for the tokenizer)."""
+def parse_engine_options(values: list[str]) -> dict:
+    """``--engine`` values -> vLLM engine options: each ``KEY=VALUE`` (VALUE parsed as YAML, so
+    numbers and booleans come out typed) or a whole JSON/YAML mapping; later ones win."""
+    import yaml
+
+    options: dict = {}
+    for value in values:
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                mapping = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--engine {value!r}: invalid JSON/YAML ({str(exc).splitlines()[0]})") from None
+            if not isinstance(mapping, dict):
+                raise ConfigError(f"--engine {value!r}: expected a mapping of engine arguments")
+            options.update({str(k): v for k, v in mapping.items()})
+            continue
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--engine {value!r}: expected KEY=VALUE or a JSON/YAML mapping")
+        try:
+            options[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            options[key.strip()] = raw
+    return options
+
+
+def _recipe_weights(path: Path, device: str, allow_bin: bool):
+    """A recipe's (weights(): merged in memory when called, config, model dir for the
+    tokenizer, {model name: directory})."""
     from evomerge.merge.engine import SourceSet, merge, output_config
     from evomerge.merge.plan import MergePlan
 
@@ -67,7 +104,8 @@ def _recipe_weights(path: Path, device: str, allow_bin: bool) -> tuple[dict, dic
     if plan.tokenizer_source == "base" or tok_source is None:
         tok_source = plan.base_model or models[0]
     tok_dir = sources.checkpoints[tok_source].path if tok_source in sources.checkpoints else Path(tok_source)
-    return merge(plan, sources), output_config(plan, sources), tok_dir
+    paths = {name: str(ck.path) for name, ck in sources.checkpoints.items()}
+    return (lambda: merge(plan, sources)), output_config(plan, sources), tok_dir, paths
 
 
 def make_model_backend(model: str | Path, backend: str = "hf", device: str = "cpu", allow_bin: bool = False,
@@ -84,15 +122,34 @@ def make_model_backend(model: str | Path, backend: str = "hf", device: str = "cp
     if path.is_file():
         if path.suffix not in (".yaml", ".yml"):
             raise ConfigError(f"{model}: expected a model directory or a .yaml recipe")
-        weights, config, tok_dir = _recipe_weights(path, device, allow_bin)
+        weights, config, tok_dir, sources = _recipe_weights(path, device, allow_bin)
+        if backend == "vllm":          # an engine as deep as the recipe: its weights load in place
+            kw.setdefault("layer_capacity", config.get("num_hidden_layers"))
         b = make_backend(backend, tok_dir, device=device, **kw)
-        b.load_weights(weights, config)
+        if getattr(b, "multiprocess", False):   # the engine's workers merge the recipe themselves
+            from evomerge.merge.plan import MergePlan
+
+            b.load_plan(MergePlan.from_yaml(path).to_dict(), sources)
+        else:
+            b.load_weights(weights(), config)
         return b
     if not (allow_bin and not any(path.glob("*.safetensors"))):
         Checkpoint(path).close()        # safetensors headers checked against the files: one line if damaged
     if allow_bin and backend == "hf":
         kw["allow_bin"] = True
     return make_backend(backend, path, device=device, **kw)
+
+
+def backend_options(backend: str, batch_size: int | None, engine: dict, tasks: list[Task]) -> dict:
+    """Keyword arguments for ``make_backend``: the HF backend's batch size, or vLLM's engine
+    options (checked against vLLM's engine arguments) and the tasks its context is sized for."""
+    if backend == "hf":
+        if engine:
+            raise ConfigError(f"--engine {next(iter(engine))}: engine options are for --backend vllm")
+        return {"batch_size": batch_size or 64}
+    from evomerge.backends.vllm_backend import check_engine_options
+
+    return {"engine": check_engine_options(engine, "--engine"), "tasks": tasks, "batch_size": batch_size}
 
 
 def evaluate(backend, tasks: list[Task], limit: int | None = None, scoring: str = "exact") -> dict[str, list]:
@@ -124,11 +181,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--limit must be a positive integer")
     options = lm_eval_options(args)
     tasks = [_load(n, args.metric, options) for n in names]
+    backend_kw = backend_options(args.backend, args.batch_size, parse_engine_options(args.engine), tasks)
     rows, lines = [], []
     for model in args.models:
         start = time.perf_counter()
-        backend = make_model_backend(model, args.backend, args.device, args.allow_bin, batch_size=args.batch_size)
-        results = evaluate(backend, tasks, args.limit, args.scoring)
+        backend = make_model_backend(model, args.backend, args.device, args.allow_bin, **backend_kw)
+        try:
+            results = evaluate(backend, tasks, args.limit, args.scoring)
+        finally:
+            if hasattr(backend, "close"):      # a vLLM engine holds its KV cache until closed
+                backend.close()
         seconds = time.perf_counter() - start
         for (label, res), task in zip(results.items(), tasks):
             acc = sum(r.score for r in res) / max(1, len(res))

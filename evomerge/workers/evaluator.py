@@ -71,6 +71,10 @@ class EvaluatorSpec:
     sleep: float = 0.0
     fail_every: int = 0
     threads: int | None = None                      # torch CPU threads per worker (None: torch's default)
+    engine: dict[str, Any] = field(default_factory=dict)   # vllm: engine arguments (evaluator.engine)
+    layer_capacity: int | None = None               # most layers a candidate can have (data_flow max_layers)
+    context_tasks: list[str] = field(default_factory=list)  # more tasks the engine's context must fit (held-out)
+    multiprocess: bool = False                      # vllm: engine workers in their own processes, merging plans
 
     @classmethod
     def from_config(cls, cfg, space) -> "EvaluatorSpec":
@@ -81,10 +85,20 @@ class EvaluatorSpec:
                       for o in cfg.objectives]
         model_dir = ev.model_dir or (cfg.sources.get(cfg.base) if cfg.base else None) \
             or next(iter(cfg.sources.values()), None)
+        heldout = [o.heldout_task for o in cfg.objectives if o.heldout_task]
         return cls(kind=ev.kind, objectives=objectives, sources=dict(cfg.sources), backend=ev.backend,
                    device=ev.device, model_dir=model_dir, lower=[float(v) for v in space.lower],
                    upper=[float(v) for v in space.upper], sleep=ev.sleep, fail_every=ev.fail_every,
-                   threads=ev.threads)
+                   threads=ev.threads, engine=dict(ev.engine), layer_capacity=layer_capacity(space),
+                   context_tasks=heldout, multiprocess=ev.multiprocess)
+
+
+def layer_capacity(space) -> int | None:
+    """The most layers a candidate of ``space`` can have, where the genome varies the layer
+    count (data_flow and combined spaces: ``max_layers``); None where it follows the sources."""
+    flow = getattr(space, "flow", space)             # a combined space's data-flow part
+    capacity = getattr(flow, "max_layers", None)
+    return int(capacity) if capacity else None
 
 
 def make_evaluator(spec: EvaluatorSpec):
@@ -180,11 +194,36 @@ class CandidateEvaluator:
             # with 2 threads than with 1 on a 2-core box at load 15).
             torch.set_num_threads(spec.threads)
         self.objectives = [prepare_objective(o) for o in spec.objectives]
-        self.sources = SourceSet.load(spec.sources, device=spec.device, resident=True)
+        # A backend that merges inside its engine's workers gets plans; this process then
+        # reads only the sources' headers (output configs), never their weights.
+        self.streams_plans = spec.backend == "vllm" and spec.multiprocess
+        self.sources = SourceSet.load(spec.sources, device=spec.device, resident=not self.streams_plans)
         self.sources.check_compatible()
         model_dir = spec.model_dir or next(iter(spec.sources.values()))
-        self.backend = make_backend(spec.backend, Path(model_dir), device=spec.device)
+        self.backend = make_backend(spec.backend, Path(model_dir), device=spec.device,
+                                    **self._backend_options(spec))
         self._heldout_tasks: dict[str, Any] = {}     # held-out tasks of pre-search candidates, by name
+
+    def _backend_options(self, spec: EvaluatorSpec) -> dict[str, Any]:
+        """What the backend is built with: an engine as deep as the deepest candidate, and for
+        vLLM the engine options and every task whose requests its context must hold."""
+        if spec.backend != "vllm":
+            return {"layer_capacity": spec.layer_capacity} if spec.layer_capacity else {}
+        from evomerge.tasks.task import load_task
+
+        tasks = [obj.task for obj in self.objectives]
+        for name in spec.context_tasks:
+            try:
+                tasks.append(load_task(name))
+            except EvomergeError:          # a missing held-out task is reported where it is judged
+                pass
+        return {"engine": dict(spec.engine), "tasks": tasks, "layer_capacity": spec.layer_capacity,
+                "multiprocess": spec.multiprocess}
+
+    @property
+    def engine_restarts(self) -> int:
+        """How often the backend had to restart its engine / rebuild its model (new architecture)."""
+        return int(getattr(self.backend, "restarts", getattr(self.backend, "rebuilds", 0)))
 
     def evaluate(self, candidate: Candidate) -> EvalResult:
         if candidate.full:
@@ -227,14 +266,18 @@ class CandidateEvaluator:
 
     def _evaluate(self, candidate: Candidate, full_tasks: dict[str, tuple[Any, str]] | None
                   ) -> tuple[EvalResult, dict[str, list[float]]]:
-        from evomerge.merge.staged import merge_with_config, plan_from_dict
+        from evomerge.merge.staged import merge_with_config, plan_from_dict, plan_output_config
 
         start = time.perf_counter()
         timings: dict[str, float] = {}
-        items = 0
-        responses: dict[str, list[float]] = {}
         try:
             plan = plan_from_dict(candidate.plan)
+            if self.streams_plans and self.backend.fits_in_place(plan_output_config(plan, self.sources)):
+                # merged tensor by tensor inside the engine's workers: "load" includes the merge
+                t = time.perf_counter()
+                self.backend.load_plan(plan.to_dict(), self.spec.sources)
+                timings["load"] = time.perf_counter() - t
+                return self._scored(candidate, full_tasks, start, timings)
             t = time.perf_counter()
             weights, config = merge_with_config(plan, self.sources)
             timings["merge"] = time.perf_counter() - t
@@ -244,9 +287,30 @@ class CandidateEvaluator:
                 return EvalResult(candidate.candidate_id, "failed", error=f"merged tensor {bad} has NaN/inf values",
                                   seconds=time.perf_counter() - start, timings=timings), {}
             t = time.perf_counter()
+            restarts = self.engine_restarts
             self.backend.load_weights(weights, config)
             del weights
             timings["load"] = time.perf_counter() - t
+            if self.engine_restarts != restarts:
+                # Not loaded in place: the engine restarted (its seconds are the load's). The
+                # archive keeps it per candidate; `evomerge status` counts them.
+                timings["restart"] = timings["load"]
+        except Exception as exc:  # the engine or backend rejected this candidate
+            return self._failed(candidate, exc, start, 0, timings), {}
+        return self._scored(candidate, full_tasks, start, timings)
+
+    def _failed(self, candidate: Candidate, exc: Exception, start: float, items: int,
+                timings: dict[str, float]) -> EvalResult:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return EvalResult(candidate.candidate_id, "failed", error=f"{type(exc).__name__}: {message}"[:300],
+                          seconds=time.perf_counter() - start, items_scored=items, timings=timings)
+
+    def _scored(self, candidate: Candidate, full_tasks: dict[str, tuple[Any, str]] | None, start: float,
+                timings: dict[str, float]) -> tuple[EvalResult, dict[str, list[float]]]:
+        """Score the candidate now in the backend (anchors, or every item of ``full_tasks``)."""
+        items = 0
+        responses: dict[str, list[float]] = {}
+        try:
             t = time.perf_counter()
             scores = {}
             if full_tasks is None:
@@ -264,9 +328,7 @@ class CandidateEvaluator:
                     items += len(task.items)
             timings["score"] = time.perf_counter() - t
         except Exception as exc:  # the engine or backend rejected this candidate
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            return EvalResult(candidate.candidate_id, "failed", error=f"{type(exc).__name__}: {message}"[:300],
-                              seconds=time.perf_counter() - start, items_scored=items, timings=timings), {}
+            return self._failed(candidate, exc, start, items, timings), {}
         return EvalResult(candidate.candidate_id, "ok", objectives=scores, seconds=time.perf_counter() - start,
                           items_scored=items, timings=timings), responses
 

@@ -3,7 +3,9 @@ the same per-item results as a fresh engine, and agree with the HF backend.
 
 Runs only where vllm imports (``scripts/setup_vllm_venv.sh``, then
 ``.venv-vllm/bin/python -m pytest tests/backends/test_vllm.py``); skipped elsewhere.
-One engine for the whole module: starting one costs ~10-25 s on 2 cores.
+One engine for the whole module: starting one costs ~10-25 s on 2 cores. The tests on it come
+first: shutting down an in-process engine (the other tests start and close their own) tears
+down vLLM's process-wide distributed state, which the module's engine then lacks.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ pytest.importorskip("vllm", reason="vllm not installed (scripts/setup_vllm_venv.
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from evomerge.backends.base import longest_request  # noqa: E402
 from evomerge.backends.hf import HFBackend  # noqa: E402
 from evomerge.backends.vllm_backend import VLLMBackend  # noqa: E402
 from evomerge.errors import CheckpointError, EvomergeError  # noqa: E402
@@ -189,19 +192,114 @@ def test_out_of_range_index_and_unsupported_head_size(engine, tmp_path):
         VLLMBackend(save(small_heads, tmp_path / "h16"), device="cpu")
 
 
+def test_token_level_methods_lm_eval_uses_agree_with_hf_backend(engine, dirs):
+    """token_loglikelihoods and greedy_generate, the methods lm-eval tasks are answered with
+    (tasks.lm_eval_lm.BackendLM), give the HF backend's answers."""
+    engine.load_weights(*weights_of(tiny_model(0)))
+    hf = HFBackend(dirs["a"])
+    encode = hf.tokenizer
+    rows = [(encode(p)["input_ids"], encode(c, add_special_tokens=False)["input_ids"])
+            for p in PROMPTS for c in CHOICES]
+    got, want = engine.token_loglikelihoods(rows), hf.token_loglikelihoods(rows)
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], rel=1e-2, abs=1e-4)
+    assert sum(g == w for (_, g), (_, w) in zip(got, want)) >= len(rows) - 2      # greedy flags (near-ties aside)
+    prompts = [encode(p)["input_ids"] for p in PROMPTS]
+    texts, reference = engine.greedy_generate(prompts, MAX_NEW, [";"]), hf.greedy_generate(prompts, MAX_NEW, [";"])
+    cut = [t.split(";")[0] for t in reference]                                      # vLLM stops before the stop string
+    assert sum(a.split(";")[0] == b for a, b in zip(texts, cut)) >= len(PROMPTS) - 2
+
+
+def test_eval_command_with_the_vllm_backend_scores_every_item_as_the_hf_backend(tmp_path, capsys):
+    """`evomerge eval ZOO_MODEL --backend vllm` (default engine options) writes the same per-item
+    scores as `--backend hf`, exact and likelihood."""
+    import json
+
+    from evomerge.cli import main as cli_main
+    from evomerge.zoo.build import ensure_zoo
+
+    model = str(ensure_zoo().models["expert-arith"])
+    for scoring in ("exact", "likelihood"):
+        rows = {}
+        for backend in ("vllm", "hf"):
+            out = tmp_path / f"{backend}-{scoring}.jsonl"
+            assert cli_main(["eval", model, "--tasks", "zoo/arith:heldout,zoo/lang", "--limit", "60", "--backend",
+                             backend, "--scoring", scoring, "--out", str(out)]) == 0
+            rows[backend] = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(rows["vllm"]) == 120
+        assert [(r["task"], r["id"]) for r in rows["vllm"]] == [(r["task"], r["id"]) for r in rows["hf"]]
+        got, want = [r["score"] for r in rows["vllm"]], [r["score"] for r in rows["hf"]]
+        if scoring == "exact":
+            assert got == want
+            assert 0 < sum(got) < len(got)                      # the items separate right from wrong
+        else:
+            assert got == pytest.approx(want, abs=2e-3)
+    assert "zoo/arith:heldout" in capsys.readouterr().out
+
+
+def test_unknown_engine_options_are_one_line_errors(tmp_path, capsys):
+    from evomerge.cli import main as cli_main
+    from evomerge.search.config import parse_config
+    from evomerge.zoo.build import ensure_zoo
+
+    zoo = ensure_zoo()
+    assert cli_main(["eval", str(zoo.base), "--tasks", "zoo/arith", "--backend", "vllm",
+                     "--engine", "max_modl_len=64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --engine.max_modl_len: not a vLLM engine argument (vllm.EngineArgs); did you mean 'max_model_len'?"
+    data = {"sources": {k: str(v) for k, v in zoo.models.items()}, "base": "base",
+            "genome": {"kind": "parameter", "method": "linear"}, "objectives": [{"name": "x", "task": "zoo/arith"}],
+            "evaluator": {"backend": "vllm", "engine": {"kv_cache_bytes": 1 << 20}}}
+    with pytest.raises(EvomergeError, match=r"^cfg.yaml: evaluator.engine.kv_cache_bytes: not a vLLM engine argument"):
+        parse_config(data, "cfg.yaml", tmp_path)
+
+
 @pytest.mark.slow
-def test_layer_count_change_restarts_the_engine(engine, tmp_path):
-    """Runs last: a 3-layer candidate cannot be reloaded in place; the engine restarts on it."""
-    deeper = tiny_model(2, layers=3)
-    deeper_dir = save(deeper, tmp_path / "deeper")
-    engine.load_weights(*weights_of(deeper))
-    assert engine.restarts == 1 and engine.config["num_hidden_layers"] == 3
-    hf = HFBackend(deeper_dir)
-    refs = [greedy_with_margin(hf.model, hf.tokenizer, p) for p in PROMPTS]
-    got = engine.score(generate_task(["1"] * len(PROMPTS)), range(len(PROMPTS)))
-    for r, (out, margin) in zip(got, refs):
-        if margin > MARGIN:
-            assert r.output == out
+def test_data_flow_search_on_vllm_loads_every_candidate_in_place_and_scores_as_hf(tmp_path, capsys):
+    """A data_flow search whose layer counts vary (max_layers 16 over 4-layer sources): zero
+    engine restarts (archive timings, `evomerge status`), and every candidate's score equals
+    the HF backend's on the same plan."""
+    import yaml
+
+    from evomerge.search.archive import Archive
+    from evomerge.search.command_status import status_lines
+    from evomerge.search.run import SearchRun
+    from evomerge.workers.evaluator import CandidateEvaluator, EvaluatorSpec
+    from evomerge.workers.types import Candidate
+    from evomerge.zoo.build import ensure_zoo
+
+    zoo = ensure_zoo()
+    config = {"seed": 3, "sources": {k: str(v) for k, v in zoo.models.items()}, "base": "base",
+              "genome": {"kind": "data_flow", "max_layers": 16},
+              "objectives": [{"name": "arith", "task": "zoo/arith:search", "estimator": "subset"}],
+              "calibration": {"anchors": 40},
+              "evaluator": {"backend": "vllm"}, "optimizer": {"name": "random", "population": 6, "generations": 1},
+              "audit": {"every": 0}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = SearchRun.create(path, tmp_path / "run")
+    try:
+        run.run()
+    finally:
+        run.close()
+    archive = Archive(tmp_path / "run", readonly=True)
+    try:
+        records = [r for r in archive.records() if r["generation"] >= 0]
+    finally:
+        archive.close()
+    assert len(records) == 6 and all(r["status"] == "ok" for r in records)
+    depths = {sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in r["plan"]["slices"])
+              for r in records}
+    assert len(depths) > 1, depths                      # the layer counts really vary
+    assert not any("restart" in r["timings"] for r in records)
+    assert any("0 engine restarts" in line and "6 of 6" in line for line in status_lines(tmp_path / "run"))
+
+    spec = EvaluatorSpec.from_config(run.config, run.space)
+    spec.backend, spec.engine = "hf", {}
+    hf = CandidateEvaluator(spec)
+    for r in records:
+        want = hf.evaluate(Candidate(r["candidate_id"], 0, r["genome"], r["plan"]))
+        assert want.status == "ok"
+        assert r["objectives"]["arith"]["value"] == want.objectives["arith"].value, r["candidate_id"]
 
 
 
@@ -242,18 +340,43 @@ def test_real_zoo_models_and_a_merge_agree_with_hf_backend():
     assert accuracy["ties(arith+lang)"] > accuracy["expert-lang"], accuracy    # what the search exploits
 
 
-def test_token_level_methods_lm_eval_uses_agree_with_hf_backend(engine, dirs):
-    """token_loglikelihoods and greedy_generate, the methods lm-eval tasks are answered with
-    (tasks.lm_eval_lm.BackendLM), give the HF backend's answers."""
-    engine.load_weights(*weights_of(tiny_model(0)))
-    hf = HFBackend(dirs["a"])
-    encode = hf.tokenizer
-    rows = [(encode(p)["input_ids"], encode(c, add_special_tokens=False)["input_ids"])
-            for p in PROMPTS for c in CHOICES]
-    got, want = engine.token_loglikelihoods(rows), hf.token_loglikelihoods(rows)
-    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], rel=1e-2, abs=1e-4)
-    assert sum(g == w for (_, g), (_, w) in zip(got, want)) >= len(rows) - 2      # greedy flags (near-ties aside)
-    prompts = [encode(p)["input_ids"] for p in PROMPTS]
-    texts, reference = engine.greedy_generate(prompts, MAX_NEW, [";"]), hf.greedy_generate(prompts, MAX_NEW, [";"])
-    cut = [t.split(";")[0] for t in reference]                                      # vLLM stops before the stop string
-    assert sum(a.split(";")[0] == b for a, b in zip(texts, cut)) >= len(PROMPTS) - 2
+@pytest.mark.slow
+def test_layer_count_change_restarts_the_engine_and_identity_padding_gives_the_same_results(engine, dirs, tmp_path):
+    """Runs last (it closes the module's engine): a 3-layer candidate cannot be reloaded into
+    the 2-layer engine; it restarts on it. An engine built 4 layers deep (``layer_capacity``) loads the same 3-layer candidate in
+    place, the spare layer an identity layer, and then a 2-layer one: item for item the restart
+    path's and a fresh engine's results, and no restart."""
+    deeper = tiny_model(2, layers=3)
+    deeper_dir = save(deeper, tmp_path / "deeper")
+    gen, mc = generate_task(["1"] * len(PROMPTS)), mc_task()
+    idx = list(range(len(PROMPTS)))
+    rows = [(engine._encode(p), engine._encode(c, special=False)) for p in PROMPTS for c in CHOICES]
+    engine.load_weights(*weights_of(deeper))
+    assert engine.restarts == 1 and engine.config["num_hidden_layers"] == 3
+    hf = HFBackend(deeper_dir)
+    refs = [greedy_with_margin(hf.model, hf.tokenizer, p) for p in PROMPTS]
+    restarted = engine.score(gen, idx)
+    for r, (out, margin) in zip(restarted, refs):
+        if margin > MARGIN:
+            assert r.output == out
+    restarted_mc, restarted_ll = engine.score(mc, idx), engine.loglikelihoods(rows)
+    engine.load_weights(*weights_of(tiny_model(0)))             # the 2-layer A, padded with an identity layer
+    assert engine.restarts == 1
+    a_in_restarted = engine.score(gen, idx)
+    engine.close()                 # closing an in-process engine tears down vLLM's process-wide state
+
+    padded = VLLMBackend(dirs["b"], device="cpu", tasks=[gen, mc], layer_capacity=4)
+    try:
+        assert padded.restarts == 0 and padded.capacity == 4
+        # the default context: the tasks' longest request (+ a little), within max_position_embeddings
+        longest = max(longest_request(t, padded._encode, padded.tokenizer.eos_token_id) for t in (gen, mc))
+        assert longest < padded.engine_options["max_model_len"] <= min(128, longest + 24)
+        padded.load_weights(*weights_of(deeper))
+        assert [(r.output, r.score) for r in padded.score(gen, idx)] == [(r.output, r.score) for r in restarted]
+        assert [r.output for r in padded.score(mc, idx)] == [r.output for r in restarted_mc]
+        assert padded.loglikelihoods(rows) == pytest.approx(restarted_ll, abs=1e-5)
+        padded.load_weights(*weights_of(tiny_model(0)))
+        assert [r.output for r in padded.score(gen, idx)] == [r.output for r in a_in_restarted]
+        assert padded.restarts == 0
+    finally:
+        padded.close()
