@@ -35,7 +35,7 @@ weights reach it by reference, with no serialization, and scripts need no ``if _
 (and any ``tensor_parallel_size`` / ``pipeline_parallel_size`` > 1) runs vLLM's own worker
 processes instead: its RPC cannot carry tensors (vLLM 0.32.0 turns the (name, tensor) pairs
 into lists), so candidates go to the workers as plans (``load_plan``) and are merged there
-(``evomerge/workers/vllm_extension.py``). vLLM then spawns its processes: a script needs the
+(``evomerge/backends/vllm_extension.py``). vLLM then spawns its processes: a script needs the
 ``__main__`` guard.
 
 Scoring matches ``HFBackend``: prompts are tokenized here with the model's HF tokenizer and
@@ -73,7 +73,7 @@ from evomerge.tasks.task import Task
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 _IN_PROCESS_ENGINES = 0                # live engines sharing this process's vLLM state
-WORKER_EXTENSION = "evomerge.workers.vllm_extension.EvomergeWorkerExtension"
+WORKER_EXTENSION = "evomerge.backends.vllm_extension.EvomergeWorkerExtension"
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
@@ -219,7 +219,7 @@ class VLLMBackend:
         with identity layers, so they load in place. ``batch_size`` sets ``max_num_seqs``.
         ``multiprocess``: vLLM in its default multiprocess mode (its workers in their own
         processes, ``tensor_parallel_size`` > 1 possible); candidates then arrive as plans
-        (``load_plan``), merged inside the workers (``workers.vllm_extension``)."""
+        (``load_plan``), merged inside the workers (``backends.vllm_extension``)."""
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").exists():
             raise CheckpointError(f"{self.model_dir}: not a model directory (no config.json)")

@@ -1,5 +1,5 @@
 """vLLM in its default multiprocess mode: the engine's worker runs in its own process and
-candidates reach it as plans, merged there tensor by tensor (``workers.vllm_extension``).
+candidates reach it as plans, merged there tensor by tensor (``backends.vllm_extension``).
 
 One rank (``tensor_parallel_size: 1``): the cross-process path is the same for every rank.
 Runs only where vllm imports (``scripts/setup_vllm_venv.sh``); a module of its own so that no

@@ -36,7 +36,7 @@ class EvomergeWorkerExtension:
         from evomerge.backends.base import layer_template, pad_with_identity_layers
         from evomerge.backends.vllm_backend import use_layers
         from evomerge.merge.engine import SourceSet, iter_merge
-        from evomerge.search.genome import StagedPlan, plan_from_dict, plan_output_config, staged_sources
+        from evomerge.merge.staged import StagedPlan, plan_from_dict, plan_output_config, staged_sources
 
         key = tuple(sorted(sources.items()))
         if getattr(self, "_evomerge_key", None) != key:
