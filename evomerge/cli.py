@@ -32,13 +32,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with the arguments of the command ``argv`` names (default: sys.argv)."""
     parser = argparse.ArgumentParser(
         prog="evomerge", description="Evolve merges of language models and export the Pareto front."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    wanted = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = next((arg for arg in argv if not arg.startswith("-")), None)
     for name, (module_name, help_text) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         # Only the chosen command's module is imported (keeps `evomerge merge` light).
@@ -50,10 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    parser = build_parser()
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     debug = args.debug or os.environ.get("EVOMERGE_DEBUG") == "1"
     try:
         return int(args._module.run(args) or 0)

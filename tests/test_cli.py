@@ -235,3 +235,14 @@ def test_a_full_disk_during_a_search_is_one_line_and_the_run_resumes_later(tmp_p
     monkeypatch.setattr(Archive, "add", real_add)            # space freed: the run continues where it was
     assert main(["resume", str(tmp_path / "run"), "--no-progress"]) == 0
     assert "evaluations:  6 (6 ok" in capsys.readouterr().out
+
+
+def test_main_parses_the_arguments_it_is_given_and_leaves_sys_argv_alone(monkeypatch, capsys):
+    import sys
+
+    from evomerge.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["pytest", "--some-flag-of-the-caller"])
+    assert main(["zoo", "path"]) == 0
+    assert sys.argv == ["pytest", "--some-flag-of-the-caller"]
+    assert "checksums match" in capsys.readouterr().out
