@@ -243,6 +243,7 @@ def test_main_parses_the_arguments_it_is_given_and_leaves_sys_argv_alone(monkeyp
     from evomerge.cli import main
 
     monkeypatch.setattr(sys, "argv", ["pytest", "--some-flag-of-the-caller"])
+    monkeypatch.delenv("EVOMERGE_ZOO_DIR", raising=False)
     assert main(["zoo", "path"]) == 0
     assert sys.argv == ["pytest", "--some-flag-of-the-caller"]
     assert "checksums match" in capsys.readouterr().out
