@@ -144,7 +144,7 @@ def run_demo(config: Path = DEFAULT_CONFIG, run_dir: Path | None = None, results
     from evomerge.search.export import export_records, load_records, pareto_front
     from evomerge.search.report import write_report
     from evomerge.search.run import judge
-    from evomerge.zoo.build import built_seed, ensure_zoo, is_built, zoo_paths
+    from evomerge.zoo.build import built_seed, ensure_zoo, file_checksums, is_built, zoo_paths
 
     t0 = time.time()
     load0 = os.getloadavg()
@@ -205,6 +205,7 @@ def run_demo(config: Path = DEFAULT_CONFIG, run_dir: Path | None = None, results
     report = write_report(run_dir)
     print(f"exported {len(exported)} merge(s) to {run_dir / 'export'}; report: {report}")
 
+    checksums = file_checksums(zoo.root)
     out = {
         "command": "evomerge demo" + (" (tiny)" if tiny else ""),
         "config": str(config), "run_dir": str(run_dir), "objective": objective,
@@ -217,7 +218,7 @@ def run_demo(config: Path = DEFAULT_CONFIG, run_dir: Path | None = None, results
                                     "paired_stderr": round(source_se, 4),
                                     "verdict": margin_verdict(source_gap, source_se)},
         "zoo": {"path": zoo_label(zoo.root), "seed": built_seed(zoo),
-                "sha256": {name: sha256_16(p / "model.safetensors") for name, p in zoo.models.items()}},
+                "sha256": {name: checksums[f"{p.name}/model.safetensors"][:16] for name, p in zoo.models.items()}},
         "evaluations": len(records), "exported": [str(p) for p in exported],
         "seconds": {"total": round(time.time() - t0, 1), "search_incl_presearch": round(t_search, 1),
                     "judging": round(t_judge, 1)},
@@ -251,12 +252,6 @@ def zoo_label(root: Path) -> str:
         return str(root.resolve().relative_to(REPO))
     except ValueError:
         return str(root)
-
-
-def sha256_16(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

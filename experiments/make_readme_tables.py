@@ -45,8 +45,6 @@ def machine(result: dict) -> str:
 def _repo_relative(path) -> str:
     """A path inside the repository as the repository names it (results are read on other machines)."""
     repo = Path(__file__).resolve().parents[1]
-    if str(path).rstrip("/").endswith("evomerge/zoo/shipped"):   # the shipped zoo, in whichever checkout ran it
-        return "evomerge/zoo/shipped"
     try:
         return str(Path(str(path)).resolve().relative_to(repo))
     except (ValueError, OSError):
@@ -74,7 +72,9 @@ def zoo_line(result: dict) -> str:
     where = "" if same is None else (f" -- identical to the default zoo ({shown}, the one shipped in the package "
                                      "unless EVOMERGE_ZOO_DIR is set), so the command works without `--zoo`"
                                      if same else f" -- differs from the default zoo at {shown}")
-    return (f"**Zoo:** {_repo_relative(result.get('zoo'))}, weights SHA-256 (first 16 hex) "
+    # Named by its weights, not by the path of whichever checkout measured it.
+    measured = shown if same else _repo_relative(result.get("zoo"))
+    return (f"**Zoo:** {measured}, weights SHA-256 (first 16 hex) "
             + ", ".join(f"{k} {v}" for k, v in fp.items()) + where + ".")
 
 
