@@ -153,7 +153,7 @@ def check_engine_options(options: Mapping[str, Any] | None, where: str = "evalua
             if key not in names:
                 close = difflib.get_close_matches(str(key), names, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"{where}.{key}: not a vLLM engine argument (vllm.EngineArgs){hint}")
+                raise ConfigError(f"{where}.{key}: {UNKNOWN_FIELD} (not a vLLM engine argument, vllm.EngineArgs){hint}")
     return dict(options)
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
-from evomerge.errors import ConfigError
+from evomerge.errors import UNKNOWN_FIELD, ConfigError, StrictModel, validate
 from evomerge.merge.registry import METHODS, MergeMethod, Param
 
 ParamValue = Any  # float | int | bool | str | list[float] | list[dict] | dict -- checked by _check_setting
@@ -42,7 +42,8 @@ UNSUPPORTED_KEYS = {
 
 
 def _check_setting(value: Any, where: str) -> Any:
-    """Validate the shape of one parameter setting (not its range)."""
+    """Validate the shape of one parameter setting (not its range); ValueError naming ``where``,
+    which pydantic places under the field being validated."""
     if isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, dict):
@@ -52,45 +53,41 @@ def _check_setting(value: Any, where: str) -> Any:
             return value
         if all(isinstance(v, dict) for v in value):
             return [_check_conditional(v, where) for v in value]
-        raise ConfigError(f"{where}: a list must be all numbers (a gradient) or all {{filter, value}} entries")
-    raise ConfigError(f"{where}: unsupported value {value!r}")
+        raise ValueError(f"{where}: a list must be all numbers (a gradient) or all {{filter, value}} entries")
+    raise ValueError(f"{where}: unsupported value {value!r}")
 
 
 def _check_conditional(entry: dict, where: str) -> dict:
     unknown = set(entry) - {"filter", "value"}
     if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} in filter entry (allowed: filter, value)")
+        raise ValueError(f"{where}.{sorted(unknown)[0]}: {UNKNOWN_FIELD} (a filter entry holds filter and value)")
     if "value" not in entry:
-        raise ConfigError(f"{where}: filter entry {entry!r} has no 'value'")
+        raise ValueError(f"{where}: filter entry {entry!r} has no 'value'")
     value = entry["value"]
     if not (isinstance(value, (bool, int, float, str))
             or (isinstance(value, list) and all(isinstance(v, (bool, int, float, str)) for v in value))):
-        raise ConfigError(f"{where}: filter entry value must be a scalar or a gradient list, got {value!r}")
+        raise ValueError(f"{where}: filter entry value must be a scalar or a gradient list, got {value!r}")
     if entry.get("filter") is not None and not isinstance(entry["filter"], str):
-        raise ConfigError(f"{where}: filter must be a string, got {entry['filter']!r}")
+        raise ValueError(f"{where}: filter must be a string, got {entry['filter']!r}")
     return dict(entry)
 
 
-def _check_parameters(params: dict | None, where: str) -> dict:
+def _check_parameters(params: dict | None) -> dict:
     params = params or {}
-    return {name: _check_setting(value, f"{where}.parameters.{name}") for name, value in params.items()}
+    return {name: _check_setting(value, name) for name, value in params.items()}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class InputModel(_Strict):
+class InputModel(StrictModel):
     model: str
     parameters: dict[str, ParamValue] = {}
 
     @field_validator("parameters", mode="before")
     @classmethod
     def _params(cls, v):
-        return _check_parameters(v, "models[]")
+        return _check_parameters(v)
 
 
-class SliceSource(_Strict):
+class SliceSource(StrictModel):
     model: str
     layer_range: tuple[int, int]
     parameters: dict[str, ParamValue] = {}
@@ -98,7 +95,7 @@ class SliceSource(_Strict):
     @field_validator("parameters", mode="before")
     @classmethod
     def _params(cls, v):
-        return _check_parameters(v, "slices[].sources[]")
+        return _check_parameters(v)
 
     @model_validator(mode="after")
     def _range(self):
@@ -108,7 +105,7 @@ class SliceSource(_Strict):
         return self
 
 
-class Slice(_Strict):
+class Slice(StrictModel):
     sources: list[SliceSource]
     base_model: str | None = None
     parameters: dict[str, ParamValue] = {}
@@ -116,7 +113,7 @@ class Slice(_Strict):
     @field_validator("parameters", mode="before")
     @classmethod
     def _params(cls, v):
-        return _check_parameters(v, "slices[]")
+        return _check_parameters(v)
 
     @model_validator(mode="after")
     def _lengths(self):
@@ -132,7 +129,7 @@ class Slice(_Strict):
         return self.sources[0].layer_range[1] - self.sources[0].layer_range[0]
 
 
-class MergePlan(_Strict):
+class MergePlan(StrictModel):
     merge_method: str
     models: list[InputModel] | None = None
     slices: list[Slice] | None = None
@@ -146,7 +143,7 @@ class MergePlan(_Strict):
     @field_validator("parameters", mode="before")
     @classmethod
     def _params(cls, v):
-        return _check_parameters(v, "plan")
+        return _check_parameters(v)
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -225,10 +222,7 @@ class MergePlan(_Strict):
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(d).__name__}")
         _refuse_unsupported(d, source)
-        try:
-            return cls.model_validate(d)
-        except ValidationError as exc:
-            raise ConfigError(f"{source}: {_one_line(exc)}") from None
+        return validate(cls, d, source)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> MergePlan:
@@ -307,20 +301,6 @@ def _refuse_unsupported(d: dict, source: str) -> None:
         for i, entry in enumerate(d.get(key) or []):
             if isinstance(entry, dict) and not isinstance(entry.get("model", ""), str):
                 raise ConfigError(f"{source}: {key}[{i}].model must be a path string")
-
-
-def _one_line(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        field = err["loc"][-1]
-        parent = ".".join(str(p) for p in err["loc"][:-1]) or "top level"
-        return f"unknown key {field!r} in {parent}"
-    msg = err["msg"].removeprefix("Value error, ")
-    ctx = err.get("ctx", {}).get("error")
-    if isinstance(ctx, ConfigError):
-        msg = str(ctx)
-    return f"{loc}: {msg}" if loc else msg
 
 
 # -- parameter resolution (per tensor) ----------------------------------------------

@@ -33,17 +33,13 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError, EvomergeError, StrictModel, UNKNOWN_FIELD, validate
 from evomerge.search.optimizers import OPTIMIZERS, BoxSpace, check_space
 
 from evomerge.tasks.lm_eval_adapter import LMEvalOptions
 from evomerge.workers.evaluator import CALIBRATION_FREE
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 # Objective and source names end up in file names (calibration/<objective>.json) and
@@ -59,7 +55,7 @@ def check_identifier(name: str) -> str:
     return name
 
 
-class ObjectiveConfig(_Strict):
+class ObjectiveConfig(StrictModel):
     name: str
     task: str                                   # zoo/NAME[:split], a task YAML, or an lm-eval task
     estimator: str = "full"                     # full = mean over every item of the task
@@ -94,7 +90,7 @@ class ObjectiveConfig(_Strict):
         return f"{base}:heldout" if sep and split == "search" else None
 
 
-class CalibrationConfig(_Strict):
+class CalibrationConfig(StrictModel):
     """How a run fits IRT item parameters for objectives whose estimator needs them and
     whose ``calibration`` file is not given: the source models plus ``random_merges`` random
     genomes, each scored on every item of the task, make the calibration population."""
@@ -110,7 +106,7 @@ class CalibrationConfig(_Strict):
         return max(1, min(k, n_items))
 
 
-class EvaluatorConfig(_Strict):
+class EvaluatorConfig(StrictModel):
     kind: Literal["merge", "synthetic"] = "merge"
     backend: str = "hf"                         # merge: inference engine (hf | vllm)
     device: str = "cpu"
@@ -143,7 +139,7 @@ class EvaluatorConfig(_Strict):
         return self
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(StrictModel):
     name: str = "nsga2"
     population: int = Field(8, ge=1)
     generations: int = Field(10, ge=1)
@@ -167,11 +163,11 @@ class OptimizerConfig(_Strict):
         return v
 
 
-class AuditConfig(_Strict):
+class AuditConfig(StrictModel):
     every: int = Field(10, ge=0)                # 0: no audits
 
 
-class WorkersConfig(_Strict):
+class WorkersConfig(StrictModel):
     backend: Literal["local", "ray"] = "local"
     count: int = Field(1, ge=1)
     num_cpus: float = Field(1, gt=0)
@@ -184,7 +180,7 @@ class WorkersConfig(_Strict):
     task_timeout: float | None = Field(None, gt=0)
 
 
-class SearchConfig(_Strict):
+class SearchConfig(StrictModel):
     seed: int = 0
     run_dir: str | None = None
     sources: dict[str, str] = {}
@@ -246,18 +242,6 @@ class SearchConfig(_Strict):
         return [o.name for o in self.objectives]
 
 
-def _field_error(exc: ValidationError, where: str) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown field"
-    # A model-level check names its own field at the front of the message.
-    if re.match(r"^[a-z_.]+(\.\d+)?[a-z_.]*: ", msg):
-        return f"{where}: {loc}.{msg}" if loc else f"{where}: {msg}"
-    return f"{where}: {loc}: {msg}" if loc else f"{where}: {msg}"
-
-
 def _resolve(value: str, root: Path) -> str:
     path = Path(os.path.expandvars(value)).expanduser()
     return str(path if path.is_absolute() else (root / path).resolve())
@@ -271,10 +255,14 @@ def parse_config(data: Any, where: str, root: Path) -> SearchConfig:
     """Validate a config mapping; relative paths are resolved against ``root``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: must be a mapping of fields")
-    try:
-        cfg = SearchConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_field_error(exc, where)) from None
+    cfg = validate(SearchConfig, data, where)
+    # The genome section is checked here too, so its errors name the file like the others.
+    if cfg.genome.get("kind") == "box":
+        box_space(cfg.genome, f"{where}: genome")
+    else:
+        from evomerge.search.genome import parse_genome_config
+
+        parse_genome_config(cfg.genome, where)
     cfg.sources = {name: _resolve(p, root) for name, p in cfg.sources.items()}
     if cfg.run_dir is not None:
         cfg.run_dir = _resolve(cfg.run_dir, root)
@@ -351,7 +339,7 @@ def box_space(genome: dict[str, Any], where: str = "genome") -> BoxSpace:
     """``genome: {kind: box, dim: D, lower: L, upper: U, integer: [i, ...]}`` (synthetic runs)."""
     extra = set(genome) - {"kind", "dim", "lower", "upper", "integer"}
     if extra:
-        raise ConfigError(f"{where}.{sorted(extra)[0]}: unknown field")
+        raise ConfigError(f"{where}.{sorted(extra)[0]}: {UNKNOWN_FIELD}")
     dim = genome.get("dim")
     if not isinstance(dim, int) or dim < 1:
         raise ConfigError(f"{where}.dim: must be a positive integer, got {dim!r}")

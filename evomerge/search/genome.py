@@ -43,12 +43,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, StrictModel, validate
 from evomerge.io.architectures import ARCHITECTURES, Architecture
 from evomerge.merge.plan import MergePlan
 from evomerge.merge.registry import METHODS, MergeMethod, Param
@@ -60,10 +60,6 @@ MERGED = "merged"  # name of the intermediate model of the combined space
 
 
 # --------------------------------------------------------------------------- config
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 Bounds = tuple[float, float]
@@ -78,7 +74,7 @@ def _check_bounds(value: Bounds, info) -> Bounds:
     return value
 
 
-class ParameterSpaceConfig(_Strict):
+class ParameterSpaceConfig(StrictModel):
     kind: Literal["parameter"] = "parameter"
     method: str
     granularity: str = "model"  # model | layer | block:N
@@ -152,13 +148,13 @@ class ParameterSpaceConfig(_Strict):
         return p.search
 
 
-class LayerSwapConfig(_Strict):
+class LayerSwapConfig(StrictModel):
     kind: Literal["layer_swap"]
     sources: list[str] | None = None  # candidates per layer; default: base + all sources
     embed_from: str | None = None  # embeddings / norm / head; default: mergekit's rule (see _bracket)
 
 
-class DataFlowConfig(_Strict):
+class DataFlowConfig(StrictModel):
     kind: Literal["data_flow"] = "data_flow"
     sources: list[str] | None = None  # the layer collection, in this order; default: all sources
     repetitions: int = Field(2, ge=1, le=8)
@@ -177,43 +173,30 @@ class DataFlowConfig(_Strict):
         return v
 
 
-class CombinedConfig(_Strict):
+class CombinedConfig(StrictModel):
     kind: Literal["combined"]
     parameter: ParameterSpaceConfig
     data_flow: DataFlowConfig
 
 
-GenomeConfig = Annotated[
-    Union[ParameterSpaceConfig, LayerSwapConfig, DataFlowConfig, CombinedConfig], Field(discriminator="kind")
-]
+GENOME_KINDS: dict[str, type[StrictModel]] = {
+    "parameter": ParameterSpaceConfig, "layer_swap": LayerSwapConfig, "data_flow": DataFlowConfig,
+    "combined": CombinedConfig}
 
 
-class _GenomeRoot(_Strict):
-    genome: GenomeConfig
-
-
-def _one_line(exc: ValidationError, where: str) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged-union")))
-    # pydantic puts the union tag in loc ("genome.parameter.method"); drop it for readability.
-    loc = re.sub(r"^genome\.(parameter|layer_swap|data_flow|combined)\b", "genome", loc)
-    loc = loc.replace("genome", where, 1)
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{loc}: {msg}"
-
-
-def parse_genome_config(cfg: dict | BaseModel, where: str = "genome") -> BaseModel:
-    """Validate the ``genome:`` section; errors are one line naming the field."""
+def parse_genome_config(cfg: dict | BaseModel, where: str | None = None) -> BaseModel:
+    """Validate the ``genome:`` section; errors are one line naming the file (``where``) and
+    the field (``genome.<field>``)."""
     if isinstance(cfg, BaseModel):
         return cfg
+    prefix = f"{where}: " if where else ""
     if not isinstance(cfg, dict):
-        raise ConfigError(f"{where}: must be a mapping, got {type(cfg).__name__}")
-    if "kind" not in cfg:
-        cfg = {"kind": "parameter", **cfg}
-    try:
-        return _GenomeRoot.model_validate({"genome": cfg}).genome
-    except ValidationError as exc:
-        raise ConfigError(_one_line(exc, where)) from None
+        raise ConfigError(f"{prefix}genome: must be a mapping, got {type(cfg).__name__}")
+    kind = cfg.get("kind", "parameter")
+    if kind not in GENOME_KINDS:
+        raise ConfigError(f"{prefix}genome.kind: unknown genome kind {kind!r} "
+                          f"(choose from {', '.join(GENOME_KINDS)}, or box for synthetic runs)")
+    return validate(GENOME_KINDS[kind], cfg, where, "genome")
 
 
 # --------------------------------------------------------------------------- plans

@@ -32,18 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pydantic import BaseModel, ConfigDict
-
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, StrictModel, validate
 from evomerge.tasks.task import Item, Task
 
 FEWSHOT_SEED = 1234                        # simple_evaluate's fewshot_random_seed default
 
 
-class LMEvalOptions(BaseModel):
+class LMEvalOptions(StrictModel):
     """What ``lm_eval run`` takes as evaluation flags rather than task fields."""
 
-    model_config = ConfigDict(extra="forbid")
     num_fewshot: int | None = None            # --num_fewshot (a task whose YAML says 0 keeps 0, as in lm-eval)
     apply_chat_template: bool = False         # --apply_chat_template (the model tokenizer's template)
     system_instruction: str | None = None     # --system_instruction
@@ -432,7 +429,7 @@ def _group_metric(name: str, group: Any, leaves: list[_Leaf], metric: str | None
 def load_lm_eval_task(spec: str, metric: str | None = None, options: LMEvalOptions | dict | None = None) -> Task:
     """An lm-eval task (or group) as an evomerge ``Task`` whose scoring is lm-eval's (``Task.harness``)."""
     _import_lm_eval()
-    options = options if isinstance(options, LMEvalOptions) else LMEvalOptions(**(options or {}))
+    options = options if isinstance(options, LMEvalOptions) else validate(LMEvalOptions, options or {}, f"task {spec}", "lm_eval")
     include, name = _resolve(spec)
     loaded = _load(include, name, options.trust_task_code)
     tasks = loaded["tasks"]

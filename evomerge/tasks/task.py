@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import field_validator, model_validator
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, StrictModel, validate
 
 DATA_DIR = Path(__file__).parent / "data"
 KINDS = ("multiple_choice", "generate")
@@ -130,56 +131,91 @@ def read_items(path: Path, kind: str) -> list[Item]:
     return items
 
 
+class TaskFile(StrictModel):
+    """The fields of a task YAML (see the module docstring)."""
+
+    name: str | None = None            # default: the file's stem
+    kind: str = "generate"
+    data: str | None = None            # one JSONL file, or
+    splits: dict[str, str] | None = None   # {split: JSONL file}
+    default_split: str | None = None
+    extract: str | None = None
+    max_new_tokens: int = 16
+    stop: list[str] = []
+    mc_normalize: bool = False
+    target: str | None = None
+    target_eos: bool = False
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in KINDS:
+            raise ValueError(f"must be one of {', '.join(KINDS)}, got {v!r}")
+        return v
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None and not v:
+            raise ValueError("must map split names to JSONL files")
+        return v
+
+    @field_validator("extract")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regex ({exc})") from None
+        return v
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be a positive integer, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TaskFile":
+        if self.data is None and self.splits is None:
+            raise ValueError("data: a task needs a 'data' file or 'splits'")
+        if self.target is not None and self.kind != "generate":
+            raise ValueError("target: names an item field, and only for kind generate")
+        return self
+
+
 def load_task_yaml(path: str | Path, split: str | None = None) -> Task:
     path = Path(path)
     if not path.exists():
         raise EvomergeError(f"{path}: task file not found")
     try:
-        spec = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise EvomergeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(spec, dict):
+    if not isinstance(data, dict):
         raise EvomergeError(f"{path}: task definition must be a mapping")
-    kind = spec.get("kind", "generate")
-    if kind not in KINDS:
-        raise EvomergeError(f"{path}: field 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
-    if "splits" in spec:
-        splits = spec["splits"]
-        if not isinstance(splits, dict) or not splits:
-            raise EvomergeError(f"{path}: field 'splits' must map split names to JSONL files")
-        split = split or spec.get("default_split") or next(iter(splits))
+    spec = validate(TaskFile, data, str(path))
+    if spec.splits is not None:
+        split = split or spec.default_split or next(iter(spec.splits))
         if split == "all":
-            files = list(splits.values())
-        elif split in splits:
-            files = [splits[split]]
+            files = list(spec.splits.values())
+        elif split in spec.splits:
+            files = [spec.splits[split]]
         else:
-            raise EvomergeError(f"{path}: unknown split {split!r} (have {', '.join(splits)}, all)")
-    elif "data" in spec:
-        files, split = [spec["data"]], split or "all"
+            raise EvomergeError(f"{path}: unknown split {split!r} (have {', '.join(spec.splits)}, all)")
     else:
-        raise EvomergeError(f"{path}: task needs a 'data' file or 'splits'")
-    items = [item for f in files for item in read_items(path.parent / f, kind)]
-    extract = spec.get("extract")
-    if extract is not None:
-        try:
-            re.compile(extract)
-        except re.error as exc:
-            raise EvomergeError(f"{path}: field 'extract' is not a valid regex ({exc})") from None
-    max_new = spec.get("max_new_tokens", 16)
-    if not isinstance(max_new, int) or max_new < 1:
-        raise EvomergeError(f"{path}: field 'max_new_tokens' must be a positive integer")
-    target = spec.get("target")
-    if target is not None:
-        if kind != "generate" or not isinstance(target, str):
-            raise EvomergeError(f"{path}: field 'target' must name an item field, and only for kind generate")
-        missing = next((item for item in items if target not in item.meta), None)
+        files, split = [spec.data], split or "all"
+    items = [item for f in files for item in read_items(path.parent / f, spec.kind)]
+    if spec.target is not None:
+        missing = next((item for item in items if spec.target not in item.meta), None)
         if missing is not None:
-            raise EvomergeError(f"{path}: item {missing.id} has no field {target!r} (named by 'target')")
+            raise EvomergeError(f"{path}: item {missing.id} has no field {spec.target!r} (named by 'target')")
     return Task(
-        name=str(spec.get("name", path.stem)), kind=kind, items=items, max_new_tokens=max_new,
-        extract=extract, split=split, stop=list(spec.get("stop", [])),
-        mc_normalize=bool(spec.get("mc_normalize", False)), source=str(path),
-        target=target, target_eos=bool(spec.get("target_eos", False)),
+        name=spec.name or path.stem, kind=spec.kind, items=items, max_new_tokens=spec.max_new_tokens,
+        extract=spec.extract, split=split, stop=spec.stop, mc_normalize=spec.mc_normalize, source=str(path),
+        target=spec.target, target_eos=spec.target_eos,
     )
 
 

@@ -245,11 +245,12 @@ def test_unknown_engine_options_are_one_line_errors(tmp_path, capsys):
     assert cli_main(["eval", str(zoo.base), "--tasks", "zoo/arith", "--backend", "vllm",
                      "--engine", "max_modl_len=64"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: --engine.max_modl_len: not a vLLM engine argument (vllm.EngineArgs); did you mean 'max_model_len'?"
+    assert err == ("error: --engine.max_modl_len: unknown field (not a vLLM engine argument, vllm.EngineArgs); "
+                   "did you mean 'max_model_len'?")
     data = {"sources": {k: str(v) for k, v in zoo.models.items()}, "base": "base",
             "genome": {"kind": "parameter", "method": "linear"}, "objectives": [{"name": "x", "task": "zoo/arith"}],
             "evaluator": {"backend": "vllm", "engine": {"kv_cache_bytes": 1 << 20}}}
-    with pytest.raises(EvomergeError, match=r"^cfg.yaml: evaluator.engine.kv_cache_bytes: not a vLLM engine argument"):
+    with pytest.raises(EvomergeError, match=r"^cfg.yaml: evaluator.engine.kv_cache_bytes: unknown field \(not a vLLM engine argument"):
         parse_config(data, "cfg.yaml", tmp_path)
 
 

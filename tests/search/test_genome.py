@@ -90,7 +90,7 @@ def test_wrong_genome_length_is_an_error():
     ({"method": "ties", "density": [0.2, 1.5]}, "genome.density: must lie within [0, 1]"),
     ({"method": "ties", "granularity": "block:0"}, "genome.granularity: must be 'model', 'layer' or 'block:N'"),
     ({"method": "nope"}, "genome.method: unknown merge method 'nope' (registered: linear, "),
-    ({"method": "ties", "wieght": [0, 1]}, "genome.wieght: Extra inputs are not permitted"),
+    ({"method": "ties", "wieght": [0, 1]}, "genome.wieght: unknown field"),
     ({"kind": "data_flow", "scale": [0.0, 2.0]}, "genome.scale: scales must be positive"),
     ({"kind": "data_flow", "repetitions": 0}, "genome.repetitions"),
     ({"kind": "combined", "parameter": {"method": "ties", "t": [1, 0]}, "data_flow": {}},

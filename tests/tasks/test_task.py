@@ -80,10 +80,10 @@ def test_bad_definitions(tmp_path):
     with pytest.raises(EvomergeError, match="unknown split 'train'"):
         load_task("zoo/arith:train")
     path = write_task(tmp_path, ['{"prompt": "q", "answer": "1"}'], extra="extract: '(('\n")
-    with pytest.raises(EvomergeError, match="task.yaml: field 'extract' is not a valid regex"):
+    with pytest.raises(EvomergeError, match="task.yaml: extract: not a valid regex"):
         load_task(path)
     path.write_text("kind: essay\ndata: items.jsonl\n")
-    with pytest.raises(EvomergeError, match="field 'kind' must be one of"):
+    with pytest.raises(EvomergeError, match="task.yaml: kind: must be one of multiple_choice, generate, got 'essay'"):
         load_task(path)
     path.write_text("kind: generate\ndata: nothere.jsonl\n")
     with pytest.raises(EvomergeError, match="nothere.jsonl: task data file not found"):
