@@ -67,7 +67,7 @@ from evomerge.backends.base import (PER_LAYER_KEYS, ItemResult, check_indices, c
                                     harness_results, layer_template, likelihood_rows, longest_request,
                                     pad_with_identity_layers, pick_choices, same_but_depth)
 from evomerge.backends.hf import SHAPE_KEYS, load_tokenizer
-from evomerge.errors import CheckpointError, ConfigError, EvomergeError
+from evomerge.errors import UNKNOWN_FIELD, CheckpointError, ConfigError, EvomergeError
 from evomerge.tasks.task import Task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
