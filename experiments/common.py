@@ -332,11 +332,11 @@ def archive_events(run_dir: Path, objectives: list[str]) -> list[dict[str, Any]]
     try:
         events = []
         for r in archive.records():
-            ok = r["status"] == "ok" and all(o in r["objectives"] for o in objectives)
-            events.append({"items": int(r["items_scored"] or 0), "plan": r["plan"], "seconds": r["seconds"],
-                           "genome": r["genome"],
-                           "fitness": {o: r["objectives"][o]["value"] for o in objectives} if ok else None,
-                           "full": {o: r["objectives"][o]["full"] for o in objectives} if ok else None})
+            ok = r.status == "ok" and all(o in r.objectives for o in objectives)
+            events.append({"items": int(r.result.items_scored or 0), "plan": r.plan, "seconds": r.result.seconds,
+                           "genome": r.genome,
+                           "fitness": {o: r.objectives[o].value for o in objectives} if ok else None,
+                           "full": {o: r.objectives[o].full for o in objectives} if ok else None})
         return events
     finally:
         archive.close()

@@ -143,12 +143,12 @@ def search_wall(zoo, genome: dict, n: int, items: int, root: Path, capacity: boo
         evaluator_module.layer_capacity = keep
     archive = Archive(path.with_suffix(""), readonly=True)
     try:
-        records = [r for r in archive.records() if r["generation"] >= 0]
+        records = [r for r in archive.records() if r.generation >= 0]
     finally:
         archive.close()
-    return {"wall_s": wall, "candidates_s": sum(r["seconds"] for r in records), "candidates": len(records),
-            "restarts": sum("restart" in r["timings"] for r in records),
-            "layer_counts": sorted({_depth(r["plan"]) for r in records}) if genome["kind"] == "data_flow" else [4]}
+    return {"wall_s": wall, "candidates_s": sum(r.result.seconds for r in records), "candidates": len(records),
+            "restarts": sum("restart" in r.result.timings for r in records),
+            "layer_counts": sorted({_depth(r.plan) for r in records}) if genome["kind"] == "data_flow" else [4]}
 
 
 def main() -> None:

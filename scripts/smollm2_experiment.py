@@ -233,12 +233,12 @@ def search(models: dict[str, Path], work: Path, tasks: dict[str, Path], populati
         sources = archive.meta().get("source_scores", {})
     finally:
         archive.close()
-    ok = [r for r in records if r["status"] == "ok"]
-    best = max(ok, key=lambda r: sum(o["value"] for o in r["objectives"].values())) if ok else None
+    ok = [r for r in records if r.status == "ok"]
+    best = max(ok, key=lambda r: sum(o.value for o in r.objectives.values())) if ok else None
     return {"wall_s": wall, "candidates": len(records), "ok": len(ok),
             "source_scores": {m: {k: v["value"] for k, v in s.items()} for m, s in sources.items()},
-            "best": None if best is None else {"id": best["candidate_id"],
-                                               "scores": {k: v["value"] for k, v in best["objectives"].items()},
+            "best": None if best is None else {"id": best.candidate_id,
+                                               "scores": {k: v.value for k, v in best.objectives.items()},
                                                "genome": best["genome"]}}
 
 

@@ -27,13 +27,14 @@ import functools
 import json
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from evomerge.errors import EvomergeError
-from evomerge.workers.types import Candidate, EvalResult
+from evomerge.workers.types import Candidate, EvalResult, ObjectiveScore
 
 ARCHIVE_FILE = "archive.sqlite"
 COUNTED_TABLES = ("evaluations", "scores", "responses", "told")
@@ -78,6 +79,46 @@ CREATE TABLE IF NOT EXISTS told (        -- steady-state runs: the order results
 );
 CREATE INDEX IF NOT EXISTS evaluations_generation ON evaluations(generation);
 """
+
+
+@dataclass
+class Record:
+    """One archived evaluation: the candidate as asked, its result as told, and when.
+
+    What ``Archive.add`` takes in, ``Archive.records`` gives back; export, report, status and
+    resume read these."""
+
+    candidate: Candidate
+    result: EvalResult
+    submitted_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def candidate_id(self) -> int:
+        return self.candidate.candidate_id
+
+    @property
+    def generation(self) -> int:
+        return self.candidate.generation
+
+    @property
+    def genome(self) -> list[float]:
+        return self.candidate.genome
+
+    @property
+    def plan(self) -> dict[str, Any] | None:
+        return self.candidate.plan
+
+    @property
+    def status(self) -> str:
+        return self.result.status
+
+    @property
+    def objectives(self) -> dict[str, ObjectiveScore]:
+        return self.result.objectives
+
+    def value(self, objective: str) -> float:
+        return float(self.result.objectives[objective].value)
 
 
 def dominates(a: np.ndarray, b: np.ndarray) -> bool:
@@ -191,13 +232,13 @@ class Archive:
         """Recompute the front over search candidates only (archives from before calibration
         merges were kept out of it)."""
         rows = [r for r in self.records("WHERE status = 'ok' AND generation >= 0")
-                if all(o in r["objectives"] for o in self.objectives)]
-        points = np.array([[r["objectives"][o]["value"] for o in self.objectives] for r in rows]).reshape(len(rows), -1)
+                if all(o in r.objectives for o in self.objectives)]
+        points = np.array([[r.value(o) for o in self.objectives] for r in rows]).reshape(len(rows), -1)
         keep = non_dominated(points) if rows else np.array([], dtype=int)
         with self.transaction():
             self.db.execute("DELETE FROM front")
             for i in keep:
-                self.db.execute("INSERT INTO front VALUES (?)", (rows[i]["candidate_id"],))
+                self.db.execute("INSERT INTO front VALUES (?)", (rows[i].candidate_id,))
             self._set_meta({"hypervolume": hypervolume(points[keep], self.reference) if len(keep) else 0.0})
 
     # -- writing ---------------------------------------------------------------------------
@@ -300,27 +341,23 @@ class Archive:
         return {row[0]: json.loads(row[1]) for row in self.db.execute("SELECT key, value FROM meta")}
 
     @_named
-    def records(self, where: str = "", params: tuple = ()) -> list[dict[str, Any]]:
-        """Evaluations in candidate order, each a dict with decoded JSON and an
-        ``objectives`` mapping ``name -> {value, stderr, n_items, full}``."""
+    def records(self, where: str = "", params: tuple = ()) -> list[Record]:
+        """Evaluations in candidate order (``where``: an SQL clause on ``evaluations``)."""
         rows = self.db.execute(f"SELECT * FROM evaluations {where} ORDER BY candidate_id", params).fetchall()
         scores: dict[int, dict[str, dict[str, Any]]] = {}
         chosen = f"WHERE candidate_id IN (SELECT candidate_id FROM evaluations {where})" if where else ""
         for s in self.db.execute(f"SELECT * FROM scores {chosen}", params if where else ()):
-            scores.setdefault(s["candidate_id"], {})[s["objective"]] = {
-                "value": s["value"], "stderr": s["stderr"], "n_items": s["n_items"], "full": s["full"]}
+            scores.setdefault(s["candidate_id"], {})[s["objective"]] = dict(s)
         out = []
         for row in rows:
-            record = dict(row)
-            record["genome"] = json.loads(record["genome"])
-            record["plan"] = json.loads(record["plan"]) if record["plan"] else None
-            record["timings"] = json.loads(record["timings"]) if record["timings"] else {}
-            record["audit"] = bool(record["audit"])
-            record["objectives"] = scores.get(row["candidate_id"], {})
-            out.append(record)
+            candidate = Candidate(row["candidate_id"], row["generation"], json.loads(row["genome"]),
+                                  json.loads(row["plan"]) if row["plan"] else None, bool(row["audit"]))
+            result = EvalResult.from_dict({**dict(row), "timings": json.loads(row["timings"] or "{}"),
+                                           "objectives": scores.get(row["candidate_id"], {})})
+            out.append(Record(candidate, result, row["submitted_at"], row["finished_at"]))
         return out
 
-    def record(self, candidate_id: int) -> dict[str, Any] | None:
+    def record(self, candidate_id: int) -> Record | None:
         found = self.records("WHERE candidate_id = ?", (candidate_id,))
         return found[0] if found else None
 
@@ -331,14 +368,14 @@ class Archive:
             "SELECT seq, candidate_id FROM told WHERE seq > ? ORDER BY seq", (seq,))]
 
     @_named
-    def front(self, calibration: bool = False) -> list[dict[str, Any]]:
+    def front(self, calibration: bool = False) -> list[Record]:
         """The non-dominated search candidates. Calibration merges (generation -1) are kept
         out: they are random merges scored on every item, not search results.
         ``calibration=True`` gives the front over both (computed on demand, for audits)."""
         if not calibration:
             return self.records("WHERE candidate_id IN (SELECT candidate_id FROM front)")
-        ok = [r for r in self.records("WHERE status = 'ok'") if all(o in r["objectives"] for o in self.objectives)]
-        points = np.array([[r["objectives"][o]["value"] for o in self.objectives] for r in ok]).reshape(len(ok), -1)
+        ok = [r for r in self.records("WHERE status = 'ok'") if all(o in r.objectives for o in self.objectives)]
+        points = np.array([[r.value(o) for o in self.objectives] for r in ok]).reshape(len(ok), -1)
         return [ok[i] for i in non_dominated(points)] if ok else []
 
     @_named

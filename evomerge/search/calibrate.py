@@ -35,7 +35,7 @@ from evomerge.errors import EvomergeError
 from evomerge.io.atomic import atomic_write_text
 from evomerge.search.store import RunStore
 from evomerge.workers.evaluator import CALIBRATION_FREE, mean_estimate, subset_indices
-from evomerge.workers.types import Candidate
+from evomerge.workers.types import Candidate, ObjectiveScore
 
 CALIBRATION_GENERATION = -1
 SOURCE_ID = -10**6            # candidate id of a source model's evaluation (not archived as a candidate)
@@ -197,7 +197,7 @@ def presearch(run, progress: bool = True, pool=None) -> None:
 
 def _score(values: np.ndarray) -> dict[str, Any]:
     score = mean_estimate(np.asarray(values, float))
-    return {"value": score.value, "stderr": score.stderr, "n_items": score.n_items, "full": score.value}
+    return ObjectiveScore(score.value, score.stderr, score.n_items, full=score.value).to_dict()
 
 
 def _subset_score(values: np.ndarray, objective, cfg) -> dict[str, Any]:

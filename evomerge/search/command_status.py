@@ -6,6 +6,8 @@ import argparse
 import math
 from pathlib import Path
 
+from evomerge.workers.types import ObjectiveScore
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="run directory of `evomerge search`")
@@ -60,8 +62,8 @@ def status_lines(run_dir: str | Path) -> list[str]:
             lines.append(f"calibration {name}: {_calibration_named(path)}")
     for model, scores in (meta.get("source_scores") or {}).items():
         held = (meta.get("source_heldout_scores") or {}).get(model, {})
-        text = ", ".join(f"{o}={s['value']:.3f}{scale.get(o, '')}"
-                         + (f" (held-out accuracy {held[o]['value']:.3f})" if o in held else "")
+        text = ", ".join(f"{o}={ObjectiveScore.from_dict(s).value:.3f}{scale.get(o, '')}"
+                         + (f" (held-out accuracy {ObjectiveScore.from_dict(held[o]).value:.3f})" if o in held else "")
                          for o, s in scores.items())
         lines.append(f"source {model}: {text}")
     return lines
@@ -108,7 +110,8 @@ def heldout_lines(run_dir: str | Path) -> list[str]:
     judged = judge_candidates(run_dir, progress=True)
     lines = []
     for cid, scores in judged.items():
-        text = ", ".join(f"{o}={s['value']:.3f}±{s['stderr']:.3f} ({s['n_items']} items)" for o, s in scores.items())
+        scores = {o: ObjectiveScore.from_dict(s) for o, s in scores.items()}
+        text = ", ".join(f"{o}={s.value:.3f}±{s.stderr:.3f} ({s.n_items} items)" for o, s in scores.items())
         lines.append(f"held-out candidate {cid}: {text}")
     return lines
 

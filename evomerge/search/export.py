@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,52 +28,10 @@ import evomerge
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.merge.plan import MergePlan
 from evomerge.merge.staged import StagedPlan, plan_from_dict
+from evomerge.search.archive import Record
+from evomerge.workers.types import ObjectiveScore
 
 # --------------------------------------------------------------------------- archive rows
-
-
-@dataclass
-class RunRecord:
-    """One evaluated candidate as the export and the report need it."""
-
-    candidate_id: int
-    generation: int
-    genome: list[float]
-    plan: dict
-    objectives: dict[str, dict]  # name -> {value, stderr, n_items, full}
-    status: str
-    extra: dict = field(default_factory=dict)  # everything else the archive stores (cost, worker, ...)
-
-    def value(self, objective: str) -> float:
-        return float(self.objectives[objective]["value"])
-
-
-def _loads(v: Any) -> Any:
-    if isinstance(v, (bytes, str)):
-        try:
-            return json.loads(v)
-        except json.JSONDecodeError:
-            return v
-    return v
-
-
-def _as_record(row: Any) -> RunRecord:
-    """A RunRecord from an archive row (a dict, or an object with the same attributes)."""
-    d = dict(row) if isinstance(row, dict) else {k: getattr(row, k) for k in dir(row) if not k.startswith("_")
-                                                   and not callable(getattr(row, k))}
-    objectives = _loads(d.pop("objectives", None)) or {}
-    objectives = {
-        k: (v if isinstance(v, dict) else {"value": v.value, "stderr": v.stderr, "n_items": v.n_items,
-                                            "full": getattr(v, "full", None)})
-        for k, v in objectives.items()
-    }
-    genome = _loads(d.pop("genome", None)) or []
-    plan = _loads(d.pop("plan", None)) or {}
-    return RunRecord(
-        candidate_id=int(d.pop("candidate_id")), generation=int(d.pop("generation", 0) or 0),
-        genome=[float(g) for g in genome], plan=plan, objectives=objectives,
-        status=str(d.pop("status", "ok")), extra={k: _loads(v) for k, v in d.items()},
-    )
 
 
 def open_archive(run_dir: str | Path):
@@ -87,7 +44,7 @@ def open_archive(run_dir: str | Path):
     return RunStore(run_dir).open_archive()
 
 
-def load_records(run_dir: str | Path, calibration: bool = False) -> list[RunRecord]:
+def load_records(run_dir: str | Path, calibration: bool = False) -> list[Record]:
     """Every evaluated search candidate of a run, ordered by candidate id.
 
     Calibration merges (generation -1, negative ids: random merges scored on every item
@@ -95,42 +52,44 @@ def load_records(run_dir: str | Path, calibration: bool = False) -> list[RunReco
     are the search's own."""
     archive = open_archive(run_dir)
     try:
-        return [_as_record(r) for r in archive.records("" if calibration else "WHERE generation >= 0")]
+        return archive.records("" if calibration else "WHERE generation >= 0")
     finally:
         archive.close()
 
 
-def export_name(record: RunRecord) -> str:
+def export_name(record: Record) -> str:
     """``candidate-<id>`` for a search candidate, ``calibration-<n>`` for calibration merge -n."""
     if record.candidate_id < 0:
         return f"calibration-{-record.candidate_id}"
     return f"candidate-{record.candidate_id}"
 
 
-def load_source_scores(run_dir: str | Path) -> dict[str, dict[str, dict]]:
+def load_source_scores(run_dir: str | Path) -> dict[str, dict[str, ObjectiveScore]]:
     """Scores of the source models, if the search recorded them: {model: {objective: score}}.
 
     The search stores them in the archive's meta table under ``source_scores``
-    (``Archive.set_meta(source_scores={model: {objective: {value, stderr, n_items, full}}})``).
+    (``Archive.set_meta(source_scores={model: {objective: ObjectiveScore.to_dict()}})``).
     """
     archive = open_archive(run_dir)
     try:
-        return archive.meta().get("source_scores") or {}
+        stored = archive.meta().get("source_scores") or {}
     finally:
         archive.close()
+    return {model: {name: ObjectiveScore.from_dict(score) for name, score in scores.items()}
+            for model, scores in stored.items()}
 
 
 # --------------------------------------------------------------------------- selection
 
 
-def objective_names(records: list[RunRecord]) -> list[str]:
+def objective_names(records: list[Record]) -> list[str]:
     names: dict[str, None] = {}
     for r in records:
         names.update(dict.fromkeys(r.objectives))
     return list(names)
 
 
-def pareto_front(records: list[RunRecord], objectives: list[str] | None = None) -> list[RunRecord]:
+def pareto_front(records: list[Record], objectives: list[str] | None = None) -> list[Record]:
     """The successful records no other successful record dominates (all objectives maximised)."""
     ok = [r for r in records if r.status == "ok" and r.objectives]
     objectives = objectives or objective_names(ok)
@@ -146,14 +105,14 @@ def pareto_front(records: list[RunRecord], objectives: list[str] | None = None) 
     return front
 
 
-def top_k(records: list[RunRecord], k: int, objective: str | None = None) -> list[RunRecord]:
+def top_k(records: list[Record], k: int, objective: str | None = None) -> list[Record]:
     """The k best successful records by one objective (default: the mean of all objectives)."""
     ok = [r for r in records if r.status == "ok" and r.objectives]
     names = objective_names(ok)
     if objective is not None and objective not in names:
         raise ConfigError(f"--objective: unknown objective {objective!r} (the run has: {', '.join(names)})")
 
-    def score(r: RunRecord) -> float:
+    def score(r: Record) -> float:
         if objective is not None:
             return r.value(objective) if objective in r.objectives else -np.inf
         return float(np.mean([r.value(o) for o in r.objectives]))
@@ -218,7 +177,7 @@ def _objective_scoring(run_dir: Path) -> dict[str, str]:
         return {}
 
 
-def model_card(record: RunRecord, run_dir: Path, plan: MergePlan | StagedPlan, paths: dict[str, str],
+def model_card(record: Record, run_dir: Path, plan: MergePlan | StagedPlan, paths: dict[str, str],
                scoring: dict[str, str] | None = None) -> str:
     """``scoring``: objective -> exact | likelihood (default: read from the run's config)."""
     lines = [
@@ -235,19 +194,20 @@ def model_card(record: RunRecord, run_dir: Path, plan: MergePlan | StagedPlan, p
     ]
     scoring = _objective_scoring(run_dir) if scoring is None else scoring
     for name, s in record.objectives.items():
-        full = s.get("full")
-        lines.append(f"| {name} | {scoring.get(name, 'exact')} | {s['value']:.4f} | {s.get('stderr', float('nan')):.4f} | "
-                     f"{s.get('n_items', '')} | {'' if full is None else f'{full:.4f}'} |")
+        lines.append(f"| {name} | {scoring.get(name, 'exact')} | {s.value:.4f} | {s.stderr:.4f} | "
+                     f"{s.n_items} | {'' if s.full is None else f'{s.full:.4f}'} |")
     lines += ["", "## Recipe", "",
               "Reproduce with mergekit (`mergekit-yaml mergekit.yaml OUT`):" if isinstance(plan, MergePlan) else
               "Two stages: the first merge is written to `./merged`, the second reads it "
               "(run `mergekit-yaml` on each document of `mergekit.yaml` in order):",
               "", "```yaml", mergekit_yaml(plan, paths).rstrip(), "```", "",
               "## Genome", "", "```json", json.dumps(record.genome), "```", ""]
-    if record.extra:
-        info = {k: v for k, v in record.extra.items() if isinstance(v, (int, float, str)) and k != "plan"}
-        if info:
-            lines += ["## Evaluation", "", *[f"- {k}: {v}" for k, v in info.items()], ""]
+    result = record.result
+    info = {"audit": record.candidate.audit, "error": result.error, "worker": result.worker,
+            "seconds": result.seconds, "items_scored": result.items_scored,
+            "submitted_at": record.submitted_at, "finished_at": record.finished_at}
+    info = {k: v for k, v in info.items() if v is not None}
+    lines += ["## Evaluation", "", *[f"- {k}: {v}" for k, v in info.items()], ""]
     return "\n".join(lines)
 
 
@@ -292,7 +252,7 @@ def export_state(target: Path, plan: dict) -> str:
     return "done" if ok else "ours"
 
 
-def export_records(records: list[RunRecord], run_dir: str | Path, out: str | Path, sources=None,
+def export_records(records: list[Record], run_dir: str | Path, out: str | Path, sources=None,
                    paths: dict[str, str] | None = None, overwrite: bool = False) -> list[Path]:
     """Write each record as ``out/candidate-<id>`` (``out/calibration-<n>`` for a calibration
     merge); returns the directories, written now or verified as exported before."""
@@ -354,7 +314,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing candidate directories")
 
 
-def select(records: list[RunRecord], args: argparse.Namespace) -> list[RunRecord]:
+def select(records: list[Record], args: argparse.Namespace) -> list[Record]:
     if args.candidate_id is not None:
         chosen = [r for r in records if r.candidate_id == args.candidate_id]
         if not chosen:

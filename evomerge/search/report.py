@@ -24,10 +24,10 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.io.atomic import atomic_write_bytes, atomic_write_text
-from evomerge.search.archive import hypervolume
+from evomerge.search.archive import Record, hypervolume
 from evomerge.search.store import RunStore
+from evomerge.workers.types import ObjectiveScore
 from evomerge.search.export import (
-    RunRecord,
     load_records,
     load_source_scores,
     open_archive,
@@ -35,11 +35,11 @@ from evomerge.search.export import (
 )
 
 
-def _values(records: list[RunRecord], objectives: list[str]) -> np.ndarray:
+def _values(records: list[Record], objectives: list[str]) -> np.ndarray:
     return np.array([[r.value(o) for o in objectives] for r in records], dtype=float).reshape(len(records), -1)
 
 
-def progress(records: list[RunRecord], objectives: list[str], reference: np.ndarray | None = None) -> dict:
+def progress(records: list[Record], objectives: list[str], reference: np.ndarray | None = None) -> dict:
     """Per generation (cumulative): best value per objective and the front's hypervolume
     above ``reference`` (the archive's reference point; default 0 per objective)."""
     ok = [r for r in records if r.status == "ok" and all(o in r.objectives for o in objectives)]
@@ -111,9 +111,9 @@ def plot_pareto(records, objectives, source_scores, path: Path) -> str | None:
         marked = False
         for model, scores in source_scores.items():
             if x in scores and y in scores:
-                ax.scatter([scores[x]["value"]], [scores[y]["value"]], marker="*", s=160, color="black",
+                ax.scatter([scores[x].value], [scores[y].value], marker="*", s=160, color="black",
                            zorder=5, label=None if marked else "source models")
-                ax.annotate(Path(model).name, (scores[x]["value"], scores[y]["value"]), fontsize=8,
+                ax.annotate(Path(model).name, (scores[x].value, scores[y].value), fontsize=8,
                             xytext=(4, -10), textcoords="offset points")
                 marked = True
         ax.set_xlabel(x), ax.set_ylabel(y)
@@ -127,7 +127,7 @@ def plot_pareto(records, objectives, source_scores, path: Path) -> str | None:
         ax.step(ids, best, where="post", color="crimson", label="best so far")
         for k, (model, scores) in enumerate(source_scores.items()):
             if o in scores:
-                ax.axhline(scores[o]["value"], ls="--", lw=1, color=f"C{k + 2}", label=f"source {Path(model).name}")
+                ax.axhline(scores[o].value, ls="--", lw=1, color=f"C{k + 2}", label=f"source {Path(model).name}")
         ax.set_xlabel("candidate id"), ax.set_ylabel(o)
     if not source_scores:
         note = "; ".join(filter(None, [note, "source models are not marked: the run recorded no source scores"]))
@@ -155,7 +155,7 @@ def plot_progress(prog: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_coefficients(front: list[RunRecord], space, path: Path, max_panels: int = 9) -> str | None:
+def plot_coefficients(front: list[Record], space, path: Path, max_panels: int = 9) -> str | None:
     series: dict[str, dict[int, list[float]]] = {}
     for r in front:
         if len(r.genome) != space.dim:
@@ -188,12 +188,12 @@ def plot_coefficients(front: list[RunRecord], space, path: Path, max_panels: int
 # --------------------------------------------------------------------------- markdown
 
 
-def _fmt(score: dict | None) -> str:
-    if not score:
+def _fmt(score: ObjectiveScore | None) -> str:
+    if score is None:
         return ""
-    s = f"{score['value']:.4f} ± {score.get('stderr', float('nan')):.4f}"
-    if score.get("full") is not None:
-        s += f" (full {score['full']:.4f})"
+    s = f"{score.value:.4f} ± {score.stderr:.4f}"
+    if score.full is not None:
+        s += f" (full {score.full:.4f})"
     return s
 
 
@@ -218,7 +218,7 @@ def summary_markdown(run_dir: Path, records, objectives, front, source_scores, p
             lines.append(f"| {model} | " + " | ".join(_fmt(scores.get(o)) for o in objectives) + " |")
         lines += ["", "Front candidates beating every source model on every objective: "
                   + (", ".join(str(r.candidate_id) for r in front
-                               if all(r.value(o) > max(s[o]["value"] for s in source_scores.values() if o in s)
+                               if all(r.value(o) > max(s[o].value for s in source_scores.values() if o in s)
                                       for o in objectives if any(o in s for s in source_scores.values())))
                      or "none")]
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]

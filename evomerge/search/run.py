@@ -43,7 +43,7 @@ from evomerge.search.config import SearchConfig, build_genome_space, load_config
 from evomerge.search.optimizers import Optimizer, is_multi_objective, make_optimizer
 from evomerge.search.store import LOCK_FILE, RunLock, RunStore
 from evomerge.workers.evaluator import CALIBRATION_FREE, EvaluatorSpec, make_evaluator, prepare_objective
-from evomerge.workers.types import Candidate, EvalResult, ObjectiveScore
+from evomerge.workers.types import Candidate, EvalResult
 
 
 def read_meta(run_dir: str | Path) -> dict[str, Any]:
@@ -383,12 +383,12 @@ class SearchRun:
         stored = self.archive.record(candidate.candidate_id)
         if stored is None:
             return None
-        if not np.allclose(stored["genome"], candidate.genome, rtol=0, atol=1e-12):
+        if not np.allclose(stored.genome, candidate.genome, rtol=0, atol=1e-12):
             raise CheckpointError(f"{self.archive.path}: candidate {candidate.candidate_id} holds another genome "
                                   "than replaying the run asks for (the archive was changed, or the optimizer "
                                   "is not deterministic); this run cannot be continued exactly")
         self._decode_errors.pop(candidate.candidate_id, None)
-        return _result_from_record(stored)
+        return stored.result
 
     def _steady(self, pool, progress: bool) -> None:
         """Steady state: one new candidate asked whenever a result is told, so the pool stays
@@ -507,12 +507,6 @@ class SearchRun:
         self._lock.release()
 
 
-def _result_from_record(record: dict[str, Any]) -> EvalResult:
-    objectives = {name: ObjectiveScore(**score) for name, score in record["objectives"].items()}
-    return EvalResult(record["candidate_id"], record["status"], objectives, record["error"], record["worker"],
-                      record["seconds"] or 0.0, record["items_scored"] or 0, record["timings"])
-
-
 # --------------------------------------------------------------------------- held-out judging
 
 
@@ -577,6 +571,6 @@ def judge_candidates(run_dir: str | Path, candidate_ids: list[int] | None = None
     missing = [i for i, r in zip(candidate_ids or [], records) if r is None]
     if missing:
         raise EvomergeError(f"{run_dir}: no candidate {missing[0]} in the archive")
-    plans = {str(r["candidate_id"]): r["plan"] for r in records if r["status"] == "ok" and r["plan"]}
+    plans = {str(r.candidate_id): r.plan for r in records if r.status == "ok" and r.plan}
     judged = judge(run_dir, plans, split=split, progress=progress)
     return {int(k): v for k, v in judged.items()}

@@ -6,7 +6,9 @@ serialize to JSON for the archive.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -35,6 +37,23 @@ class ObjectiveScore:
     n_items: int
     full: float | None = None         # full-pool accuracy (audits and held-out checks)
 
+    def to_dict(self) -> dict[str, Any]:
+        """``{value, stderr, n_items[, full]}``: how an objective's score is written wherever it
+        is JSON (the archive's source scores, judging tables, result files); ``full`` only
+        when known."""
+        out = {"value": self.value, "stderr": self.stderr, "n_items": self.n_items}
+        if self.full is not None:
+            out["full"] = self.full
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ObjectiveScore":
+        """The inverse of ``to_dict`` (and of an archive ``scores`` row)."""
+        stderr = data.get("stderr")
+        full = data.get("full")
+        return cls(float(data["value"]), math.nan if stderr is None else float(stderr),
+                   int(data.get("n_items") or 0), None if full is None else float(full))
+
 
 @dataclass
 class EvalResult:
@@ -53,7 +72,10 @@ class EvalResult:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
-        data = dict(data)
-        data["objectives"] = {k: ObjectiveScore(**v) for k, v in data.get("objectives", {}).items()}
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any]) -> "EvalResult":
+        """The inverse of ``to_dict``; also reads an archive row, whose other columns (the
+        candidate's, the times) it leaves to the caller, and whose NULLs mean the defaults."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in data.items() if k in names and v is not None}
+        kw["objectives"] = {k: ObjectiveScore.from_dict(v) for k, v in (data.get("objectives") or {}).items()}
+        return cls(**kw)

@@ -284,23 +284,23 @@ def test_data_flow_search_on_vllm_loads_every_candidate_in_place_and_scores_as_h
         run.close()
     archive = Archive(tmp_path / "run", readonly=True)
     try:
-        records = [r for r in archive.records() if r["generation"] >= 0]
+        records = [r for r in archive.records() if r.generation >= 0]
     finally:
         archive.close()
-    assert len(records) == 6 and all(r["status"] == "ok" for r in records)
-    depths = {sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in r["plan"]["slices"])
+    assert len(records) == 6 and all(r.status == "ok" for r in records)
+    depths = {sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in r.plan["slices"])
               for r in records}
     assert len(depths) > 1, depths                      # the layer counts really vary
-    assert not any("restart" in r["timings"] for r in records)
+    assert not any("restart" in r.result.timings for r in records)
     assert any("0 engine restarts" in line and "6 of 6" in line for line in status_lines(tmp_path / "run"))
 
     spec = EvaluatorSpec.from_config(run.config, run.space)
     spec.backend, spec.engine = "hf", {}
     hf = CandidateEvaluator(spec)
     for r in records:
-        want = hf.evaluate(Candidate(r["candidate_id"], 0, r["genome"], r["plan"]))
+        want = hf.evaluate(Candidate(r.candidate_id, 0, r.genome, r.plan))
         assert want.status == "ok"
-        assert r["objectives"]["arith"]["value"] == want.objectives["arith"].value, r["candidate_id"]
+        assert r.objectives["arith"].value == want.objectives["arith"].value, r.candidate_id
 
 
 

@@ -287,15 +287,15 @@ def _search_and_export(family, kind: str, tmp_path: Path) -> None:
     run.close()
     archive = Archive(tmp_path / "run", readonly=True)
     try:
-        records = [r for r in archive.records() if r["generation"] >= 0]
+        records = [r for r in archive.records() if r.generation >= 0]
     finally:
         archive.close()
-    assert len(records) == 3 and all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    assert len(records) == 3 and all(r.status == "ok" for r in records), [r.result.error for r in records]
 
     best = records[0]
-    assert cli_main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--id", str(best["candidate_id"])]) == 0
-    out = tmp_path / "out" / f"candidate-{best['candidate_id']}"
-    plan = plan_from_dict(best["plan"])
+    assert cli_main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--id", str(best.candidate_id)]) == 0
+    out = tmp_path / "out" / f"candidate-{best.candidate_id}"
+    plan = plan_from_dict(best.plan)
     weights, config = merge_plan(plan, sources), plan_output_config(plan, sources)
     written = json.loads((out / "config.json").read_text())
     assert arch.config_section(written)[arch.layer_count_key] == arch.config_section(config)[arch.layer_count_key]

@@ -54,15 +54,15 @@ def test_front_and_hypervolume_follow_each_added_result(tmp_path):
     expected_fronts = {0: {0}, 1: {1}, 2: {1, 2}, 3: {2, 3}, 4: {2, 3, 4}, 5: {2, 3, 4, 5}}
     for cid, point in POINTS.items():
         add(archive, cid, point)
-        assert {r["candidate_id"] for r in archive.front()} == expected_fronts[cid]
+        assert {r.candidate_id for r in archive.front()} == expected_fronts[cid]
         front = np.array([POINTS[i] for i in expected_fronts[cid]])
         assert archive.hypervolume() == pytest.approx(hypervolume(front, np.zeros(2)))
     add(archive, 6, None, status="failed")  # failures are recorded, never on the front
     assert archive.counts() == {"ok": 6, "failed": 1, "total": 7}
-    assert {r["candidate_id"] for r in archive.front()} == {2, 3, 4, 5}
+    assert {r.candidate_id for r in archive.front()} == {2, 3, 4, 5}
     assert archive.best() == {"a": 0.9, "b": 0.9}
     failed = archive.record(6)
-    assert failed["status"] == "failed" and failed["error"] == "boom" and failed["objectives"] == {}
+    assert failed.status == "failed" and failed.result.error == "boom" and failed.objectives == {}
 
 
 def test_rows_carry_everything_and_another_process_can_read_while_writing(tmp_path):
@@ -70,10 +70,10 @@ def test_rows_carry_everything_and_another_process_can_read_while_writing(tmp_pa
     add(writer, 0, (0.5, 0.7), audit_full=(0.55, 0.6))
     reader = Archive(tmp_path, readonly=True)
     row = reader.record(0)
-    assert row["genome"] == [0.0, 0.5] and row["plan"] == {"merge_method": "linear"} and row["audit"] is True
-    assert row["objectives"]["a"] == {"value": 0.5, "stderr": 0.01, "n_items": 10, "full": 0.55}
-    assert row["worker"] == "w0" and row["seconds"] == 1.5 and row["items_scored"] == 20
-    assert row["finished_at"] is not None
+    assert row.genome == [0.0, 0.5] and row.plan == {"merge_method": "linear"} and row.candidate.audit is True
+    assert row.objectives["a"] == ObjectiveScore(0.5, 0.01, 10, 0.55)
+    assert row.result.worker == "w0" and row.result.seconds == 1.5 and row.result.items_scored == 20
+    assert row.finished_at is not None
     assert reader.hypervolume() == pytest.approx(0.4 * 0.6)  # reference (0.1, 0.1) from creation
     add(writer, 1, (0.8, 0.8))  # the reader sees the next committed result
     assert reader.counts()["total"] == 2 and reader.hypervolume() == pytest.approx(0.7 * 0.7)
@@ -88,7 +88,7 @@ def test_a_duplicate_candidate_is_rejected_without_touching_the_archive(tmp_path
     with pytest.raises(sqlite3.IntegrityError):
         add(archive, 0, (0.9, 0.9))
     assert archive.counts()["total"] == 1 and archive.hypervolume() == pytest.approx(0.25)
-    assert archive.record(0)["objectives"]["a"]["value"] == 0.5
+    assert archive.record(0).objectives["a"].value == 0.5
 
 
 def test_audit_statistics(tmp_path):
@@ -115,12 +115,12 @@ def test_calibration_merges_stay_in_the_archive_but_out_of_the_front_and_best(tm
                                                    "b": ObjectiveScore(0.95, 0.0, 40, 0.95)}))
     # it would dominate every search candidate, yet the search's front, best and
     # hypervolume are the search's own
-    assert {r["candidate_id"] for r in archive.front()} == {2, 3, 4, 5}
+    assert {r.candidate_id for r in archive.front()} == {2, 3, 4, 5}
     assert archive.best() == {"a": 0.9, "b": 0.9}
     assert archive.hypervolume() == pytest.approx(0.09 + 0.30 + 0.03)
     # ... and the audit views still see it
-    assert archive.record(-4)["objectives"]["a"]["value"] == 0.95
-    assert [r["candidate_id"] for r in archive.front(calibration=True)] == [-4]
+    assert archive.record(-4).objectives["a"].value == 0.95
+    assert [r.candidate_id for r in archive.front(calibration=True)] == [-4]
     assert archive.best(calibration=True) == {"a": 0.95, "b": 0.95}
     # An archive written before calibration rows were kept out of the front is repaired
     # when the search reopens it.
@@ -129,7 +129,7 @@ def test_calibration_merges_stay_in_the_archive_but_out_of_the_front_and_best(tm
         archive.db.execute("INSERT INTO front VALUES (-4)")
     archive.close()
     reopened = Archive(tmp_path)
-    assert {r["candidate_id"] for r in reopened.front()} == {2, 3, 4, 5}
+    assert {r.candidate_id for r in reopened.front()} == {2, 3, 4, 5}
     assert reopened.hypervolume() == pytest.approx(0.42)
     reopened.close()
 
@@ -139,7 +139,7 @@ def test_records_filtered_by_a_where_carry_only_their_own_scores(tmp_path):
     for cid, point in POINTS.items():
         add(archive, cid, point)
     (record,) = archive.records("WHERE candidate_id = ?", (4,))
-    assert record["objectives"]["a"]["value"] == 0.1 and record["objectives"]["b"]["value"] == 0.9
-    assert [r["candidate_id"] for r in archive.records("WHERE generation = ?", (1,))] == [3, 4, 5]
+    assert record.objectives["a"].value == 0.1 and record.objectives["b"].value == 0.9
+    assert [r.candidate_id for r in archive.records("WHERE generation = ?", (1,))] == [3, 4, 5]
     assert archive.record(99) is None
     archive.close()

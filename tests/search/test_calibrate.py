@@ -34,17 +34,17 @@ def test_the_calibration_is_a_versioned_artifact_fitted_on_sources_and_random_me
 
     archive = Archive(finished, readonly=True)
     records = archive.records()
-    calibration = [r for r in records if r["generation"] == -1]
-    assert [r["candidate_id"] for r in calibration] == list(range(-9, 0))
-    assert all(r["audit"] and r["objectives"]["mc"]["full"] == r["objectives"]["mc"]["value"] for r in calibration)
+    calibration = [r for r in records if r.generation == -1]
+    assert [r.candidate_id for r in calibration] == list(range(-9, 0))
+    assert all(r.candidate.audit and r.objectives["mc"].full == r.objectives["mc"].value for r in calibration)
     responses = archive.responses("mc")
     assert set(responses) == {"source:base", "source:a", "source:b"} | {f"candidate:{i}" for i in range(-9, 0)}
     assert len({tuple(v) for v in responses.values()}) > 3, "a calibration population of identical subjects"
     # search candidates are estimated from the anchors (8 items), audited ones also scored on all 40
-    search = [r for r in records if r["generation"] >= 0]
-    assert len(search) == 8 and all(r["status"] == "ok" for r in search)
-    assert all(r["objectives"]["mc"]["n_items"] == 8 for r in search)
-    assert [r["candidate_id"] for r in search if r["objectives"]["mc"]["full"] is not None] == [0, 2, 4, 6]
+    search = [r for r in records if r.generation >= 0]
+    assert len(search) == 8 and all(r.status == "ok" for r in search)
+    assert all(r.objectives["mc"].n_items == 8 for r in search)
+    assert [r.candidate_id for r in search if r.objectives["mc"].full is not None] == [0, 2, 4, 6]
     stats = archive.audit_stats()["mc"]
     assert stats["n"] == 4 and np.isfinite(stats["mae"])
     meta = archive.meta()
@@ -95,7 +95,7 @@ def test_a_crash_during_calibration_resumes_without_redoing_finished_evaluations
     # ... and ends with the same calibration and the same archive as the uninterrupted run
     assert calibration_path(root / "crash", "mc").read_text() == calibration_path(finished, "mc").read_text()
     one, two = Archive(finished, readonly=True), Archive(root / "crash", readonly=True)
-    strip = lambda rs: [(r["candidate_id"], r["genome"], r["objectives"]) for r in rs]  # noqa: E731
+    strip = lambda rs: [(r.candidate_id, r.genome, r.objectives) for r in rs]  # noqa: E731
     assert strip(one.records()) == strip(two.records())
     one.close(), two.close()
 
@@ -105,9 +105,9 @@ def test_front_and_exports_are_the_searchs_own_and_a_calibration_merge_exports_b
     from evomerge.search.export import load_records
 
     archive = Archive(finished, readonly=True)
-    search = [r for r in archive.records() if r["generation"] >= 0 and r["status"] == "ok"]
-    assert archive.front() and all(r["generation"] >= 0 for r in archive.front())
-    assert archive.best() == {"mc": max(r["objectives"]["mc"]["value"] for r in search)}
+    search = [r for r in archive.records() if r.generation >= 0 and r.status == "ok"]
+    assert archive.front() and all(r.generation >= 0 for r in archive.front())
+    assert archive.best() == {"mc": max(r.objectives["mc"].value for r in search)}
     archive.close()
     assert [r.candidate_id for r in load_records(finished)] == list(range(8))
     assert main(["export", str(finished), "--id", "-4", str(tmp_path / "out")]) == 0

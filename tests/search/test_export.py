@@ -93,7 +93,7 @@ def run(tmp_path_factory):
 def test_selection_front_top_and_failed_rows(run):
     records = load_records(run["dir"])
     assert [r.candidate_id for r in records] == [0, 1, 2, 3, 4, 5]
-    assert records[0].objectives["arith"]["stderr"] == 0.02
+    assert records[0].objectives["arith"].stderr == 0.02
     assert sorted(r.candidate_id for r in pareto_front(records)) == [0, 1, 3, 4]
     assert [r.candidate_id for r in top_k(records, 2, "copy")] == [3, 1]
     assert [r.candidate_id for r in top_k(records, 1)] == [1]  # best mean: (0.45 + 0.6) / 2

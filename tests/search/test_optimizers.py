@@ -99,10 +99,10 @@ def test_each_optimizer_runs_a_tiny_search_end_to_end(name, write_config, tmp_pa
     run = SearchRun.create(cfg, tmp_path / "run")
     run.run(progress=False)
     records = run.archive.records()
-    assert len(records) == 8 and {r["generation"] for r in records} == {0, 1}
-    assert all(r["status"] == "ok" and set(r["objectives"]) == {"a", "b"} for r in records)
+    assert len(records) == 8 and {r.generation for r in records} == {0, 1}
+    assert all(r.status == "ok" and set(r.objectives) == {"a", "b"} for r in records)
     assert run.finished and run.archive.meta()["finished"] is True
     assert 1 <= len(run.archive.front()) <= 8 and run.archive.hypervolume() > 0
-    assert all(r["genome"][4] in (0.0, 1.0, 2.0, 3.0) for r in records)
+    assert all(r.genome[4] in (0.0, 1.0, 2.0, 3.0) for r in records)
     if single:  # the weighted sum is what was optimised; the archive keeps both objectives
-        assert all(r["objectives"]["a"]["value"] != r["objectives"]["b"]["value"] for r in records)
+        assert all(r.objectives["a"].value != r.objectives["b"].value for r in records)

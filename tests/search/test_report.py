@@ -126,7 +126,9 @@ def test_report_without_source_scores_or_genome_notes_what_is_missing(tmp_path):
     assert not (out / "coefficients.png").exists()
     md = (out / "report.md").read_text()
     assert "source models are not marked: the run recorded no source scores" in md
-    assert "no coefficient plot: genome.granularity: must be 'model', 'layer' or 'block:N'" in md
+    # the config is read from the archive, so the error names that file
+    assert (f"no coefficient plot: {run_dir / 'archive.sqlite'}: config: genome.granularity: "
+            "must be 'model', 'layer' or 'block:N'") in md
 
 
 def test_report_on_a_missing_run_is_a_one_line_error(tmp_path, capsys):

@@ -307,8 +307,8 @@ def test_the_archived_fitness_of_a_source_is_lm_evals_number_for_it(task_dir, mo
     mc = load_task(f"{task_dir}:evo_arith_mc")
     graded = [r.score for r in backend.likelihood(mc, range(16))]
     assert arith["graded"]["full"] == pytest.approx(sum(graded) / 16, abs=1e-6)     # value: the subset's mean
-    searched = [r for r in records if r["generation"] == 0]
-    assert len(searched) == 2 and all(r["status"] == "ok" for r in searched)
+    searched = [r for r in records if r.generation == 0]
+    assert len(searched) == 2 and all(r.status == "ok" for r in searched)
 
 
 def test_an_objective_with_an_unknown_metric_is_refused_naming_objective_and_task(task_dir, model_dir, tmp_path):

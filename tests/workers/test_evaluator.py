@@ -116,14 +116,14 @@ def test_a_real_search_with_the_merge_evaluator(zoo, tmp_path):
     run = SearchRun.create(config, tmp_path / "run")
     run.run(progress=False)
     records = run.archive.records()
-    assert [r["status"] for r in records] == ["ok"] * 6, [r["error"] for r in records]
-    assert all(r["plan"]["merge_method"] == "linear" for r in records)
-    assert [r["audit"] for r in records] == [True, False, True, False, True, False]
-    assert all(0 <= r["objectives"]["echo"]["value"] <= 1 for r in records)
+    assert [r.status for r in records] == ["ok"] * 6, [r.result.error for r in records]
+    assert all(r.plan["merge_method"] == "linear" for r in records)
+    assert [r.candidate.audit for r in records] == [True, False, True, False, True, False]
+    assert all(0 <= r.objectives["echo"].value <= 1 for r in records)
     # the graded objective: 4 of the 8 items, no calibration needed, probabilities not 0/1
-    assert all(r["objectives"]["graded"]["n_items"] == 4 for r in records)
+    assert all(r.objectives["graded"].n_items == 4 for r in records)
     assert not (tmp_path / "run" / "calibration" / "graded.json").exists()
-    assert any(0 < r["objectives"]["graded"]["value"] < 1 for r in records)
+    assert any(0 < r.objectives["graded"].value < 1 for r in records)
     # the sources, the front's reference points, are scored on each objective's own scale
     sources = run.archive.meta()["source_scores"]["a"]
     task = load_task(zoo["task"])

@@ -19,9 +19,9 @@ from evomerge.search.run import SearchRun  # noqa: E402
 
 def comparable(records: list[dict]) -> list[tuple]:
     """What must match between runs: everything but where and when it was evaluated."""
-    return [(r["candidate_id"], r["generation"], r["genome"], r["plan"], r["status"], r["error"],
-             {name: (s["value"], s["stderr"], s["n_items"]) for name, s in r["objectives"].items()})
-            for r in sorted(records, key=lambda r: r["candidate_id"])]
+    return [(r.candidate_id, r.generation, r.genome, r.plan, r.status, r.result.error,
+             {name: (s.value, s.stderr, s.n_items) for name, s in r.objectives.items()})
+            for r in sorted(records, key=lambda r: r.candidate_id)]
 
 
 def run_search(config: dict, root, name: str) -> list[dict]:
@@ -71,11 +71,11 @@ def test_a_search_on_two_ray_workers_writes_the_same_archive_as_one_process(loca
     local = run_search({**config, "workers": {"backend": "local"}}, root, "local")
     on_ray = run_search({**config, "workers": {"backend": "ray", "count": 2, "num_cpus": 1}}, root, "ray")
 
-    assert len(local) == 8 and all(r["status"] == "ok" for r in local)
+    assert len(local) == 8 and all(r.status == "ok" for r in local)
     assert comparable(on_ray) == comparable(local)
-    scores = {(r["objectives"]["t1"]["value"], r["objectives"]["t2"]["value"]) for r in local}
+    scores = {(r.objectives["t1"].value, r.objectives["t2"].value) for r in local}
     assert len(scores) > 1, "the merges should differ in score, or the comparison proves little"
-    workers = {r["worker"].split("@")[0] for r in on_ray}
+    workers = {r.result.worker.split("@")[0] for r in on_ray}
     assert workers == {"ray-worker-0.0", "ray-worker-1.0"}
 
 
@@ -90,14 +90,14 @@ def test_likelihood_objectives_score_the_same_on_ray_workers(local_ray, tiny_mer
         "calibration": {"anchors": 4}, "optimizer": {"name": "nsga2", "population": 4, "generations": 1}}
     local = run_search({**graded, "workers": {"backend": "local"}}, root, "graded-local")
     on_ray = run_search({**graded, "workers": {"backend": "ray", "count": 2, "num_cpus": 1}}, root, "graded-ray")
-    assert [r["status"] for r in local] == ["ok"] * 4
-    pairs = zip(sorted(local, key=lambda r: r["candidate_id"]), sorted(on_ray, key=lambda r: r["candidate_id"]))
+    assert [r.status for r in local] == ["ok"] * 4
+    pairs = zip(sorted(local, key=lambda r: r.candidate_id), sorted(on_ray, key=lambda r: r.candidate_id))
     for here, there in pairs:
-        assert here["genome"] == there["genome"]
+        assert here.genome == there.genome
         for name in ("t1", "t2"):
-            assert there["objectives"][name]["value"] == pytest.approx(here["objectives"][name]["value"], rel=1e-5)
-        assert here["objectives"]["t2"]["n_items"] == 4 and here["objectives"]["t1"]["n_items"] == 8
-        assert 0 < here["objectives"]["t1"]["value"] < 1        # a probability share, not a 0/1 mean
+            assert there.objectives[name].value == pytest.approx(here.objectives[name].value, rel=1e-5)
+        assert here.objectives["t2"].n_items == 4 and here.objectives["t1"].n_items == 8
+        assert 0 < here.objectives["t1"].value < 1        # a probability share, not a 0/1 mean
 
 
 def test_a_search_finishes_when_a_worker_is_killed_in_the_middle(local_ray, tmp_path):
@@ -125,10 +125,10 @@ def test_a_search_finishes_when_a_worker_is_killed_in_the_middle(local_ray, tmp_
     archive = Archive(tmp_path / "run", readonly=True)
     records = archive.records()
     archive.close()
-    assert sorted(r["candidate_id"] for r in records) == list(range(18))
-    assert all(r["status"] in ("ok", "failed") for r in records)
-    assert all(r["error"] is None for r in records if r["status"] == "ok")
-    assert sum(r["status"] == "ok" for r in records) >= 17, "only the killed worker's candidate may fail"
+    assert sorted(r.candidate_id for r in records) == list(range(18))
+    assert all(r.status in ("ok", "failed") for r in records)
+    assert all(r.result.error is None for r in records if r.status == "ok")
+    assert sum(r.status == "ok" for r in records) >= 17, "only the killed worker's candidate may fail"
 
 
 def synthetic_config(**workers) -> dict:
@@ -190,6 +190,6 @@ def test_a_steady_state_search_keeps_both_ray_workers_fed(local_ray, tmp_path):
     records = archive.records()
     told = [cid for _, cid in archive.told_after(0)]
     archive.close()
-    assert sorted(r["candidate_id"] for r in records) == list(range(12))
-    assert all(r["status"] == "ok" for r in records) and sorted(told) == list(range(12))
-    assert {r["worker"].split("@")[0] for r in records} == {"ray-worker-0.0", "ray-worker-1.0"}
+    assert sorted(r.candidate_id for r in records) == list(range(12))
+    assert all(r.status == "ok" for r in records) and sorted(told) == list(range(12))
+    assert {r.result.worker.split("@")[0] for r in records} == {"ray-worker-0.0", "ray-worker-1.0"}
