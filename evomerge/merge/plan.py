@@ -100,8 +100,10 @@ class SliceSource(StrictModel):
     @model_validator(mode="after")
     def _range(self):
         lo, hi = self.layer_range
-        if lo < 0 or hi <= lo:
-            raise ValueError(f"layer_range {list(self.layer_range)} of {self.model} must satisfy 0 <= start < end")
+        # start == end is an empty slice, as in mergekit: it adds no layer, but a first or last
+        # slice still decides where the embeddings (first) or final norm and head (last) come from
+        if lo < 0 or hi < lo:
+            raise ValueError(f"layer_range {list(self.layer_range)} of {self.model} must satisfy 0 <= start <= end")
         return self
 
 
@@ -158,6 +160,8 @@ class MergePlan(StrictModel):
             raise ValueError(f"unknown merge_method {self.merge_method!r} (supported: {', '.join(METHODS)})")
         if (self.models is None) == (self.slices is None) or not (self.models or self.slices):
             raise ValueError("exactly one of 'models' or 'slices' must be given")
+        if self.slices is not None and not any(sl.num_layers for sl in self.slices):
+            raise ValueError("slices: every slice is empty (layer_range [n, n]); the merge would have no layers")
         spec = METHODS[self.merge_method]
         for slice_idx, group in enumerate(self.input_groups()):
             base = self.slice_base(slice_idx)

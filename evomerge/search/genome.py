@@ -456,15 +456,6 @@ def _check_source(embed_from: str | None, sources: list[str]) -> str | None:
     return embed_from
 
 
-def _empty_slices_supported() -> bool:
-    try:
-        MergePlan.from_dict({"merge_method": "passthrough",
-                             "slices": [{"sources": [{"model": "m", "layer_range": [0, 0]}]}]})
-        return True
-    except ConfigError:
-        return False
-
-
 def _bracket(slices: list[dict], embed_from: str | None) -> list[dict]:
     """Wrap layer slices in empty slices of ``embed_from``.
 
@@ -479,13 +470,6 @@ def _bracket(slices: list[dict], embed_from: str | None) -> list[dict]:
     return [empty, *slices, empty]
 
 
-def _check_embed_from(embed_from: str | None, where: str) -> None:
-    if embed_from is not None and not _empty_slices_supported():
-        raise ConfigError(f"{where}: needs empty [0, 0] slices, which this evomerge.merge.plan refuses; "
-                          "leave it unset (embeddings then come from the first layer's source, the head "
-                          "from the last layer's, as in mergekit)")
-
-
 class LayerSwapSpace(GenomeSpace):
     """Per layer, a categorical gene naming the source of that layer."""
 
@@ -498,7 +482,6 @@ class LayerSwapSpace(GenomeSpace):
             if s not in everything:
                 raise ConfigError(f"genome.sources: {s!r} is not one of the sources {everything}")
         self.embed_from = _check_source(cfg.embed_from, everything)
-        _check_embed_from(self.embed_from, "genome.embed_from")
         self.num_layers = num_layers
         for i in range(num_layers):
             self._add(f"layer{i}.source", (0, len(self.choices) - 1), integer=True)
@@ -546,7 +529,6 @@ class DataFlowSpace(GenomeSpace):
         self.cfg = cfg
         self.max_layers = cfg.max_layers or 2 * max(depth[s] for s in self.collection)
         self.embed_from = _check_source(cfg.embed_from, everything)
-        _check_embed_from(self.embed_from, "genome.embed_from")
         T = M * cfg.repetitions
         self.slots = [self.layers[t % M] for t in range(T)]
         self.include = [self._add(f"slot{t}.include", (0, 1), integer=True) for t in range(T)]

@@ -193,6 +193,41 @@ def test_layer_swap_takes_each_layer_from_the_chosen_source(sources):
     assert torch.equal(out["lm_head.weight"], sources.tensor("b", "lm_head.weight"))
 
 
+
+def test_embed_from_pins_embeddings_norm_and_head_to_one_source_without_adding_layers(sources):
+    space = build_space({"kind": "layer_swap", "embed_from": "a"}, ["a", "b"], "base", L)
+    x = np.array([2, 2, 0, 2])  # choices are [base, a, b]: no layer of a
+    plan = space.decode(x)
+    assert plan.slices[0].sources[0].layer_range == (0, 0) and plan.slices[-1].sources[0].layer_range == (0, 0)
+    assert plan.tokenizer_source == "a"
+    out = merge(plan, sources)
+    assert output_config(plan, sources)["num_hidden_layers"] == L
+    assert not any(n.startswith(f"model.layers.{L}.") for n in out)
+    for i, src in enumerate(["b", "b", "base", "b"]):
+        name = f"model.layers.{i}.mlp.down_proj.weight"
+        assert torch.equal(out[name], sources.tensor(src, name))
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert torch.equal(out[name], sources.tensor("a", name)), name
+        assert not torch.equal(out[name], sources.tensor("b", name)), name
+
+
+def test_embed_from_in_a_data_flow_space_and_its_errors(sources):
+    space = build_space({"kind": "data_flow", "repetitions": 1, "scaling": "none", "embed_from": "base"},
+                        ["a", "b"], "base", L)
+    x = np.zeros(space.dim)
+    x[space.names.index("slot4.include")] = 1   # the collection is [base, a, b]: slot 4 is a's layer 0
+    out = merge(space.decode(x), sources)
+    assert torch.equal(out["model.layers.0.self_attn.q_proj.weight"], sources.tensor("a", "model.layers.0.self_attn.q_proj.weight"))
+    assert not any(n.startswith("model.layers.1.") for n in out)
+    assert torch.equal(out["lm_head.weight"], sources.tensor("base", "lm_head.weight"))
+    with pytest.raises(ConfigError, match=r"genome.embed_from: 'zzz' is not one of the sources"):
+        build_space({"kind": "layer_swap", "embed_from": "zzz"}, ["a", "b"], "base", L)
+    from evomerge.merge.plan import MergePlan
+
+    with pytest.raises(ConfigError, match=r"slices: every slice is empty"):   # empty slices alone: no model
+        MergePlan.from_dict({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 0]}]}]})
+
+
 # -- data flow -----------------------------------------------------------------------------------
 
 def test_data_flow_layer_count_and_cap(sources):
