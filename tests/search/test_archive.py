@@ -143,3 +143,17 @@ def test_records_filtered_by_a_where_carry_only_their_own_scores(tmp_path):
     assert [r.candidate_id for r in archive.records("WHERE generation = ?", (1,))] == [3, 4, 5]
     assert archive.record(99) is None
     archive.close()
+
+
+def test_a_result_reads_back_as_it_was_told_and_scores_have_one_json_shape(tmp_path):
+    told = EvalResult(3, "ok", {"a": ObjectiveScore(0.25, 0.05, 8, full=0.3), "b": ObjectiveScore(0.5, 0.1, 4)},
+                      worker="w1", seconds=2.0, items_scored=12, timings={"merge": 0.5})
+    assert EvalResult.from_dict(told.to_dict()) == told
+    assert told.objectives["b"].to_dict() == {"value": 0.5, "stderr": 0.1, "n_items": 4}   # no full: not written
+    assert ObjectiveScore.from_dict(told.objectives["a"].to_dict()) == told.objectives["a"]
+    archive = Archive(tmp_path, objectives=["a", "b"])
+    archive.add(Candidate(3, 0, [0.1, 0.2], {"merge_method": "linear"}, audit=True), told, submitted_at=1.0)
+    (record,) = archive.records()
+    assert record.result == told and record.candidate == Candidate(3, 0, [0.1, 0.2], {"merge_method": "linear"}, True)
+    assert record.submitted_at == 1.0 and record.finished_at >= record.submitted_at and record.value("b") == 0.5
+    archive.close()
