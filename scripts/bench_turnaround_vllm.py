@@ -19,7 +19,8 @@ of zoo/arith:search, through the search's own evaluator (``CandidateEvaluator``)
 - ``data_flow in place``: a data-flow candidate on an engine built ``max_layers`` deep, its
   spare layers identity layers and skipped (no restart);
 - ``data_flow restart``: the same candidates on an engine as deep as the sources, which
-  restarts on each new layer count (the path before identity padding).
+  restarts on each new layer count (the path before identity padding, emulated:
+  ``restart_on_every_new_depth``).
 
 Part 2: a ``--search``-candidate data_flow search against a parameter search of the same size,
 both with ``evaluator.backend: vllm`` (random optimizer, one generation): per-candidate layer
@@ -41,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -62,16 +64,31 @@ def _config(models: dict[str, Path], genome: dict, items: int, population: int =
             "optimizer": {"name": "random", "population": population, "generations": 1}, "audit": {"every": 0}}
 
 
-def _spec(models, genome: dict, items: int, capacity: bool = True):
+@contextmanager
+def restart_on_every_new_depth():
+    """The path before identity padding: the engine is as deep as the sources and restarts
+    whenever a candidate's layer count differs from the running engine's (today a shallower
+    candidate would load in place, padded to the engine's depth)."""
+    import evomerge.workers.evaluator as evaluator_module
+    from evomerge.backends.vllm_backend import VLLMBackend
+
+    keep_capacity, keep_fits = evaluator_module.layer_capacity, VLLMBackend.fits_in_place
+    evaluator_module.layer_capacity = lambda space: None
+    VLLMBackend.fits_in_place = lambda self, config: (
+        keep_fits(self, config) and int(config.get("num_hidden_layers", 0)) == self.capacity)
+    try:
+        yield
+    finally:
+        evaluator_module.layer_capacity, VLLMBackend.fits_in_place = keep_capacity, keep_fits
+
+
+def _spec(models, genome: dict, items: int):
     from evomerge.search.config import build_genome_space, parse_config
     from evomerge.workers.evaluator import EvaluatorSpec
 
     cfg = parse_config(_config(models, genome, items), "bench", Path.cwd())
     space = build_genome_space(cfg)
-    spec = EvaluatorSpec.from_config(cfg, space)
-    if not capacity:
-        spec.layer_capacity = None
-    return spec, space
+    return EvaluatorSpec.from_config(cfg, space), space
 
 
 def _depth(plan: dict, default: int) -> int:
@@ -99,25 +116,28 @@ def per_candidate(models: dict[str, Path], depth: int, flow: dict, n: int, items
             last = layers
     for label, genome_cfg, capacity in (("parameter", PARAMETER, True), ("data_flow in place", flow, True),
                                         ("data_flow restart", flow, False)):
-        spec, space = _spec(models, genome_cfg, items, capacity)
-        t = time.perf_counter()
-        evaluator = CandidateEvaluator(spec)
-        start_s = time.perf_counter() - t
-        xs = [space.random(rng) for _ in range(n)] if genome_cfg["kind"] == "parameter" else genomes
-        # warm-up: the first request pays one-off costs (not a candidate's); the weights stay
-        obj = evaluator.objectives[0]
-        evaluator.backend.score(obj.task, [int(i) for i in obj.indices[:4]])
-        timings, depths, outs = [], [], []
-        for i, x in enumerate(xs):
-            plan = space.decode(x).to_dict()
+        spec, space = _spec(models, genome_cfg, items)
+        with nullcontext() if capacity else restart_on_every_new_depth():
+            if not capacity:
+                spec.layer_capacity = None
             t = time.perf_counter()
-            result = evaluator.evaluate(Candidate(i, 0, list(x), plan))
-            total = time.perf_counter() - t
-            if result.status != "ok":
-                raise SystemExit(f"{label}: candidate {i} failed: {result.error}")
-            timings.append({**result.timings, "total": total})
-            depths.append(_depth(plan, depth))
-            outs.append(result.objectives["arith"].value)
+            evaluator = CandidateEvaluator(spec)
+            start_s = time.perf_counter() - t
+            xs = [space.random(rng) for _ in range(n)] if genome_cfg["kind"] == "parameter" else genomes
+            # warm-up: the first request pays one-off costs (not a candidate's); the weights stay
+            obj = evaluator.objectives[0]
+            evaluator.backend.score(obj.task, [int(i) for i in obj.indices[:4]])
+            timings, depths, outs = [], [], []
+            for i, x in enumerate(xs):
+                plan = space.decode(x).to_dict()
+                t = time.perf_counter()
+                result = evaluator.evaluate(Candidate(i, 0, list(x), plan))
+                total = time.perf_counter() - t
+                if result.status != "ok":
+                    raise SystemExit(f"{label}: candidate {i} failed: {result.error}")
+                timings.append({**result.timings, "total": total})
+                depths.append(_depth(plan, depth))
+                outs.append(result.objectives["arith"].value)
         rows[label] = {
             "engine_start_s": start_s, "layers": depths,
             "restarts": int(getattr(evaluator.backend, "restarts", 0)),
@@ -141,16 +161,12 @@ def search_wall(models: dict[str, Path], depth: int, genome: dict, n: int, items
     included) and of its candidate evaluations alone, with each candidate's layer count."""
     import yaml
 
-    import evomerge.workers.evaluator as evaluator_module
     from evomerge.search.archive import Archive
     from evomerge.search.run import SearchRun
 
     path = root / f"{genome['kind']}-{'capacity' if capacity else 'restart'}.yaml"
     path.write_text(yaml.safe_dump(_config(models, genome, items, population=n)))
-    keep = evaluator_module.layer_capacity
-    if not capacity:                    # the path before identity padding: an engine at the sources' depth
-        evaluator_module.layer_capacity = lambda space: None
-    try:
+    with nullcontext() if capacity else restart_on_every_new_depth():
         t = time.perf_counter()
         run = SearchRun.create(path, path.with_suffix(""))
         try:
@@ -158,8 +174,6 @@ def search_wall(models: dict[str, Path], depth: int, genome: dict, n: int, items
         finally:
             run.close()
         wall = time.perf_counter() - t
-    finally:
-        evaluator_module.layer_capacity = keep
     archive = Archive(path.with_suffix(""), readonly=True)
     try:
         records = [r for r in archive.records() if r["generation"] >= 0]
