@@ -21,6 +21,9 @@ of zoo/arith:search, through the search's own evaluator (``CandidateEvaluator``)
 - ``data_flow restart``: the same candidates on an engine as deep as the sources, which
   restarts on each new layer count (the path before identity padding, emulated:
   ``restart_on_every_new_depth``).
+- with ``--multiprocess``, ``parameter, mp`` and ``data_flow in place, mp``: vLLM in its own
+  worker process, the plan merged there tensor by tensor (the served merge; "load" includes
+  the merge).
 
 Part 2: a ``--search``-candidate data_flow search against a parameter search of the same size,
 both with ``evaluator.backend: vllm`` (random optimizer, one generation): per-candidate layer
@@ -98,7 +101,8 @@ def _depth(plan: dict, default: int) -> int:
     return sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in slices)
 
 
-def per_candidate(models: dict[str, Path], depth: int, flow: dict, n: int, items: int) -> dict:
+def per_candidate(models: dict[str, Path], depth: int, flow: dict, n: int, items: int,
+                  multiprocess: bool = False) -> dict:
     """Merge / load / score seconds per candidate for the three paths (medians)."""
     from evomerge.workers.evaluator import CandidateEvaluator
     from evomerge.workers.types import Candidate
@@ -114,16 +118,22 @@ def per_candidate(models: dict[str, Path], depth: int, flow: dict, n: int, items
         if layers != last:
             genomes.append(x)
             last = layers
-    for label, genome_cfg, capacity in (("parameter", PARAMETER, True), ("data_flow in place", flow, True),
-                                        ("data_flow restart", flow, False)):
+    _, parameter_space = _spec(models, PARAMETER, items)
+    parameter_genomes = [parameter_space.random(rng) for _ in range(n)]
+    paths = [("parameter", PARAMETER, True, False), ("data_flow in place", flow, True, False),
+             ("data_flow restart", flow, False, False)]
+    if multiprocess:                   # the served merge: plans merged inside vLLM's worker process
+        paths += [("parameter, mp", PARAMETER, True, True), ("data_flow in place, mp", flow, True, True)]
+    for label, genome_cfg, capacity, mp in paths:
         spec, space = _spec(models, genome_cfg, items)
+        spec.multiprocess = mp
         with nullcontext() if capacity else restart_on_every_new_depth():
             if not capacity:
                 spec.layer_capacity = None
             t = time.perf_counter()
             evaluator = CandidateEvaluator(spec)
             start_s = time.perf_counter() - t
-            xs = [space.random(rng) for _ in range(n)] if genome_cfg["kind"] == "parameter" else genomes
+            xs = parameter_genomes if genome_cfg["kind"] == "parameter" else genomes
             # warm-up: the first request pays one-off costs (not a candidate's); the weights stay
             obj = evaluator.objectives[0]
             evaluator.backend.score(obj.task, [int(i) for i in obj.indices[:4]])
@@ -152,6 +162,9 @@ def per_candidate(models: dict[str, Path], depth: int, flow: dict, n: int, items
         row["ratio_to_parameter"] = row["total_s"] / base
     rows["data_flow restart"]["ratio_to_in_place"] = rows["data_flow restart"]["total_s"] / rows["data_flow in place"]["total_s"]
     mismatches = sum(a != b for a, b in zip(outputs["data_flow in place"], outputs["data_flow restart"]))
+    if multiprocess:                   # the same candidates through the worker-process merge
+        mismatches += sum(a != b for a, b in zip(outputs["data_flow in place"], outputs["data_flow in place, mp"]))
+        mismatches += sum(a != b for a, b in zip(outputs["parameter"], outputs["parameter, mp"]))
     return {"rows": rows, "in_place_vs_restart_score_mismatches": mismatches}
 
 
@@ -221,12 +234,12 @@ def bench(label: str, models: dict[str, Path], depth: int, args, search_n: int, 
     result = {"models": {k: str(v) for k, v in models.items()}, "depth": depth, "flow_genome": flow,
               "load_average_start": os.getloadavg()[0]}
     if candidates:
-        result.update(per_candidate(models, depth, flow, candidates, args.items))
+        result.update(per_candidate(models, depth, flow, candidates, args.items, args.multiprocess))
         print(f"\n[{label}] turnaround per candidate, {args.items} items of zoo/arith:search, median of "
               f"{candidates}, load average {result['load_average_start']:.1f}")
-        print(f"{'path':<20} {'layers':<18} {'merge s':>8} {'load s':>8} {'score s':>8} {'total s':>8} {'ratio':>6}")
+        print(f"{'path':<24} {'layers':<18} {'merge s':>8} {'load s':>8} {'score s':>8} {'total s':>8} {'ratio':>6}")
         for name, row in result["rows"].items():
-            print(f"{name:<20} {str(row['layers']):<18} {row['merge_s']:8.3f} {row['load_s']:8.3f} "
+            print(f"{name:<24} {str(row['layers']):<18} {row['merge_s']:8.3f} {row['load_s']:8.3f} "
                   f"{row['score_s']:8.3f} {row['total_s']:8.3f} {row['ratio_to_parameter']:5.2f}x")
         print(f"restart / in place: {result['rows']['data_flow restart']['ratio_to_in_place']:.2f}x; "
               f"score mismatches in place vs restart: {result['in_place_vs_restart_score_mismatches']}", flush=True)
@@ -264,6 +277,8 @@ def main() -> None:
     ap.add_argument("--search", type=int, default=16, help="candidates per search in part 2, zoo (0: skip)")
     ap.add_argument("--extra-layers", type=int, default=2, help="max_layers = the sources' depth + this")
     ap.add_argument("--restart-search", action="store_true", help="also the data_flow search with restarts (zoo)")
+    ap.add_argument("--multiprocess", action="store_true",
+                    help="part 1 also in multiprocess mode (the served merge: plans merged in vLLM's worker)")
     ap.add_argument("--smollm2", type=Path, default=None, help="SmolLM2 directory (scripts/smollm2_from_gguf.py)")
     ap.add_argument("--smollm2-candidates", type=int, default=2)
     ap.add_argument("--smollm2-search", type=int, default=8)
