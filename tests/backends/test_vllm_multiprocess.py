@@ -2,7 +2,7 @@
 candidates reach it as plans, merged there tensor by tensor (``backends.vllm_extension``).
 
 One rank (``tensor_parallel_size: 1``): the cross-process path is the same for every rank;
-``EVOMERGE_TEST_TP=1`` adds a run with two ranks (opt-in: a 4-minute engine start on 2 cores).
+``EVOMERGE_TEST_TP=1`` adds a run with two ranks (opt-in: a 1-4 minute engine start on 2 cores).
 Runs only where vllm imports (``scripts/setup_vllm_venv.sh``); a module of its own so that no
 in-process engine of another module is alive in this process meanwhile.
 """
@@ -107,7 +107,7 @@ def test_plans_merged_in_the_engine_worker_score_as_the_hf_backend_on_the_merged
 
 
 @pytest.mark.skipif(os.environ.get("EVOMERGE_TEST_TP") != "1",
-                    reason="two engine ranks take ~4 minutes to start on 2 cores: set EVOMERGE_TEST_TP=1")
+                    reason="two engine ranks take 1-4 minutes to start on 2 cores: set EVOMERGE_TEST_TP=1")
 def test_tensor_parallel_2_ranks_each_merge_the_plan_and_score_as_the_hf_backend():
     """``tensor_parallel_size: 2`` on vLLM's CPU build (the backend splits this process's
     cores between the ranks): both ranks merge the TIES plan and load their shards; every
