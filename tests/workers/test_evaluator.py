@@ -127,7 +127,7 @@ def test_a_real_search_with_the_merge_evaluator(zoo, tmp_path):
     # the sources, the front's reference points, are scored on each objective's own scale
     sources = run.archive.meta()["source_scores"]["a"]
     task = load_task(zoo["task"])
-    from evomerge.workers.evaluator import subset_indices
+    from evomerge.estimators.registry import subset_indices
 
     graded_a = np.array([r.score for r in make_backend("hf", zoo["a"]).likelihood(task, range(len(task.items)))])
     assert sources["graded"]["full"] == pytest.approx(graded_a.mean(), rel=1e-5)
@@ -140,7 +140,7 @@ def test_a_real_search_with_the_merge_evaluator(zoo, tmp_path):
 
 
 def test_subset_estimator_with_likelihood_scoring_reads_the_graded_scores_of_its_items(zoo):
-    from evomerge.workers.evaluator import subset_indices
+    from evomerge.estimators.registry import subset_indices
 
     task = load_task(zoo["task"])
     spec = EvaluatorSpec(kind="merge", objectives=[ObjectiveSpec("echo", zoo["task"], "subset", scoring="likelihood",
