@@ -288,8 +288,12 @@ def calibrate(scorer: Scorer, space, tasks: dict[str, str], n_random: int, ancho
     with the lowest held-out error in the calibration's own validation split (no look at the
     search or held-out results)."""
     from evomerge.estimators import registry
-    from evomerge.estimators.calibration import Calibration
+    from evomerge.search.calibrate import fit_calibration
+    from evomerge.search.config import CalibrationConfig
 
+    # The product's calibration with the settings these results were measured with: anchors
+    # chosen by forward selection, 1-3 IRT dimensions (a search config's defaults: irt, 1-2).
+    settings = CalibrationConfig(anchors=anchor_frac, random_merges=n_random, method="select", dims=[1, 2, 3])
     rng = np.random.default_rng(10_000 + seed)
     plans = [source_plan(name) for name in scorer.sources.names]
     plans += [space.decode(rng.uniform(space.lower, space.upper)).to_dict() for _ in range(n_random)]
@@ -303,8 +307,8 @@ def calibrate(scorer: Scorer, space, tasks: dict[str, str], n_random: int, ancho
         result["items_spent"] += int(responses.size)
         for i, row in enumerate(responses):
             per_plan[i][name] = float(row.mean())
-        n_anchors = max(2, int(round(anchor_frac * responses.shape[1])))
-        calib = Calibration.fit(responses, n_anchors, items=[it.id for it in task.items], seed=seed)
+        n_anchors = settings.n_anchors(responses.shape[1])
+        calib = fit_calibration(responses, [it.id for it in task.items], settings, seed, f"objectives.{name}")
         path = calib.save(out_dir / f"calibration-{name}-seed{seed}.json")
         errors = calib.info.get("validation_rmse", {})
         if estimator is not None and estimator not in SEARCH_ESTIMATORS:

@@ -229,6 +229,18 @@ def _record_source_scores(cfg, archive) -> None:
     archive.set_meta(source_scores=scores, source_heldout_scores={s: v for s, v in heldout.items() if v})
 
 
+def fit_calibration(responses: np.ndarray, items: list[str], settings, seed: int, where: str):
+    """A calibration fitted on a population's responses (subjects x ``items``, every item
+    scored) as ``settings`` (a CalibrationConfig: anchors, method, dims) ask."""
+    from evomerge.estimators.calibration import Calibration
+
+    try:
+        return Calibration.fit(responses, settings.n_anchors(len(items)), method=settings.method, dims=settings.dims,
+                               seed=seed, items=items)
+    except EvomergeError as exc:
+        raise EvomergeError(f"{where}: calibration failed ({exc}); raise calibration.random_merges") from None
+
+
 def _calibrate(obj, cfg, run_dir: Path, archive) -> None:
     from evomerge.estimators.calibration import Calibration
     from evomerge.tasks.task import load_task
@@ -244,11 +256,7 @@ def _calibrate(obj, cfg, run_dir: Path, archive) -> None:
             merges = [k for k in responses if k.startswith("candidate:")]
             rows = np.array([responses[k] for k in sources + merges], dtype=float)
             c = cfg.calibration
-            try:
-                calib = Calibration.fit(rows, c.n_anchors(len(items)), method=c.method, dims=c.dims,
-                                        seed=c.seed if c.seed is not None else cfg.seed, items=items)
-            except EvomergeError as exc:
-                raise EvomergeError(f"{where}: calibration failed ({exc}); raise calibration.random_merges") from None
+            calib = fit_calibration(rows, items, c, c.seed if c.seed is not None else cfg.seed, where)
             calib.info["population"] = {"sources": list(cfg.sources), "random_merges": len(merges)}
             path.parent.mkdir(exist_ok=True)
             calib.save(path)
