@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 
 from evomerge.errors import EvomergeError
+from evomerge.estimators import registry
 from evomerge.io.atomic import atomic_write_text
 from evomerge.search.store import RunStore
-from evomerge.estimators import registry
 from evomerge.workers.types import Candidate
 
 CALIBRATION_GENERATION = -1
