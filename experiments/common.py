@@ -187,8 +187,10 @@ def zoo_fingerprint(sources: dict[str, str]) -> dict[str, str]:
 
 
 def source_plan(name: str) -> dict:
-    """A plan that reproduces one source model unchanged."""
-    return {"merge_method": "linear", "models": [{"model": name, "parameters": {"weight": 1.0}}]}
+    """A plan that reproduces one source model unchanged (the product's)."""
+    from evomerge.search.calibrate import source_plan as plan
+
+    return plan(name)
 
 
 def mean_spread(values) -> dict[str, float]:
@@ -200,18 +202,18 @@ def mean_spread(values) -> dict[str, float]:
 
 
 class Scorer:
-    """Sources and one HF model kept resident; scores a plan on every item of a task.
+    """A cache over the product's PlanScorer (sources and one HF model resident): a plan's
+    scores on every item of a task, by task spec.
 
     Used for what every method gets the same way: calibration populations, the baselines'
     full evaluations, and the final held-out evaluation. Results are cached by plan.
     """
 
     def __init__(self, sources: dict[str, str], model_dir: str | None = None) -> None:
-        from evomerge.backends import make_backend
-        from evomerge.merge.engine import SourceSet
+        from evomerge.workers.scorer import PlanScorer
 
-        self.sources = SourceSet.load(sources, device="cpu", resident=True)
-        self.backend = make_backend("hf", Path(model_dir or sources["base"]), device="cpu")
+        self.plan_scorer = PlanScorer(sources, "hf", "cpu", model_dir or sources["base"])
+        self.sources = self.plan_scorer.sources
         self._tasks: dict[str, Any] = {}
         self._cache: dict[tuple[str, str, bool], np.ndarray] = {}
         self.seconds = 0.0
@@ -225,18 +227,11 @@ class Scorer:
         return self._tasks[spec]
 
     def scores(self, plan: dict, task_spec: str, likelihood: bool = False) -> np.ndarray:
-        from evomerge.backends.base import scoring_method
-        from evomerge.search.genome import merge_plan, plan_from_dict, plan_output_config
-
         key = (hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest(), task_spec, likelihood)
         if key not in self._cache:
             t = time.perf_counter()
-            parsed = plan_from_dict(plan)
-            weights = merge_plan(parsed, self.sources)
-            self.backend.load_weights(weights, plan_output_config(parsed, self.sources))
             task = self.task(task_spec)
-            results = scoring_method(self.backend, "likelihood" if likelihood else "exact")(task, range(len(task.items)))
-            self._cache[key] = np.array([r.score for r in sorted(results, key=lambda r: r.index)], float)
+            self._cache[key] = self.plan_scorer.scores(plan, task, "likelihood" if likelihood else "exact")
             self.seconds += time.perf_counter() - t
             self.items += len(task.items)
         return self._cache[key]
@@ -278,7 +273,9 @@ def bootstrap_gap(diffs: dict[Any, np.ndarray], weights: dict[Any, float], draws
             "behind": int((per_seed < -1e-12).sum()), "seeds": n}
 
 
-# Estimators the search can run (mp-IRT needs source abilities the search does not pass).
+# Estimators the experiments' searches choose among (calibrated, needing no source abilities:
+# these searches are given a calibration file, so the pre-search computes none; "learned"
+# came later and is measured on its own, so the committed choices stay reproducible).
 SEARCH_ESTIMATORS = ("anchor", "irt", "pirt", "gpirt", "gpirt_reg", "random", "random_cubic")
 
 
@@ -290,8 +287,13 @@ def calibrate(scorer: Scorer, space, tasks: dict[str, str], n_random: int, ancho
     The estimator is ``estimator`` when given (the demo's setup names one); otherwise the one
     with the lowest held-out error in the calibration's own validation split (no look at the
     search or held-out results)."""
-    from evomerge.estimators.calibration import Calibration
+    from evomerge.estimators import registry
+    from evomerge.search.calibrate import fit_calibration
+    from evomerge.search.config import CalibrationConfig
 
+    # The product's calibration with the settings these results were measured with: anchors
+    # chosen by forward selection, 1-3 IRT dimensions (a search config's defaults: irt, 1-2).
+    settings = CalibrationConfig(anchors=anchor_frac, random_merges=n_random, method="select", dims=[1, 2, 3])
     rng = np.random.default_rng(10_000 + seed)
     plans = [source_plan(name) for name in scorer.sources.names]
     plans += [space.decode(rng.uniform(space.lower, space.upper)).to_dict() for _ in range(n_random)]
@@ -305,11 +307,12 @@ def calibrate(scorer: Scorer, space, tasks: dict[str, str], n_random: int, ancho
         result["items_spent"] += int(responses.size)
         for i, row in enumerate(responses):
             per_plan[i][name] = float(row.mean())
-        n_anchors = max(2, int(round(anchor_frac * responses.shape[1])))
-        calib = Calibration.fit(responses, n_anchors, items=[it.id for it in task.items], seed=seed)
+        n_anchors = settings.n_anchors(responses.shape[1])
+        calib = fit_calibration(responses, [it.id for it in task.items], settings, seed, f"objectives.{name}")
         path = calib.save(out_dir / f"calibration-{name}-seed{seed}.json")
         errors = calib.info.get("validation_rmse", {})
         if estimator is not None and estimator not in SEARCH_ESTIMATORS:
+            registry.get(estimator)      # an unknown name: the registry's one message
             raise ValueError(f"estimator {estimator!r} is not one of {', '.join(SEARCH_ESTIMATORS)}")
         chosen = estimator or min((e for e in SEARCH_ESTIMATORS if e in errors), key=lambda e: errors[e])
         result["objectives"][name] = {"path": str(path), "estimator": chosen, "anchors": n_anchors,

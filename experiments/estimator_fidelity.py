@@ -94,9 +94,9 @@ def one_seed(scorer, sources, S, seed: int, workdir: Path) -> dict:
     item_scores = [scorer.scores(e["plan"], search) for e in audited]
     truth = [float(s.mean()) for s in item_scores]       # exact accuracy on every search item
     if graded:
-        from evomerge.workers.evaluator import subset_indices
+        from evomerge.estimators import registry
 
-        idx = subset_indices(len(item_scores[0]) if item_scores else 1, S["anchor_frac"], seed)
+        idx = registry.get("subset").items(len(item_scores[0]) if item_scores else 1, subset=S["anchor_frac"], seed=seed)
         c["anchors"] = len(idx)
         values = {"subset_exact": [float(s[idx].mean()) for s in item_scores],
                   "subset_likelihood": [float(scorer.graded(e["plan"], search)[idx].mean()) for e in audited],
@@ -104,13 +104,15 @@ def one_seed(scorer, sources, S, seed: int, workdir: Path) -> dict:
         per_estimator = {name: {"spearman": spearman(v, truth)} for name, v in values.items()}
     else:
         # Every estimator, recomputed from the audited candidates' item scores on the anchors.
+        from evomerge.estimators import registry
         from evomerge.estimators.calibration import Calibration
 
         cal = Calibration.load(c["path"])
         per_estimator = {}
         for name in SEARCH_ESTIMATORS:
-            pick = cal.random_items if name.startswith("random") else cal.anchors
-            values = [cal.estimate(name, s[pick]).value for s in item_scores]
+            estimator = registry.get(name)
+            pick = estimator.items(cal.n_items, cal)
+            values = [estimator.estimate(s[pick], cal).value for s in item_scores]
             per_estimator[name] = {"spearman": spearman(values, truth),
                                    "mae": float(np.mean(np.abs(np.array(values) - truth))) if truth else None}
 

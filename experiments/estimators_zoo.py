@@ -26,12 +26,11 @@ from scipy.stats import spearmanr
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from evomerge.backends import make_backend  # noqa: E402
 from evomerge.estimators import Calibration  # noqa: E402
 from evomerge.io.atomic import atomic_write_text  # noqa: E402
-from evomerge.merge.engine import SourceSet, merge, output_config  # noqa: E402
-from evomerge.merge.plan import MergePlan  # noqa: E402
+from evomerge.search.calibrate import source_plan  # noqa: E402
 from evomerge.tasks.task import load_task  # noqa: E402
+from evomerge.workers.scorer import PlanScorer  # noqa: E402
 from evomerge.zoo.build import ensure_zoo  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,10 +57,11 @@ def random_plan(rng: np.random.Generator, experts: list[str]) -> dict:
 
 
 class Scorer:
+    """The product's PlanScorer on the zoo, its tasks' items pooled into one index range."""
+
     def __init__(self, zoo, tasks: list[str]):
-        paths = {"base": zoo.base, **{s: p for s, p in zoo.experts.items()}}
-        self.sources = SourceSet.load(paths)
-        self.backend = make_backend("hf", zoo.base)
+        paths = {"base": str(zoo.base), **{s: str(p) for s, p in zoo.experts.items()}}
+        self.plan_scorer = PlanScorer(paths, "hf", "cpu", str(zoo.base))
         self.tasks = [load_task(t) for t in tasks]
         self.offsets = np.cumsum([0] + [len(t.items) for t in self.tasks])  # pooled item index ranges
 
@@ -70,12 +70,10 @@ class Scorer:
         return int(self.offsets[-1])
 
     def load_source(self, name: str) -> None:
-        ckpt = self.sources.checkpoints[name]
-        self.backend.load_weights({n: self.sources.tensor(name, n) for n in ckpt.tensor_names}, ckpt.config)
+        self.plan_scorer.put(source_plan(name))
 
     def load_plan(self, plan: dict) -> None:
-        p = MergePlan.from_dict(plan)
-        self.backend.load_weights(merge(p, self.sources), output_config(p, self.sources))
+        self.plan_scorer.put(plan)
 
     def score(self, pooled: np.ndarray) -> tuple[np.ndarray, float]:
         """Scores of the loaded model on the given pooled item indices, and the seconds it took."""
@@ -85,8 +83,7 @@ class Scorer:
             lo, hi = self.offsets[t], self.offsets[t + 1]
             where = np.flatnonzero((pooled >= lo) & (pooled < hi))
             if len(where):
-                results = self.backend.score(task, [int(pooled[w] - lo) for w in where])
-                out[where] = [r.score for r in results]
+                out[where] = self.plan_scorer.score(task, [int(pooled[w] - lo) for w in where], "exact")
         return out, time.perf_counter() - start
 
 
@@ -97,6 +94,7 @@ def main() -> int:
     ap.add_argument("--test-merges", type=int, default=50)
     ap.add_argument("--frac", type=float, default=0.1, help="anchors as a fraction of the items (default 0.1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where estimators_zoo.{json,md} go")
     args = ap.parse_args()
     import torch
 
@@ -161,9 +159,9 @@ def main() -> int:
         "full_eval_seconds_mean": float(np.mean(full_sec_test)), "anchor_eval_seconds_mean": float(np.mean(est_seconds)),
         "calibration_fit_seconds": fit_seconds, "wall_s": time.perf_counter() - t_all,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / "estimators_zoo.json", json.dumps(summary, indent=1))
-    atomic_write_text(RESULTS / "estimators_zoo.md", markdown(summary))
+    args.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.results / "estimators_zoo.json", json.dumps(summary, indent=1))
+    atomic_write_text(args.results / "estimators_zoo.md", markdown(summary))
     print(markdown(summary))
     return 0
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (ROOT, Scorer, add_seeded_arguments, calibrate, child_arguments, command_line,  # noqa: E402
                     curve_plan, machine_info, mean_spread, paired_gap, run_search, run_seeds, save_figure, seeded_settings,
                     source_plan, unseen_task, write_json, zoo, zoo_fingerprint)
-from evomerge.workers.evaluator import CALIBRATION_FREE, subset_indices  # noqa: E402
+from evomerge.estimators import registry  # noqa: E402
 
 MERGENETIC_PY = ROOT / ".venv-mergenetic" / "bin" / "python"
 EXPERTS = ["arith", "strings", "lang"]
@@ -79,7 +79,8 @@ def run_evomerge(scorer, sources, tasks: dict[str, str], settings: dict, budget:
     scores on a fixed random subset) nothing is calibrated; otherwise IRT is calibrated first,
     paid from the budget."""
     genome = settings.get("genome") or {"kind": "parameter", "method": "ties", "granularity": "layer"}
-    if settings.get("scoring") == "likelihood" or settings.get("estimator") in CALIBRATION_FREE:
+    named = settings.get("estimator")       # none: chosen by the calibration's validation error
+    if settings.get("scoring") == "likelihood" or (named is not None and not registry.get(named).calibrated):
         return _run_evomerge_uncalibrated(sources, tasks, settings, genome, budget, seed, workdir)
     space = make_space(genome, sources)
     calib = calibrate(scorer, space, {n: f"{t}:search" for n, t in tasks.items()},
@@ -103,10 +104,10 @@ def _run_evomerge_uncalibrated(sources, tasks, settings, genome, budget, seed, w
     """Estimators that need no calibration: ``subset`` or ``full``, either scoring."""
     frac, estimator = settings["anchor_frac"], settings.get("estimator", "subset")
     scoring = settings.get("scoring", "exact")
-    if estimator not in CALIBRATION_FREE:
+    chosen = registry.get(estimator, "evomerge.estimator")
+    if chosen.calibrated:
         raise ValueError(f"evomerge.estimator: likelihood scoring runs with subset or full, not {estimator!r}")
-    per_candidate = sum(len(subset_indices(n_items(f"{t}:search"), frac, seed)) if estimator == "subset"
-                        else n_items(f"{t}:search") for t in tasks.values())
+    per_candidate = sum(len(chosen.items(n_items(f"{t}:search"), subset=frac, seed=seed)) for t in tasks.values())
     objectives = [{"name": name, "task": f"{t}:search", "scoring": scoring, "estimator": estimator}
                   for name, t in tasks.items()]
     refine = settings.get("refine")

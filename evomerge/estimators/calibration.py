@@ -34,6 +34,8 @@ import numpy as np
 from evomerge.errors import EvomergeError
 from evomerge.estimators import anchors as anchor_sel
 from evomerge.estimators import estimators as est
+from evomerge.estimators import registry
+from evomerge.estimators.registry import Estimate
 from evomerge.estimators.irt import ItemParams, binarize, fit_irt, fit_theta
 
 VERSION = 2
@@ -41,24 +43,6 @@ READS = (1, 2)  # version 1 files simply lack the learned estimator
 LEARNED_LAMBDAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 RIDGE = 1e-4
 LAMBDA_GRID = np.linspace(0.0, 1.0, 21)
-# Which item-pool estimate each full-score estimator starts from, and its map's features.
-MAPPED = {
-    "random": ("random", "affine"), "anchor": ("anchor", "affine"), "irt": ("irt", "affine"),
-    "pirt": ("pirt", "affine"), "gpirt": ("gpirt", "affine"), "mpirt": ("mpirt", "affine"),
-    "gmpirt": ("gmpirt", "affine"),
-    # Stronger maps: a cubic of the random mean (a fair baseline for the regressions below),
-    # and a regression of the full score on gp-IRT plus a cubic in each ability dimension.
-    "random_cubic": ("random", "cubic"), "gpirt_reg": ("gpirt", "reg"), "gmpirt_reg": ("gmpirt", "reg"),
-    # Ridge on the anchor responses straight to the full score (no item-pool stage).
-    "learned": ("learned", "direct"),
-}
-
-
-@dataclass
-class Estimate:
-    value: float
-    stderr: float
-    n_items: int
 
 
 def _features(kind: str, x: np.ndarray, theta: np.ndarray | None) -> np.ndarray:
@@ -187,13 +171,12 @@ class Calibration:
     def _fit_maps(self, responses: np.ndarray, target: np.ndarray, theta_cov=None) -> None:
         pool, theta = self._pool_estimates(responses[:, self.anchors], responses[:, self.random_items], theta_cov)
         self.maps = {}
-        for name, (source, kind) in MAPPED.items():
-            if source in pool and kind != "direct":
-                self.maps[name] = _fit_map(kind, pool[source][0], theta, target).tolist()
-        # Merge-aware estimators share their counterparts' maps: on calibration subjects
-        # (no sources) they reduce to p-IRT / gp-IRT.
-        self.maps["mpirt"], self.maps["gmpirt"] = self.maps["pirt"], self.maps["gpirt"]
-        self.maps["gmpirt_reg"] = self.maps["gpirt_reg"]
+        for e in registry.calibrated():
+            # Merge-aware estimators are fitted as their counterparts: on calibration
+            # subjects (no sources) they reduce to p-IRT / gp-IRT.
+            source = e.fitted_as or e.pool
+            if source in pool and e.map != "direct":
+                self.maps[e.name] = _fit_map(e.map, pool[source][0], theta, target).tolist()
 
     def _fit_learned(self, responses: np.ndarray, target: np.ndarray, fit_part: np.ndarray,
                      val: np.ndarray) -> None:
@@ -265,7 +248,8 @@ class Calibration:
         if self.learned:
             value, sd = self._learned(anchor_scores)
             out["learned"] = (np.clip(value, 0.0, 1.0), sd)
-        for name, (source, kind) in MAPPED.items():
+        for e in registry.calibrated():
+            name, source, kind = e.name, e.pool, e.map
             if source not in pool or name not in self.maps:
                 continue
             value = _features(kind, pool[source][0], theta) @ np.array(self.maps[name])
@@ -277,41 +261,55 @@ class Calibration:
 
     def estimate(self, name: str, anchor_scores: np.ndarray, source_thetas: np.ndarray | None = None,
                  scale: str = "full") -> Estimate:
-        """One candidate's estimate. `anchor_scores` are its scores on `self.anchors` (or on
-        `self.random_items` for name="random"); `source_thetas` (sources x dims) are the merged
-        models' abilities, needed by the merge-aware mp-IRT / gmp-IRT."""
-        if name not in MAPPED:
-            raise EvomergeError(f"unknown estimator {name!r} (choose from {', '.join(MAPPED)})")
-        scores = np.asarray(anchor_scores, float).ravel()
-        source, kind = MAPPED[name]
-        if source == "random":
+        """One candidate's estimate by the registered estimator ``name``. `anchor_scores` are
+        its scores on `self.anchors` (or on `self.random_items` for name="random");
+        `source_thetas` (sources x dims) are the merged models' abilities, needed by the
+        merge-aware mp-IRT / gmp-IRT."""
+        estimator = registry.get(name)
+        if not estimator.calibrated:
+            raise EvomergeError(f"estimator {name!r} needs no calibration")
+        return estimator.estimate(anchor_scores, self, source_thetas=source_thetas, scale=scale)
+
+    def pool_estimate(self, name: str, pool: str, scores: np.ndarray, source_thetas: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Estimator ``name``'s item-pool estimate ``pool`` (value, stderr, abilities) from one
+        candidate's scores on its items."""
+        if pool == "random":
             if len(scores) != len(self.random_items):
                 raise EvomergeError(f"estimator {name!r} needs {len(self.random_items)} scores on random_items, got {len(scores)}")
             value, sd = est.weighted_mean(scores[None], np.ones(len(scores)), self.n_items)
-            theta = np.zeros((1, self.a.shape[1]))
-        elif source in ("mpirt", "gmpirt"):
+            return value, sd, np.zeros((1, self.a.shape[1]))
+        if pool in ("mpirt", "gmpirt"):
             if source_thetas is None:
                 raise EvomergeError(f"estimator {name!r} needs source_thetas (the merged models' abilities)")
             binary = scores if self.threshold is None else np.where(np.isnan(scores), np.nan, (scores >= self.threshold) * 1.0)
             theta, cov = est.merge_theta(self.params, self.anchors, binary, np.asarray(source_thetas, float))
             value, sd = est.pirt(self.params, theta, cov, self.anchors, scores[None])
-            if source == "gmpirt":
+            if pool == "gmpirt":
                 value, sd = est.combine(self.lam, est.weighted_mean(scores[None], self.anchor_weights, self.n_items), (value, sd))
-        elif source == "learned":
-            if len(scores) != len(self.anchors):
-                raise EvomergeError(f"got {len(scores)} anchor scores, the calibration has {len(self.anchors)} anchors")
-            value, sd = self._learned(scores[None], "full" if scale == "full" else "pool")
-            value = np.clip(value, 0.0, 1.0) if scale == "full" else value
-            return Estimate(float(value[0]), float(sd[0]), int(np.sum(~np.isnan(scores))))
-        else:
-            pool, theta = self._pool_estimates(scores[None])
-            value, sd = pool[source]
-        n_items = int(np.sum(~np.isnan(scores)))
-        if scale == "pool":
-            return Estimate(float(value[0]), float(sd[0]), n_items)
+            return value, sd, theta
+        estimates, theta = self._pool_estimates(scores[None])
+        if pool not in estimates:
+            raise EvomergeError(f"estimator {name!r}: this calibration has no {pool!r} estimate")
+        value, sd = estimates[pool]
+        return value, sd, theta
+
+    def mapped_estimate(self, name: str, kind: str, value: np.ndarray, stderr: np.ndarray, theta: np.ndarray,
+                        n_items: int) -> Estimate:
+        """An item-pool estimate through estimator ``name``'s map onto the full score."""
+        if name not in self.maps:
+            raise EvomergeError(f"estimator {name!r}: this calibration has no map for it (made by another evomerge); refit it")
         coef = np.array(self.maps[name])
         full = float(np.clip(_features(kind, value, theta) @ coef, 0.0, 1.0)[0])
-        return Estimate(full, float(max(abs(coef[1]) * sd[0], self.residual_sd.get(name, 0.0))), n_items)
+        return Estimate(full, float(max(abs(coef[1]) * stderr[0], self.residual_sd.get(name, 0.0))), n_items)
+
+    def learned_estimate(self, scores: np.ndarray, scale: str = "full") -> Estimate:
+        """The learned map's estimate from one candidate's anchor scores."""
+        if len(scores) != len(self.anchors):
+            raise EvomergeError(f"got {len(scores)} anchor scores, the calibration has {len(self.anchors)} anchors")
+        value, sd = self._learned(scores[None], "full" if scale == "full" else "pool")
+        value = np.clip(value, 0.0, 1.0) if scale == "full" else value
+        return Estimate(float(value[0]), float(sd[0]), int(np.sum(~np.isnan(scores))))
 
     # ---- artifact --------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -352,7 +350,3 @@ class Calibration:
                    np.array(p["random_items"], int), float(p["lam"]), p["maps"], p["residual_sd"], p["info"],
                    p.get("learned", {}))
 
-
-def estimate(name: str, calib: Calibration, anchor_scores: np.ndarray, **kw) -> Estimate:
-    """DESIGN.md entry point: `calib.estimate(name, anchor_scores, **kw)`."""
-    return calib.estimate(name, anchor_scores, **kw)

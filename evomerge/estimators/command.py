@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.errors import EvomergeError
-from evomerge.estimators.calibration import MAPPED, Calibration, _features, _fit_map
+from evomerge.estimators import registry
+from evomerge.estimators.calibration import Calibration, _features, _fit_map
 from evomerge.estimators.data import load_responses, load_scores
 
 
@@ -77,7 +78,7 @@ def bench(responses_path: str, scores_path: str | None, n_anchors: int, seeds: l
         mapped = calib.estimate_many(a_scores, r_scores, theta_cov=theta_cov)
         result = {"estimators": {}}
         for name, (value, _) in mapped.items():
-            source = MAPPED[name][0]
+            source = registry.get(name).pool
             result["estimators"][name] = {
                 "mae_subset": float(np.mean(np.abs(pool[source][0] - pool_mean[test]))),
                 "mae_full": float(np.mean(np.abs(value - full[test]))),

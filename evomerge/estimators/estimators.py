@@ -15,9 +15,6 @@ import torch
 
 from evomerge.estimators.irt import ItemParams, _lbfgs, fit_theta, one_thread
 
-NAMES = ("random", "anchor", "irt", "pirt", "gpirt", "mpirt", "gmpirt", "learned")
-
-
 def weighted_mean(scores: np.ndarray, weights: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
     """Weighted mean of the observed scores; stderr treats each as a Bernoulli draw (finite pool)."""
     scores = np.atleast_2d(scores)

@@ -32,18 +32,23 @@ from typing import Any
 import numpy as np
 
 from evomerge.errors import EvomergeError
+from evomerge.estimators import registry
 from evomerge.io.atomic import atomic_write_text
 from evomerge.search.store import RunStore
-from evomerge.workers.evaluator import CALIBRATION_FREE, mean_estimate, subset_indices
 from evomerge.workers.types import Candidate, ObjectiveScore
 
 CALIBRATION_GENERATION = -1
 SOURCE_ID = -10**6            # candidate id of a source model's evaluation (not archived as a candidate)
 
 
+def is_calibrated(objective) -> bool:
+    """An objective whose estimator needs a calibration (IRT item parameters, anchors)."""
+    return registry.get(objective.estimator, f"objectives.{objective.name}.estimator").calibrated
+
+
 def needs_calibration(objective) -> bool:
     """An objective whose estimator needs item parameters the config does not give."""
-    return objective.estimator not in CALIBRATION_FREE and objective.calibration is None
+    return is_calibrated(objective) and objective.calibration is None
 
 
 def calibration_path(run_dir: Path, name: str) -> Path:
@@ -70,7 +75,7 @@ def fill_spec(spec, cfg, run_dir: Path) -> bool:
     objective that needs them has them (i.e. the pre-search phase is done)."""
     ready = RunStore(run_dir).presearch_done_path.is_file()
     for obj_spec, obj in zip(spec.objectives, cfg.objectives):
-        if obj.estimator in CALIBRATION_FREE:
+        if not is_calibrated(obj):
             continue
         if needs_calibration(obj):
             obj_spec.calibration = str(calibration_path(run_dir, obj.name))
@@ -126,7 +131,7 @@ def presearch(run, progress: bool = True, pool=None) -> None:
 
     cfg, archive, run_dir = run.config, run.archive, run.run_dir
     calibrated = [o for o in cfg.objectives if needs_calibration(o)]
-    irt = [o for o in cfg.objectives if o.estimator not in CALIBRATION_FREE]
+    irt = [o for o in cfg.objectives if is_calibrated(o)]
     heldout = {o.name: o.heldout_task for o in cfg.objectives if o.heldout_task}
     genomes = calibration_genomes(run.space, cfg.calibration_seed, cfg.calibration.random_merges) if calibrated else []
 
@@ -196,18 +201,20 @@ def presearch(run, progress: bool = True, pool=None) -> None:
 
 
 def _score(values: np.ndarray) -> dict[str, Any]:
-    score = mean_estimate(np.asarray(values, float))
+    score = registry.mean_estimate(values)
     return ObjectiveScore(score.value, score.stderr, score.n_items, full=score.value).to_dict()
 
 
-def _subset_score(values: np.ndarray, objective, cfg) -> dict[str, Any]:
-    """A source's score as the objective's estimator sees candidates: for ``subset``, the mean
-    over the same items (so the front and the sources compare on one footing); ``full`` is
-    the mean over every item either way."""
+def _source_score(values: np.ndarray, objective, cfg) -> dict[str, Any]:
+    """A source's score as the objective's estimator sees candidates where it needs no
+    calibration (``subset``: the mean over the same items, so the front and the sources
+    compare on one footing); ``full`` is the mean over every item either way. A calibrated
+    estimator's map is fitted on these very sources, so they keep their full scores."""
     score = _score(values)
-    if objective.estimator == "subset":
-        items = subset_indices(len(values), cfg.calibration.anchors, cfg.calibration_seed)
-        sub = mean_estimate(np.asarray(values, float)[items])
+    estimator = registry.get(objective.estimator)
+    if not estimator.calibrated:
+        items = estimator.items(len(values), subset=cfg.calibration.anchors, seed=cfg.calibration_seed)
+        sub = estimator.estimate(np.asarray(values, float)[items])
         score.update(value=sub.value, stderr=sub.stderr, n_items=sub.n_items)
     return score
 
@@ -216,10 +223,22 @@ def _record_source_scores(cfg, archive) -> None:
     search = {o.name: archive.responses(o.name) for o in cfg.objectives}
     held = {o.name: archive.responses(o.name, "heldout") for o in cfg.objectives}
     objectives = {o.name: o for o in cfg.objectives}
-    scores = {s: {o: _subset_score(search[o][_subject(s)], objectives[o], cfg) for o in search
+    scores = {s: {o: _source_score(search[o][_subject(s)], objectives[o], cfg) for o in search
                   if _subject(s) in search[o]} for s in cfg.sources}
     heldout = {s: {o: _score(held[o][_subject(s)]) for o in held if _subject(s) in held[o]} for s in cfg.sources}
     archive.set_meta(source_scores=scores, source_heldout_scores={s: v for s, v in heldout.items() if v})
+
+
+def fit_calibration(responses: np.ndarray, items: list[str], settings, seed: int, where: str):
+    """A calibration fitted on a population's responses (subjects x ``items``, every item
+    scored) as ``settings`` (a CalibrationConfig: anchors, method, dims) ask."""
+    from evomerge.estimators.calibration import Calibration
+
+    try:
+        return Calibration.fit(responses, settings.n_anchors(len(items)), method=settings.method, dims=settings.dims,
+                               seed=seed, items=items)
+    except EvomergeError as exc:
+        raise EvomergeError(f"{where}: calibration failed ({exc}); raise calibration.random_merges") from None
 
 
 def _calibrate(obj, cfg, run_dir: Path, archive) -> None:
@@ -237,11 +256,7 @@ def _calibrate(obj, cfg, run_dir: Path, archive) -> None:
             merges = [k for k in responses if k.startswith("candidate:")]
             rows = np.array([responses[k] for k in sources + merges], dtype=float)
             c = cfg.calibration
-            try:
-                calib = Calibration.fit(rows, c.n_anchors(len(items)), method=c.method, dims=c.dims,
-                                        seed=c.seed if c.seed is not None else cfg.seed, items=items)
-            except EvomergeError as exc:
-                raise EvomergeError(f"{where}: calibration failed ({exc}); raise calibration.random_merges") from None
+            calib = fit_calibration(rows, items, c, c.seed if c.seed is not None else cfg.seed, where)
             calib.info["population"] = {"sources": list(cfg.sources), "random_merges": len(merges)}
             path.parent.mkdir(exist_ok=True)
             calib.save(path)

@@ -39,7 +39,7 @@ from evomerge.errors import ConfigError, EvomergeError, StrictModel, UNKNOWN_FIE
 from evomerge.search.optimizers import OPTIMIZERS, BoxSpace, check_space
 
 from evomerge.tasks.lm_eval_adapter import LMEvalOptions
-from evomerge.workers.evaluator import CALIBRATION_FREE
+from evomerge.estimators import registry
 
 
 # Objective and source names end up in file names (calibration/<objective>.json) and
@@ -75,11 +75,19 @@ class ObjectiveConfig(StrictModel):
     def _plain_name(cls, v: str) -> str:
         return check_identifier(v)
 
+    @field_validator("estimator")
+    @classmethod
+    def _known_estimator(cls, v: str) -> str:
+        if v not in registry.ESTIMATORS:
+            raise ValueError(registry.unknown_estimator(v))
+        return v
+
     @model_validator(mode="after")
     def _scoring_fits_estimator(self) -> "ObjectiveConfig":
-        if self.scoring == "likelihood" and self.estimator not in CALIBRATION_FREE:
+        if self.scoring == "likelihood" and registry.get(self.estimator).calibrated:
+            free = [e.name for e in registry.ESTIMATORS.values() if not e.calibrated]
             raise ValueError(f"estimator: {self.estimator!r} fits IRT to 0/1 responses; likelihood scoring "
-                             f"works with {' or '.join(CALIBRATION_FREE)}")
+                             f"works with {' or '.join(free)}")
         return self
 
     @property

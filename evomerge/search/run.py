@@ -42,8 +42,8 @@ from evomerge.search.archive import Archive
 from evomerge.search.config import SearchConfig, build_genome_space, load_config
 from evomerge.search.optimizers import Optimizer, is_multi_objective, make_optimizer
 from evomerge.search.store import LOCK_FILE, RunLock, RunStore
-from evomerge.workers.evaluator import CALIBRATION_FREE, EvaluatorSpec, make_evaluator, prepare_objective
-from evomerge.workers.types import Candidate, EvalResult
+from evomerge.workers.evaluator import EvaluatorSpec, make_evaluator, prepare_objective
+from evomerge.workers.types import Candidate, EvalResult, ObjectiveScore
 
 
 def read_meta(run_dir: str | Path) -> dict[str, Any]:
@@ -120,7 +120,7 @@ def check_can_start(setup: Setup) -> None:
 def check_objectives(spec: EvaluatorSpec, ready: bool, run_dir: Path | None) -> None:
     """Every objective's task exists and its estimator is known; once the pre-search phase is
     done, also that its calibration loads and fits the task."""
-    from evomerge.estimators.calibration import MAPPED
+    from evomerge.estimators import registry
     from evomerge.search.calibrate import calibration_path
     from evomerge.workers.evaluator import ObjectiveSpec, task_options
 
@@ -128,9 +128,10 @@ def check_objectives(spec: EvaluatorSpec, ready: bool, run_dir: Path | None) -> 
         if ready:
             prepare_objective(o)
             continue
-        if o.estimator not in CALIBRATION_FREE and o.estimator not in MAPPED:
-            raise ConfigError(f"objectives.{o.name}.estimator: unknown estimator {o.estimator!r} "
-                              f"(choose from {', '.join(CALIBRATION_FREE)}, {', '.join(MAPPED)})")
+        try:
+            registry.get(o.estimator, f"objectives.{o.name}.estimator")
+        except EvomergeError as exc:
+            raise ConfigError(str(exc)) from None
         given = o.calibration is not None and (run_dir is None or Path(o.calibration) != calibration_path(run_dir, o.name))
         if given:   # a calibration from the config: check it now (abilities come later)
             prepare_objective(ObjectiveSpec(o.name, o.task, o.estimator, o.calibration, [[0.0]], **task_options(o)))
@@ -523,8 +524,9 @@ def judge(run_dir: str | Path, plans: dict[str, dict], split: str = "heldout",
     each item's score (``scores``, in item order), for paired comparisons between rows."""
     from tqdm import tqdm
 
+    from evomerge.estimators.registry import mean_estimate
     from evomerge.tasks.task import load_task
-    from evomerge.workers.evaluator import CandidateEvaluator, EvaluatorSpec, ObjectiveSpec, task_options
+    from evomerge.workers.evaluator import EvaluatorSpec, plan_scorer, task_options
 
     if split not in ("heldout", "search"):
         raise EvomergeError(f"split: expected 'heldout' or 'search', got {split!r}")
@@ -537,23 +539,30 @@ def judge(run_dir: str | Path, plans: dict[str, dict], split: str = "heldout",
     tasks.update(extra_tasks or {})
     if not tasks:
         raise EvomergeError(f"{run_dir}: no objective has a held-out task (set objectives[].heldout)")
-    spec = EvaluatorSpec.from_config(cfg, build_genome_space(cfg))
-    spec.objectives = [ObjectiveSpec(name, task) for name, task in tasks.items()]
-    evaluator = CandidateEvaluator(spec)
     options = {o.name: task_options(o) for o in cfg.objectives}      # an lm-eval objective's metric
-    loaded = {name: load_task(task, **options.get(name, {})) for name, task in tasks.items()}
+    loaded = {}
+    for name, task in tasks.items():
+        try:
+            loaded[name] = load_task(task, **options.get(name, {}))
+        except EvomergeError as exc:
+            raise EvomergeError(f"objectives.{name}.task: {exc}") from None
+    scorer = plan_scorer(EvaluatorSpec.from_config(cfg, build_genome_space(cfg)), list(loaded.values()))
     out: dict[str, dict[str, dict]] = {}
     bar = tqdm(total=len(plans), desc=f"judging on {split} items", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
-    for i, (label, plan) in enumerate(plans.items()):
+    for label, plan in plans.items():
         bar.set_postfix_str(label, refresh=True)
-        result, item_scores = evaluator.evaluate_full(Candidate(i, 0, [], plan, audit=True), loaded)
-        if result.status != "ok":
-            raise EvomergeError(f"{label}: cannot be evaluated ({result.error})")
-        out[label] = {name: {"value": s.value, "stderr": s.stderr, "n_items": s.n_items}
-                      for name, s in result.objectives.items()}
-        if per_item:
-            for name, scores in item_scores.items():
+        try:
+            scorer.put(plan)
+            item_scores = {name: scorer.score(task, range(len(task.items))) for name, task in loaded.items()}
+        except Exception as exc:   # the merge or the engine rejected this plan
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise EvomergeError(f"{label}: cannot be evaluated ({type(exc).__name__}: {first})") from None
+        out[label] = {}
+        for name, scores in item_scores.items():
+            score = mean_estimate(scores)
+            out[label][name] = ObjectiveScore(score.value, score.stderr, score.n_items).to_dict()
+            if per_item:
                 out[label][name]["scores"] = [float(v) for v in scores]
         bar.update(1)
     bar.close()

@@ -1,11 +1,15 @@
 """Turn a candidate into fitness: merge in memory, swap into the engine, score, estimate.
 
 A ``CandidateEvaluator`` lives inside one worker (the controller's process for a local
-pool, a Ray actor otherwise). It loads the sources once and keeps them and the inference
-backend resident; per candidate:
+pool, a Ray actor otherwise). Its ``PlanScorer`` (workers/scorer.py) keeps the sources and
+the inference backend resident; per candidate:
 
-    plan --merge (in memory)--> weights --backend.load_weights--> engine
-         --score anchor items of each objective's task--> estimator --> EvalResult
+    plan --PlanScorer.put (merge in memory, load)--> engine
+         --PlanScorer.score: the items each objective's estimator asks for--> estimator
+         --> EvalResult
+
+Which items an objective scores and how their scores become fitness is its estimator's
+business (``evomerge.estimators.registry``); nothing here knows an estimator by name.
 
 A candidate that cannot be evaluated -- the engine raises, the merge yields NaN/inf
 weights -- comes back as ``status="failed"`` with a one-line reason; ``evaluate`` never
@@ -22,17 +26,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from evomerge.errors import EvomergeError
+from evomerge.estimators import registry
+from evomerge.estimators.registry import Estimator
+from evomerge.workers.scorer import NonFiniteWeights, PlanScorer
 from evomerge.workers.types import Candidate, EvalResult, ObjectiveScore
-
-
-# Estimators that need no IRT calibration: every item, or a fixed random subset of them.
-CALIBRATION_FREE = ("full", "subset")
 
 
 @dataclass
@@ -111,10 +113,11 @@ def make_evaluator(spec: EvaluatorSpec):
 
 @dataclass
 class _Objective:
-    """One objective, ready to score: its task, the items to score, how to estimate."""
+    """One objective, ready to score: its task, its estimator, the items that estimator reads."""
 
     spec: ObjectiveSpec
     task: Any
+    estimator: Estimator
     indices: np.ndarray                              # task item indices scored for the estimate
     calibration: Any = None
 
@@ -124,22 +127,19 @@ def prepare_objective(spec: ObjectiveSpec):
     from evomerge.tasks.task import load_task
 
     where = f"objectives.{spec.name}"
+    estimator = registry.get(spec.estimator, f"{where}.estimator")
     try:
         task = load_task(spec.task, metric=spec.metric, lm_eval=spec.lm_eval)
     except EvomergeError as exc:
         raise EvomergeError(f"{where}.task: {exc}") from None
     if not task.items:
         raise EvomergeError(f"{where}.task: task {spec.task!r} has no items")
-    if spec.estimator == "full":
-        return _Objective(spec, task, np.arange(len(task.items)))
-    if spec.estimator == "subset":
-        return _Objective(spec, task, subset_indices(len(task.items), spec.subset, spec.subset_seed))
-    from evomerge.estimators.calibration import MAPPED, Calibration
+    if not estimator.calibrated:
+        return _Objective(spec, task, estimator, estimator.items(len(task.items), subset=spec.subset,
+                                                                 seed=spec.subset_seed))
+    from evomerge.estimators.calibration import Calibration
 
-    if spec.estimator not in MAPPED:
-        raise EvomergeError(f"{where}.estimator: unknown estimator {spec.estimator!r} "
-                            f"(choose from full, {', '.join(MAPPED)})")
-    if MAPPED[spec.estimator][0] in ("mpirt", "gmpirt") and not spec.source_thetas:
+    if estimator.needs_abilities and not spec.source_thetas:
         raise EvomergeError(f"{where}.estimator: {spec.estimator!r} needs the sources' abilities "
                             "(the search computes them before generation 0)")
     try:
@@ -152,78 +152,62 @@ def prepare_objective(spec: ObjectiveSpec):
     if missing:
         raise EvomergeError(f"{where}.calibration: item {missing[0]!r} is not in task {spec.task!r} "
                             f"({len(missing)} of {len(calib.items)} missing)")
-    chosen = calib.random_items if MAPPED[spec.estimator][0] == "random" else calib.anchors
+    chosen = estimator.items(len(task.items), calib, spec.subset, spec.subset_seed)
     indices = np.array([position[calib.items[int(i)]] for i in chosen], dtype=int)
-    return _Objective(spec, task, indices, calib)
+    return _Objective(spec, task, estimator, indices, calib)
 
 
-def subset_indices(n_items: int, size: float, seed: int) -> np.ndarray:
-    """The "subset" estimator's items: a fixed random sample (sorted), a pure function of the
-    seed, so every worker and every resumed run scores the same items."""
-    k = max(1, min(n_items, round(size * n_items) if size < 1 else int(size)))
-    return np.sort(np.random.default_rng([int(seed), 0x5B5E7]).choice(n_items, k, replace=False))
+def plan_scorer(spec: EvaluatorSpec, tasks: list[Any]) -> PlanScorer:
+    """The PlanScorer a worker scores ``tasks`` with: an engine as deep as the deepest
+    candidate, and for vLLM the engine options and every task whose requests its context
+    must hold (``tasks`` plus the spec's held-out tasks)."""
+    if spec.threads:
+        import torch
+
+        # Tiny models on a busy CPU: extra threads mostly wait on each other (30x slower
+        # with 2 threads than with 1 on a 2-core box at load 15).
+        torch.set_num_threads(spec.threads)
+    if spec.backend != "vllm":
+        options = {"layer_capacity": spec.layer_capacity} if spec.layer_capacity else {}
+    else:
+        from evomerge.tasks.task import load_task
+
+        tasks = list(tasks)
+        for name in spec.context_tasks:
+            try:
+                tasks.append(load_task(name))
+            except EvomergeError:          # a missing held-out task is reported where it is judged
+                pass
+        options = {"engine": dict(spec.engine), "tasks": tasks, "layer_capacity": spec.layer_capacity,
+                   "multiprocess": spec.multiprocess}
+    return PlanScorer(spec.sources, spec.backend, spec.device, spec.model_dir, options,
+                      stream_plans=spec.backend == "vllm" and spec.multiprocess)
 
 
-def mean_estimate(scores: np.ndarray) -> ObjectiveScore:
-    """The mean and its standard error (binomial for 0/1 scores, sample-based for graded ones)."""
-    p = float(np.mean(scores))
-    n = len(scores)
-    if n < 2:
-        return ObjectiveScore(p, 0.0, n)
-    binary = bool(np.all((scores == 0) | (scores == 1)))
-    var = p * (1 - p) if binary else float(np.var(scores, ddof=1))
-    return ObjectiveScore(p, math.sqrt(max(var, 0.0) / n), n)
+def _score_of(estimate) -> ObjectiveScore:
+    return ObjectiveScore(estimate.value, estimate.stderr, estimate.n_items)
 
 
 # --------------------------------------------------------------------------- evaluators
 
 
 class CandidateEvaluator:
-    """Resident sources + backend; ``evaluate(candidate) -> EvalResult``."""
+    """A resident PlanScorer and the objectives' estimators; ``evaluate(candidate) -> EvalResult``."""
 
     def __init__(self, spec: EvaluatorSpec) -> None:
-        import torch
-
-        from evomerge.backends import make_backend
-        from evomerge.merge.engine import SourceSet
-
         self.spec = spec
-        self.torch = torch
-        if spec.threads:
-            # Tiny models on a busy CPU: extra threads mostly wait on each other (30x slower
-            # with 2 threads than with 1 on a 2-core box at load 15).
-            torch.set_num_threads(spec.threads)
         self.objectives = [prepare_objective(o) for o in spec.objectives]
-        # A backend that merges inside its engine's workers gets plans; this process then
-        # reads only the sources' headers (output configs), never their weights.
-        self.streams_plans = spec.backend == "vllm" and spec.multiprocess
-        self.sources = SourceSet.load(spec.sources, device=spec.device, resident=not self.streams_plans)
-        self.sources.check_compatible()
-        model_dir = spec.model_dir or next(iter(spec.sources.values()))
-        self.backend = make_backend(spec.backend, Path(model_dir), device=spec.device,
-                                    **self._backend_options(spec))
+        self.scorer = plan_scorer(spec, [obj.task for obj in self.objectives])
         self._heldout_tasks: dict[str, Any] = {}     # held-out tasks of pre-search candidates, by name
 
-    def _backend_options(self, spec: EvaluatorSpec) -> dict[str, Any]:
-        """What the backend is built with: an engine as deep as the deepest candidate, and for
-        vLLM the engine options and every task whose requests its context must hold."""
-        if spec.backend != "vllm":
-            return {"layer_capacity": spec.layer_capacity} if spec.layer_capacity else {}
-        from evomerge.tasks.task import load_task
-
-        tasks = [obj.task for obj in self.objectives]
-        for name in spec.context_tasks:
-            try:
-                tasks.append(load_task(name))
-            except EvomergeError:          # a missing held-out task is reported where it is judged
-                pass
-        return {"engine": dict(spec.engine), "tasks": tasks, "layer_capacity": spec.layer_capacity,
-                "multiprocess": spec.multiprocess}
+    @property
+    def backend(self):
+        return self.scorer.backend
 
     @property
     def engine_restarts(self) -> int:
         """How often the backend had to restart its engine / rebuild its model (new architecture)."""
-        return int(getattr(self.backend, "restarts", getattr(self.backend, "rebuilds", 0)))
+        return self.scorer.engine_restarts
 
     def evaluate(self, candidate: Candidate) -> EvalResult:
         if candidate.full:
@@ -266,37 +250,14 @@ class CandidateEvaluator:
 
     def _evaluate(self, candidate: Candidate, full_tasks: dict[str, tuple[Any, str]] | None
                   ) -> tuple[EvalResult, dict[str, list[float]]]:
-        from evomerge.merge.staged import merge_with_config, plan_from_dict, plan_output_config
-
         start = time.perf_counter()
-        timings: dict[str, float] = {}
         try:
-            plan = plan_from_dict(candidate.plan)
-            if self.streams_plans and self.backend.fits_in_place(plan_output_config(plan, self.sources)):
-                # merged tensor by tensor inside the engine's workers: "load" includes the merge
-                t = time.perf_counter()
-                self.backend.load_plan(plan.to_dict(), self.spec.sources)
-                timings["load"] = time.perf_counter() - t
-                return self._scored(candidate, full_tasks, start, timings)
-            t = time.perf_counter()
-            weights, config = merge_with_config(plan, self.sources)
-            timings["merge"] = time.perf_counter() - t
-            bad = next((name for name, w in weights.items()
-                        if w.is_floating_point() and not bool(self.torch.isfinite(w).all())), None)
-            if bad is not None:
-                return EvalResult(candidate.candidate_id, "failed", error=f"merged tensor {bad} has NaN/inf values",
-                                  seconds=time.perf_counter() - start, timings=timings), {}
-            t = time.perf_counter()
-            restarts = self.engine_restarts
-            self.backend.load_weights(weights, config)
-            del weights
-            timings["load"] = time.perf_counter() - t
-            if self.engine_restarts != restarts:
-                # Not loaded in place: the engine restarted (its seconds are the load's). The
-                # archive keeps it per candidate; `evomerge status` counts them.
-                timings["restart"] = timings["load"]
+            timings = self.scorer.put(candidate.plan)
+        except NonFiniteWeights as exc:
+            return EvalResult(candidate.candidate_id, "failed", error=str(exc),
+                              seconds=time.perf_counter() - start), {}
         except Exception as exc:  # the engine or backend rejected this candidate
-            return self._failed(candidate, exc, start, 0, timings), {}
+            return self._failed(candidate, exc, start, 0, {}), {}
         return self._scored(candidate, full_tasks, start, timings)
 
     def _failed(self, candidate: Candidate, exc: Exception, start: float, items: int,
@@ -307,7 +268,8 @@ class CandidateEvaluator:
 
     def _scored(self, candidate: Candidate, full_tasks: dict[str, tuple[Any, str]] | None, start: float,
                 timings: dict[str, float]) -> tuple[EvalResult, dict[str, list[float]]]:
-        """Score the candidate now in the backend (anchors, or every item of ``full_tasks``)."""
+        """Score the candidate now in the backend (its estimators' items, or every item of
+        ``full_tasks``)."""
         items = 0
         responses: dict[str, list[float]] = {}
         try:
@@ -319,10 +281,8 @@ class CandidateEvaluator:
                     items += n
             else:
                 for name, (task, scoring) in full_tasks.items():
-                    results = self._scorer(scoring)(task, range(len(task.items)))
-                    by_index = {r.index: r.score for r in results}
-                    responses[name] = [float(by_index[i]) for i in range(len(task.items))]
-                    score = mean_estimate(np.array(responses[name]))
+                    responses[name] = self.scorer.score(task, range(len(task.items)), scoring).tolist()
+                    score = _score_of(registry.mean_estimate(np.array(responses[name])))
                     score.full = score.value
                     scores[name] = score
                     items += len(task.items)
@@ -332,26 +292,18 @@ class CandidateEvaluator:
         return EvalResult(candidate.candidate_id, "ok", objectives=scores, seconds=time.perf_counter() - start,
                           items_scored=items, timings=timings), responses
 
-    def _scorer(self, scoring: str):
-        from evomerge.backends.base import scoring_method
-
-        return scoring_method(self.backend, scoring)
-
     def _score(self, obj: _Objective, audit: bool) -> tuple[ObjectiveScore, int]:
-        full_indices = np.arange(len(obj.task.items))
-        wanted = full_indices if audit else obj.indices
-        results = self._scorer(obj.spec.scoring)(obj.task, [int(i) for i in wanted])
-        by_index = {r.index: r.score for r in results}
-        anchor_scores = np.array([by_index[int(i)] for i in obj.indices], dtype=float)
-        if obj.calibration is None:
-            score = mean_estimate(anchor_scores)
-        else:
-            thetas = np.asarray(obj.spec.source_thetas, float) if obj.spec.source_thetas else None
-            est = obj.calibration.estimate(obj.spec.estimator, anchor_scores, source_thetas=thetas)
-            score = ObjectiveScore(est.value, est.stderr, est.n_items)
+        """One objective's estimate; an audit scores every item, the estimator reads its own."""
         if audit:
-            score.full = float(np.mean([by_index[int(i)] for i in full_indices]))
-        return score, len(wanted)
+            every = self.scorer.score(obj.task, range(len(obj.task.items)), obj.spec.scoring)
+            item_scores = every[obj.indices]
+        else:
+            item_scores = self.scorer.score(obj.task, obj.indices, obj.spec.scoring)
+        thetas = np.asarray(obj.spec.source_thetas, float) if obj.spec.source_thetas else None
+        score = _score_of(obj.estimator.estimate(item_scores, obj.calibration, source_thetas=thetas))
+        if audit:
+            score.full = float(np.mean(every))
+        return score, len(every) if audit else len(obj.indices)
 
 
 class SyntheticEvaluator:

@@ -127,7 +127,7 @@ def test_a_real_search_with_the_merge_evaluator(zoo, tmp_path):
     # the sources, the front's reference points, are scored on each objective's own scale
     sources = run.archive.meta()["source_scores"]["a"]
     task = load_task(zoo["task"])
-    from evomerge.workers.evaluator import subset_indices
+    from evomerge.estimators.registry import subset_indices
 
     graded_a = np.array([r.score for r in make_backend("hf", zoo["a"]).likelihood(task, range(len(task.items)))])
     assert sources["graded"]["full"] == pytest.approx(graded_a.mean(), rel=1e-5)
@@ -140,7 +140,7 @@ def test_a_real_search_with_the_merge_evaluator(zoo, tmp_path):
 
 
 def test_subset_estimator_with_likelihood_scoring_reads_the_graded_scores_of_its_items(zoo):
-    from evomerge.workers.evaluator import subset_indices
+    from evomerge.estimators.registry import subset_indices
 
     task = load_task(zoo["task"])
     spec = EvaluatorSpec(kind="merge", objectives=[ObjectiveSpec("echo", zoo["task"], "subset", scoring="likelihood",
@@ -173,3 +173,35 @@ def test_likelihood_scoring_with_an_irt_estimator_is_a_config_error(tmp_path, zo
     }))
     with pytest.raises(ConfigError, match=r"search.yaml: objectives.0.estimator: 'gpirt' .*likelihood scoring"):
         load_config(config)
+
+
+def test_an_estimator_registered_in_a_test_is_used_by_the_evaluator_and_the_search(zoo, tmp_path, monkeypatch):
+    """The extension point: a stratified pick (the even items, which model A answers by
+    construction) registered here, with no other module touched."""
+    from evomerge.estimators import registry
+    from evomerge.search.run import SearchRun
+
+    evens = registry.MeanEstimator("evens", "the even items", lambda n, subset, seed: np.arange(0, n, 2))
+    monkeypatch.setitem(registry.ESTIMATORS, "evens", evens)
+    spec = EvaluatorSpec(kind="merge", objectives=[ObjectiveSpec("echo", zoo["task"], "evens")],
+                         sources={"a": zoo["a"], "b": zoo["b"]}, model_dir=zoo["a"])
+    only_a = make_evaluator(spec).evaluate(Candidate(0, 0, [1.0, 0.0], linear({"a": 1.0, "b": 0.0}), audit=True))
+    assert only_a.status == "ok", only_a.error
+    score = only_a.objectives["echo"]
+    assert (score.value, score.stderr, score.n_items) == (1.0, 0.0, 4)   # 4 even items, all right
+    assert score.full == 0.5                                            # the audit: all 8 items
+
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed": 1, "sources": {"a": zoo["a"], "b": zoo["b"]},
+        "genome": {"kind": "parameter", "method": "linear", "granularity": "model"},
+        "objectives": [{"name": "echo", "task": zoo["task"], "estimator": "evens"}],
+        "optimizer": {"name": "random", "population": 2, "generations": 1},
+    }))
+    run = SearchRun.create(config, tmp_path / "run")
+    run.run(progress=False)
+    records = run.archive.records()
+    assert [r["status"] for r in records] == ["ok", "ok"], [r["error"] for r in records]
+    assert all(r["objectives"]["echo"]["n_items"] == 4 for r in records)
+    assert run.archive.meta()["source_scores"]["a"]["echo"]["value"] == 1.0   # the sources on the same items
+    run.close()
