@@ -266,7 +266,8 @@ class CandidateEvaluator:
 
     def _evaluate(self, candidate: Candidate, full_tasks: dict[str, tuple[Any, str]] | None
                   ) -> tuple[EvalResult, dict[str, list[float]]]:
-        from evomerge.merge.staged import merge_with_config, plan_from_dict, plan_output_config
+        from evomerge.backends.base import load_merged, timed_stream
+        from evomerge.merge.staged import iter_merge_with_config, plan_from_dict, plan_output_config
 
         start = time.perf_counter()
         timings: dict[str, float] = {}
@@ -278,19 +279,14 @@ class CandidateEvaluator:
                 self.backend.load_plan(plan.to_dict(), self.spec.sources)
                 timings["load"] = time.perf_counter() - t
                 return self._scored(candidate, full_tasks, start, timings)
-            t = time.perf_counter()
-            weights, config = merge_with_config(plan, self.sources)
-            timings["merge"] = time.perf_counter() - t
-            bad = next((name for name, w in weights.items()
-                        if w.is_floating_point() and not bool(self.torch.isfinite(w).all())), None)
-            if bad is not None:
-                return EvalResult(candidate.candidate_id, "failed", error=f"merged tensor {bad} has NaN/inf values",
-                                  seconds=time.perf_counter() - start, timings=timings), {}
+            # The merge streams into the backend a tensor at a time (no merged copy of the model);
+            # "merge" counts the time spent merging, "load" the rest.
             t = time.perf_counter()
             restarts = self.engine_restarts
-            self.backend.load_weights(weights, config)
-            del weights
-            timings["load"] = time.perf_counter() - t
+            tensors, config = iter_merge_with_config(plan, self.sources)
+            timings["merge"] = time.perf_counter() - t
+            load_merged(self.backend, timed_stream(tensors, timings, "merge"), config)
+            timings["load"] = time.perf_counter() - t - timings["merge"]
             if self.engine_restarts != restarts:
                 # Not loaded in place: the engine restarted (its seconds are the load's). The
                 # archive keeps it per candidate; `evomerge status` counts them.
