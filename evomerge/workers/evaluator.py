@@ -197,7 +197,10 @@ class CandidateEvaluator:
         # A backend that merges inside its engine's workers gets plans; this process then
         # reads only the sources' headers (output configs), never their weights.
         self.streams_plans = spec.backend == "vllm" and spec.multiprocess
-        self.sources = SourceSet.load(spec.sources, device=spec.device, resident=not self.streams_plans)
+        # On a GPU the sources are read onto it once; on the CPU each tensor is mapped from the
+        # page cache when a merge reads it (one copy per machine, shared by its workers).
+        self.sources = SourceSet.load(spec.sources, device=spec.device,
+                                      resident=not self.streams_plans and spec.device != "cpu")
         self.sources.check_compatible()
         model_dir = spec.model_dir or next(iter(spec.sources.values()))
         self.backend = make_backend(spec.backend, Path(model_dir), device=spec.device,
