@@ -16,9 +16,12 @@ before any model is touched), in units of S, one source's bytes:
   1 GiB (the whole model here), then written.
 - export, after: ``export_records`` as it is (sources mapped, each tensor written as it
   is merged).
+- ... staged: the same "after" paths for staged candidates (``combined`` genome: TIES, then
+  data flow over its output; the first stage's output is held while the last streams).
 
 K candidates are TIES merges of all N sources (genomes drawn from the search's own
-parameter space), each scored on 10 zoo/arith items. The model's prediction is printed
+parameter space), each scored on 10 zoo/arith items (likelihood scoring: a graded score,
+so before and after are compared on more than 0/1 answers of random models). The model's prediction is printed
 next to each figure (see docs/cluster.md, "Memory per worker").
 
     PYTHONPATH=. .venv/bin/python scripts/bench_memory.py [--sources 2 3 4] [--candidates 3]
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,7 +45,12 @@ sys.path.insert(0, str(ROOT))
 # About 100 MB in float32 (25.4M parameters) with the zoo's 125-token tokenizer.
 SHAPE = dict(num_layers=4, hidden_size=768, intermediate_size=2048, num_attention_heads=12,
              num_key_value_heads=4, vocab_size=128)
-MODES = ("search-before", "search-after", "search-after-resident", "export-before", "export-after")
+MODES = ("search-before", "search-after", "search-after-resident", "search-after-staged",
+         "export-before", "export-after", "export-after-staged")
+# A staged candidate: a TIES merge, then data flow over its output and the sources (at most
+# as deep as the sources, so the engine is not rebuilt deeper).
+STAGED = {"kind": "combined", "parameter": {"method": "ties"},
+          "data_flow": {"repetitions": 1, "max_layers": SHAPE["num_layers"]}}
 
 
 def status_kb(field: str) -> int:
@@ -71,13 +80,13 @@ def make_sources(root: Path, n: int, shape: dict = SHAPE) -> dict[str, str]:
     return paths
 
 
-def plans(paths: dict[str, str], k: int) -> list[dict]:
+def plans(paths: dict[str, str], k: int, staged: bool = False) -> list[dict]:
     import numpy as np
 
     from evomerge.search.genome import build_space
 
     names = list(paths)
-    space = build_space({"method": "ties"}, names, names[0], SHAPE["num_layers"])
+    space = build_space(STAGED if staged else {"method": "ties"}, names, names[0], SHAPE["num_layers"])
     rng = np.random.default_rng(0)
     return [space.decode(space.random(rng)).to_dict() for _ in range(k)]
 
@@ -95,8 +104,7 @@ def measure(mode: str, paths: dict[str, str], k: int, out_dir: Path) -> dict:
     import threading
 
     small = make_sources(out_dir / "warm", len(paths), dict(SHAPE, hidden_size=256, intermediate_size=512,
-                                                             num_attention_heads=4, num_key_value_heads=2,
-                                                             num_layers=2))
+                                                             num_attention_heads=4, num_key_value_heads=2))
     run_mode(mode, small, 1, out_dir / "warm-out")
     Path("/proc/self/clear_refs").write_text("5")   # VmHWM := VmRSS
     baseline, anon0 = status_kb("VmRSS"), status_kb("RssAnon")
@@ -127,10 +135,11 @@ def run_mode(mode: str, paths: dict[str, str], k: int, out_dir: Path) -> dict:
     from evomerge.workers.types import Candidate
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = plans(paths, k)
+    todo = plans(paths, k, staged=mode.endswith("staged"))
     detail: dict = {}
     if mode.startswith("search"):
-        spec = EvaluatorSpec(kind="merge", objectives=[ObjectiveSpec("arith", "zoo/arith", "subset", subset=10)],
+        spec = EvaluatorSpec(kind="merge", objectives=[ObjectiveSpec("arith", "zoo/arith", "subset", subset=10,
+                                                         scoring="likelihood")],
                              sources=dict(paths), model_dir=paths["s0"], threads=1)
         evaluator = CandidateEvaluator(spec)
         if mode == "search-before":
@@ -145,7 +154,7 @@ def run_mode(mode: str, paths: dict[str, str], k: int, out_dir: Path) -> dict:
         bad = [r.error for r in results if r.status != "ok"]
         if bad:
             raise SystemExit(f"{mode}: candidate failed: {bad[0]}")
-        detail["scores"] = [round(r.objectives["arith"].value, 4) for r in results]
+        detail["scores"] = [f'{r.objectives["arith"].value:.6e}' for r in results]
         detail["merge_s"] = [round(r.timings.get("merge", 0.0), 3) for r in results]
         detail["load_s"] = [round(r.timings.get("load", 0.0), 3) for r in results]
     else:
@@ -217,15 +226,16 @@ def export_before(records, paths: dict[str, str], out: Path) -> None:
 
 # --------------------------------------------------------------------------- the memory model
 
-def predicted(mode: str, n: int, largest: float, stage: float = 0.0) -> float:
+def predicted(mode: str, n: int, largest: float) -> float:
     """Peak above the baseline in units of S (docs/cluster.md): N resident sources, the
-    engine's own weights (1), the merged dict (1, before), and a few tensors in flight
-    (``largest``: the biggest tensor, as a fraction of S; about 2 + N of them: the N inputs
-    being merged, the result, the method's temporaries)."""
+    engine's own weights (1), the merged dict (1, before), a staged plan's first-stage
+    output (1), and a few tensors in flight (``largest``: the biggest tensor, as a fraction
+    of S; about N + 2 of them: the N inputs being merged, the result, the method's
+    temporaries)."""
     flight = (n + 2) * largest
-    return {"search-before": n + 2 + flight, "search-after": 1 + flight,
-            "search-after-resident": n + 1 + flight, "export-before": n + 1 + flight,
-            "export-after": flight}[mode] + stage
+    return {"search-before": n + 2, "search-after": 1, "search-after-resident": n + 1,
+            "search-after-staged": 2, "export-before": n + 1, "export-after": 0,
+            "export-after-staged": 1}[mode] + flight
 
 
 def main() -> int:
@@ -273,12 +283,14 @@ def main() -> int:
                            anon_S=round(row["anon_peak_kb"] * 1024 / s_bytes, 2),
                            model_S=round(predicted(mode, n, largest), 2))
                 rows.append(row)
+                shutil.rmtree(out, ignore_errors=True)
                 extra = {k: row[k] for k in ("merge_s", "load_s", "scores", "tensors_sha256") if k in row}
                 print(f"{n:>2} {mode:<24} {row['peak_S']:>7.2f} {row['anon_S']:>7.2f} {row['model_S']:>6.2f} "
                       f"{row['seconds']:>8.1f}  "
                       f"{json.dumps(extra)}", flush=True)
         same = all(a.get("scores") == b.get("scores") and a.get("tensors_sha256") == b.get("tensors_sha256")
-                   for a in rows for b in rows if a["n"] == b["n"] and a["mode"].split("-")[0] == b["mode"].split("-")[0])
+                   for a in rows for b in rows if a["n"] == b["n"] and a["mode"].split("-")[0] == b["mode"].split("-")[0]
+                   and a["mode"].endswith("staged") == b["mode"].endswith("staged"))
         print(f"before and after give the same scores / the same exported bytes: {same}")
         if args.json:
             args.json.write_text(json.dumps({"S_bytes": s_bytes, "largest_tensor_S": largest, "rows": rows}, indent=2))
