@@ -57,13 +57,17 @@ def timed_stream(tensors: Iterable[tuple[str, Tensor]], timings: dict[str, float
     import time
 
     it = iter(tensors)
-    while True:
-        t = time.perf_counter()
-        item = next(it, None)
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
-        if item is None:
-            return
-        yield item
+    try:
+        while True:
+            t = time.perf_counter()
+            item = next(it, None)
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+            if item is None:
+                return
+            yield item
+    finally:
+        if hasattr(it, "close"):       # closed early: close the merge too (see HFBackend.load_stream)
+            it.close()
 
 
 def load_merged(backend: Backend, tensors: Iterable[tuple[str, Tensor]], config: dict) -> None:
@@ -72,8 +76,13 @@ def load_merged(backend: Backend, tensors: Iterable[tuple[str, Tensor]], config:
     for ``load_weights``, every tensor checked to be finite first."""
     if hasattr(backend, "load_stream"):
         backend.load_stream(tensors, config)
-    else:
-        backend.load_weights(dict(finite_stream(tensors)), config)
+        return
+    try:
+        weights = dict(finite_stream(tensors))
+    finally:
+        if hasattr(tensors, "close"):   # a merge stopped half-way (see HFBackend.load_stream)
+            tensors.close()
+    backend.load_weights(weights, config)
 
 
 def scoring_method(backend: Backend, scoring: str) -> Callable[[Task, Sequence[int]], list[ItemResult]]:

@@ -191,7 +191,17 @@ class HFBackend:
         spare, config = self._fill_spare_layers({}, config, min_layers, arch)
         self._rebuild_if_changed(config, arch)
         params = self._params()
-        filled = self._copy_in(runtime_stream(arch, finite_stream(tensors)), params, arch)
+        stream = runtime_stream(arch, finite_stream(tensors))
+        # A merge left half-read stays suspended inside its own no_grad() block, which restores
+        # the grad mode it found (off, inside ours) only when closed: close it in here, so that
+        # autograd is on again once this returns or raises.
+        with torch.no_grad():
+            try:
+                filled = self._copy_in(stream, params, arch)
+            finally:
+                stream.close()
+                if hasattr(tensors, "close"):
+                    tensors.close()
         filled |= self._copy_in(runtime_stream(arch, iter(spare.items())), params, arch)
         missing = [n for n in params if n not in filled]
         if missing:

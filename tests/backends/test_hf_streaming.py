@@ -98,11 +98,18 @@ def _staged_or_plain(plan, src):
 def test_a_nan_tensor_fails_the_load_naming_it(sources):
     src = SourceSet.load(sources, resident=False)
     tensors, config = iter_merge_with_config(plan_of(GENOMES["ties"], sources), src)
-    poisoned = ((n, t.clone().fill_(float("nan")) if n == "model.layers.1.mlp.up_proj.weight" else t)
-                for n, t in tensors)
+
+    def poisoned():
+        try:
+            for n, t in tensors:
+                yield n, (t.clone().fill_(float("nan")) if n == "model.layers.1.mlp.up_proj.weight" else t)
+        finally:
+            tensors.close()               # as timed_stream does: closed by load_stream, inside its no_grad
+
     backend = HFBackend(sources["base"])
     with pytest.raises(CheckpointError, match=r"merged tensor model\.layers\.1\.mlp\.up_proj\.weight has NaN/inf"):
-        backend.load_stream(poisoned, config)
+        backend.load_stream(poisoned(), config)
+    assert torch.is_grad_enabled()
 
 
 def test_a_stream_missing_a_tensor_or_naming_an_unknown_one_is_refused(sources):
@@ -169,3 +176,21 @@ def test_a_source_candidate_streams_from_the_mapped_sources(sources, monkeypatch
     task = load_task("zoo/arith")
     own = HFBackend(sources["a"])
     assert responses["arith"] == [r.score for r in own.score(task, range(len(task.items)))]
+
+
+def test_a_candidate_that_overflows_fails_naming_the_first_tensor_and_leaves_autograd_on(sources):
+    """The evaluator stops the stream at the first NaN/inf tensor (the norms, whose weights
+    are 1: 2 x 3e38 overflows float32; the embeddings, ~0.02, do not) and closes the merge, which runs under no_grad(): autograd works again afterwards (the
+    calibration fit, in the same process for a local pool, needs it)."""
+    spec = EvaluatorSpec(kind="merge", objectives=[ObjectiveSpec("arith", "zoo/arith", "subset", subset=4)],
+                         sources=dict(sources), model_dir=sources["base"])
+    evaluator = CandidateEvaluator(spec)
+    overflow = {"merge_method": "linear", "parameters": {"normalize": False},
+                "models": [{"model": "a", "parameters": {"weight": 3e38}}, {"model": "b", "parameters": {"weight": 3e38}}]}
+    result = evaluator.evaluate(Candidate(0, 0, [], overflow))
+    assert result.status == "failed" and result.objectives == {}
+    assert "merged tensor model.layers.0.input_layernorm.weight has NaN/inf values" in result.error
+    assert torch.is_grad_enabled()
+    x = torch.ones(2, requires_grad=True)
+    (x * 3).sum().backward()
+    assert x.grad.tolist() == [3.0, 3.0]
