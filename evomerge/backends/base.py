@@ -23,6 +23,8 @@ class ItemResult:
 
 @runtime_checkable
 class Backend(Protocol):
+    # A backend may also have ``load_stream(tensors, config)``: the same from an iterator of
+    # (name, tensor), each installed as it arrives (``load_merged`` prefers it).
     def load_weights(self, weights: dict[str, Tensor], config: dict) -> None:
         """Install candidate weights; in place when the architecture is unchanged."""
         ...

@@ -214,7 +214,6 @@ class HFBackend:
 
         keys = (*SHAPE_KEYS, arch.layer_count_key)
         if any(config.get(k) != self.config.get(k) for k in keys if k in config or k in self.config):
-            self.model = None          # the old model's memory goes before the new one is built
             self.model = AutoModelForCausalLM.from_config(_config_object(config), dtype=self.dtype)
             self.model.to(self.device).eval()
             self.config = self.model.config.to_dict()
