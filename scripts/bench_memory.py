@@ -19,6 +19,8 @@ before any model is touched), in units of S, one source's bytes:
 - ... staged: the same "after" paths for staged candidates (``combined`` genome: TIES, then
   data flow over its output; the first stage's output is held while the last streams).
 
+Then, in this process, one merge's time from mapped and from resident sources.
+
 K candidates are TIES merges of all N sources (genomes drawn from the search's own
 parameter space), each scored on 10 zoo/arith items (likelihood scoring: a graded score,
 so before and after are compared on more than 0/1 answers of random models). The model's prediction is printed
@@ -238,6 +240,30 @@ def predicted(mode: str, n: int, largest: float) -> float:
             "export-after-staged": 1}[mode] + flight
 
 
+def merge_speed(paths: dict[str, str], k: int, repeats: int = 3) -> dict[str, float]:
+    """Median seconds of one merge (iter_merge run to its end, one torch thread) from mapped
+    sources and from resident ones, interleaved: what mapping each tensor again costs."""
+    import statistics
+
+    import torch
+
+    from evomerge.merge.engine import SourceSet, iter_merge
+    from evomerge.merge.staged import plan_from_dict
+
+    torch.set_num_threads(1)
+    sets = {"mapped": SourceSet.load(paths, resident=False), "resident": SourceSet.load(paths, resident=True)}
+    todo = [plan_from_dict(p) for p in plans(paths, k)]
+    seconds: dict[str, list[float]] = {name: [] for name in sets}
+    for _ in range(repeats):
+        for name, sources in sets.items():
+            for plan in todo:
+                t = time.perf_counter()
+                for _ in iter_merge(plan, sources):
+                    pass
+                seconds[name].append(time.perf_counter() - t)
+    return {name: round(statistics.median(v), 3) for name, v in seconds.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sources", type=int, nargs="+", default=[2, 3, 4])
@@ -292,8 +318,12 @@ def main() -> int:
                    for a in rows for b in rows if a["n"] == b["n"] and a["mode"].split("-")[0] == b["mode"].split("-")[0]
                    and a["mode"].endswith("staged") == b["mode"].endswith("staged"))
         print(f"before and after give the same scores / the same exported bytes: {same}")
+        speed = merge_speed(paths, args.candidates)
+        print(f"one TIES merge of the {max(args.sources)} sources (median, one thread): "
+              f"{speed['mapped']:.3f} s mapped, {speed['resident']:.3f} s resident")
         if args.json:
-            args.json.write_text(json.dumps({"S_bytes": s_bytes, "largest_tensor_S": largest, "rows": rows}, indent=2))
+            args.json.write_text(json.dumps({"S_bytes": s_bytes, "largest_tensor_S": largest, "rows": rows,
+                                             "merge_seconds": speed}, indent=2))
         return 0 if same else 1
 
 
