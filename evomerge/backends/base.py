@@ -47,7 +47,8 @@ def finite_stream(tensors: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, 
 
     for name, tensor in tensors:
         # min and max carry any NaN or inf: one pass, no tensor-sized mask (30x isfinite().all())
-        if tensor.is_floating_point() and tensor.numel() and not bool(torch.stack(torch.aminmax(tensor)).isfinite().all()):
+        if tensor.is_floating_point() and tensor.numel() \
+                and not bool(torch.stack(torch.aminmax(tensor)).isfinite().all()):
             raise CheckpointError(f"merged tensor {name} has NaN/inf values")
         yield name, tensor
 

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from evomerge.backends.base import (ItemResult, check_indices, choice_rows, finite_stream, graded_results,
-                                    harness_results, layer_template, likelihood_rows, pad_with_identity_layers, pick_choices,
-                                    same_but_depth)
+                                    harness_results, layer_template, likelihood_rows, pad_with_identity_layers,
+                                    pick_choices, same_but_depth)
 from evomerge.errors import CheckpointError
 from evomerge.io.architectures import architecture_of
 from evomerge.tasks.task import Task

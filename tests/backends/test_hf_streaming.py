@@ -180,13 +180,15 @@ def test_a_source_candidate_streams_from_the_mapped_sources(sources, monkeypatch
 
 def test_a_candidate_that_overflows_fails_naming_the_first_tensor_and_leaves_autograd_on(sources):
     """The evaluator stops the stream at the first NaN/inf tensor (the norms, whose weights
-    are 1: 2 x 3e38 overflows float32; the embeddings, ~0.02, do not) and closes the merge, which runs under no_grad(): autograd works again afterwards (the
-    calibration fit, in the same process for a local pool, needs it)."""
+    are 1: 2 x 3e38 overflows float32; the embeddings, ~0.02, do not) and closes the merge,
+    which runs under no_grad(): autograd works again afterwards (the calibration fit, in the
+    same process for a local pool, needs it)."""
     spec = EvaluatorSpec(kind="merge", objectives=[ObjectiveSpec("arith", "zoo/arith", "subset", subset=4)],
                          sources=dict(sources), model_dir=sources["base"])
     evaluator = CandidateEvaluator(spec)
     overflow = {"merge_method": "linear", "parameters": {"normalize": False},
-                "models": [{"model": "a", "parameters": {"weight": 3e38}}, {"model": "b", "parameters": {"weight": 3e38}}]}
+                "models": [{"model": "a", "parameters": {"weight": 3e38}},
+                           {"model": "b", "parameters": {"weight": 3e38}}]}
     result = evaluator.evaluate(Candidate(0, 0, [], overflow))
     assert result.status == "failed" and result.objectives == {}
     assert "merged tensor model.layers.0.input_layernorm.weight has NaN/inf values" in result.error
