@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import CheckpointError, EvomergeError
 from evomerge.tasks.task import Task
 
 
@@ -23,6 +23,8 @@ class ItemResult:
 
 @runtime_checkable
 class Backend(Protocol):
+    # A backend may also have ``load_stream(tensors, config)``: the same from an iterator of
+    # (name, tensor), each installed as it arrives (``load_merged`` prefers it).
     def load_weights(self, weights: dict[str, Tensor], config: dict) -> None:
         """Install candidate weights; in place when the architecture is unchanged."""
         ...
@@ -36,6 +38,58 @@ class Backend(Protocol):
         (``task.reference``) given the prompt, teacher-forced; for multiple choice the correct
         choice's share of the choices' probability mass. One forward pass per item, no decoding."""
         ...
+
+
+class NonFiniteWeights(CheckpointError):
+    """The merge produced NaN/inf values: the candidate cannot be scored."""
+
+
+def finite_stream(tensors: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
+    """The merged tensors, each checked as it passes: a NaN/inf value fails the candidate,
+    naming the tensor (a merge can overflow, e.g. a large task-arithmetic weight in float16)."""
+    import torch
+
+    for name, tensor in tensors:
+        # min and max carry any NaN or inf: one pass, no tensor-sized mask (30x isfinite().all())
+        if tensor.is_floating_point() and tensor.numel() \
+                and not bool(torch.stack(torch.aminmax(tensor)).isfinite().all()):
+            raise NonFiniteWeights(f"merged tensor {name} has NaN/inf values")
+        yield name, tensor
+
+
+def timed_stream(tensors: Iterable[tuple[str, Tensor]], timings: dict[str, float], key: str
+                 ) -> Iterator[tuple[str, Tensor]]:
+    """``tensors`` unchanged, the seconds spent producing them added to ``timings[key]``
+    (how long a streamed merge took, apart from its consumer's work)."""
+    import time
+
+    it = iter(tensors)
+    try:
+        while True:
+            t = time.perf_counter()
+            item = next(it, None)
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+            if item is None:
+                return
+            yield item
+    finally:
+        if hasattr(it, "close"):       # closed early: close the merge too (see HFBackend.load_stream)
+            it.close()
+
+
+def load_merged(backend: Backend, tensors: Iterable[tuple[str, Tensor]], config: dict) -> None:
+    """Install a merge's output, as it streams out of the merge where the backend can take a
+    stream (``load_stream``: no merged copy of the whole model); else collected into a dict
+    for ``load_weights``, every tensor checked to be finite first."""
+    if hasattr(backend, "load_stream"):
+        backend.load_stream(tensors, config)
+        return
+    try:
+        weights = dict(finite_stream(tensors))
+    finally:
+        if hasattr(tensors, "close"):   # a merge stopped half-way (see HFBackend.load_stream)
+            tensors.close()
+    backend.load_weights(weights, config)
 
 
 def scoring_method(backend: Backend, scoring: str) -> Callable[[Task, Sequence[int]], list[ItemResult]]:

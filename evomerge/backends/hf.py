@@ -12,15 +12,15 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from evomerge.backends.base import (ItemResult, check_indices, choice_rows, graded_results, harness_results,
-                                    layer_template, likelihood_rows, pad_with_identity_layers, pick_choices,
-                                    same_but_depth)
+from evomerge.backends.base import (ItemResult, check_indices, choice_rows, finite_stream, graded_results,
+                                    harness_results, layer_template, likelihood_rows, pad_with_identity_layers,
+                                    pick_choices, same_but_depth)
 from evomerge.errors import CheckpointError
 from evomerge.io.architectures import architecture_of
 from evomerge.tasks.task import Task
@@ -58,6 +58,26 @@ def _config_object(config: dict):
     if model_type is None:
         raise CheckpointError("model config has no 'model_type'")
     return AutoConfig.for_model(model_type, **config)
+
+
+def runtime_stream(arch, tensors: Iterator[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
+    """Checkpoint-named tensors renamed / fused as transformers holds them (``Architecture.to_runtime``),
+    as a stream: dense architectures pass through; where experts are fused, one layer's tensors
+    are gathered (a merge yields a layer's tensors together) and converted when the next begins."""
+    if not arch.expert_fusions and not arch.runtime_renames:
+        yield from tensors
+        return
+    layer, pending = None, {}
+    for name, tensor in tensors:
+        split = arch.split_layer(name)
+        here = split[0] if split is not None else None
+        if pending and here != layer:
+            yield from arch.to_runtime(pending).items()
+            pending = {}
+        layer = here
+        pending[name] = tensor
+    if pending:
+        yield from arch.to_runtime(pending).items()
 
 
 def _in_worker_pool() -> bool:
@@ -115,15 +135,18 @@ class HFBackend:
         self._depth_from_config: bool | None = None
         from evomerge.io.checkpoint import Checkpoint
 
+        self._tensor_names: list[str] = []
         if has_safetensors:                # one layer's tensors, in checkpoint names: what a spare layer holds
             ck = Checkpoint(self.model_dir)
+            self._tensor_names = list(ck.tensor_names)
             arch = architecture_of(self.config, ck.tensor_names, where=str(self.model_dir))
             self._template = layer_template({n: ck.shape(n) for n in ck.tensor_names},
                                             {n: ck.dtype(n) for n in ck.tensor_names}, arch.layer_prefix)
             depth = int(self.config.get(arch.layer_count_key, 0))
             if layer_capacity and layer_capacity > depth and self._template:
                 # rebuilt this deep up front (not a restart), the checkpoint's layers first
-                self.load_weights({n: ck.get(n) for n in ck.tensor_names}, dict(self.config), min_layers=layer_capacity)
+                self.load_stream(((n, ck.get(n, mapped=True)) for n in ck.tensor_names), dict(self.config),
+                                 min_layers=layer_capacity)
                 self.rebuilds = 0
         else:
             self._template = {}
@@ -139,36 +162,84 @@ class HFBackend:
         A shallower candidate is first padded with identity layers (``_fill_spare_layers``).
         The registry maps checkpoint names to the runtime's: transformers 5 holds a MoE
         layer's experts as fused 3-D parameters where checkpoints have one tensor per expert.
+        Every name is checked before anything is copied (``load_stream`` checks as it goes).
         """
-        from transformers import AutoModelForCausalLM
-
         arch = architecture_of(config, weights.keys(), where=f"candidate for {self.model_dir}")
         layers = config.get(arch.layer_count_key)
         weights, config = self._fill_spare_layers(weights, config, min_layers, arch)
         weights = arch.to_runtime(weights)
+        self._rebuild_if_changed(config, arch)
+        params = self._params()
+        missing = [n for n in params if n not in weights]
+        if missing:
+            raise CheckpointError(f"candidate weights lack tensor {missing[0]} ({len(missing)} missing)")
+        tied_names = self._tied_names(arch)
+        for name in weights:
+            if name not in params and name not in tied_names:
+                raise CheckpointError(f"candidate tensor {name} does not exist in the {self.config.get('model_type')} model")
+        self._copy_in(weights.items(), params, arch)
+        self._run_layers(layers)
+
+    def load_stream(self, tensors: Iterable[tuple[str, Tensor]], config: dict, min_layers: int = 0) -> None:
+        """``load_weights`` for a stream of (checkpoint name, tensor), as ``merge.engine.iter_merge``
+        yields them: each tensor is checked (finite, known name, shape) and copied into its
+        parameter as it arrives, so no merged copy of the whole model is ever held (a MoE
+        model's fused experts: one layer's tensors). A candidate that fails half-way leaves
+        the model half-written; every later candidate overwrites every parameter anyway."""
+        arch = architecture_of(config, self._tensor_names or None, where=f"candidate for {self.model_dir}")
+        layers = config.get(arch.layer_count_key)
+        spare, config = self._fill_spare_layers({}, config, min_layers, arch)
+        self._rebuild_if_changed(config, arch)
+        params = self._params()
+        stream = runtime_stream(arch, finite_stream(tensors))
+        # A merge left half-read stays suspended inside its own no_grad() block, which restores
+        # the grad mode it found (off, inside ours) only when closed: close it in here, so that
+        # autograd is on again once this returns or raises.
+        with torch.no_grad():
+            try:
+                filled = self._copy_in(stream, params, arch)
+            finally:
+                stream.close()
+                if hasattr(tensors, "close"):
+                    tensors.close()
+        filled |= self._copy_in(runtime_stream(arch, iter(spare.items())), params, arch)
+        missing = [n for n in params if n not in filled]
+        if missing:
+            raise CheckpointError(f"candidate weights lack tensor {missing[0]} ({len(missing)} missing)")
+        self._run_layers(layers)
+
+    def _rebuild_if_changed(self, config: dict, arch) -> None:
+        """A new architecture (not just fewer layers: see ``_fill_spare_layers``): a new model."""
+        from transformers import AutoModelForCausalLM
+
         keys = (*SHAPE_KEYS, arch.layer_count_key)
-        changed = any(config.get(k) != self.config.get(k) for k in keys if k in config or k in self.config)
-        if changed:
+        if any(config.get(k) != self.config.get(k) for k in keys if k in config or k in self.config):
             self.model = AutoModelForCausalLM.from_config(_config_object(config), dtype=self.dtype)
             self.model.to(self.device).eval()
             self.config = self.model.config.to_dict()
             self.rebuilds += 1
             self._depth_from_config = None
-        params = self._params()
-        missing = [n for n in params if n not in weights]
-        if missing:
-            raise CheckpointError(f"candidate weights lack tensor {missing[0]} ({len(missing)} missing)")
-        tied_names = {t for t, _ in arch.tied} if self.config.get("tie_word_embeddings") else set()
-        for name in weights:
-            if name not in params and name not in tied_names:
-                raise CheckpointError(f"candidate tensor {name} does not exist in the {self.config.get('model_type')} model")
+
+    def _tied_names(self, arch) -> set[str]:
+        return {t for t, _ in arch.tied} if self.config.get("tie_word_embeddings") else set()
+
+    def _copy_in(self, tensors: Iterable[tuple[str, Tensor]], params: dict[str, Tensor], arch) -> set[str]:
+        """Copy runtime-named tensors into their parameters; the names copied."""
+        tied_names = self._tied_names(arch)
+        filled: set[str] = set()
         with torch.no_grad():
-            for name, param in params.items():
-                src = weights[name]
+            for name, src in tensors:
+                param = params.get(name)
+                if param is None:
+                    if name in tied_names:     # the embedding's tensor, which the model shares
+                        continue
+                    raise CheckpointError(f"candidate tensor {name} does not exist in the "
+                                          f"{self.config.get('model_type')} model")
                 if tuple(src.shape) != tuple(param.shape):
                     raise CheckpointError(f"tensor {name}: shape {tuple(src.shape)} does not fit {tuple(param.shape)}")
                 param.copy_(src.to(device=param.device, dtype=param.dtype))
-        self._run_layers(layers)
+                filled.add(name)
+        return filled
 
     def _run_layers(self, layers) -> None:
         """Run only the candidate's own layers where the model's forward reads its depth from

@@ -8,6 +8,7 @@ every stage once and returns the output's weights with its config.json.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -90,14 +91,22 @@ def staged_sources(plan: StagedPlan, sources, device=None):
     return current
 
 
-def merge_with_config(plan: MergePlan | StagedPlan, sources, device=None) -> tuple[dict, dict]:
-    """(in-memory weights, config.json) of the model either plan kind produces, every stage
-    merged once: what a worker swaps into its backend."""
-    from evomerge.merge.engine import merge, output_config
+def iter_merge_with_config(plan: MergePlan | StagedPlan, sources, device=None) -> tuple[Iterator, dict]:
+    """(iterator of (name, merged tensor), config.json) of the model either plan kind produces:
+    the output streams a tensor at a time; a staged plan's earlier stages are merged into
+    memory first (the last stage reads them), so it holds one stage output besides."""
+    from evomerge.merge.engine import iter_merge, output_config
 
     if isinstance(plan, StagedPlan):
         sources, plan = staged_sources(plan, sources, device), plan.final
-    return merge(plan, sources, device), output_config(plan, sources)
+    return iter_merge(plan, sources, device), output_config(plan, sources)
+
+
+def merge_with_config(plan: MergePlan | StagedPlan, sources, device=None) -> tuple[dict, dict]:
+    """(in-memory weights, config.json) of the model either plan kind produces, every stage
+    merged once (``iter_merge_with_config`` collected into a dict)."""
+    tensors, config = iter_merge_with_config(plan, sources, device)
+    return dict(tensors), config
 
 
 def merge_plan(plan: MergePlan | StagedPlan, sources, device=None) -> dict:

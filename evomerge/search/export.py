@@ -133,15 +133,19 @@ def run_sources(run_dir: Path) -> tuple[dict[str, str], str | None]:
 # --------------------------------------------------------------------------- writing
 
 
-def _materialize(plan: MergePlan | StagedPlan, sources) -> tuple[Any, dict]:
-    """(iterator of (name, tensor), output config) for either plan kind."""
-    from evomerge.merge.engine import iter_merge, output_config
+def _materialize(plan: MergePlan | StagedPlan, sources) -> tuple[Any, dict, list[tuple]]:
+    """(iterator of (name, tensor), output config, every output tensor's (name, shape, dtype))
+    for either plan kind. With the layout known up front the writer streams each tensor to
+    its shard as it is merged (``write_checkpoint(layout=...)``): no shard, let alone the
+    model, is held in memory; a staged plan holds its earlier stages' output besides."""
+    from evomerge.merge.engine import _output_layout, compile_plan, iter_merge, output_config
     from evomerge.merge.staged import staged_sources
 
     if isinstance(plan, StagedPlan):
         sources = staged_sources(plan, sources)
         plan = plan.final
-    return iter_merge(plan, sources), output_config(plan, sources)
+    layout = _output_layout(plan, sources, compile_plan(plan, sources))
+    return iter_merge(plan, sources), output_config(plan, sources), layout
 
 
 def mergekit_yaml(plan: MergePlan | StagedPlan, paths: dict[str, str]) -> str:
@@ -279,15 +283,18 @@ def export_records(records: list[Record], run_dir: str | Path, out: str | Path, 
         else:
             todo.append((rec, state))
     if todo and sources is None:
-        sources = SourceSet.load(paths)
+        # Each source tensor is mapped from the page cache while a merge reads it, not read
+        # into memory: with the streamed write an export holds about one tensor per source.
+        sources = SourceSet.load(paths, resident=False)
     for rec, state in todo:
         plan = plan_from_dict(rec.plan)
         final = plan.final if isinstance(plan, StagedPlan) else plan
         tok = final.tokenizer_source or final.base_model or final.referenced_models()[0]
         tok_path = paths.get(tok, paths.get(plan.stages[0][1].base_model, None) if isinstance(plan, StagedPlan) else None)
-        tensors, config = _materialize(plan, sources)
+        tensors, config, layout = _materialize(plan, sources)
         target = out / export_name(rec)
         write_checkpoint(target, tensors, config, tokenizer_from=tok_path, overwrite=overwrite or state == "ours",
+                         layout=layout,
                          extra_files={"README.md": model_card(rec, run_dir, plan, paths, scoring),
                                       "mergekit.yaml": mergekit_yaml(plan, paths),
                                       PLAN_FILE: json.dumps(rec.plan, indent=2) + "\n"})

@@ -3,7 +3,7 @@
 A ``PlanScorer`` keeps the source models (a ``SourceSet``) and one inference backend
 resident. Per plan:
 
-    plan --merge (in memory)--> weights + config --backend.load_weights--> engine
+    plan --merge, a tensor at a time--> backend (each tensor checked and loaded as it comes)
          --score items (exact 0/1 | likelihood)--> per-item scores
 
 A backend that merges inside its engine's own workers (vLLM, multiprocess) is handed the
@@ -20,11 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.errors import EvomergeError
+from evomerge.backends.base import NonFiniteWeights
 
-
-class NonFiniteWeights(EvomergeError):
-    """The merge produced NaN/inf values: the candidate cannot be scored."""
+__all__ = ["NonFiniteWeights", "PlanScorer"]
 
 
 class PlanScorer:
@@ -34,17 +32,16 @@ class PlanScorer:
     def __init__(self, sources: dict[str, str], backend: str = "hf", device: str = "cpu",
                  model_dir: str | None = None, backend_options: dict[str, Any] | None = None,
                  stream_plans: bool = False) -> None:
-        import torch
-
         from evomerge.backends import make_backend
         from evomerge.merge.engine import SourceSet
 
-        self.torch = torch
         self.source_paths = dict(sources)
         # A backend that merges inside its engine's workers gets plans; this process then
         # reads only the sources' headers (output configs), never their weights.
         self.stream_plans = stream_plans
-        self.sources = SourceSet.load(sources, device=device, resident=not stream_plans)
+        # On a GPU the sources are read onto it once; on the CPU each tensor is mapped from the
+        # page cache when a merge reads it (one copy per machine, shared by its workers).
+        self.sources = SourceSet.load(sources, device=device, resident=not stream_plans and device != "cpu")
         self.sources.check_compatible()
         self.backend = make_backend(backend, Path(model_dir or next(iter(sources.values()))), device=device,
                                     **(backend_options or {}))
@@ -60,7 +57,8 @@ class PlanScorer:
         merged inside the engine's workers. Returns the step's timings (merge, load, and
         restart when the engine had to restart for it); raises ``NonFiniteWeights`` when the
         merge yields NaN/inf, and whatever the merge or the backend raise for a bad plan."""
-        from evomerge.merge.staged import merge_with_config, plan_from_dict, plan_output_config
+        from evomerge.backends.base import load_merged, timed_stream
+        from evomerge.merge.staged import iter_merge_with_config, plan_from_dict, plan_output_config
 
         timings: dict[str, float] = {}
         parsed = plan_from_dict(plan)
@@ -70,18 +68,14 @@ class PlanScorer:
             self.backend.load_plan(parsed.to_dict(), self.source_paths)
             timings["load"] = time.perf_counter() - t
             return timings
-        t = time.perf_counter()
-        weights, config = merge_with_config(parsed, self.sources)
-        timings["merge"] = time.perf_counter() - t
-        bad = next((name for name, w in weights.items()
-                    if w.is_floating_point() and not bool(self.torch.isfinite(w).all())), None)
-        if bad is not None:
-            raise NonFiniteWeights(f"merged tensor {bad} has NaN/inf values")
+        # The merge streams into the backend a tensor at a time (no merged copy of the model);
+        # "merge" counts the time spent merging, "load" the rest.
         t = time.perf_counter()
         restarts = self.engine_restarts
-        self.backend.load_weights(weights, config)
-        del weights
-        timings["load"] = time.perf_counter() - t
+        tensors, config = iter_merge_with_config(parsed, self.sources)
+        timings["merge"] = time.perf_counter() - t
+        load_merged(self.backend, timed_stream(tensors, timings, "merge"), config)
+        timings["load"] = time.perf_counter() - t - timings["merge"]
         if self.engine_restarts != restarts:
             # Not loaded in place: the engine restarted (its seconds are the load's). The
             # archive keeps it per candidate; `evomerge status` counts them.

@@ -248,3 +248,48 @@ def test_an_exported_model_scores_what_its_candidate_scored_in_the_search(tmp_pa
     task = load_task(str(tmp_path / "q.yaml"))
     results = make_backend("hf", exported).score(task, range(len(task.items)))
     assert np.mean([r.score for r in results]) == best.value("q")
+
+
+def test_export_streams_each_merged_tensor_to_disk(run, tmp_path, monkeypatch):
+    """The export never holds the merged model: at most a couple of the tensors a merge
+    yields are alive at once (weak references), for a plain plan and for a staged plan's
+    last stage (besides its first stage's output, which is held: the last stage reads it,
+    its passthrough yielding some of those tensors again), and the files
+    hold exactly the in-memory merge."""
+    import weakref
+
+    from safetensors.torch import load_file
+
+    from evomerge.merge import engine
+    from evomerge.merge.staged import merge_with_config, plan_from_dict
+
+    calls: list[dict] = []
+    earlier: list[weakref.ref] = []      # tensors an earlier stage yielded (a passthrough yields them again)
+    original = engine.iter_merge
+
+    def counted(*args, **kwargs):
+        seen, refs = {"yielded": 0, "most_alive": 0}, []
+        calls.append(seen)
+        for name, tensor in original(*args, **kwargs):
+            refs.append(weakref.ref(tensor))
+            seen["yielded"] += 1
+            held = [r() for r in earlier]
+            seen["most_alive"] = max(seen["most_alive"], sum(
+                r() is not None and not any(r() is h for h in held) for r in refs))
+            del held
+            yield name, tensor
+            del tensor
+        earlier.extend(refs)
+
+    monkeypatch.setattr(engine, "iter_merge", counted)
+    for candidate, stages in ((0, 1), (3, 2)):
+        calls.clear()
+        earlier.clear()
+        out = tmp_path / f"c{candidate}"
+        assert cli_main(["export", str(run["dir"]), str(out), "--id", str(candidate)]) == 0
+        assert len(calls) == stages and calls[-1]["yielded"] > 3 * L and calls[-1]["most_alive"] <= 2
+        if stages == 2:                   # the first stage, merged into memory
+            assert calls[0]["most_alive"] == calls[0]["yielded"] > 3 * L
+        written = load_file(out / f"candidate-{candidate}" / "model.safetensors")
+        want, _ = merge_with_config(plan_from_dict(run["rows"][candidate]["plan"]), SourceSet.load(run["paths"]))
+        assert written.keys() == want.keys() and all(torch.equal(written[n], want[n]) for n in want)

@@ -353,8 +353,8 @@ def test_a_combined_candidate_merges_its_first_stage_once_and_returns_its_config
         x[space.names.index(f"flow.slot{t}.include")] = 1
     plan = space.decode(x)
     calls = []
-    real = engine.merge
-    monkeypatch.setattr(engine, "merge", lambda p, *a, **k: calls.append(p.merge_method) or real(p, *a, **k))
+    real = engine.iter_merge                       # what engine.merge and the streamed last stage both run
+    monkeypatch.setattr(engine, "iter_merge", lambda p, *a, **k: calls.append(p.merge_method) or real(p, *a, **k))
     weights, config = merge_with_config(plan, sources)
     assert calls == ["task_arithmetic", "passthrough"]      # stage 1 once, then the stack over it
     assert config["num_hidden_layers"] == 3 and not any(n.startswith("model.layers.3.") for n in weights)

@@ -201,7 +201,7 @@ def test_an_estimator_registered_in_a_test_is_used_by_the_evaluator_and_the_sear
     run = SearchRun.create(config, tmp_path / "run")
     run.run(progress=False)
     records = run.archive.records()
-    assert [r["status"] for r in records] == ["ok", "ok"], [r["error"] for r in records]
-    assert all(r["objectives"]["echo"]["n_items"] == 4 for r in records)
+    assert [r.status for r in records] == ["ok", "ok"], [r.result.error for r in records]
+    assert all(r.objectives["echo"].n_items == 4 for r in records)
     assert run.archive.meta()["source_scores"]["a"]["echo"]["value"] == 1.0   # the sources on the same items
     run.close()
