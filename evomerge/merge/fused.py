@@ -51,6 +51,9 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().reshape(-1).numpy()
 
 
+_NO_BASE = np.zeros(1, dtype=np.float32)  # stands in for an absent base (numba needs an array)
+
+
 if numba is not None:
 
     @intrinsic
@@ -64,9 +67,10 @@ if numba is not None:
         return sig, codegen
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _bracket_scan(x, b, lo, hi, buf, pos, counts):
+    def _bracket_scan(x, b, has_base, lo, hi, buf, pos, counts):
         """Per chunk: #(|x-b| < lo), #(> hi), #NaN, and the in-bracket magnitudes and their positions
-        into buf/pos[chunk start:]. Branch-free: which side an element falls on is unpredictable."""
+        into buf/pos[chunk start:] (|x| without a base). Branch-free: which side an element falls
+        on is unpredictable."""
         n = x.size
         nch = counts.shape[0]
         for c in prange(nch):
@@ -77,7 +81,7 @@ if numba is not None:
             nan = 0
             m = s
             for j in range(s, e):
-                a = abs(x[j] - b[j])
+                a = abs(x[j] - b[j]) if has_base else abs(x[j])
                 below += a < lo
                 above += a > hi
                 nan += a != a
@@ -176,6 +180,374 @@ if numba is not None:
                 out[j] = acc
 
 
+    # -- kernels of the methods added with mergekit 0.1.5, and of the random-drop family ------
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _gram_kernel(xs, b, has_base, partial):
+        """Per chunk, the float64 dot products of the inputs (their deltas from b if has_base)."""
+        n = xs[0].size
+        k = len(xs)
+        for c in prange(partial.shape[0]):
+            s = c * CHUNK
+            e = min(n, s + CHUNK)
+            acc = np.zeros((k, k))
+            d = np.empty(k)
+            for j in range(s, e):
+                for i in range(k):
+                    v = np.float64(xs[i][j])
+                    if has_base:
+                        v = np.float64(xs[i][j] - b[j])
+                    d[i] = v
+                for i in range(k):
+                    for m in range(i, k):
+                        acc[i, m] += d[i] * d[m]
+            partial[c] = acc
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _affine_kernel(xs, b, has_base, coefs, out):
+        """out = b + sum_i c_i (x_i - b) with a base, else sum_i c_i x_i (float64 coefficients)."""
+        n = out.size
+        k = len(xs)
+        nch = (n + CHUNK - 1) // CHUNK
+        for c in prange(nch):
+            s = c * CHUNK
+            e = min(n, s + CHUNK)
+            for j in range(s, e):
+                acc = 0.0
+                if has_base:
+                    for i in range(k):
+                        acc += coefs[i] * np.float64(xs[i][j] - b[j])
+                    out[j] = np.float32(np.float64(b[j]) + acc)
+                else:
+                    for i in range(k):
+                        acc += coefs[i] * np.float64(xs[i][j])
+                    out[j] = np.float32(acc)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _nearswap_kernel(a, b, t, out):
+        """methods.nearswap, op for op in float32."""
+        n = out.size
+        one = np.float32(1.0)
+        floor = np.float32(1e-6)
+        nch = (n + CHUNK - 1) // CHUNK
+        for c in prange(nch):
+            s = c * CHUNK
+            e = min(n, s + CHUNK)
+            for j in range(s, e):
+                diff = abs(a[j] - b[j])
+                w = t / max(diff, floor)
+                w = min(max(w, np.float32(0.0)), one)
+                out[j] = w * b[j] + (one - w) * a[j]
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _ram_counts_kernel(b, xs, eps, partial):
+        """Per chunk and model: how many of its changed entries are shared, how many unique."""
+        n = b.size
+        k = len(xs)
+        for c in prange(partial.shape[0]):
+            s = c * CHUNK
+            e = min(n, s + CHUNK)
+            for j in range(s, e):
+                count = 0
+                for i in range(k):
+                    count += abs(xs[i][j] - b[j]) > eps
+                for i in range(k):
+                    if abs(xs[i][j] - b[j]) > eps:
+                        if count > 1:
+                            partial[c, i, 0] += 1
+                        else:
+                            partial[c, i, 1] += 1
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _ram_kernel(b, xs, eps, factor, out):
+        """methods.ram: unique changes (times the model's RAM+ factor) kept, shared ones averaged."""
+        n = b.size
+        k = len(xs)
+        nch = (n + CHUNK - 1) // CHUNK
+        zero = np.float32(0.0)
+        for c in prange(nch):
+            s = c * CHUNK
+            e = min(n, s + CHUNK)
+            for j in range(s, e):
+                count = 0
+                for i in range(k):
+                    count += abs(xs[i][j] - b[j]) > eps
+                merged = zero
+                for i in range(k):
+                    d = xs[i][j] - b[j]
+                    if not abs(d) > eps:
+                        d = d * zero
+                    if count == 1:
+                        merged += d * factor[i]
+                    elif count > 1:
+                        merged += d / np.float32(count)
+                    else:
+                        merged += d * zero
+                out[j] = b[j] + merged
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _masked_l1_kernel(x, b, keep, partial):
+        """Per chunk: sum |x - b| and the same over the kept entries (float64)."""
+        n = x.size
+        for c in prange(partial.shape[0]):
+            s = c * CHUNK
+            e = min(n, s + CHUNK)
+            total = 0.0
+            kept = 0.0
+            for j in range(s, e):
+                a = np.float64(abs(x[j] - b[j]))
+                total += a
+                if keep[j]:
+                    kept += a
+            partial[c, 0] = total
+            partial[c, 1] = kept
+
+    @njit(cache=True, nogil=True)
+    def _della_row(x, b, s, cols, u, low, span, keep, mags, counts, order):
+        """One row of _della_keep_kernel (a function of its own: numba's parallel-loop analysis
+        mishandles this loop nest inline)."""
+        denom = np.float64(cols - 1)
+        top = np.float32(0.0)
+        for j in range(cols):
+            m = abs(x[s + j] - b[s + j])
+            mags[j] = m
+            top = max(top, m)
+        counts[:] = 0
+        scale = cols / np.float64(top) if top > 0 else 0.0
+        for j in range(cols):
+            counts[min(np.int64(mags[j] * scale), cols - 1) + 1] += 1
+        for q in range(cols):
+            counts[q + 1] += counts[q]
+        for j in range(cols):  # j ascending: a bucket holds its entries in position order
+            q = min(np.int64(mags[j] * scale), cols - 1)
+            order[counts[q]] = j
+            counts[q] += 1
+        start = 0
+        for q in range(cols):
+            end = counts[q]  # after the scatter, counts[q] is where bucket q ends
+            if end - start > 64:  # heavy ties (e.g. unchanged entries): a stable sort
+                sub = order[start:end].copy()
+                idx = np.argsort(mags[sub], kind="mergesort")
+                order[start:end] = sub[idx]
+            else:
+                for p in range(start + 1, end):  # stable insertion sort by magnitude
+                    j = order[p]
+                    m = mags[j]
+                    w = p - 1
+                    while w >= start and mags[order[w]] > m:
+                        order[w + 1] = order[w]
+                        w -= 1
+                    order[w + 1] = j
+            start = end
+        for p in range(cols):
+            j = order[p]
+            keep[s + j] = u[s + j] < np.float32(low + span * (p / denom))
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _della_keep_kernel(x, b, rows, cols, u, low, span, keep):
+        """DELLA MagPrune per row: keep where u < low + span * rank / (cols - 1), rank = the entry's
+        position when the row's |x - b| are sorted ascending (ties in position order).
+
+        The ranks come from a bucket sort: magnitudes spread over ``cols`` equal-width buckets
+        (a few entries each), each bucket sorted by insertion -- linear time instead of a sort."""
+        nblk = (rows + 63) // 64
+        for blk in prange(nblk):
+            mags = np.empty(cols, dtype=np.float32)
+            counts = np.zeros(cols + 1, dtype=np.int64)
+            order = np.empty(cols, dtype=np.int64)
+            for r in range(blk * 64, min(rows, (blk + 1) * 64)):
+                _della_row(x, b, r * cols, cols, u, low, span, keep, mags, counts, order)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _drop_gta_kernel(b, xs, keeps, scale, w, consensus, normalize, divisor, lam, out):
+        """base + lam * combine(w_i * s_i * where(keep_i, x_i - b, 0)), the op order of
+        methods.generalized_task_arithmetic for a random drop with L1 rescale (s_i)."""
+        n = b.size
+        k = len(xs)
+        one = np.float32(1.0)
+        zero = np.float32(0.0)
+        nch = (n + CHUNK - 1) // CHUNK
+        for c in prange(nch):
+            s = c * CHUNK
+            e = min(n, s + CHUNK)
+            d = np.empty(k, dtype=np.float32)
+            for j in range(s, e):
+                total = zero
+                for i in range(k):
+                    v = xs[i][j] - b[j]
+                    v = v if keeps[i][j] else zero
+                    if scale[i] != one:
+                        v = v * scale[i]
+                    if w[i] != one:
+                        v = v * w[i]
+                    d[i] = v
+                    total = v if i == 0 else total + v
+                if consensus:
+                    sign = one if total >= zero else -one
+                    mixed = zero
+                    div = zero
+                    for i in range(k):
+                        agree = d[i] * sign > zero
+                        mixed = mixed + (d[i] if agree else zero)
+                        div = div + (w[i] if agree else zero)
+                    if normalize:
+                        mixed = mixed / (one if div == zero else div)
+                else:
+                    mixed = total
+                    if normalize:
+                        mixed = mixed / divisor
+                if lam != one:
+                    mixed = mixed * lam
+                out[j] = mixed + b[j]
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _band_gta_kernel(b, xs, lo_t, lo_cut, hi_t, hi_cut, w, consensus, normalize, divisor, lam, out):
+        """Breadcrumbs: keep the entries ranked from lo to hi by |x_i - b| (a rank band given by two
+        thresholds, ties in position order), then combine as _drop_gta_kernel."""
+        n = b.size
+        k = len(xs)
+        one = np.float32(1.0)
+        zero = np.float32(0.0)
+        nch = (n + CHUNK - 1) // CHUNK
+        for c in prange(nch):
+            s = c * CHUNK
+            e = min(n, s + CHUNK)
+            d = np.empty(k, dtype=np.float32)
+            for j in range(s, e):
+                total = zero
+                for i in range(k):
+                    v = xs[i][j] - b[j]
+                    a = abs(v)
+                    above_lo = (a > lo_t[i]) | ((a == lo_t[i]) & (j >= lo_cut[i]))
+                    above_hi = (a > hi_t[i]) | ((a == hi_t[i]) & (j >= hi_cut[i]))
+                    v = v if (above_lo and not above_hi) else zero
+                    if w[i] != one:
+                        v = v * w[i]
+                    d[i] = v
+                    total = v if i == 0 else total + v
+                if consensus:
+                    sign = one if total >= zero else -one
+                    mixed = zero
+                    div = zero
+                    for i in range(k):
+                        agree = d[i] * sign > zero
+                        mixed = mixed + (d[i] if agree else zero)
+                        div = div + (w[i] if agree else zero)
+                    if normalize:
+                        mixed = mixed / (one if div == zero else div)
+                else:
+                    mixed = total
+                    if normalize:
+                        mixed = mixed / divisor
+                if lam != one:
+                    mixed = mixed * lam
+                out[j] = mixed + b[j]
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _variance_kernel(b, xs, out):
+        """Per entry the variance of the task vectors across models (population), in float64
+        rounded once to float32 -- what torch.var(dim=0, unbiased=False) gives, bit for bit."""
+        n = b.size
+        k = len(xs)
+        nch = (n + CHUNK - 1) // CHUNK
+        for c in prange(nch):
+            s = c * CHUNK
+            e = min(n, s + CHUNK)
+            for j in range(s, e):
+                mean = 0.0
+                for i in range(k):
+                    mean += np.float64(xs[i][j] - b[j])
+                mean /= k
+                acc = 0.0
+                for i in range(k):
+                    dv = np.float64(xs[i][j] - b[j]) - mean
+                    acc += dv * dv
+                out[j] = np.float32(acc / k)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _sce_energy_kernel(b, xs, var, selecting, t, cut, partial):
+        """Per chunk and model: sum of the selected task vector entries squared (float64)."""
+        n = b.size
+        k = len(xs)
+        for c in prange(partial.shape[0]):
+            s = c * CHUNK
+            e = min(n, s + CHUNK)
+            for j in range(s, e):
+                if selecting and not ((var[j] > t) | ((var[j] == t) & (j >= cut))):
+                    continue
+                for i in range(k):
+                    d = xs[i][j] - b[j]
+                    partial[c, i] += np.float64(d * d)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _sce_kernel(b, xs, var, selecting, t, cut, w, out):
+        """methods.sce's merge: the selected entries, each model weighted by w where its sign agrees
+        with the majority of the summed task vectors."""
+        n = b.size
+        k = len(xs)
+        one = np.float32(1.0)
+        zero = np.float32(0.0)
+        tiny = np.float32(1e-6)
+        nch = (n + CHUNK - 1) // CHUNK
+        for c in prange(nch):
+            s = c * CHUNK
+            e = min(n, s + CHUNK)
+            for j in range(s, e):
+                f = one
+                if selecting and not ((var[j] > t) | ((var[j] == t) & (j >= cut))):
+                    f = zero
+                total = zero
+                for i in range(k):
+                    total += (xs[i][j] - b[j]) * f
+                sign = one if total >= zero else -one
+                merged = zero
+                weight = zero
+                for i in range(k):
+                    d = (xs[i][j] - b[j]) * f
+                    sd = one if d > zero else (-one if d < zero else zero)
+                    a = w[i] if sd == sign else zero
+                    merged += d * a
+                    weight += a
+                out[j] = merged / max(weight, tiny) + b[j]
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _row_kl_kernel(a, b, rows, cols, kl):
+        """Per row: KL(softmax(b) + 1e-8 || softmax(a) + 1e-8), methods.arcee_fusion's importance scale."""
+        for r in prange(rows):
+            s = r * cols
+            ma = -np.inf
+            mb = -np.inf
+            for j in range(cols):
+                ma = max(ma, np.float64(a[s + j]))
+                mb = max(mb, np.float64(b[s + j]))
+            za = 0.0
+            zb = 0.0
+            for j in range(cols):
+                za += math.exp(a[s + j] - ma)
+                zb += math.exp(b[s + j] - mb)
+            acc = 0.0
+            for j in range(cols):
+                p = math.exp(b[s + j] - mb) / zb + 1e-8
+                q = math.exp(a[s + j] - ma) / za + 1e-8
+                acc += p * math.log(p / q)
+            kl[r] = acc
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _fusion_kernel(a, b, kl, cols, threshold, out):
+        """methods.arcee_fusion's output: a + delta where |delta| * kl(row) >= threshold, else a."""
+        n = out.size
+        zero = np.float32(0.0)
+        one = np.float32(1.0)
+        nch = (n + CHUNK - 1) // CHUNK
+        for c in prange(nch):
+            s = c * CHUNK
+            e = min(n, s + CHUNK)
+            for j in range(s, e):
+                d = b[j] - a[j]
+                keep = abs(d) * kl[j // cols] >= threshold
+                out[j] = a[j] + d * (one if keep else zero)
+
+
 def set_threads(n: int | None = None) -> None:
     """Use as many threads as torch does (numba otherwise takes every core)."""
     if numba is not None:
@@ -193,15 +565,16 @@ def _buffer(name: str, n: int, dtype) -> np.ndarray:
     return buf
 
 
-def magnitude_threshold(x: Tensor, base: Tensor, drop: int) -> tuple[float, int] | None:
+def magnitude_threshold(x: Tensor, base: Tensor | None, drop: int) -> tuple[float, int] | None:
     """(t, cut): |x - base| > t, or == t at flat position >= cut, are the kept entries once the
     ``drop`` smallest magnitudes are dropped (ties at the cut broken by position, lower
-    positions dropped first, as ``methods.magnitude_mask``). None when a delta is NaN."""
+    positions dropped first, as ``methods.magnitude_mask``). None when a delta is NaN.
+    Without a base: the magnitudes of ``x`` itself."""
     n = x.numel()
-    xf, bf = _np(x), _np(base)
+    xf, bf = _np(x), (_NO_BASE if base is None else _np(base))
     # Deterministic sample positions: the result never depends on them, only the speed does.
     idx = np.random.default_rng(n).integers(0, n, size=min(SAMPLE, n))
-    sample = np.sort(np.abs(xf[idx] - bf[idx]))
+    sample = np.sort(np.abs(xf[idx] - bf[idx]) if base is not None else np.abs(xf[idx]))
     s = sample.size
     q = (drop - 0.5) / n
     margin = BRACKET[0] * math.sqrt(s * q * (1 - q)) + BRACKET[1]
@@ -213,7 +586,7 @@ def magnitude_threshold(x: Tensor, base: Tensor, drop: int) -> tuple[float, int]
     nch = (n + CHUNK - 1) // CHUNK
     counts = np.zeros((nch, 4), dtype=np.int64)
     buf, pos = _buffer("vals", n, np.float32), _buffer("pos", n, np.int64)
-    _bracket_scan(xf, bf, lo, hi, buf, pos, counts)
+    _bracket_scan(xf, bf, base is not None, lo, hi, buf, pos, counts)
     if counts[:, 3].any():
         return None
     below = int(counts[:, 0].sum())
@@ -238,14 +611,15 @@ def _cut(x: Tensor, base: Tensor, t: float, drop_equal: int, equal: int) -> int:
     """Position from which entries equal to the threshold are kept (the first ``drop_equal`` go)."""
     if drop_equal >= equal:
         return x.numel()
-    eq = ((x.reshape(-1) - base.reshape(-1)).abs_() == t).nonzero().squeeze(1)
+    mags = x.reshape(-1).abs() if base is None else (x.reshape(-1) - base.reshape(-1)).abs_()
+    eq = (mags == t).nonzero().squeeze(1)
     return int(eq[drop_equal])
 
 
 def _exact_threshold(x: Tensor, base: Tensor, drop: int) -> tuple[float, int]:
     from evomerge.merge.methods import _kth_smallest_bits
 
-    bits = (x - base).abs_().view(torch.int32)
+    bits = (x.abs() if base is None else (x - base).abs_()).view(torch.int32)
     value, below, equal = _kth_smallest_bits(bits, drop - 1)
     t = float(torch.tensor(value, dtype=torch.int32).view(torch.float32))
     return t, _cut(x, base, t, drop - below, equal)
@@ -272,4 +646,147 @@ def linear(tensors: list[Tensor], weights: list[float], normalize: bool, total: 
     out = torch.empty_like(tensors[0])
     _linear_kernel(tuple(_np(x) for x in tensors), np.array(weights, dtype=np.float32), normalize,
                    np.float32(total), _np(out))
+    return out
+
+
+# -- wrappers for the kernels above ---------------------------------------------------------------
+
+def _chunks(n: int) -> int:
+    return (n + CHUNK - 1) // CHUNK
+
+
+def _tuple(tensors: list[Tensor]) -> tuple:
+    return tuple(_np(x) for x in tensors)
+
+
+
+
+def gram(tensors: list[Tensor], base: Tensor | None) -> np.ndarray:
+    """The float64 Gram matrix of the inputs (of their deltas from ``base`` when given), one pass."""
+    k = len(tensors)
+    partial = np.zeros((_chunks(tensors[0].numel()), k, k))
+    _gram_kernel(_tuple(tensors), _NO_BASE if base is None else _np(base), base is not None, partial)
+    g = partial.sum(0)
+    return np.triu(g) + np.triu(g, 1).T
+
+
+def affine(tensors: list[Tensor], base: Tensor | None, coefs: np.ndarray) -> Tensor:
+    """``base + sum_i c_i (x_i - base)`` (or ``sum_i c_i x_i`` without a base), one pass."""
+    out = torch.empty_like(tensors[0])
+    _affine_kernel(_tuple(tensors), _NO_BASE if base is None else _np(base), base is not None,
+                   np.asarray(coefs, dtype=np.float64), _np(out))
+    return out
+
+
+def nearswap(base: Tensor, other: Tensor, t: float) -> Tensor:
+    out = torch.empty_like(base)
+    _nearswap_kernel(_np(base), _np(other), np.float32(t), _np(out))
+    return out
+
+
+def ram(base: Tensor, tensors: list[Tensor], epsilon: float, r: float | None, alpha: float) -> Tensor:
+    k = len(tensors)
+    xs, b, eps = _tuple(tensors), _np(base), np.float32(epsilon)
+    factor = np.ones(k, dtype=np.float32)
+    if r is not None:
+        partial = np.zeros((_chunks(base.numel()), k, 2), dtype=np.int64)
+        _ram_counts_kernel(b, xs, eps, partial)
+        shared, unique = partial.sum(0).T
+        rho = (shared / np.maximum(unique, epsilon)).astype(np.float32)
+        factor = (np.float32(1) + np.float32(r) * np.clip(rho, 0, np.float32(alpha))).astype(np.float32)
+    out = torch.empty_like(base)
+    _ram_kernel(b, xs, eps, factor, _np(out))
+    return out
+
+
+def masked_l1(x: Tensor, base: Tensor, keep: Tensor) -> tuple[float, float]:
+    """(sum |x - base|, the same over the kept entries)."""
+    partial = np.zeros((_chunks(x.numel()), 2))
+    _masked_l1_kernel(_np(x), _np(base), _np(keep), partial)
+    total, kept = partial.sum(0)
+    return float(total), float(kept)
+
+
+def della_keep(x: Tensor, base: Tensor, u: Tensor, density: float, epsilon: float) -> Tensor:
+    """methods.della_mask of ``x - base`` given its uniform draws ``u`` (finite inputs, rows of at
+    least two entries)."""
+    rows = x.shape[0] if x.dim() >= 2 else 1  # as methods.della_mask: rows = the first axis
+    cols = x.numel() // max(rows, 1)
+    keep = torch.empty(x.shape, dtype=torch.bool)
+    _della_keep_kernel(_np(x), _np(base), rows, cols, _np(u), float(density - epsilon), float(2 * epsilon), _np(keep))
+    return keep
+
+
+def drop_gta(base: Tensor, tensors: list[Tensor], keeps: list[Tensor], scales: list[float], weights: list[float],
+             consensus: bool, normalize: bool, lam: float) -> Tensor:
+    """base + lam * combine(w_i * s_i * where(keep_i, x_i - base, 0)) in one pass."""
+    divisor = sum(weights)
+    if abs(divisor) < 1e-8:
+        divisor = 1.0
+    out = torch.empty_like(base)
+    _drop_gta_kernel(_np(base), _tuple(tensors), _tuple(keeps), np.array(scales, dtype=np.float32),
+                     np.array(weights, dtype=np.float32), consensus, normalize, np.float32(divisor),
+                     np.float32(lam), _np(out))
+    return out
+
+
+def band_gta(base: Tensor, tensors: list[Tensor], bands: list[tuple[tuple[float, int], tuple[float, int]]],
+             weights: list[float], consensus: bool, normalize: bool, lam: float) -> Tensor:
+    """Breadcrumbs in one pass: ``bands[i]`` = (lower, upper) thresholds as ``magnitude_threshold``
+    returns them; entry kept when above the lower and not above the upper."""
+    divisor = sum(weights)
+    if abs(divisor) < 1e-8:
+        divisor = 1.0
+    lo_t = np.array([lo[0] for lo, _ in bands], dtype=np.float32)
+    lo_cut = np.array([lo[1] for lo, _ in bands], dtype=np.int64)
+    hi_t = np.array([hi[0] for _, hi in bands], dtype=np.float32)
+    hi_cut = np.array([hi[1] for _, hi in bands], dtype=np.int64)
+    out = torch.empty_like(base)
+    _band_gta_kernel(_np(base), _tuple(tensors), lo_t, lo_cut, hi_t, hi_cut, np.array(weights, dtype=np.float32),
+                     consensus, normalize, np.float32(divisor), np.float32(lam), _np(out))
+    return out
+
+
+def sce(base: Tensor, tensors: list[Tensor], select_topk: float) -> Tensor | None:
+    """methods.sce in three passes (variance, energy, merge); None: take the torch path (NaN)."""
+    n, k = base.numel(), len(tensors)
+    b, xs = _np(base), _tuple(tensors)
+    selecting = select_topk < 1
+    var, t, cut = _NO_BASE, np.float32(0), 0
+    if selecting:
+        var_t = torch.empty_like(base)
+        var = _np(var_t)
+        _variance_kernel(b, xs, var)
+        if np.isnan(var).any():
+            return None
+        top = int(np.count_nonzero(var) * select_topk)
+        if top == 0:
+            t, cut = np.float32(np.inf), n
+        else:
+            found = magnitude_threshold(var_t, None, n - top)
+            if found is None:
+                return None
+            t, cut = np.float32(found[0]), found[1]
+    partial = np.zeros((_chunks(n), k))
+    _sce_energy_kernel(b, xs, var, selecting, t, cut, partial)
+    energy = partial.sum(0) / n
+    total = float(energy.sum())
+    w = np.full(k, 1.0 / k) if abs(total) < 1e-6 else energy / total
+    out = torch.empty_like(base)
+    _sce_kernel(b, xs, var, selecting, t, cut, w.astype(np.float32), _np(out))
+    return out
+
+
+def row_kl(base: Tensor, other: Tensor) -> Tensor:
+    """Per row (last axis) KL(softmax(other) + 1e-8 || softmax(base) + 1e-8), float32."""
+    cols = base.shape[-1]
+    rows = base.numel() // cols
+    kl = np.empty(rows, dtype=np.float64)
+    _row_kl_kernel(_np(base), _np(other), rows, cols, kl)
+    return torch.from_numpy(kl.astype(np.float32))
+
+
+def fusion(base: Tensor, other: Tensor, kl: Tensor, threshold: Tensor) -> Tensor:
+    out = torch.empty_like(base)
+    _fusion_kernel(_np(base), _np(other), _np(kl), base.shape[-1], np.float32(float(threshold)), _np(out))
     return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -118,8 +119,7 @@ def della_mask(delta: Tensor, density: float, epsilon: float, generator: torch.G
         return torch.ones_like(delta, dtype=torch.bool)
     if density <= 0:
         return torch.zeros_like(delta, dtype=torch.bool)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(f"density {density} +/- epsilon {epsilon} must stay inside (0, 1)")
+    _check_della(density, epsilon)
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     mags = _f(rows).abs()
     order = torch.argsort(mags, dim=1)
@@ -130,6 +130,11 @@ def della_mask(delta: Tensor, density: float, epsilon: float, generator: torch.G
     probs = rank_norm.mul_(2 * epsilon).add_(density - epsilon)
     keep = torch.rand(probs.shape, generator=generator, device=probs.device) < probs
     return keep.reshape(delta.shape)
+
+
+def _check_della(density: float, epsilon: float) -> None:
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(f"density {density} +/- epsilon {epsilon} must stay inside (0, 1)")
 
 
 def rescale_l1_(masked: Tensor, original_l1: Tensor, eps: float = 1e-7) -> Tensor:
@@ -185,9 +190,16 @@ def generalized_task_arithmetic(
     b = _f(base)
     if not tensors:
         return b.clone()
-    if (sparsify in (None, "magnitude") and not (rescale and sparsify) and base.numel() >= fused.MIN_FUSED
-            and fused.usable(base, *tensors)):
-        out = _fused_gta(base, tensors, weights, densities, sparsify, consensus, normalize, lam)
+    if base.numel() >= fused.MIN_FUSED and fused.usable(base, *tensors):
+        out = None
+        if sparsify in (None, "magnitude") and not (rescale and sparsify):
+            out = _fused_gta(base, tensors, weights, densities, sparsify, consensus, normalize, lam)
+        elif sparsify == "magnitude_outliers" and not rescale:
+            out = _fused_band(base, tensors, weights, densities, gammas or [0.01] * len(tensors), consensus,
+                              normalize, lam)
+        elif sparsify in ("random", "della_magprune") and _finite(base, *tensors):
+            out = _fused_drop(base, tensors, weights, densities, sparsify, consensus, normalize, rescale, lam,
+                              epsilons or [0.15] * len(tensors), generator)
         if out is not None:
             return out
     deltas: list[Tensor] = []
@@ -264,6 +276,71 @@ def _fused_gta(base: Tensor, tensors: list[Tensor], weights: list[float], densit
                 return None
             thresholds.append(t)
     return fused.gta(base, tensors, weights, thresholds, consensus == "sum", normalize, lam)
+
+
+def _fused_band(base: Tensor, tensors: list[Tensor], weights: list[float], densities: list[float],
+                gammas: list[float], consensus: str | None, normalize: bool, lam: float) -> Tensor | None:
+    """Breadcrumbs fused: the kept rank band [n_bot, n_bot + keep) as two magnitude thresholds."""
+    n = base.numel()
+    bands = []
+    for x, density, gamma in zip(tensors, densities, gammas):
+        if density >= 1:
+            bands.append(((-math.inf, 0), (math.inf, n)))  # everything kept
+            continue
+        keep = int(density * n)
+        n_bot = max(0, n - keep - int(gamma * n))
+        edges = []
+        for r in (n_bot, n_bot + keep):  # the r smallest fall below the edge
+            if r <= 0:
+                edges.append((-math.inf, 0))
+            elif r >= n:
+                edges.append((math.inf, n))
+            else:
+                t = fused.magnitude_threshold(x, base, r)
+                if t is None:
+                    return None
+                edges.append(t)
+        bands.append(tuple(edges))
+    return fused.band_gta(base, tensors, bands, weights, consensus == "sum", normalize, lam)
+
+
+def _finite(*tensors: Tensor) -> bool:
+    return all(bool(torch.isfinite(x).all()) for x in tensors)
+
+
+def _fused_drop(base: Tensor, tensors: list[Tensor], weights: list[float], densities: list[float], sparsify: str,
+                consensus: str | None, normalize: bool, rescale: bool, lam: float, epsilons: list[float],
+                generator: torch.Generator | None) -> Tensor:
+    """DARE and DELLA fused: the keep masks (the torch code's random draws, in its order), the L1
+    rescale factors, then one pass for the merge."""
+    keeps, scales = [], []
+    for x, density, epsilon in zip(tensors, densities, epsilons):
+        if density >= 1:
+            keeps.append(torch.ones(x.shape, dtype=torch.bool))
+            scales.append(1.0)
+            continue
+        if sparsify == "random":
+            keep = random_mask(x, density, generator)
+        elif density <= 0:
+            keep = torch.zeros(x.shape, dtype=torch.bool)
+        else:
+            _check_della(density, epsilon)
+            rows = x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)
+            if rows.shape[1] < 2:
+                keep = della_mask(x - base, density, epsilon, generator)
+            else:  # the same draws as della_mask, ranks by fused.della_keep
+                u = torch.rand(rows.shape, generator=generator, device=x.device).reshape(x.shape)
+                keep = fused.della_keep(x, base, u, density, epsilon)
+                del u
+        scale = 1.0
+        if rescale:
+            total, kept = fused.masked_l1(x, base, keep)
+            # mergekit's rescale, in float32 as rescale_l1_ computes it
+            if total >= 1e-7 and kept >= 1e-7:
+                scale = float(torch.tensor(total, dtype=torch.float32) / torch.tensor(kept, dtype=torch.float32))
+        keeps.append(keep)
+        scales.append(scale)
+    return fused.drop_gta(base, tensors, keeps, scales, weights, consensus == "sum", normalize, lam)
 
 
 def task_arithmetic(base: Tensor, tensors: list[Tensor], weights: list[float], lam: float = 1.0,
@@ -391,69 +468,102 @@ def multislerp(tensors: list[Tensor], weights: list[float], base: Tensor | None 
     the weighted mean of the inputs' tangent-space projections is mapped back with the
     exponential map and scaled by the weighted mean of the input norms. A single input is
     returned as it is (mergekit: no interpolation, the base is not added back).
+
+    Every vector involved is a combination of the inputs, so the whole computation runs on
+    their Gram matrix (one pass) and the result is one weighted sum (a second pass).
     """
     if len(tensors) == 1:
         return tensors[0]
-    x = torch.stack([_f(t) for t in tensors])
-    if base is not None:
-        x.sub_(_f(base))
-    flat = x.reshape(len(tensors), -1)
-    w = torch.tensor(weights, dtype=flat.dtype, device=flat.device)
+    g = _gram(tensors, base)
+    w = np.array(weights, dtype=np.float64)
     if normalize_weights:
         w = w / w.sum()
-    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
-    units = flat / (norms + eps)
-    mean = (units * w.view(-1, 1)).sum(0)
-    mean_norm = torch.linalg.vector_norm(mean)
+    norms = np.sqrt(np.maximum(np.diag(g), 0.0))
+    a = w / (norms + eps)  # the weighted mean of the unit vectors, as coefficients of the inputs
+    mean_norm = _norm(a, g)
     if mean_norm < eps:
         if len(tensors) != 2:
             raise ValueError("the weighted sum of the inputs' directions is zero (antipodal inputs "
                              "with balancing weights); change the weights")
-        out = (x[0] * w[0] + x[1] * w[1])
-        return out if base is None else out.add_(_f(base))
-    mean = mean / mean_norm
-    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
-    step = (tangents * w.view(-1, 1)).sum(0)
-    step_norm = torch.linalg.vector_norm(step) + eps
-    out = mean * torch.cos(step_norm) + step * (torch.sin(step_norm) / step_norm)
-    out = (out * (norms.squeeze(-1) * w).sum()).reshape(x.shape[1:])
-    return out if base is None else out.add_(_f(base))
+        return _combine(tensors, base, w)
+    m = a / mean_norm
+    along = (g @ m) / (norms + eps)  # each unit vector's component along the tangent point
+    step = a - float(w @ along) * m  # sum_i w_i (u_i - (u_i . mean) mean)
+    step_norm = _norm(step, g) + eps
+    out = m * math.cos(step_norm) + step * (math.sin(step_norm) / step_norm)
+    return _combine(tensors, base, out * float(norms @ w))
+
+
+def _gram(tensors: list[Tensor], base: Tensor | None) -> np.ndarray:
+    """Dot products of the inputs (their deltas from ``base``), in float64."""
+    if tensors[0].numel() >= fused.MIN_FUSED and fused.usable(*tensors, *([base] if base is not None else [])):
+        return fused.gram(tensors, base)
+    x = torch.stack([_f(t).reshape(-1).double() for t in tensors])
+    if base is not None:
+        x.sub_(_f(base).reshape(-1).double())
+    return (x @ x.T).numpy()
+
+
+def _combine(tensors: list[Tensor], base: Tensor | None, coefs: np.ndarray) -> Tensor:
+    """``base + sum_i c_i (x_i - base)``, or ``sum_i c_i x_i`` without a base."""
+    if tensors[0].numel() >= fused.MIN_FUSED and fused.usable(*tensors, *([base] if base is not None else [])):
+        return fused.affine(tensors, base, coefs)
+    dtype = work_dtype(tensors[0].dtype)
+    b = None if base is None else _f(base).double()
+    out = torch.zeros(tensors[0].shape, dtype=torch.float64)
+    for x, c in zip(tensors, coefs.tolist()):
+        out.add_(_f(x).double() if b is None else _f(x).double() - b, alpha=c)
+    return (out if b is None else out.add_(b)).to(dtype)
+
+
+def _norm(coefs: np.ndarray, g: np.ndarray) -> float:
+    """The norm of ``sum_i c_i x_i`` from the inputs' Gram matrix."""
+    return math.sqrt(max(float(coefs @ g @ coefs), 0.0))
 
 
 def karcher(tensors: list[Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
     """The Karcher (Riemannian) mean of the inputs' directions on the unit sphere, equal
     weights, by fixed-point iteration; scaled by the mean input norm. Inputs with norm
-    <= ``tol`` do not pull the direction but still count in the norm's mean."""
+    <= ``tol`` do not pull the direction but still count in the norm's mean.
+
+    The mean stays a combination of the unit vectors, so the iteration runs on their
+    k x k Gram matrix (one pass over the inputs), then one weighted sum makes the result.
+    """
     if len(tensors) == 1:
         return tensors[0]
-    xs = [_f(t) for t in tensors]
-    alpha = 1.0 / len(xs)
-    norms = [torch.linalg.vector_norm(x) for x in xs]
-    valid = [i for i, n in enumerate(norms) if float(n) > tol]
+    g = _gram(tensors, None)
+    alpha = 1.0 / len(tensors)
+    norms = np.sqrt(np.maximum(np.diag(g), 0.0))
+    valid = [i for i, n in enumerate(norms) if n > tol]
     if not valid:
-        return torch.zeros_like(xs[0])
-    # The valid inputs' unit vectors as the rows of one matrix: each iteration reads them twice
-    # (their dot products with the mean, then the weighted tangent) as two matrix-vector products.
-    units = torch.stack([xs[i].reshape(-1) / norms[i] for i in valid])
-    share = torch.full((len(valid),), alpha / sum([alpha] * len(valid)), dtype=units.dtype)  # renormalised
-    mean = share @ units
-    mean_norm = torch.linalg.vector_norm(mean)
-    mean = units[0].clone() if float(mean_norm) < tol else mean / mean_norm
+        return torch.zeros(tensors[0].shape, dtype=work_dtype(tensors[0].dtype))
+    nv = norms[valid]
+    gu = g[np.ix_(valid, valid)] / np.outer(nv, nv)  # Gram matrix of the unit vectors
+    share = np.full(len(valid), 1.0 / len(valid))
+    c = share.copy()  # the mean as coefficients of the unit vectors
+    mean_norm = _norm(c, gu)
+    if mean_norm < tol:
+        c = np.eye(len(valid))[0]
+    else:
+        c /= mean_norm
     for _ in range(max_iter):
-        dots = (units @ mean).clamp(-1.0, 1.0)
-        theta = torch.arccos(dots)
+        dots = np.clip(gu @ c, -1.0, 1.0)
+        theta = np.arccos(dots)
         # log map: sum_i w_i theta_i / sin(theta_i) (u_i - dot_i mean), inputs at the mean left out
-        coef = torch.where(theta >= tol, share * theta / torch.sin(theta), 0.0)
-        tangent = (coef @ units).sub_(mean, alpha=float((coef * dots).sum()))
-        tangent_norm = torch.linalg.vector_norm(tangent)
-        if float(tangent_norm) < tol:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            coef = np.where(theta >= tol, share * theta / np.sin(theta), 0.0)
+        tangent = coef - float(coef @ dots) * c
+        tangent_norm = _norm(tangent, gu)
+        if tangent_norm < tol:
             break
-        mean = mean.mul(torch.cos(tangent_norm)).add_(tangent.mul_(torch.sin(tangent_norm) / tangent_norm))
-        unit_norm = torch.linalg.vector_norm(mean)
-        if float(unit_norm) > tol:
-            mean.div_(unit_norm)
-    scale = sum(alpha * n for n in norms)
-    return (scale * mean).reshape(xs[0].shape)
+        c = c * math.cos(tangent_norm) + tangent * (math.sin(tangent_norm) / tangent_norm)
+        unit_norm = _norm(c, gu)
+        if unit_norm > tol:
+            c /= unit_norm
+    scale = float(alpha * norms.sum())
+    coefs = np.zeros(len(tensors))
+    coefs[valid] = scale * c / nv
+    return _combine(tensors, None, coefs)
 
 
 def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0) -> Tensor:
@@ -463,6 +573,10 @@ def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0) -> Ten
     b = _f(base)
     if not tensors:
         return b.clone()
+    if base.numel() >= fused.MIN_FUSED and fused.usable(base, *tensors):
+        out = fused.sce(base, tensors, select_topk)
+        if out is not None:
+            return out
     tvs = torch.stack([_f(x) - b for x in tensors])
     if select_topk < 1:
         var = tvs.var(dim=0, unbiased=False)
@@ -484,6 +598,8 @@ def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0) -> Ten
 def nearswap(base: Tensor, other: Tensor, t: float) -> Tensor:
     """NearSwap: take ``other`` where it is within ``t`` of the base, and move toward it by
     t / |other - base| elsewhere (entry by entry)."""
+    if base.numel() >= fused.MIN_FUSED and fused.usable(base, other):
+        return fused.nearswap(base, other, t)
     a, b = _f(base), _f(other)
     w = (t / (a - b).abs_().clamp_(min=1e-6)).clamp_(0, 1)
     return w * b + (1 - w) * a
@@ -494,19 +610,30 @@ def arcee_fusion(base: Tensor, other: Tensor, generator: torch.Generator | None 
     reaches median + 1.5 IQR of all importances (quantiles from at most 10^6 entries drawn
     with replacement), the base elsewhere."""
     a, b = _f(base), _f(other)
-    delta = b - a
-    p = torch.softmax(b, dim=-1) + 1e-8
-    q = torch.softmax(a, dim=-1) + 1e-8
-    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
-    del p, q
-    importance = delta.abs() * kl
-    flat = importance.reshape(-1)
-    if flat.numel() > _FUSION_SAMPLE:
-        flat = flat[torch.randint(flat.numel(), (_FUSION_SAMPLE,), generator=generator, device=flat.device)]
+    fast = base.numel() >= fused.MIN_FUSED and fused.usable(base, other)
+    if fast:  # the importances of the sampled entries only; the output pass recomputes them
+        kl = fused.row_kl(a, b).reshape(*a.shape[:-1], 1)
+        n = a.numel()
+        idx = torch.randint(n, (_FUSION_SAMPLE,), generator=generator, device=a.device) \
+            if n > _FUSION_SAMPLE else torch.arange(n)
+        flat = (b.reshape(-1)[idx] - a.reshape(-1)[idx]).abs_().mul_(kl.reshape(-1)[idx // a.shape[-1]])
+    else:
+        delta = b - a
+        p = torch.softmax(b, dim=-1) + 1e-8
+        q = torch.softmax(a, dim=-1) + 1e-8
+        kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+        del p, q
+        importance = delta.abs() * kl
+        flat = importance.reshape(-1)
+        if flat.numel() > _FUSION_SAMPLE:
+            flat = flat[torch.randint(flat.numel(), (_FUSION_SAMPLE,), generator=generator, device=flat.device)]
     # The sorted values at floor(q * (n - 1)), by selection (linear time) instead of a full sort.
     at = (torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long().tolist()
     q1, median, q3 = (flat.kthvalue(i + 1).values for i in at)
-    keep = importance >= median + 1.5 * (q3 - q1)
+    threshold = median + 1.5 * (q3 - q1)
+    if fast:
+        return fused.fusion(a, b, kl, threshold)
+    keep = importance >= threshold
     return a + delta * keep.to(delta.dtype)
 
 
@@ -524,6 +651,8 @@ def ram(base: Tensor, tensors: list[Tensor], *, epsilon: float = 1e-5, r: float 
     b = _f(base)
     if not tensors:
         return b.clone()
+    if base.numel() >= fused.MIN_FUSED and fused.usable(base, *tensors):
+        return fused.ram(base, tensors, epsilon, r, alpha)
     tvs = torch.stack([_f(x) - b for x in tensors]).reshape(len(tensors), -1)
     changed = tvs.abs() > epsilon
     counts = changed.sum(dim=0, keepdim=True)
