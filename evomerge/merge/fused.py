@@ -358,6 +358,31 @@ if numba is not None:
             for r in range(blk * 64, min(rows, (blk + 1) * 64)):
                 _della_row(x, b, r * cols, cols, u, low, span, keep, mags, counts, order)
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _combined(d, w, total, consensus, normalize, divisor, lam):
+        """One entry's merged delta from its k weighted deltas ``d`` (sum ``total``): the sign
+        election of TIES when ``consensus``, then normalize and lambda, in
+        methods.generalized_task_arithmetic's op order."""
+        one = np.float32(1.0)
+        zero = np.float32(0.0)
+        if consensus:
+            sign = one if total >= zero else -one
+            mixed = zero
+            div = zero
+            for i in range(d.size):
+                agree = d[i] * sign > zero
+                mixed = mixed + (d[i] if agree else zero)
+                div = div + (w[i] if agree else zero)
+            if normalize:
+                mixed = mixed / (one if div == zero else div)
+        else:
+            mixed = total
+            if normalize:
+                mixed = mixed / divisor
+        if lam != one:
+            mixed = mixed * lam
+        return mixed
+
     @njit(parallel=True, cache=True, nogil=True)
     def _drop_gta_kernel(b, xs, keeps, scale, w, consensus, normalize, divisor, lam, out):
         """base + lam * combine(w_i * s_i * where(keep_i, x_i - b, 0)), the op order of
@@ -382,23 +407,7 @@ if numba is not None:
                         v = v * w[i]
                     d[i] = v
                     total = v if i == 0 else total + v
-                if consensus:
-                    sign = one if total >= zero else -one
-                    mixed = zero
-                    div = zero
-                    for i in range(k):
-                        agree = d[i] * sign > zero
-                        mixed = mixed + (d[i] if agree else zero)
-                        div = div + (w[i] if agree else zero)
-                    if normalize:
-                        mixed = mixed / (one if div == zero else div)
-                else:
-                    mixed = total
-                    if normalize:
-                        mixed = mixed / divisor
-                if lam != one:
-                    mixed = mixed * lam
-                out[j] = mixed + b[j]
+                out[j] = _combined(d, w, total, consensus, normalize, divisor, lam) + b[j]
 
     @njit(parallel=True, cache=True, nogil=True)
     def _band_gta_kernel(b, xs, lo_t, lo_cut, hi_t, hi_cut, w, consensus, normalize, divisor, lam, out):
@@ -425,23 +434,7 @@ if numba is not None:
                         v = v * w[i]
                     d[i] = v
                     total = v if i == 0 else total + v
-                if consensus:
-                    sign = one if total >= zero else -one
-                    mixed = zero
-                    div = zero
-                    for i in range(k):
-                        agree = d[i] * sign > zero
-                        mixed = mixed + (d[i] if agree else zero)
-                        div = div + (w[i] if agree else zero)
-                    if normalize:
-                        mixed = mixed / (one if div == zero else div)
-                else:
-                    mixed = total
-                    if normalize:
-                        mixed = mixed / divisor
-                if lam != one:
-                    mixed = mixed * lam
-                out[j] = mixed + b[j]
+                out[j] = _combined(d, w, total, consensus, normalize, divisor, lam) + b[j]
 
     @njit(parallel=True, cache=True, nogil=True)
     def _variance_kernel(b, xs, out):
