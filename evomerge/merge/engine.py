@@ -277,11 +277,9 @@ def _seed_for(base_seed: int, job: TensorJob) -> int:
 
 
 def _run_job(spec: registry.MergeMethod, job: TensorJob, tensors: list[Tensor], seed: int) -> Tensor:
-    generator = None
-    if spec.random:
-        generator = torch.Generator(device=tensors[0].device).manual_seed(_seed_for(seed, job))
+    tensor_seed = _seed_for(seed, job) if spec.random else None
     base_index = None if spec.base == "ignored" else job.base_index
-    return spec.run(registry.MergeInputs(tensors, base_index, job.shared, job.per_input, generator))
+    return spec.run(registry.MergeInputs(tensors, base_index, job.shared, job.per_input, tensor_seed))
 
 
 def iter_merge(plan: MergePlan, sources: SourceSet, device: str | torch.device | None = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ BLOCK = 1 << 13  # elements per block of the fused merge (k + 3 buffers stay in 
 SAMPLE = 8192  # magnitudes sampled to bracket the threshold
 BRACKET = (5.0, 4)  # bracket half-width: standard deviations of the sample rank, plus slack
 MIN_FUSED = 1 << 15  # smaller tensors: the torch code is as fast
+ALL, TOP, BAND, DRAW, MASK = range(5)  # Keep.mode: which entries of a delta are kept
 
 
 def usable(*tensors: Tensor) -> bool:
@@ -52,6 +54,7 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 _NO_BASE = np.zeros(1, dtype=np.float32)  # stands in for an absent base (numba needs an array)
+_NO_KEEP = np.zeros(1, dtype=np.bool_)  # stands in for a keep mask computed from draws
 
 
 if numba is not None:
@@ -93,11 +96,19 @@ if numba is not None:
             counts[c, 2] = m - s
             counts[c, 3] = nan
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _above(a, t, first, j):
+        """|delta| ranks above a threshold: above ``t``, or equal to it at or after ``first``
+        (ties are broken by position, as the exact selection in ``methods`` breaks them)."""
+        return (a > t) | ((a == t) & (j >= first))
+
     @njit(parallel=True, cache=True, nogil=True)
-    def _gta_kernel(b, xs, w, masked, thr, cut, consensus, normalize, divisor, lam, out):
-        """out = b + lam * combine(w_i * keep_i(x_i - b)), in the float32 op order of
-        methods.generalized_task_arithmetic. Per block of BLOCK elements the trimmed, weighted
-        deltas sit in a small cache-resident buffer, and every inner loop is branch-free."""
+    def _gta_kernel(b, xs, mode, lo_t, lo_cut, hi_t, hi_cut, k1, k2, dens, masks, scale, w, consensus, normalize,
+                    divisor, lam, out):
+        """out = b + lam * combine(w_i * s_i * keep_i(x_i - b)), in the float32 op order of
+        methods.generalized_task_arithmetic; model i's kept entries by ``mode[i]`` (see Keep).
+        Per block of BLOCK elements the kept, weighted deltas sit in a small cache-resident
+        buffer, and every inner loop is branch-free (so it vectorises)."""
         n = b.size
         k = len(xs)
         nblocks = (n + BLOCK - 1) // BLOCK
@@ -113,17 +124,34 @@ if numba is not None:
                 x = xs[i][s:s + m]
                 di = deltas[i]
                 wi = w[i]
-                if masked[i]:
-                    t = thr[i]
-                    first = cut[i] - s
+                if mode[i] == TOP:
+                    t, first = lo_t[i], lo_cut[i] - s
+                    for j in range(m):
+                        d = x[j] - bb[j]
+                        di[j] = d if _above(abs(d), t, first, j) else zero
+                elif mode[i] == BAND:
+                    t, first, u, ufirst = lo_t[i], lo_cut[i] - s, hi_t[i], hi_cut[i] - s
                     for j in range(m):
                         d = x[j] - bb[j]
                         a = abs(d)
-                        keep = (a > t) | ((a == t) & (j >= first))
-                        di[j] = d if keep else zero
+                        di[j] = d if _above(a, t, first, j) & (not _above(a, u, ufirst, j)) else zero
+                elif mode[i] == DRAW:
+                    key1, key2, p = k1[i], k2[i], dens[i]
+                    for j in range(m):
+                        d = x[j] - bb[j]
+                        di[j] = d if _draw(s + j, key1, key2) < p else zero
+                elif mode[i] == MASK:
+                    keep = masks[i][s:s + m]
+                    for j in range(m):
+                        d = x[j] - bb[j]
+                        di[j] = d if keep[j] else zero
                 else:
                     for j in range(m):
                         di[j] = x[j] - bb[j]
+                if scale[i] != one:
+                    si = scale[i]
+                    for j in range(m):
+                        di[j] = di[j] * si
                 if wi != one:
                     for j in range(m):
                         di[j] = di[j] * wi
@@ -285,9 +313,26 @@ if numba is not None:
                         merged += d * zero
                 out[j] = b[j] + merged
 
-    @njit(parallel=True, cache=True, nogil=True)
-    def _masked_l1_kernel(x, b, keep, partial):
-        """Per chunk: sum |x - b| and the same over the kept entries (float64)."""
+    @njit(cache=True, nogil=True, inline="always")
+    def _lowbias32(x):
+        x ^= x >> np.uint32(16)
+        x = np.uint32(x * np.uint32(0x7FEB352D))
+        x ^= x >> np.uint32(15)
+        x = np.uint32(x * np.uint32(0x846CA68B))
+        x ^= x >> np.uint32(16)
+        return x
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _draw(j, k1, k2):
+        """methods.uniform_draws of entry j: computed where it is used, never stored."""
+        h = _lowbias32(np.uint32(_lowbias32(np.uint32(j) ^ k1) ^ k2))
+        return np.float32(np.int32(h >> np.uint32(8))) * np.float32(5.9604644775390625e-08)  # 2^-24
+
+    @njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
+    def _draw_l1_kernel(x, b, k1, k2, density, partial):
+        """DARE's first pass over one model: per chunk, sum |x - b| and the same over the entries
+        its draws keep (float64; a non-finite delta makes the sums non-finite). The sums may be
+        reassociated (so the loop vectorises): they only set the L1 rescale factor."""
         n = x.size
         for c in prange(partial.shape[0]):
             s = c * CHUNK
@@ -297,21 +342,28 @@ if numba is not None:
             for j in range(s, e):
                 a = np.float64(abs(x[j] - b[j]))
                 total += a
-                if keep[j]:
-                    kept += a
+                kept += a if _draw(j, k1, k2) < density else 0.0
             partial[c, 0] = total
             partial[c, 1] = kept
 
     @njit(cache=True, nogil=True)
-    def _della_row(x, b, s, cols, u, low, span, keep, mags, counts, order):
+    def _della_row(x, b, s, cols, k1, k2, low, span, keep, mags, counts, order, sums):
         """One row of _della_keep_kernel (a function of its own: numba's parallel-loop analysis
-        mishandles this loop nest inline)."""
-        denom = np.float64(cols - 1)
+        mishandles this loop nest inline). Adds the row's L1 sums to ``sums``; a row with a
+        non-finite magnitude is counted in sums[2] and left undecided."""
+        denom = np.float32(cols - 1)
         top = np.float32(0.0)
+        bad = 0
+        total = 0.0
         for j in range(cols):
             m = abs(x[s + j] - b[s + j])
             mags[j] = m
             top = max(top, m)
+            bad += not (m <= np.float32(3.4028234663852886e38))  # NaN or inf
+            total += np.float64(m)
+        if bad:
+            sums[2] += bad
+            return
         counts[:] = 0
         scale = cols / np.float64(top) if top > 0 else 0.0
         for j in range(cols):
@@ -339,14 +391,22 @@ if numba is not None:
                         w -= 1
                     order[w + 1] = j
             start = end
+        kept = 0.0
         for p in range(cols):
             j = order[p]
-            keep[s + j] = u[s + j] < np.float32(low + span * (p / denom))
+            # the keep probability in methods.della_mask's float32 op order
+            k = _draw(s + j, k1, k2) < (np.float32(p) / denom) * span + low
+            keep[s + j] = k
+            if k:
+                kept += np.float64(mags[j])
+        sums[0] += total
+        sums[1] += kept
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _della_keep_kernel(x, b, rows, cols, u, low, span, keep):
-        """DELLA MagPrune per row: keep where u < low + span * rank / (cols - 1), rank = the entry's
-        position when the row's |x - b| are sorted ascending (ties in position order).
+    def _della_keep_kernel(x, b, rows, cols, k1, k2, low, span, keep, partial):
+        """DELLA MagPrune per row: keep where draw < low + span * rank / (cols - 1), rank = the entry's
+        position when the row's |x - b| are sorted ascending (ties in position order); per block of
+        rows, the L1 sums (total, kept) and the count of non-finite magnitudes.
 
         The ranks come from a bucket sort: magnitudes spread over ``cols`` equal-width buckets
         (a few entries each), each bucket sorted by insertion -- linear time instead of a sort."""
@@ -355,86 +415,12 @@ if numba is not None:
             mags = np.empty(cols, dtype=np.float32)
             counts = np.zeros(cols + 1, dtype=np.int64)
             order = np.empty(cols, dtype=np.int64)
+            sums = np.zeros(3)
             for r in range(blk * 64, min(rows, (blk + 1) * 64)):
-                _della_row(x, b, r * cols, cols, u, low, span, keep, mags, counts, order)
-
-    @njit(cache=True, nogil=True, inline="always")
-    def _combined(d, w, total, consensus, normalize, divisor, lam):
-        """One entry's merged delta from its k weighted deltas ``d`` (sum ``total``): the sign
-        election of TIES when ``consensus``, then normalize and lambda, in
-        methods.generalized_task_arithmetic's op order."""
-        one = np.float32(1.0)
-        zero = np.float32(0.0)
-        if consensus:
-            sign = one if total >= zero else -one
-            mixed = zero
-            div = zero
-            for i in range(d.size):
-                agree = d[i] * sign > zero
-                mixed = mixed + (d[i] if agree else zero)
-                div = div + (w[i] if agree else zero)
-            if normalize:
-                mixed = mixed / (one if div == zero else div)
-        else:
-            mixed = total
-            if normalize:
-                mixed = mixed / divisor
-        if lam != one:
-            mixed = mixed * lam
-        return mixed
-
-    @njit(parallel=True, cache=True, nogil=True)
-    def _drop_gta_kernel(b, xs, keeps, scale, w, consensus, normalize, divisor, lam, out):
-        """base + lam * combine(w_i * s_i * where(keep_i, x_i - b, 0)), the op order of
-        methods.generalized_task_arithmetic for a random drop with L1 rescale (s_i)."""
-        n = b.size
-        k = len(xs)
-        one = np.float32(1.0)
-        zero = np.float32(0.0)
-        nch = (n + CHUNK - 1) // CHUNK
-        for c in prange(nch):
-            s = c * CHUNK
-            e = min(n, s + CHUNK)
-            d = np.empty(k, dtype=np.float32)
-            for j in range(s, e):
-                total = zero
-                for i in range(k):
-                    v = xs[i][j] - b[j]
-                    v = v if keeps[i][j] else zero
-                    if scale[i] != one:
-                        v = v * scale[i]
-                    if w[i] != one:
-                        v = v * w[i]
-                    d[i] = v
-                    total = v if i == 0 else total + v
-                out[j] = _combined(d, w, total, consensus, normalize, divisor, lam) + b[j]
-
-    @njit(parallel=True, cache=True, nogil=True)
-    def _band_gta_kernel(b, xs, lo_t, lo_cut, hi_t, hi_cut, w, consensus, normalize, divisor, lam, out):
-        """Breadcrumbs: keep the entries ranked from lo to hi by |x_i - b| (a rank band given by two
-        thresholds, ties in position order), then combine as _drop_gta_kernel."""
-        n = b.size
-        k = len(xs)
-        one = np.float32(1.0)
-        zero = np.float32(0.0)
-        nch = (n + CHUNK - 1) // CHUNK
-        for c in prange(nch):
-            s = c * CHUNK
-            e = min(n, s + CHUNK)
-            d = np.empty(k, dtype=np.float32)
-            for j in range(s, e):
-                total = zero
-                for i in range(k):
-                    v = xs[i][j] - b[j]
-                    a = abs(v)
-                    above_lo = (a > lo_t[i]) | ((a == lo_t[i]) & (j >= lo_cut[i]))
-                    above_hi = (a > hi_t[i]) | ((a == hi_t[i]) & (j >= hi_cut[i]))
-                    v = v if (above_lo and not above_hi) else zero
-                    if w[i] != one:
-                        v = v * w[i]
-                    d[i] = v
-                    total = v if i == 0 else total + v
-                out[j] = _combined(d, w, total, consensus, normalize, divisor, lam) + b[j]
+                _della_row(x, b, r * cols, cols, k1, k2, low, span, keep, mags, counts, order, sums)
+            partial[blk, 0] = sums[0]
+            partial[blk, 1] = sums[1]
+            partial[blk, 2] = sums[2]
 
     @njit(parallel=True, cache=True, nogil=True)
     def _variance_kernel(b, xs, out):
@@ -505,25 +491,31 @@ if numba is not None:
 
     @njit(parallel=True, cache=True, nogil=True)
     def _row_kl_kernel(a, b, rows, cols, kl):
-        """Per row: KL(softmax(b) + 1e-8 || softmax(a) + 1e-8), methods.arcee_fusion's importance scale."""
-        for r in prange(rows):
-            s = r * cols
-            ma = -np.inf
-            mb = -np.inf
-            for j in range(cols):
-                ma = max(ma, np.float64(a[s + j]))
-                mb = max(mb, np.float64(b[s + j]))
-            za = 0.0
-            zb = 0.0
-            for j in range(cols):
-                za += math.exp(a[s + j] - ma)
-                zb += math.exp(b[s + j] - mb)
-            acc = 0.0
-            for j in range(cols):
-                p = math.exp(b[s + j] - mb) / zb + 1e-8
-                q = math.exp(a[s + j] - ma) / za + 1e-8
-                acc += p * math.log(p / q)
-            kl[r] = acc
+        """Per row: KL(softmax(b) + 1e-8 || softmax(a) + 1e-8), methods.arcee_fusion's importance scale
+        (float64; each exponential computed once and kept for the row)."""
+        for blk in prange((rows + 63) // 64):
+            ea = np.empty(cols)
+            eb = np.empty(cols)
+            for r in range(blk * 64, min(rows, (blk + 1) * 64)):
+                s = r * cols
+                ma = -np.inf
+                mb = -np.inf
+                for j in range(cols):
+                    ma = max(ma, np.float64(a[s + j]))
+                    mb = max(mb, np.float64(b[s + j]))
+                za = 0.0
+                zb = 0.0
+                for j in range(cols):
+                    ea[j] = math.exp(a[s + j] - ma)
+                    eb[j] = math.exp(b[s + j] - mb)
+                    za += ea[j]
+                    zb += eb[j]
+                acc = 0.0
+                for j in range(cols):
+                    p = eb[j] / zb + 1e-8
+                    q = ea[j] / za + 1e-8
+                    acc += p * math.log(p / q)
+                kl[r] = acc
 
     @njit(parallel=True, cache=True, nogil=True)
     def _fusion_kernel(a, b, kl, cols, threshold, out):
@@ -618,20 +610,43 @@ def _exact_threshold(x: Tensor, base: Tensor, drop: int) -> tuple[float, int]:
     return t, _cut(x, base, t, drop - below, equal)
 
 
-def gta(base: Tensor, tensors: list[Tensor], weights: list[float], thresholds: list[tuple[float, int] | None],
-        consensus: bool, normalize: bool, lam: float) -> Tensor:
-    """The fused generalized task arithmetic (magnitude trim or none); see ``methods``."""
-    out = torch.empty_like(base)
-    k = len(tensors)
-    masked = np.array([t is not None for t in thresholds])
-    thr = np.array([t[0] if t else 0.0 for t in thresholds], dtype=np.float32)
-    cut = np.array([t[1] if t else 0 for t in thresholds], dtype=np.int64)
+@dataclass
+class Keep:
+    """Which entries of one model's delta ``x - base`` a generalized task arithmetic keeps:
+    ALL; TOP: |delta| above ``lower`` (a threshold and the position from which entries equal
+    to it count as above, as ``magnitude_threshold`` returns it); BAND: above ``lower`` and not
+    above ``upper``; DRAW: the entries whose draws (``keys``) fall below ``density``; MASK: ``mask``.
+    The kept deltas are multiplied by ``scale`` (DARE's L1 rescale)."""
+
+    mode: int = 0
+    lower: tuple[float, int] = (0.0, 0)
+    upper: tuple[float, int] = (0.0, 0)
+    keys: tuple[int, int] = (0, 0)
+    density: float = 1.0
+    mask: Tensor | None = None
+    scale: float = 1.0
+
+
+def gta(base: Tensor, tensors: list[Tensor], weights: list[float], keeps: list[Keep], consensus: bool,
+        normalize: bool, lam: float) -> Tensor:
+    """base + lam * combine(w_i * s_i * keep_i(x_i - base)) in one pass; see ``methods``."""
+    assert len(tensors) == len(weights) == len(keeps)
     divisor = sum(weights)
     if abs(divisor) < 1e-8:
         divisor = 1.0
-    _gta_kernel(_np(base), tuple(_np(x) for x in tensors), np.array(weights, dtype=np.float32), masked, thr, cut,
-                consensus, normalize, np.float32(divisor), np.float32(lam), _np(out))
-    assert k == len(weights)
+    out = torch.empty_like(base)
+
+    def column(get, dtype):
+        return np.array([get(k) for k in keeps], dtype=dtype)
+
+    _gta_kernel(_np(base), _tuple(tensors), column(lambda k: k.mode, np.int64),
+                column(lambda k: k.lower[0], np.float32), column(lambda k: k.lower[1], np.int64),
+                column(lambda k: k.upper[0], np.float32), column(lambda k: k.upper[1], np.int64),
+                column(lambda k: k.keys[0], np.uint32), column(lambda k: k.keys[1], np.uint32),
+                column(lambda k: k.density, np.float32),
+                tuple(_NO_KEEP if k.mask is None else _np(k.mask) for k in keeps),
+                column(lambda k: k.scale, np.float32), np.array(weights, dtype=np.float32), consensus, normalize,
+                np.float32(divisor), np.float32(lam), _np(out))
     return out
 
 
@@ -692,52 +707,26 @@ def ram(base: Tensor, tensors: list[Tensor], epsilon: float, r: float | None, al
     return out
 
 
-def masked_l1(x: Tensor, base: Tensor, keep: Tensor) -> tuple[float, float]:
-    """(sum |x - base|, the same over the kept entries)."""
+def draw_l1(x: Tensor, base: Tensor, keys: tuple[int, int], density: float) -> tuple[float, float]:
+    """DARE's L1 sums of ``x - base``: (all entries, the entries the draws keep); non-finite if a delta is."""
     partial = np.zeros((_chunks(x.numel()), 2))
-    _masked_l1_kernel(_np(x), _np(base), _np(keep), partial)
+    _draw_l1_kernel(_np(x), _np(base), np.uint32(keys[0]), np.uint32(keys[1]), np.float32(density), partial)
     total, kept = partial.sum(0)
     return float(total), float(kept)
 
 
-def della_keep(x: Tensor, base: Tensor, u: Tensor, density: float, epsilon: float) -> Tensor:
-    """methods.della_mask of ``x - base`` given its uniform draws ``u`` (finite inputs, rows of at
-    least two entries)."""
+def della_keep(x: Tensor, base: Tensor, keys: tuple[int, int], density: float, epsilon: float
+               ) -> tuple[Tensor, float, float] | None:
+    """methods.della_mask of ``x - base`` with the draws of ``keys`` (rows of at least two entries),
+    and its L1 sums (all entries, kept entries); None when a delta is not finite."""
     rows = x.shape[0] if x.dim() >= 2 else 1  # as methods.della_mask: rows = the first axis
     cols = x.numel() // max(rows, 1)
     keep = torch.empty(x.shape, dtype=torch.bool)
-    _della_keep_kernel(_np(x), _np(base), rows, cols, _np(u), float(density - epsilon), float(2 * epsilon), _np(keep))
-    return keep
-
-
-def drop_gta(base: Tensor, tensors: list[Tensor], keeps: list[Tensor], scales: list[float], weights: list[float],
-             consensus: bool, normalize: bool, lam: float) -> Tensor:
-    """base + lam * combine(w_i * s_i * where(keep_i, x_i - base, 0)) in one pass."""
-    divisor = sum(weights)
-    if abs(divisor) < 1e-8:
-        divisor = 1.0
-    out = torch.empty_like(base)
-    _drop_gta_kernel(_np(base), _tuple(tensors), _tuple(keeps), np.array(scales, dtype=np.float32),
-                     np.array(weights, dtype=np.float32), consensus, normalize, np.float32(divisor),
-                     np.float32(lam), _np(out))
-    return out
-
-
-def band_gta(base: Tensor, tensors: list[Tensor], bands: list[tuple[tuple[float, int], tuple[float, int]]],
-             weights: list[float], consensus: bool, normalize: bool, lam: float) -> Tensor:
-    """Breadcrumbs in one pass: ``bands[i]`` = (lower, upper) thresholds as ``magnitude_threshold``
-    returns them; entry kept when above the lower and not above the upper."""
-    divisor = sum(weights)
-    if abs(divisor) < 1e-8:
-        divisor = 1.0
-    lo_t = np.array([lo[0] for lo, _ in bands], dtype=np.float32)
-    lo_cut = np.array([lo[1] for lo, _ in bands], dtype=np.int64)
-    hi_t = np.array([hi[0] for _, hi in bands], dtype=np.float32)
-    hi_cut = np.array([hi[1] for _, hi in bands], dtype=np.int64)
-    out = torch.empty_like(base)
-    _band_gta_kernel(_np(base), _tuple(tensors), lo_t, lo_cut, hi_t, hi_cut, np.array(weights, dtype=np.float32),
-                     consensus, normalize, np.float32(divisor), np.float32(lam), _np(out))
-    return out
+    partial = np.zeros(((rows + 63) // 64, 3))
+    _della_keep_kernel(_np(x), _np(base), rows, cols, np.uint32(keys[0]), np.uint32(keys[1]),
+                       np.float32(density - epsilon), np.float32(2 * epsilon), _np(keep), partial)
+    total, kept, bad = partial.sum(0)
+    return None if bad else (keep, float(total), float(kept))
 
 
 def sce(base: Tensor, tensors: list[Tensor], select_topk: float) -> Tensor | None:

@@ -122,7 +122,7 @@ class MergeInputs:
     base_index: int | None
     shared: dict[str, Any]
     per_input: list[dict[str, Any]]
-    generator: torch.Generator | None = None
+    seed: int | None = None  # this tensor's seed, for methods that draw random numbers
 
     @property
     def base(self) -> Tensor | None:
@@ -162,7 +162,7 @@ class MergeMethod:
     max_inputs: int | None = None
     min_non_base: int = 0
     max_non_base: int | None = None
-    random: bool = False  # draws random numbers: gets a generator seeded per tensor
+    random: bool = False  # draws random numbers: gets a seed per tensor
     constraint: Callable[[dict[str, Any]], str | None] | None = None
     fit_genes: Callable[[dict[str, list[float]]], dict[str, float]] | None = None
     search_note: str = ""  # shown when a parameter-space search cannot use the method
@@ -269,7 +269,7 @@ def _gta(name: str, sparsify: str | None, consensus: str | None, normalize: bool
             lam=x.shared["lambda"],
             gammas=x.values("gamma") if sparsify == "magnitude_outliers" else [0.01] * n,
             epsilons=x.values("epsilon") if sparsify == "della_magprune" else [0.15] * n,
-            generator=x.generator)
+            seed=x.seed)
 
     della = sparsify == "della_magprune"
     return MergeMethod(name, tuple(params), run, base="required",
@@ -374,7 +374,8 @@ register(MergeMethod(
     reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"))
 
 register(MergeMethod(
-    "arcee_fusion", (), lambda x: K.arcee_fusion(x.base, x.others[0], x.generator),
+    "arcee_fusion", (), lambda x: K.arcee_fusion(
+        x.base, x.others[0], None if x.seed is None else torch.Generator(x.base.device).manual_seed(x.seed)),
     base="required", min_inputs=2, max_inputs=2, min_non_base=1, max_non_base=1, random=True,
     summary="keep the other model's most important changes (|delta| * KL above median + 1.5 IQR)",
     reference="https://arcee.ai"))

@@ -44,6 +44,9 @@ CASES = {
     "task arithmetic": lambda b, f, g: M.task_arithmetic(b, f[:2], [0.6, 0.4]),
     "task arithmetic normalized, lambda": lambda b, f, g: M.task_arithmetic(b, f, [0.6, 0.4, 0.3], lam=0.8,
                                                                            normalize=True),
+    "breadcrumbs": lambda b, f, g: M.breadcrumbs(b, f[:2], [0.6, 0.4], [0.9, 0.5], [0.01, 0.05]),
+    "breadcrumbs_ties with tied magnitudes, one model whole": lambda b, f, g: M.breadcrumbs(
+        b, g, [1.0, 0.7], [0.8, 1.0], [0.1, 0.0], ties=True, normalize=True),
     "linear": lambda b, f, g: M.linear([b] + f[:2], [1.0, 1.0, 1.0]),
     "linear unnormalized": lambda b, f, g: M.linear([b] + f[:2], [0.3, 1.7, 0.2], normalize=False),
 }
@@ -100,3 +103,35 @@ def test_inputs_are_not_modified(tensors):
     M.ties(base, fine, [1.0, 0.7, 0.5], [0.5, 0.5, 0.5])
     M.linear(fine, [1.0, 2.0, 3.0])
     assert all(torch.equal(a, b) for a, b in zip(before, [base, *fine]))
+
+
+DROP_CASES = {
+    "dare_ties": lambda b, f: M.dare(b, f[:2], [1.0, 0.7], [0.5, 0.3], ties=True, seed=11),
+    "dare_linear, one model kept whole": lambda b, f: M.dare(b, f, [0.6, 0.4, 0.2], [0.5, 1.0, 0.1], ties=False,
+                                                             seed=12),
+    "dare without rescale": lambda b, f: M.dare(b, f[:2], [1.0, 0.7], [0.5, 0.5], ties=True, rescale=False, seed=13),
+    "della": lambda b, f: M.della(b, f[:2], [1.0, 0.7], [0.5, 0.4], [0.1, 0.2], seed=14),
+    "della_linear, density 0": lambda b, f: M.della(b, f[:2], [0.6, 0.4], [0.5, 0.0], [0.1, 0.1], ties=False,
+                                                    normalize=False, seed=15),
+}
+
+
+@pytest.mark.parametrize("case", list(DROP_CASES))
+def test_fused_random_drops_draw_what_the_torch_code_draws(monkeypatch, tensors, case):
+    base, fine, _ = tensors
+    fast, slow = _reference(monkeypatch, lambda: DROP_CASES[case](base, fine))
+    # The same entries dropped (the draws are computed, not stored, in the fused kernels) ...
+    assert torch.equal(fast == base, slow == base)
+    # ... and the same values but for the L1 rescale factor, summed in float64 there, float32 here.
+    assert torch.allclose(fast, slow, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_drops_of_non_finite_deltas_take_the_torch_path(monkeypatch, tensors):
+    base, fine, _ = tensors
+    bad = fine[0].clone()
+    bad[3, 5] = float("nan")
+    for fn in (lambda: M.dare(base, [bad, fine[1]], [1.0, 0.7], [0.5, 0.5], ties=True, seed=3),
+               lambda: M.della(base, [bad, fine[1]], [1.0, 0.7], [0.5, 0.5], [0.1, 0.1], seed=3)):
+        fast, slow = _reference(monkeypatch, fn)
+        assert torch.equal(fast.isnan(), slow.isnan())
+        assert torch.equal(torch.nan_to_num(fast), torch.nan_to_num(slow))
