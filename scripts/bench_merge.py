@@ -169,14 +169,19 @@ def measure_rss(cmd: list[str], env: dict | None = None) -> dict:
             "stdout": out, "stderr": err, "load_before": load_before, "load_after": load1()}
 
 
-def build_models(workdir: Path) -> tuple[dict[str, Path], float]:
+# Large enough that the embeddings and MLP matrices (32768+ entries) take the numba kernels.
+TINY_SHAPE = dict(num_layers=2, hidden_size=64, intermediate_size=512, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=1024, tie_word_embeddings=False)
+
+
+def build_models(folder: Path, shape: dict) -> tuple[dict[str, Path], float]:
     sys.path.insert(0, str(ROOT))
     from evomerge.io.synthetic import make_tiny_llama
 
     t0 = time.perf_counter()
-    models = {name: workdir / "models" / name for name in ("base", "ft_a", "ft_b")}
+    models = {name: folder / name for name in ("base", "ft_a", "ft_b")}
     if not (models["base"] / "config.json").exists():
-        make_tiny_llama(models["base"], seed=1, overwrite=True, **SHAPE)
+        make_tiny_llama(models["base"], seed=1, overwrite=True, **shape)
     for seed, name in ((2, "ft_a"), (3, "ft_b")):
         if not (models[name] / "config.json").exists():
             make_tiny_llama(models[name], base=models["base"], noise=0.002, seed=seed, overwrite=True)
@@ -273,27 +278,34 @@ def print_table(results: dict) -> None:
 
 
 def floor_table(results: dict) -> str:
-    """Markdown: per method the floor, mergekit and evomerge (disk) wall time and peak memory, with ratios."""
+    """Markdown: per method the floor, mergekit and evomerge (disk) wall time and peak memory, with ratios;
+    evomerge's fixed cost (the same recipe on tiny models) and its time beyond it against the floor."""
     shape = results.get("shape", {})
     lines = [f"{results.get('cpus')} cores, three float32 checkpoints of {results.get('model_bytes', 0) / 1e9:.2f} GB "
              f"(hidden {shape.get('hidden_size')}, {shape.get('num_layers')} layers, vocab {shape.get('vocab_size')}); "
              "each tool in a fresh process (imports included), the floor measured beside it in the same run; "
+             "fixed = `evomerge merge` of the same recipe on 1.4 MB models (interpreter, imports, numba), "
+             "first = the same before numba's cache held the method's kernels (once per machine); "
              "L = 1-minute load average before the measurement.", "",
              "| method | floor s (read + write) | mergekit s / GB | evomerge s / GB | mergekit / floor | "
-             "evomerge / floor | evomerge / mergekit memory | CPU s mergekit / evomerge | L |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "evomerge / floor | evomerge fixed s (first) | evomerge - fixed / floor | evomerge / mergekit memory | "
+             "CPU s mergekit / evomerge | L |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, row in results["methods"].items():
         fl, mk, ed = row.get("floor"), row.get("mergekit"), row.get("evomerge_disk")
+        fixed, first = row.get("evomerge_fixed"), row.get("evomerge_first_run")
         ok = lambda m: bool(m) and not m.get("rc")
         cell = lambda m: f"{m['wall_s']:.1f} / {m['peak_rss_gb']:.2f}" if ok(m) else ("failed" if m else "-")
         floor = f"{fl['floor_s']:.1f} ({fl['read_s']:.1f} + {fl['write_s']:.1f})" if fl else "-"
         r_mk = f"{mk['wall_s'] / fl['floor_s']:.2f}x" if fl and ok(mk) else "-"
         r_ed = f"{ed['wall_s'] / fl['floor_s']:.2f}x" if fl and ok(ed) else "-"
+        fix = f"{fixed['wall_s']:.1f} ({first['wall_s']:.1f})" if ok(fixed) and ok(first) else "-"
+        r_beyond = f"{(ed['wall_s'] - fixed['wall_s']) / fl['floor_s']:.2f}x" if fl and ok(ed) and ok(fixed) else "-"
         r_mem = f"{ed['peak_rss_gb'] / mk['peak_rss_gb']:.2f}" if ok(mk) and ok(ed) else "-"
         load = f"{ed['load_before']:.1f}" if ok(ed) else "-"
         cpu = lambda m: f"{m['user_s'] + m['sys_s']:.1f}" if ok(m) else "-"
-        lines.append(f"| {method} | {floor} | {cell(mk)} | {cell(ed)} | {r_mk} | {r_ed} | {r_mem} | "
-                     f"{cpu(mk)} / {cpu(ed)} | {load} |")
+        lines.append(f"| {method} | {floor} | {cell(mk)} | {cell(ed)} | {r_mk} | {r_ed} | {fix} | {r_beyond} | "
+                     f"{r_mem} | {cpu(mk)} / {cpu(ed)} | {load} |")
     return "\n".join(lines) + "\n"
 
 
@@ -327,9 +339,16 @@ def main() -> int:
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # An empty numba cache, so each method's first run shows what compiling its kernels costs.
+    numba_cache = work / "numba-cache"
+    shutil.rmtree(numba_cache, ignore_errors=True)
+    env["NUMBA_CACHE_DIR"] = str(numba_cache)
 
     print(f"cpus: {os.cpu_count()}, load average at start: {os.getloadavg()}")
-    models, t_build = build_models(work)
+    models, t_build = build_models(work / "models", SHAPE)
+    # The same recipes on 2-layer models of hidden size 64 (~1.4 MB): a merge of next to no
+    # bytes, so its wall time is the command's fixed cost (interpreter, imports, numba's start).
+    tiny, _ = build_models(work / "models-tiny", TINY_SHAPE)
     n_bytes = sum(f.stat().st_size for f in models["base"].glob("*.safetensors"))
     print(f"models ready in {t_build:.1f}s: 3 x {n_bytes / 1e9:.2f} GB float32 under {work / 'models'}",
           flush=True)
@@ -342,7 +361,8 @@ def main() -> int:
     if not args.skip_mergekit:
         imports["mergekit"] = measure_rss([str(MERGEKIT_BIN / "python"), "-c",
                                            "import mergekit.scripts.run_yaml, mergekit.merge"], env)
-    imports["evomerge"] = measure_rss([PY, "-c", "import evomerge.cli, evomerge.merge.command"], env)
+    imports["evomerge"] = measure_rss([PY, "-c", "import evomerge.cli, evomerge.merge.command, evomerge.merge.engine"],
+                                      env)
     results["import"] = {k: {"wall_s": v["wall_s"], "load": v["load_before"], "rc": v["rc"]}
                          for k, v in imports.items()}
     print("import: " + ", ".join(f"{k} {v['wall_s']:.2f}s" for k, v in imports.items()), flush=True)
@@ -364,6 +384,15 @@ def main() -> int:
                                                  "load_before", "load_after")}
             if r["rc"]:
                 print(f"[{method}] mergekit failed: {r['stderr'][-500:]}")
+        # Two runs on the tiny models first: the first compiles the method's numba kernels when
+        # this machine's cache lacks them (once per machine and install), the second is the fixed cost.
+        tiny_cfg = work / f"{method}-tiny.yaml"
+        tiny_cfg.write_text(json.dumps(with_paths(RECIPES[method], tiny)))
+        for key in ("evomerge_first_run", "evomerge_fixed"):
+            shutil.rmtree(out_evo, ignore_errors=True)
+            r = measure_rss([PY, "-m", "evomerge.cli", "merge", str(tiny_cfg), str(out_evo)], env)
+            row[key] = {k: r[k] for k in ("wall_s", "peak_rss_gb", "rc", "load_before")}
+        shutil.rmtree(out_evo, ignore_errors=True)
         r = measure_rss([PY, "-m", "evomerge.cli", "merge", str(cfg), str(out_evo)], env)
         row["evomerge_disk"] = {k: r[k] for k in ("wall_s", "peak_rss_gb", "user_s", "sys_s", "rc",
                                                   "load_before", "load_after")}

@@ -443,51 +443,68 @@ if numba is not None:
                     acc += dv * dv
                 out[j] = np.float32(acc / k)
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
     def _sce_energy_kernel(b, xs, var, selecting, t, cut, partial):
-        """Per chunk and model: sum of the selected task vector entries squared (float64)."""
+        """Per chunk and model: sum of the selected task vector entries squared (float64; may be
+        reassociated so the loop vectorises: the sums only set the models' weights)."""
         n = b.size
         k = len(xs)
         for c in prange(partial.shape[0]):
             s = c * CHUNK
             e = min(n, s + CHUNK)
-            for j in range(s, e):
-                if selecting and not ((var[j] > t) | ((var[j] == t) & (j >= cut))):
-                    continue
-                for i in range(k):
-                    d = xs[i][j] - b[j]
-                    partial[c, i] += np.float64(d * d)
+            for i in range(k):
+                x = xs[i]
+                acc = 0.0
+                for j in range(s, e):
+                    d = x[j] - b[j]
+                    sel = (not selecting) | _above(var[j], t, cut, j)
+                    acc += np.float64(d * d) if sel else 0.0
+                partial[c, i] = acc
 
     @njit(parallel=True, cache=True, nogil=True)
     def _sce_kernel(b, xs, var, selecting, t, cut, w, out):
         """methods.sce's merge: the selected entries, each model weighted by w where its sign agrees
-        with the majority of the summed task vectors."""
+        with the majority of the summed task vectors (blocked like _gta_kernel, so it vectorises)."""
         n = b.size
         k = len(xs)
         one = np.float32(1.0)
         zero = np.float32(0.0)
         tiny = np.float32(1e-6)
-        nch = (n + CHUNK - 1) // CHUNK
-        for c in prange(nch):
-            s = c * CHUNK
-            e = min(n, s + CHUNK)
-            for j in range(s, e):
-                f = one
-                if selecting and not ((var[j] > t) | ((var[j] == t) & (j >= cut))):
-                    f = zero
-                total = zero
-                for i in range(k):
-                    total += (xs[i][j] - b[j]) * f
-                sign = one if total >= zero else -one
-                merged = zero
-                weight = zero
-                for i in range(k):
-                    d = (xs[i][j] - b[j]) * f
+        nblocks = (n + BLOCK - 1) // BLOCK
+        for c in prange(nblocks):
+            s = c * BLOCK
+            m = min(n, s + BLOCK) - s
+            bb = b[s:s + m]
+            deltas = np.empty((k, m), dtype=np.float32)
+            f = np.ones(m, dtype=np.float32)
+            if selecting:
+                v = var[s:s + m]
+                first = cut - s
+                for j in range(m):
+                    f[j] = one if _above(v[j], t, first, j) else zero
+            sign = np.zeros(m, dtype=np.float32)  # the summed task vectors, then their sign
+            for i in range(k):
+                x = xs[i][s:s + m]
+                di = deltas[i]
+                for j in range(m):
+                    di[j] = (x[j] - bb[j]) * f[j]
+                    sign[j] = sign[j] + di[j]
+            for j in range(m):
+                sign[j] = one if sign[j] >= zero else -one
+            merged = np.zeros(m, dtype=np.float32)
+            weight = np.zeros(m, dtype=np.float32)
+            for i in range(k):
+                di = deltas[i]
+                wi = w[i]
+                for j in range(m):
+                    d = di[j]
                     sd = one if d > zero else (-one if d < zero else zero)
-                    a = w[i] if sd == sign else zero
-                    merged += d * a
-                    weight += a
-                out[j] = merged / max(weight, tiny) + b[j]
+                    a = wi if sd == sign[j] else zero
+                    merged[j] = merged[j] + d * a
+                    weight[j] = weight[j] + a
+            o = out[s:s + m]
+            for j in range(m):
+                o[j] = merged[j] / max(weight[j], tiny) + bb[j]
 
     @njit(parallel=True, cache=True, nogil=True)
     def _row_kl_kernel(a, b, rows, cols, kl):

@@ -486,19 +486,31 @@ def passthrough(tensor: Tensor, scale: float | None = None) -> Tensor:
 
 # -- spherical and consensus methods added with mergekit 0.1.5 ---------------------------------
 
-def nuslerp(t: float, v0: Tensor, v1: Tensor, *, row_wise: bool = False, flatten: bool = True,
-            eps: float = 1e-8) -> Tensor:
+def nuslerp(t: float, v0: Tensor, v1: Tensor, *, base: Tensor | None = None, row_wise: bool = False,
+            flatten: bool = True, eps: float = 1e-8) -> Tensor:
     """SLERP from ``v0`` (t=0) to ``v1`` (t=1) over whole tensors (``flatten``), over each
-    row (the last axis), or over each column (``row_wise``, the first axis).
+    row (the last axis), or over each column (``row_wise``, the first axis); with a ``base``,
+    of the task vectors ``v - base``, the base added back.
 
     Coefficients come from the angle between the unit vectors and multiply the raw vectors;
     pairs with 1 - cos^2 <= eps^2 are interpolated linearly.
     """
+    if flatten:  # two coefficients from the Gram matrix (one pass), then one weighted sum
+        g = _gram([v0, v1], base)
+        na, nb = (max(math.sqrt(max(g[i, i], 0.0)), 1e-7) for i in (0, 1))
+        cos = min(max(g[0, 1] / (na * nb), -1.0), 1.0)
+        if 1 - cos * cos <= eps * eps:
+            coefs = [1 - t, t]
+        else:
+            theta = math.acos(cos)
+            coefs = [math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)]
+        return _combine([v0, v1], base, np.array(coefs))
+    if base is not None:
+        b = _f(base)
+        return nuslerp(t, _f(v0) - b, _f(v1) - b, row_wise=row_wise, flatten=False, eps=eps).add_(b)
     a, b = _f(v0), _f(v1)
     shape = a.shape
-    if flatten:
-        a, b = a.reshape(-1), b.reshape(-1)
-    elif row_wise:
+    if row_wise:
         a, b = a.transpose(0, -1), b.transpose(0, -1)
     ua = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
     ub = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
@@ -509,7 +521,7 @@ def nuslerp(t: float, v0: Tensor, v1: Tensor, *, row_wise: bool = False, flatten
     theta = torch.acos(torch.where(colinear, 0.0, cos).to(cos.dtype))
     out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
     out = torch.where(colinear, (1 - t) * a + t * b, out)
-    if row_wise and not flatten:
+    if row_wise:
         out = out.transpose(0, -1)
     return out.reshape(shape)
 

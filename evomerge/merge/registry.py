@@ -327,10 +327,7 @@ def _run_nuslerp(x: MergeInputs) -> Tensor:
     t = 0.5 if abs(total) < 1e-6 else w[1] / total
     a, b = x.others
     kw = dict(row_wise=x.shared["nuslerp_row_wise"], flatten=x.shared["nuslerp_flatten"])
-    if x.base is None:
-        return K.nuslerp(t, a, b, **kw)
-    base = K._f(x.base)
-    return K.nuslerp(t, K._f(a) - base, K._f(b) - base, **kw).add_(base)
+    return K.nuslerp(t, a, b, base=x.base, **kw)
 
 
 register(MergeMethod(

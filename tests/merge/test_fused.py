@@ -135,3 +135,22 @@ def test_fused_drops_of_non_finite_deltas_take_the_torch_path(monkeypatch, tenso
         fast, slow = _reference(monkeypatch, fn)
         assert torch.equal(fast.isnan(), slow.isnan())
         assert torch.equal(torch.nan_to_num(fast), torch.nan_to_num(slow))
+
+
+OTHER_CASES = {
+    "sce": lambda b, f: M.sce(b, f, select_topk=0.5),
+    "sce, every entry": lambda b, f: M.sce(b, f[:2]),
+    "nuslerp with a base": lambda b, f: M.nuslerp(0.3, f[0], f[1], base=b),
+    "multislerp": lambda b, f: M.multislerp(f, [0.5, 0.3, 0.2], b),
+    "karcher": lambda b, f: M.karcher(f),
+    "ram": lambda b, f: M.ram(b, f[:2]),
+    "nearswap": lambda b, f: M.nearswap(b, f[0], 0.001),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_CASES))
+def test_fused_kernels_of_the_other_methods_agree_with_the_torch_code(monkeypatch, tensors, case):
+    base, fine, _ = tensors
+    fast, slow = _reference(monkeypatch, lambda: OTHER_CASES[case](base, fine))
+    # float64 accumulation in the kernels where torch sums in float32: equal to float32 rounding
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-6)

@@ -243,3 +243,14 @@ def test_uniform_draws_are_uniform_reproducible_and_independent_per_stream():
         assert abs(torch.corrcoef(torch.stack([a.reshape(-1), other.reshape(-1)]))[0, 1]) < 0.005
     flat = a.reshape(-1)
     assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1]) < 0.005
+
+
+def test_nuslerp_of_task_vectors_is_slerp_of_the_deltas_plus_the_base():
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(300, 200, generator=g)  # above fused.MIN_FUSED: the Gram-matrix path
+    a, b = base + 0.1 * torch.randn(base.shape, generator=g), base + 0.1 * torch.randn(base.shape, generator=g)
+    out = M.nuslerp(0.3, a, b, base=base)
+    assert torch.allclose(out, M.slerp(0.3, a - base, b - base) + base, atol=1e-6)
+    # colinear task vectors: linear interpolation
+    assert torch.allclose(M.nuslerp(0.25, base + (a - base), base + 2 * (a - base), base=base),
+                          base + 1.25 * (a - base), atol=1e-6)
