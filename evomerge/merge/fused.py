@@ -347,7 +347,7 @@ if numba is not None:
             partial[c, 1] = kept
 
     @njit(cache=True, nogil=True)
-    def _della_row(x, b, s, cols, k1, k2, low, span, keep, mags, counts, order, sums):
+    def _della_row(x, b, s, cols, k1, k2, low, span, keep, mags, counts, order, bucket, sums):
         """One row of _della_keep_kernel (a function of its own: numba's parallel-loop analysis
         mishandles this loop nest inline). Adds the row's L1 sums to ``sums``; a row with a
         non-finite magnitude is counted in sums[2] and left undecided."""
@@ -365,13 +365,16 @@ if numba is not None:
             sums[2] += bad
             return
         counts[:] = 0
-        scale = cols / np.float64(top) if top > 0 else 0.0
+        scale = np.float32(cols / np.float64(top) if top > 0 else 0.0)
+        last = cols - 1
         for j in range(cols):
-            counts[min(np.int64(mags[j] * scale), cols - 1) + 1] += 1
+            q = min(np.int32(mags[j] * scale), last)
+            bucket[j] = q
+            counts[q + 1] += 1
         for q in range(cols):
             counts[q + 1] += counts[q]
         for j in range(cols):  # j ascending: a bucket holds its entries in position order
-            q = min(np.int64(mags[j] * scale), cols - 1)
+            q = bucket[j]
             order[counts[q]] = j
             counts[q] += 1
         start = 0
@@ -381,7 +384,7 @@ if numba is not None:
                 sub = order[start:end].copy()
                 idx = np.argsort(mags[sub], kind="mergesort")
                 order[start:end] = sub[idx]
-            else:
+            elif end - start > 1:
                 for p in range(start + 1, end):  # stable insertion sort by magnitude
                     j = order[p]
                     m = mags[j]
@@ -413,11 +416,12 @@ if numba is not None:
         nblk = (rows + 63) // 64
         for blk in prange(nblk):
             mags = np.empty(cols, dtype=np.float32)
-            counts = np.zeros(cols + 1, dtype=np.int64)
-            order = np.empty(cols, dtype=np.int64)
+            counts = np.zeros(cols + 1, dtype=np.int32)
+            order = np.empty(cols, dtype=np.int32)
+            bucket = np.empty(cols, dtype=np.int32)
             sums = np.zeros(3)
             for r in range(blk * 64, min(rows, (blk + 1) * 64)):
-                _della_row(x, b, r * cols, cols, k1, k2, low, span, keep, mags, counts, order, sums)
+                _della_row(x, b, r * cols, cols, k1, k2, low, span, keep, mags, counts, order, bucket, sums)
             partial[blk, 0] = sums[0]
             partial[blk, 1] = sums[1]
             partial[blk, 2] = sums[2]
