@@ -45,6 +45,8 @@ def test_cli_merges_a_mergekit_yaml(models, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(recipe(models, tmp_path)), str(out)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    # The process skips the interpreter's teardown (cli.entry): its last line still got out.
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"wrote {out} (task_arithmetic")
     ck, base, ft = Checkpoint(out), Checkpoint(models["base"]), Checkpoint(models["ft"])
     name = "model.layers.1.mlp.down_proj.weight"
     assert torch.allclose(ck.get(name), base.get(name) + 0.5 * (ft.get(name) - base.get(name)))
