@@ -365,7 +365,8 @@ def main() -> int:
                     row["worker_S"] = round(row["worker_peak_kb"] * 1024 / s_bytes, 2)
                 rows.append(row)
                 shutil.rmtree(out, ignore_errors=True)
-                extra = {k: row[k] for k in ("start_S", "worker_S", "merge_s", "load_s", "scores", "tensors_sha256") if k in row}
+                extra = {k: row[k] for k in ("start_S", "worker_S", "merge_s", "load_s", "scores", "tensors_sha256")
+                         if k in row}
                 print(f"{n:>2} {mode:<24} {row['peak_S']:>7.2f} {row['anon_S']:>7.2f} {row['model_S']:>6.2f} "
                       f"{row['seconds']:>8.1f}  "
                       f"{json.dumps(extra)}", flush=True)
@@ -379,8 +380,8 @@ def main() -> int:
             print(f"one TIES merge of the {max(args.sources)} sources (median, one thread): "
                   f"{speed['mapped']:.3f} s mapped, {speed['resident']:.3f} s resident")
         if args.json:
-            args.json.write_text(json.dumps({"backend": args.backend, "S_bytes": s_bytes, "largest_tensor_S": largest, "rows": rows,
-                                             "merge_seconds": speed}, indent=2))
+            args.json.write_text(json.dumps({"backend": args.backend, "S_bytes": s_bytes, "largest_tensor_S": largest,
+                                             "rows": rows, "merge_seconds": speed}, indent=2))
         return 0 if same else 1
 
 

@@ -242,9 +242,9 @@ def counted_merge(plan, sources, seen: dict):
 @pytest.mark.parametrize("label", list(STREAM_PLANS))
 def test_a_streamed_merge_is_never_held_whole_and_scores_as_the_hf_backend(engine, dirs, label):
     """The in-process load path (``base.load_merged`` -> ``VLLMBackend.load_stream``) hands the
-    merge's own stream to vLLM's reload: at most a few merged tensors are alive at once (a
-    dict held all 20), and the scores are the HF backend's on the same stream and those of
-    the merged dict loaded through ``load_weights``."""
+    merge's own stream to vLLM's reload: at most a few merged tensors are alive at once (the
+    dict of before held every one: 20, or 11 for the one-layer plan), and the scores are the
+    HF backend's on the same stream and those of the merged dict through ``load_weights``."""
     from evomerge.backends.base import load_merged
     from evomerge.merge.engine import SourceSet
     from evomerge.merge.staged import merge_with_config, plan_from_dict
@@ -255,6 +255,7 @@ def test_a_streamed_merge_is_never_held_whole_and_scores_as_the_hf_backend(engin
     seen = {"yielded": 0, "most_alive": 0}
     load_merged(engine, *counted_merge(plan, sources, seen))
     layers = 1 if label == "one layer" else 2
+    # 4: vLLM's reload buffers q, k and v until the fused qkv_proj has all three, + the one just yielded
     assert seen["yielded"] == 2 + 9 * layers and seen["most_alive"] <= 4, seen
     assert engine.restarts == 0
     streamed = (engine.score(gen, idx), engine.likelihood(mc, idx))
@@ -291,10 +292,13 @@ def test_a_bad_stream_fails_naming_the_tensor_and_the_engine_keeps_serving(engin
             yield name, tensor
 
     nan = {**state, "model.layers.0.mlp.up_proj.weight": torch.full((128, 64), float("nan"))}
+    unknown = {**state, "model.layers.9.extra": torch.zeros(3)}
+    misshapen = {**state, "model.norm.weight": torch.zeros(3)}
+    missing = {k: v for k, v in state.items() if k != "model.norm.weight"}
     bad = [(NonFiniteWeights, r"model\.layers\.0\.mlp\.up_proj\.weight has NaN/inf", nan),
-           (CheckpointError, "candidate tensor model.layers.9.extra does not exist", {**state, "model.layers.9.extra": torch.zeros(3)}),
-           (CheckpointError, r"tensor model\.norm\.weight: shape \(3,\)", {**state, "model.norm.weight": torch.zeros(3)}),
-           (CheckpointError, "lack tensor model.norm.weight", {k: v for k, v in state.items() if k != "model.norm.weight"})]
+           (CheckpointError, "candidate tensor model.layers.9.extra does not exist", unknown),
+           (CheckpointError, r"tensor model\.norm\.weight: shape \(3,\)", misshapen),
+           (CheckpointError, "lack tensor model.norm.weight", missing)]
     for error, match, weights in bad:
         with pytest.raises(error, match=match):
             engine.load_stream(iter(weights.items()), config)
