@@ -21,12 +21,25 @@ before any model is touched), in units of S, one source's bytes:
 
 Then, in this process, one merge's time from mapped and from resident sources.
 
+``--backend vllm`` (run with ``.venv-vllm/bin/python``) measures a worker whose backend is
+a vLLM engine (vLLM's CPU build), sources mapped:
+
+- search-dict: the in-process engine as it was up to issue 21: each candidate's merge
+  collected into a dict (``merge_with_config``), checked, handed to ``load_weights``.
+- search-after: ``CandidateEvaluator`` as it is: the merge streamed into vLLM's
+  ``reload_weights`` tensor by tensor (``VLLMBackend.load_stream``).
+- search-multiprocess: ``evaluator.multiprocess: true``: vLLM's engine runs in a process of
+  its own, which merges each plan itself (``backends.vllm_extension``). The figure is the
+  worker's peak plus the engine process's (``VmHWM``, its own start included) less the
+  engine process's peak in the warm-up on small models.
+
 K candidates are TIES merges of all N sources (genomes drawn from the search's own
 parameter space), each scored on 10 zoo/arith items (likelihood scoring: a graded score,
 so before and after are compared on more than 0/1 answers of random models). The model's prediction is printed
 next to each figure (see docs/cluster.md, "Memory per worker").
 
     PYTHONPATH=. .venv/bin/python scripts/bench_memory.py [--sources 2 3 4] [--candidates 3]
+    PYTHONPATH=. .venv-vllm/bin/python scripts/bench_memory.py --backend vllm --sources 2 3
 """
 
 from __future__ import annotations
@@ -51,6 +64,7 @@ MODES = ("search-before", "search-after", "search-after-resident", "search-after
          "export-before", "export-after", "export-after-staged")
 # A staged candidate: a TIES merge, then data flow over its output and the sources (at most
 # as deep as the sources, so the engine is not rebuilt deeper).
+VLLM_MODES = ("search-dict", "search-after", "search-multiprocess")
 STAGED = {"kind": "combined", "parameter": {"method": "ties"},
           "data_flow": {"repetitions": 1, "max_layers": SHAPE["num_layers"]}}
 
@@ -60,6 +74,23 @@ def status_kb(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def engine_processes_hwm_kb() -> int:
+    """Summed peak RSS (``VmHWM``) of this process's descendants: vLLM's engine process (and
+    its workers) in multiprocess mode, 0 otherwise."""
+    todo, total = [os.getpid()], 0
+    while todo:
+        pid = todo.pop()
+        for children in Path(f"/proc/{pid}/task").glob("*/children"):
+            for child in children.read_text().split():
+                todo.append(int(child))
+                try:
+                    total += int(next(line.split()[1] for line in Path(f"/proc/{child}/status").read_text()
+                                      .splitlines() if line.startswith("VmHWM:")))
+                except (OSError, StopIteration):   # ended meanwhile, or a zombie
+                    pass
+    return total
 
 
 def make_sources(root: Path, n: int, shape: dict = SHAPE) -> dict[str, str]:
@@ -95,7 +126,7 @@ def plans(paths: dict[str, str], k: int, staged: bool = False) -> list[dict]:
 
 # --------------------------------------------------------------------------- one measurement (child)
 
-def measure(mode: str, paths: dict[str, str], k: int, out_dir: Path) -> dict:
+def measure(mode: str, paths: dict[str, str], k: int, out_dir: Path, backend: str = "hf") -> dict:
     """Peak RSS of ``mode`` above the process's own baseline. The baseline is taken after the
     same mode ran once on small models (code loaded and paged in, merge kernels compiled by
     numba, the peak then reset through /proc/self/clear_refs), so what remains is what
@@ -107,7 +138,7 @@ def measure(mode: str, paths: dict[str, str], k: int, out_dir: Path) -> dict:
 
     small = make_sources(out_dir / "warm", len(paths), dict(SHAPE, hidden_size=256, intermediate_size=512,
                                                              num_attention_heads=4, num_key_value_heads=2))
-    run_mode(mode, small, 1, out_dir / "warm-out")
+    warm = run_mode(mode, small, 1, out_dir / "warm-out", backend)
     Path("/proc/self/clear_refs").write_text("5")   # VmHWM := VmRSS
     baseline, anon0 = status_kb("VmRSS"), status_kb("RssAnon")
     anon_peak, done = [anon0], threading.Event()
@@ -120,18 +151,23 @@ def measure(mode: str, paths: dict[str, str], k: int, out_dir: Path) -> dict:
     sampler.start()
     t0 = time.perf_counter()
     try:
-        detail = run_mode(mode, paths, k, out_dir)
+        detail = run_mode(mode, paths, k, out_dir, backend)
     finally:
         done.set()
         sampler.join()
     peak, seconds = status_kb("VmHWM") - baseline, round(time.perf_counter() - t0, 2)
+    if "start_hwm_kb" in detail:
+        detail["start_kb"] = detail.pop("start_hwm_kb") - baseline - warm.get("engine_hwm_kb", 0)
+    if detail.get("engine_hwm_kb"):     # the engine's own process: its peak above the warm-up's
+        detail["worker_peak_kb"] = peak
+        peak += detail["engine_hwm_kb"] - warm["engine_hwm_kb"]
     if "exported" in detail:          # after the peak was read: checking the output costs memory too
         detail["tensors_sha256"] = [tensors_digest(Path(d)) for d in detail.pop("exported")]
     return {"mode": mode, "peak_kb": peak, "anon_peak_kb": anon_peak[0] - anon0, "baseline_kb": baseline,
             "seconds": seconds, **detail}
 
 
-def run_mode(mode: str, paths: dict[str, str], k: int, out_dir: Path) -> dict:
+def run_mode(mode: str, paths: dict[str, str], k: int, out_dir: Path, backend: str = "hf") -> dict:
     from evomerge.merge.engine import SourceSet
     from evomerge.workers.evaluator import CandidateEvaluator, EvaluatorSpec, ObjectiveSpec
     from evomerge.workers.types import Candidate
@@ -142,10 +178,16 @@ def run_mode(mode: str, paths: dict[str, str], k: int, out_dir: Path) -> dict:
     if mode.startswith("search"):
         spec = EvaluatorSpec(kind="merge", objectives=[ObjectiveSpec("arith", "zoo/arith", "subset", subset=10,
                                                          scoring="likelihood")],
-                             sources=dict(paths), model_dir=paths["s0"], threads=1)
+                             sources=dict(paths), model_dir=paths["s0"], threads=1, backend=backend,
+                             multiprocess=mode == "search-multiprocess")
         evaluator = CandidateEvaluator(spec)
+        # the peak so far: the engine's start (and for vLLM its first load), before any candidate
+        detail["start_hwm_kb"] = status_kb("VmHWM") + engine_processes_hwm_kb()
         if mode == "search-before":
             evaluator.sources = SourceSet.load(paths, resident=True)
+            run = lambda c: evaluate_before(evaluator, c)   # noqa: E731
+        elif mode == "search-dict":     # the sources stay mapped: only the merged dict is the old path's
+            evaluator.sources = evaluator.scorer.sources
             run = lambda c: evaluate_before(evaluator, c)   # noqa: E731
         elif mode == "search-after-resident":
             evaluator.sources = SourceSet.load(paths, resident=True)
@@ -159,6 +201,10 @@ def run_mode(mode: str, paths: dict[str, str], k: int, out_dir: Path) -> dict:
         detail["scores"] = [f'{r.objectives["arith"].value:.6e}' for r in results]
         detail["merge_s"] = [round(r.timings.get("merge", 0.0), 3) for r in results]
         detail["load_s"] = [round(r.timings.get("load", 0.0), 3) for r in results]
+        if backend == "vllm":          # read while the engine (process) still runs, then shut it down
+            detail["engine_hwm_kb"] = engine_processes_hwm_kb()
+            detail["kv_cache_bytes"] = evaluator.backend.engine_options.get("kv_cache_memory_bytes", 0)
+            evaluator.backend.close()
     else:
         from evomerge.search.export import RunRecord, export_records
 
@@ -228,16 +274,16 @@ def export_before(records, paths: dict[str, str], out: Path) -> None:
 
 # --------------------------------------------------------------------------- the memory model
 
-def predicted(mode: str, n: int, largest: float) -> float:
+def predicted(mode: str, n: int, largest: float, kv: float = 0.0) -> float:
     """Peak above the baseline in units of S (docs/cluster.md): N resident sources, the
     engine's own weights (1), the merged dict (1, before), a staged plan's first-stage
     output (1), and a few tensors in flight (``largest``: the biggest tensor, as a fraction
     of S; about N + 2 of them: the N inputs being merged, the result, the method's
-    temporaries)."""
+    temporaries). A vLLM engine adds its KV cache (``kv``, in S)."""
     flight = (n + 2) * largest
     return {"search-before": n + 2, "search-after": 1, "search-after-resident": n + 1,
             "search-after-staged": 2, "export-before": n + 1, "export-after": 0,
-            "export-after-staged": 1}[mode] + flight
+            "export-after-staged": 1, "search-dict": 2, "search-multiprocess": 1}[mode] + flight + kv
 
 
 def merge_speed(paths: dict[str, str], k: int, repeats: int = 3) -> dict[str, float]:
@@ -268,15 +314,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sources", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--candidates", type=int, default=3)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                        help="the worker's backend (vllm: run with .venv-vllm/bin/python)")
+    parser.add_argument("--modes", nargs="+", choices=MODES + VLLM_MODES,
+                        help=f"default: {' '.join(MODES)}; with --backend vllm: {' '.join(VLLM_MODES)}")
     parser.add_argument("--workdir", type=Path, help="keep the synthetic sources here (default: a temporary dir)")
     parser.add_argument("--json", type=Path, help="write every measurement here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         job = json.loads(args.child)
-        print(json.dumps(measure(job["mode"], job["paths"], job["k"], Path(job["out"]))))
+        print(json.dumps(measure(job["mode"], job["paths"], job["k"], Path(job["out"]), job["backend"])))
         return 0
+    args.modes = args.modes or list(VLLM_MODES if args.backend == "vllm" else MODES)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.workdir or Path(tmp)
@@ -290,7 +340,7 @@ def main() -> int:
         s_bytes = sum(math.prod(s) for s in sizes) * 4
         largest = max(math.prod(s) for s in sizes) * 4 / s_bytes
         print(f"S = {s_bytes / 1e6:.1f} MB per source (float32, {SHAPE}), largest tensor {largest:.3f} S; "
-              f"K = {args.candidates} candidates")
+              f"K = {args.candidates} candidates, backend {args.backend}")
         print(f"{'N':>2} {'measurement':<24} {'peak/S':>7} {'anon/S':>7} {'model':>6} {'seconds':>8}  detail")
         rows = []
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
@@ -298,7 +348,8 @@ def main() -> int:
             sub = {k: v for k, v in list(paths.items())[:n]}
             for mode in args.modes:
                 out = Path(tempfile.mkdtemp(dir=root))
-                job = json.dumps({"mode": mode, "paths": sub, "k": args.candidates, "out": str(out)})
+                job = json.dumps({"mode": mode, "paths": sub, "k": args.candidates, "out": str(out),
+                                  "backend": args.backend})
                 proc = subprocess.run([sys.executable, __file__, "--child", job], env=env, capture_output=True,
                                       text=True)
                 if proc.returncode:
@@ -307,10 +358,15 @@ def main() -> int:
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 row.update(n=n, peak_S=round(row["peak_kb"] * 1024 / s_bytes, 2),
                            anon_S=round(row["anon_peak_kb"] * 1024 / s_bytes, 2),
-                           model_S=round(predicted(mode, n, largest), 2))
+                           model_S=round(predicted(mode, n, largest, row.get("kv_cache_bytes", 0) / s_bytes), 2))
+                if "start_kb" in row:
+                    row["start_S"] = round(row["start_kb"] * 1024 / s_bytes, 2)
+                if "worker_peak_kb" in row:
+                    row["worker_S"] = round(row["worker_peak_kb"] * 1024 / s_bytes, 2)
                 rows.append(row)
                 shutil.rmtree(out, ignore_errors=True)
-                extra = {k: row[k] for k in ("merge_s", "load_s", "scores", "tensors_sha256") if k in row}
+                extra = {k: row[k] for k in ("start_S", "worker_S", "merge_s", "load_s", "scores", "tensors_sha256")
+                         if k in row}
                 print(f"{n:>2} {mode:<24} {row['peak_S']:>7.2f} {row['anon_S']:>7.2f} {row['model_S']:>6.2f} "
                       f"{row['seconds']:>8.1f}  "
                       f"{json.dumps(extra)}", flush=True)
@@ -318,12 +374,14 @@ def main() -> int:
                    for a in rows for b in rows if a["n"] == b["n"] and a["mode"].split("-")[0] == b["mode"].split("-")[0]
                    and a["mode"].endswith("staged") == b["mode"].endswith("staged"))
         print(f"before and after give the same scores / the same exported bytes: {same}")
-        speed = merge_speed(paths, args.candidates)
-        print(f"one TIES merge of the {max(args.sources)} sources (median, one thread): "
-              f"{speed['mapped']:.3f} s mapped, {speed['resident']:.3f} s resident")
+        speed = None                    # the merge's speed does not depend on the backend: HF runs only
+        if args.backend == "hf":
+            speed = merge_speed(paths, args.candidates)
+            print(f"one TIES merge of the {max(args.sources)} sources (median, one thread): "
+                  f"{speed['mapped']:.3f} s mapped, {speed['resident']:.3f} s resident")
         if args.json:
-            args.json.write_text(json.dumps({"S_bytes": s_bytes, "largest_tensor_S": largest, "rows": rows,
-                                             "merge_seconds": speed}, indent=2))
+            args.json.write_text(json.dumps({"backend": args.backend, "S_bytes": s_bytes, "largest_tensor_S": largest,
+                                             "rows": rows, "merge_seconds": speed}, indent=2))
         return 0 if same else 1
 
 

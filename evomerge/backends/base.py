@@ -23,10 +23,14 @@ class ItemResult:
 
 @runtime_checkable
 class Backend(Protocol):
-    # A backend may also have ``load_stream(tensors, config)``: the same from an iterator of
-    # (name, tensor), each installed as it arrives (``load_merged`` prefers it).
     def load_weights(self, weights: dict[str, Tensor], config: dict) -> None:
         """Install candidate weights; in place when the architecture is unchanged."""
+        ...
+
+    def load_stream(self, tensors: Iterable[tuple[str, Tensor]], config: dict) -> None:
+        """``load_weights`` from an iterator of (name, tensor), as a merge yields them: each
+        tensor checked (finite, known name, shape) and installed as it arrives, so no merged
+        copy of the whole model is held."""
         ...
 
     def score(self, task: Task, indices: Sequence[int]) -> list[ItemResult]:
@@ -78,18 +82,9 @@ def timed_stream(tensors: Iterable[tuple[str, Tensor]], timings: dict[str, float
 
 
 def load_merged(backend: Backend, tensors: Iterable[tuple[str, Tensor]], config: dict) -> None:
-    """Install a merge's output, as it streams out of the merge where the backend can take a
-    stream (``load_stream``: no merged copy of the whole model); else collected into a dict
-    for ``load_weights``, every tensor checked to be finite first."""
-    if hasattr(backend, "load_stream"):
-        backend.load_stream(tensors, config)
-        return
-    try:
-        weights = dict(finite_stream(tensors))
-    finally:
-        if hasattr(tensors, "close"):   # a merge stopped half-way (see HFBackend.load_stream)
-            tensors.close()
-    backend.load_weights(weights, config)
+    """Install a merge's output as it streams out of the merge (``Backend.load_stream``: no
+    merged copy of the whole model; every backend streams since issue 21)."""
+    backend.load_stream(tensors, config)
 
 
 def scoring_method(backend: Backend, scoring: str) -> Callable[[Task, Sequence[int]], list[ItemResult]]:

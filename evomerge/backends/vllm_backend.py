@@ -1,7 +1,8 @@
 """vLLM backend: one resident engine per worker, candidate weights reloaded into it in place.
 
-The engine is started once from ``model_dir``. ``load_weights`` hands the candidate's tensors
-(HF checkpoint names and layout) to vLLM's own in-place reload path,
+The engine is started once from ``model_dir``. ``load_stream`` (a merge as it streams out of
+``merge.engine.iter_merge``, checked tensor by tensor) and ``load_weights`` (a dict) hand the
+candidate's tensors (HF checkpoint names and layout) to vLLM's own in-place reload path,
 ``Worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)``, reached through
 ``LLM.collective_rpc``. That path exists because vLLM backends post-process weights after
 loading (the CPU backend repacks linear weights into its kernel layout, GPU backends may
@@ -30,13 +31,14 @@ the backend is built for (prompt + generation, or prompt + choice / reference), 
 model's whole context, 8192 tokens for SmolLM2, more KV cache than it is given).
 
 By default the engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the
-weights reach it by reference, with no serialization, and scripts need no ``if __name__ ==
-"__main__"`` guard; run one backend per worker process (a Ray actor). ``multiprocess=True``
-(and any ``tensor_parallel_size`` / ``pipeline_parallel_size`` > 1) runs vLLM's own worker
-processes instead: its RPC cannot carry tensors (vLLM 0.32.0 turns the (name, tensor) pairs
-into lists), so candidates go to the workers as plans (``load_plan``) and are merged there
-(``evomerge/backends/vllm_extension.py``). vLLM then spawns its processes: a script needs the
-``__main__`` guard.
+weights reach it by reference, with no serialization -- the merge's own generator is the
+reload's ``weights_iterator``, so no merged copy of the model is held -- and scripts need
+no ``if __name__ == "__main__"`` guard; run one backend per worker process (a Ray actor).
+``multiprocess=True`` (and any ``tensor_parallel_size`` / ``pipeline_parallel_size`` > 1)
+runs vLLM's own worker processes instead: its RPC cannot carry tensors (vLLM 0.32.0 turns
+the (name, tensor) pairs into lists), so candidates go to the workers as plans
+(``load_plan``) and are merged there (``evomerge/backends/vllm_extension.py``). vLLM then
+spawns its processes: a script needs the ``__main__`` guard.
 
 Scoring matches ``HFBackend``: prompts are tokenized here with the model's HF tokenizer and
 passed as token ids; generation is greedy (temperature 0); multiple choice sums the
@@ -56,16 +58,16 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from evomerge.backends.base import (PER_LAYER_KEYS, ItemResult, check_indices, choice_rows, graded_results,
-                                    harness_results, layer_template, likelihood_rows, longest_request,
-                                    pad_with_identity_layers, pick_choices, same_but_depth)
+from evomerge.backends.base import (PER_LAYER_KEYS, ItemResult, check_indices, choice_rows, finite_stream,
+                                    graded_results, harness_results, layer_template, likelihood_rows,
+                                    longest_request, pad_with_identity_layers, pick_choices, same_but_depth)
 from evomerge.backends.hf import SHAPE_KEYS, load_tokenizer
 from evomerge.errors import UNKNOWN_FIELD, CheckpointError, ConfigError, EvomergeError
 from evomerge.tasks.task import Task
@@ -271,8 +273,8 @@ class VLLMBackend:
             self.llm = self._start(self.model_dir, overrides={
                 k: self.config[k] for k in ("num_hidden_layers", *PER_LAYER_KEYS) if k in self.config})
             self._grow_shapes(_num_layers(source_config), self.capacity)
-            ck = Checkpoint(self.model_dir)
-            self.load_weights({name: ck.get(name) for name in ck.tensor_names}, source_config)
+            ck = Checkpoint(self.model_dir)     # streamed from the page cache, as a merge is
+            self.load_stream(((name, ck.get(name, mapped=True)) for name in ck.tensor_names), source_config)
         else:
             self.llm = self._start(self.model_dir)
 
@@ -396,6 +398,8 @@ class VLLMBackend:
             raise CheckpointError(f"merged tensor {bad} has NaN/inf values")
 
     def load_weights(self, weights: dict[str, Tensor], config: dict) -> None:
+        """Install a candidate held as a dict: every tensor is checked before the engine is
+        touched, so a bad candidate leaves the engine's weights as they were."""
         if self.llm is None:
             raise EvomergeError("vllm backend is closed")
         if self.multiprocess and self.fits_in_place(config):
@@ -408,8 +412,71 @@ class VLLMBackend:
         if layers < self.capacity:
             weights, config = pad_with_identity_layers(weights, config, self.capacity, self.template)
         self._check(weights, self.shapes, config)
-        self.llm.collective_rpc("reload_weights", kwargs={
-            "weights_iterator": list(weights.items()), "is_checkpoint_format": True})
+        self._reload(iter(weights.items()), layers)
+
+    def load_stream(self, tensors: Iterable[tuple[str, Tensor]], config: dict) -> None:
+        """``load_weights`` for a stream of (checkpoint name, tensor), as ``merge.engine.iter_merge``
+        yields them (``base.load_merged`` calls this): the engine runs in this process, so the
+        stream itself is vLLM's ``weights_iterator`` and each tensor is checked (known name,
+        shape, finite) and loaded as it arrives -- no merged copy of the whole model is held.
+
+        A bad tensor (or an error in the merge) ends the stream there, and the error is raised
+        once the reload has finished: vLLM's reload leaves the model's layers on the meta
+        device if its iterator raises, so it must always run to its end. The engine then holds
+        a half-written candidate, which the next candidate overwrites entirely. A candidate
+        that needs an engine restart (``fits_in_place`` is false) is collected into a dict
+        and written to disk for the new engine, as ``load_weights`` does."""
+        if self.llm is None:
+            raise EvomergeError("vllm backend is closed")
+        if not self.fits_in_place(config):
+            try:
+                weights = dict(finite_stream(tensors))
+            finally:
+                if hasattr(tensors, "close"):
+                    tensors.close()
+            self.load_weights(weights, config)
+            return
+        if self.multiprocess:
+            raise EvomergeError("vllm backend in multiprocess mode loads candidates as plans (load_plan)")
+        from evomerge.io.architectures import architecture_of
+
+        layers = _num_layers(config)
+        spare, _ = pad_with_identity_layers({}, config, self.capacity, self.template)
+        arch = architecture_of(config, self.shapes.keys(), where=f"candidate for {self.model_dir}")
+        tied_names = {t for t, _ in arch.tied} if config.get("tie_word_embeddings") else set()
+        failed: list[BaseException] = []
+        seen: set[str] = set()
+
+        def checked() -> Iterator[tuple[str, Tensor]]:
+            try:
+                for name, tensor in finite_stream(tensors):
+                    if name not in self.shapes and name not in tied_names:
+                        raise CheckpointError(f"candidate tensor {name} does not exist in {self.model_dir}")
+                    if name in self.shapes and tuple(tensor.shape) != self.shapes[name]:
+                        raise CheckpointError(f"tensor {name}: shape {tuple(tensor.shape)} does not fit "
+                                              f"{self.shapes[name]}")
+                    seen.add(name)
+                    yield name, tensor
+            except Exception as exc:       # noqa: BLE001 -- re-raised after the reload, see above
+                failed.append(exc)
+                return
+            finally:
+                if hasattr(tensors, "close"):   # a merge stopped half-way (see HFBackend.load_stream)
+                    tensors.close()
+            seen.update(spare)
+            yield from spare.items()
+
+        self._reload(checked(), layers)
+        if failed:
+            raise failed[0]
+        missing = [n for n in self.shapes if n not in seen and n not in tied_names]
+        if missing:
+            raise CheckpointError(f"candidate weights lack tensor {missing[0]} ({len(missing)} missing)")
+
+    def _reload(self, tensors: Iterator[tuple[str, Tensor]], layers: int) -> None:
+        """vLLM's in-place reload from ``tensors`` (checkpoint names, all the engine's layers);
+        the model then runs its first ``layers`` layers."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors, "is_checkpoint_format": True})
         if self.device == "cpu" and self.config.get("tie_word_embeddings"):
             self.llm.collective_rpc(_repack_tied_lm_head)
         self.llm.collective_rpc(use_layers, args=(layers,))

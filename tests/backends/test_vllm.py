@@ -209,6 +209,105 @@ def test_token_level_methods_lm_eval_uses_agree_with_hf_backend(engine, dirs):
     assert sum(a.split(";")[0] == b for a, b in zip(texts, cut)) >= len(PROMPTS) - 2
 
 
+STREAM_PLANS = {
+    "ties": {"merge_method": "ties", "base_model": "b",
+             "models": [{"model": "a", "parameters": {"weight": 0.8, "density": 0.6}}]},
+    # one layer of a: shallower than the 2-layer engine, its spare layer an identity layer
+    "one layer": {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]}]},
+}
+
+
+def counted_merge(plan, sources, seen: dict):
+    """``iter_merge_with_config``'s stream, counting at each tensor how many of the tensors
+    it yielded so far are still alive anywhere (weak references): a consumer that collects
+    the merge into a dict or a list keeps them all alive."""
+    import weakref
+
+    from evomerge.merge.staged import iter_merge_with_config
+
+    tensors, config = iter_merge_with_config(plan, sources)
+
+    def stream():
+        refs = []
+        for name, tensor in tensors:
+            refs.append(weakref.ref(tensor))
+            seen["yielded"] += 1
+            seen["most_alive"] = max(seen["most_alive"], sum(r() is not None for r in refs))
+            yield name, tensor
+            del tensor
+
+    return stream(), config
+
+
+@pytest.mark.parametrize("label", list(STREAM_PLANS))
+def test_a_streamed_merge_is_never_held_whole_and_scores_as_the_hf_backend(engine, dirs, label):
+    """The in-process load path (``base.load_merged`` -> ``VLLMBackend.load_stream``) hands the
+    merge's own stream to vLLM's reload: at most a few merged tensors are alive at once (the
+    dict of before held every one: 20, or 11 for the one-layer plan), and the scores are the
+    HF backend's on the same stream and those of the merged dict through ``load_weights``."""
+    from evomerge.backends.base import load_merged
+    from evomerge.merge.engine import SourceSet
+    from evomerge.merge.staged import merge_with_config, plan_from_dict
+
+    plan = plan_from_dict(STREAM_PLANS[label])
+    sources = SourceSet.load({"a": dirs["a"], "b": dirs["b"]}, resident=False)
+    gen, mc, idx = generate_task(["7"] * len(PROMPTS)), mc_task(), list(range(len(PROMPTS)))
+    seen = {"yielded": 0, "most_alive": 0}
+    load_merged(engine, *counted_merge(plan, sources, seen))
+    layers = 1 if label == "one layer" else 2
+    # 4: vLLM's reload buffers q, k and v until the fused qkv_proj has all three, + the one just yielded
+    assert seen["yielded"] == 2 + 9 * layers and seen["most_alive"] <= 4, seen
+    assert engine.restarts == 0
+    streamed = (engine.score(gen, idx), engine.likelihood(mc, idx))
+
+    hf = HFBackend(dirs["b"])
+    load_merged(hf, *counted_merge(plan, sources, {"yielded": 0, "most_alive": 0}))
+    want_gen, want_ll = hf.score(gen, idx), hf.likelihood(mc, idx)
+    margins = [greedy_with_margin(hf.model, hf.tokenizer, p)[1] for p in PROMPTS]
+    clear = [i for i, m in enumerate(margins) if m > MARGIN]
+    assert len(clear) >= len(PROMPTS) - 2, margins
+    assert [streamed[0][i].output for i in clear] == [want_gen[i].output for i in clear]
+    assert [r.score for r in streamed[1]] == pytest.approx([r.score for r in want_ll], abs=2e-3)
+
+    engine.load_weights(*merge_with_config(plan, sources))
+    assert [r.output for r in engine.score(gen, idx)] == [r.output for r in streamed[0]]
+    assert [r.score for r in engine.likelihood(mc, idx)] == pytest.approx([r.score for r in streamed[1]], abs=1e-6)
+
+
+def test_a_bad_stream_fails_naming_the_tensor_and_the_engine_keeps_serving(engine, dirs):
+    """A NaN tensor, an unknown name, a wrong shape, a missing tensor, or the merge raising
+    half-way: the load fails naming the cause, and the engine (whose reload always runs to
+    its end) then loads and scores a good candidate exactly as before."""
+    from evomerge.backends.base import NonFiniteWeights
+
+    state, config = weights_of(tiny_model(0))
+    gen, idx = generate_task(["7"] * len(PROMPTS)), list(range(len(PROMPTS)))
+    engine.load_stream(iter(state.items()), config)
+    good = [r.output for r in engine.score(gen, idx)]
+
+    def broken():
+        for name, tensor in state.items():
+            if name == "model.layers.1.self_attn.k_proj.weight":
+                raise RuntimeError("merge failed here")
+            yield name, tensor
+
+    nan = {**state, "model.layers.0.mlp.up_proj.weight": torch.full((128, 64), float("nan"))}
+    unknown = {**state, "model.layers.9.extra": torch.zeros(3)}
+    misshapen = {**state, "model.norm.weight": torch.zeros(3)}
+    missing = {k: v for k, v in state.items() if k != "model.norm.weight"}
+    bad = [(NonFiniteWeights, r"model\.layers\.0\.mlp\.up_proj\.weight has NaN/inf", nan),
+           (CheckpointError, "candidate tensor model.layers.9.extra does not exist", unknown),
+           (CheckpointError, r"tensor model\.norm\.weight: shape \(3,\)", misshapen),
+           (CheckpointError, "lack tensor model.norm.weight", missing)]
+    for error, match, weights in bad:
+        with pytest.raises(error, match=match):
+            engine.load_stream(iter(weights.items()), config)
+    with pytest.raises(RuntimeError, match="merge failed here"):
+        engine.load_stream(broken(), config)
+    engine.load_stream(iter(state.items()), config)
+    assert [r.output for r in engine.score(gen, idx)] == good
+
+
 def test_eval_command_with_the_vllm_backend_scores_every_item_as_the_hf_backend(tmp_path, capsys):
     """`evomerge eval ZOO_MODEL --backend vllm` (default engine options) writes the same per-item
     scores as `--backend hf`, exact and likelihood."""
