@@ -206,10 +206,13 @@ def run_mode(mode: str, paths: dict[str, str], k: int, out_dir: Path, backend: s
             detail["kv_cache_bytes"] = evaluator.backend.engine_options.get("kv_cache_memory_bytes", 0)
             evaluator.backend.close()
     else:
-        from evomerge.search.export import RunRecord, export_records
+        from evomerge.search.archive import Record
+        from evomerge.search.export import export_records
+        from evomerge.workers.types import Candidate, EvalResult, ObjectiveScore
 
-        records = [RunRecord(candidate_id=i, generation=0, genome=[], plan=plan, status="ok",
-                             objectives={"arith": {"value": 0.0, "stderr": 0.0, "n_items": 0}})
+        records = [Record(Candidate(candidate_id=i, generation=0, genome=[], plan=plan),
+                          EvalResult(candidate_id=i, status="ok",
+                                     objectives={"arith": ObjectiveScore(value=0.0, stderr=0.0, n_items=0)}))
                    for i, plan in enumerate(todo)]
         run_dir = out_dir / "run"
         run_dir.mkdir(exist_ok=True)
