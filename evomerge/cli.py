@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _command_name(argv: list[str]) -> str | None:
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser, with the arguments of the command ``argv`` names (default: sys.argv)."""
     parser = argparse.ArgumentParser(
@@ -40,7 +44,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     argv = sys.argv[1:] if argv is None else argv
-    wanted = next((arg for arg in argv if not arg.startswith("-")), None)
+    wanted = _command_name(argv)
     for name, (module_name, help_text) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         # Only the chosen command's module is imported (keeps `evomerge merge` light).
@@ -85,8 +89,7 @@ EXIT_WITHOUT_TEARDOWN = {"merge"}
 def entry() -> None:
     """The console script: ``main()``, then for EXIT_WITHOUT_TEARDOWN commands a direct exit."""
     code = main()
-    wanted = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
-    if wanted in EXIT_WITHOUT_TEARDOWN:
+    if _command_name(sys.argv[1:]) in EXIT_WITHOUT_TEARDOWN:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -43,6 +43,7 @@ SAMPLE = 8192  # magnitudes sampled to bracket the threshold
 BRACKET = (5.0, 4)  # bracket half-width: standard deviations of the sample rank, plus slack
 MIN_FUSED = 1 << 15  # smaller tensors: the torch code is as fast
 ALL, TOP, BAND, DRAW, MASK = range(5)  # Keep.mode: which entries of a delta are kept
+HASH_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)  # of methods.uniform_draws' integer hash
 
 
 def usable(*tensors: Tensor) -> bool:
@@ -316,9 +317,9 @@ if numba is not None:
     @njit(cache=True, nogil=True, inline="always")
     def _lowbias32(x):
         x ^= x >> np.uint32(16)
-        x = np.uint32(x * np.uint32(0x7FEB352D))
+        x = np.uint32(x * np.uint32(HASH_MULTIPLIERS[0]))
         x ^= x >> np.uint32(15)
-        x = np.uint32(x * np.uint32(0x846CA68B))
+        x = np.uint32(x * np.uint32(HASH_MULTIPLIERS[1]))
         x ^= x >> np.uint32(16)
         return x
 
@@ -738,10 +739,13 @@ def draw_l1(x: Tensor, base: Tensor, keys: tuple[int, int], density: float) -> t
 
 def della_keep(x: Tensor, base: Tensor, keys: tuple[int, int], density: float, epsilon: float
                ) -> tuple[Tensor, float, float] | None:
-    """methods.della_mask of ``x - base`` with the draws of ``keys`` (rows of at least two entries),
-    and its L1 sums (all entries, kept entries); None when a delta is not finite."""
+    """methods.della_mask of ``x - base`` with the draws of ``keys``, and its L1 sums (all entries,
+    kept entries); None when a delta is not finite or a row has one entry (the torch code's
+    rank normalisation, NaN, decides there)."""
     rows = x.shape[0] if x.dim() >= 2 else 1  # as methods.della_mask: rows = the first axis
     cols = x.numel() // max(rows, 1)
+    if cols < 2:
+        return None
     keep = torch.empty(x.shape, dtype=torch.bool)
     partial = np.zeros(((rows + 63) // 64, 3))
     _della_keep_kernel(_np(x), _np(base), rows, cols, np.uint32(keys[0]), np.uint32(keys[1]),

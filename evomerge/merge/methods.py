@@ -114,7 +114,7 @@ def magnitude_outliers_mask(delta: Tensor, density: float, gamma: float) -> Tens
 # hash (a bijection on 32 bits); the top 24 bits give a float32 in [0, 1), as torch.rand does.
 
 MASK32 = 0xFFFFFFFF
-HASH_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
+HASH_MULTIPLIERS = fused.HASH_MULTIPLIERS  # one definition, read by the numba kernels too
 
 
 def stream_keys(seed: int, stream: int) -> tuple[int, int]:
@@ -241,6 +241,8 @@ def generalized_task_arithmetic(
     b = _f(base)
     if not tensors:
         return b.clone()
+    if sparsify in ("random", "della_magprune"):
+        seed = _draw_seed(seed)  # once: the fused kernels and the torch code below draw alike
     if base.numel() >= fused.MIN_FUSED and fused.usable(base, *tensors):
         out = None
         if sparsify in (None, "magnitude") and not (rescale and sparsify):
@@ -249,13 +251,10 @@ def generalized_task_arithmetic(
             out = _fused_band(base, tensors, weights, densities, gammas or [0.01] * len(tensors), consensus,
                               normalize, lam)
         elif sparsify in ("random", "della_magprune"):
-            seed = _draw_seed(seed)
             out = _fused_drop(base, tensors, weights, densities, sparsify, consensus, normalize, rescale, lam,
                               epsilons or [0.15] * len(tensors), seed)
         if out is not None:
             return out
-    if sparsify in ("random", "della_magprune"):
-        seed = _draw_seed(seed)
     deltas: list[Tensor] = []
     for i, x in enumerate(tensors):
         d = _f(x) - b  # fresh tensor: safe to modify in place
@@ -363,7 +362,8 @@ def _fused_drop(base: Tensor, tensors: list[Tensor], weights: list[float], densi
                 seed: int) -> Tensor | None:
     """DARE and DELLA fused: per model one pass for its L1 sums (and DELLA's keep mask: DARE's
     draws are recomputed in the merge pass, not stored), then one pass for the merge. The draws
-    are the torch code's (``uniform_draws``). None: a delta is not finite, the torch code decides."""
+    are the torch code's (``uniform_draws``). None: the torch code decides (a delta that is not
+    finite, or DELLA rows of one entry)."""
     keeps = []
     for i, (x, density, epsilon) in enumerate(zip(tensors, densities, epsilons)):
         key = stream_keys(seed, i)
@@ -379,9 +379,6 @@ def _fused_drop(base: Tensor, tensors: list[Tensor], weights: list[float], densi
                                     scale=_rescale_factor(total, kept) if rescale else 1.0))
         else:
             _check_della(density, epsilon)
-            cols = x.numel() // x.shape[0] if x.dim() >= 2 and x.shape[0] else x.numel()
-            if cols < 2:
-                return None  # rows of one entry: the torch code's rank normalisation (NaN) decides
             decided = fused.della_keep(x, base, key, density, epsilon)
             if decided is None:
                 return None
