@@ -27,7 +27,7 @@ import torch
 
 from evomerge.errors import CheckpointError
 from evomerge.io.architectures import Architecture, architecture_of
-from evomerge.io.atomic import atomic_dir
+from evomerge.io.atomic import StreamedFile, atomic_dir
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -345,20 +345,23 @@ def _write_streaming(tmp: Path, tensors: Iterable[tuple[str, torch.Tensor]], lay
             if k != current:
                 if f is not None:
                     f.close()
-                f = open(tmp / names[k], "wb")
+                f = StreamedFile(tmp / names[k])
                 f.write(_header_bytes(shards[k])[0])
                 current = k
             t = t.detach()
             if t.device.type != "cpu":
                 t = t.cpu()
             if t.numel():
-                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
         missing = next(expected, None)
         if missing is not None:
             raise CheckpointError(f"tensor stream for {out_dir} ended before {missing[1][0]}")
-    finally:
+    except BaseException:
         if f is not None:
-            f.close()
+            f.abandon()
+        raise
+    if f is not None:
+        f.close()
     if n > 1:
         weight_map = {name: names[k] for k, shard in enumerate(shards) for name, _, _ in shard}
         total = sum(_header_bytes(shard)[1] for shard in shards)

@@ -3,7 +3,10 @@
 import pytest
 
 from evomerge.errors import EvomergeError
-from evomerge.io.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
+import os
+
+from evomerge.io import atomic
+from evomerge.io.atomic import StreamedFile, atomic_dir, atomic_write_bytes, atomic_write_text
 
 
 def test_atomic_dir_appears_only_on_success(tmp_path):
@@ -97,3 +100,32 @@ def test_writing_below_a_file_is_a_one_line_error_naming_it(tmp_path):
     with pytest.raises(EvomergeError, match="afile is a file, not a directory"):
         atomic_write_text(tmp_path / "afile" / "f.txt", "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_every_file_of_a_directory_is_on_disk_before_it_gets_its_final_name(tmp_path, monkeypatch):
+    synced, final = [], tmp_path / "model"
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append((os.path.basename(os.path.realpath(f"/proc/self/fd/{fd}")), final.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    with atomic_dir(final) as tmp:
+        (tmp / "a.bin").write_bytes(b"x" * 10)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.json").write_text("{}")
+    assert {("a.bin", False), ("b.json", False)} <= set(synced)
+    assert (final / "sub" / "b.json").read_text() == "{}"
+
+
+def test_a_streamed_file_hands_its_pages_to_the_disk_as_it_grows(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(atomic, "WRITEBACK_BYTES", 1000)
+    monkeypatch.setattr(atomic, "_START_WRITEBACK", lambda fd, off, n, flags: calls.append(flags))
+    f = StreamedFile(tmp_path / "big")
+    for _ in range(10):
+        f.write(bytearray(450))
+    f.close()
+    assert len(calls) == 3  # once 1000 bytes are pending: at 1350, 2700 and 4050 bytes
+    assert (tmp_path / "big").stat().st_size == 4500
