@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import namedtuple
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,8 @@ BRACKET = (5.0, 4)  # bracket half-width: standard deviations of the sample rank
 MIN_FUSED = 1 << 15  # smaller tensors: the torch code is as fast
 ALL, TOP, BAND, DRAW, MASK = range(5)  # Keep.mode: which entries of a delta are kept
 HASH_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)  # of methods.uniform_draws' integer hash
+DELLA_BUCKETS = 2  # DELLA's rank buckets per entry of a row
+DELLA_WINDOW = 7  # buckets of at most this many + 1 entries are ranked by comparisons, larger ones sorted
 
 
 def usable(*tensors: Tensor) -> bool:
@@ -347,11 +350,24 @@ if numba is not None:
             partial[c, 0] = total
             partial[c, 1] = kept
 
+    # One thread's scratch arrays for DELLA's rows (a namedtuple: numba caches code that takes one).
+    DellaScratch = namedtuple("DellaScratch", "mags counts order bucket rank placed near_mag near_bucket sums")
+
     @njit(cache=True, nogil=True)
-    def _della_row(x, b, s, cols, k1, k2, low, span, keep, mags, counts, order, bucket, sums):
+    def _della_scratch(cols):
+        return DellaScratch(np.empty(cols, dtype=np.float32), np.zeros(DELLA_BUCKETS * cols + 1, dtype=np.int32),
+                            np.empty(cols, dtype=np.int32), np.empty(cols, dtype=np.int32),
+                            np.empty(cols, dtype=np.int32), np.empty(cols, dtype=np.int32),
+                            np.empty(cols + 2 * DELLA_WINDOW, dtype=np.float32),
+                            np.empty(cols + 2 * DELLA_WINDOW, dtype=np.int32), np.zeros(3))
+
+    @njit(cache=True, nogil=True)
+    def _della_row(x, b, s, cols, k1, k2, low, span, keep, w):
         """One row of _della_keep_kernel (a function of its own: numba's parallel-loop analysis
-        mishandles this loop nest inline). Adds the row's L1 sums to ``sums``; a row with a
+        mishandles this loop nest inline). Adds the row's L1 sums to ``w.sums``; a row with a
         non-finite magnitude is counted in sums[2] and left undecided."""
+        mags, counts, order, bucket, rank = w.mags, w.counts, w.order, w.bucket, w.rank
+        near_mag, near_bucket = w.near_mag, w.near_bucket
         denom = np.float32(cols - 1)
         top = np.float32(0.0)
         bad = 0
@@ -363,48 +379,81 @@ if numba is not None:
             bad += not (m <= np.float32(3.4028234663852886e38))  # NaN or inf
             total += np.float64(m)
         if bad:
-            sums[2] += bad
+            w.sums[2] += bad
             return
+        buckets = DELLA_BUCKETS * cols
         counts[:] = 0
-        scale = np.float32(cols / np.float64(top) if top > 0 else 0.0)
-        last = cols - 1
+        scale = np.float32(buckets / np.float64(top) if top > 0 else 0.0)
+        last = buckets - 1
         for j in range(cols):
             q = min(np.int32(mags[j] * scale), last)
             bucket[j] = q
             counts[q + 1] += 1
-        for q in range(cols):
+        biggest = 0
+        for q in range(buckets):
+            biggest = max(biggest, counts[q + 1])
             counts[q + 1] += counts[q]
         for j in range(cols):  # j ascending: a bucket holds its entries in position order
             q = bucket[j]
             order[counts[q]] = j
             counts[q] += 1
-        start = 0
-        for q in range(cols):
-            end = counts[q]  # after the scatter, counts[q] is where bucket q ends
-            if end - start > 64:  # heavy ties (e.g. unchanged entries): a stable sort
-                sub = order[start:end].copy()
-                idx = np.argsort(mags[sub], kind="mergesort")
-                order[start:end] = sub[idx]
-            elif end - start > 1:
-                for p in range(start + 1, end):  # stable insertion sort by magnitude
-                    j = order[p]
-                    m = mags[j]
-                    w = p - 1
-                    while w >= start and mags[order[w]] > m:
-                        order[w + 1] = order[w]
-                        w -= 1
-                    order[w + 1] = j
-            start = end
-        kept = 0.0
-        for p in range(cols):
-            j = order[p]
+        if biggest <= DELLA_WINDOW + 1:
+            # Every bucket fits in the window: an entry's rank is its place in bucket order, less
+            # the earlier entries of its bucket with a larger magnitude, plus the later ones with
+            # a smaller (fixed-length loops over contiguous copies, which vectorise).
+            pad = DELLA_WINDOW
+            for p in range(pad):
+                near_bucket[p] = -1
+                near_bucket[cols + pad + p] = -1
+            for p in range(cols):
+                j = order[p]
+                near_mag[p + pad] = mags[j]
+                near_bucket[p + pad] = bucket[j]
+            placed = w.placed
+            for p in range(cols):
+                c = p + pad
+                m = near_mag[c]
+                q = near_bucket[c]
+                r = np.int32(p)
+                for d in range(1, pad + 1):
+                    r += (np.int32((near_bucket[c + d] == q) & (near_mag[c + d] < m))
+                          - np.int32((near_bucket[c - d] == q) & (near_mag[c - d] > m)))
+                placed[p] = r
+            for p in range(cols):
+                rank[order[p]] = placed[p]
+        else:  # a crowded bucket (heavy ties, a far outlier): sort each bucket
+            start = 0
+            for q in range(buckets):
+                end = counts[q]  # after the scatter, counts[q] is where bucket q ends
+                if end - start > 64:
+                    sub = order[start:end].copy()
+                    idx = np.argsort(mags[sub], kind="mergesort")
+                    order[start:end] = sub[idx]
+                elif end - start > 1:
+                    for p in range(start + 1, end):  # stable insertion sort by magnitude
+                        j = order[p]
+                        m = mags[j]
+                        v = p - 1
+                        while v >= start and mags[order[v]] > m:
+                            order[v + 1] = order[v]
+                            v -= 1
+                        order[v + 1] = j
+                start = end
+            for p in range(cols):
+                rank[order[p]] = p
+        for j in range(cols):
             # the keep probability in methods.della_mask's float32 op order
-            k = _draw(s + j, k1, k2) < (np.float32(p) / denom) * span + low
-            keep[s + j] = k
-            if k:
-                kept += np.float64(mags[j])
-        sums[0] += total
-        sums[1] += kept
+            keep[s + j] = _draw(s + j, k1, k2) < (np.float32(rank[j]) / denom) * span + low
+        zero = np.float64(0.0)
+        kept = np.zeros(4)  # four running sums: no one chain of dependent additions
+        quad = cols - cols % 4
+        for j in range(0, quad, 4):
+            for i in range(4):
+                kept[i] += np.float64(mags[j + i]) if keep[s + j + i] else zero
+        for j in range(quad, cols):
+            kept[0] += np.float64(mags[j]) if keep[s + j] else zero
+        w.sums[0] += total
+        w.sums[1] += (kept[0] + kept[1]) + (kept[2] + kept[3])
 
     @njit(parallel=True, cache=True, nogil=True)
     def _della_keep_kernel(x, b, rows, cols, k1, k2, low, span, keep, partial):
@@ -412,20 +461,17 @@ if numba is not None:
         position when the row's |x - b| are sorted ascending (ties in position order); per block of
         rows, the L1 sums (total, kept) and the count of non-finite magnitudes.
 
-        The ranks come from a bucket sort: magnitudes spread over ``cols`` equal-width buckets
-        (a few entries each), each bucket sorted by insertion -- linear time instead of a sort."""
+        The ranks come from a bucket sort: magnitudes spread over DELLA_BUCKETS * cols equal-width
+        buckets (a few entries each), ranked within their bucket by comparisons -- linear time
+        instead of a sort."""
         nblk = (rows + 63) // 64
         for blk in prange(nblk):
-            mags = np.empty(cols, dtype=np.float32)
-            counts = np.zeros(cols + 1, dtype=np.int32)
-            order = np.empty(cols, dtype=np.int32)
-            bucket = np.empty(cols, dtype=np.int32)
-            sums = np.zeros(3)
+            w = _della_scratch(cols)
             for r in range(blk * 64, min(rows, (blk + 1) * 64)):
-                _della_row(x, b, r * cols, cols, k1, k2, low, span, keep, mags, counts, order, bucket, sums)
-            partial[blk, 0] = sums[0]
-            partial[blk, 1] = sums[1]
-            partial[blk, 2] = sums[2]
+                _della_row(x, b, r * cols, cols, k1, k2, low, span, keep, w)
+            partial[blk, 0] = w.sums[0]
+            partial[blk, 1] = w.sums[1]
+            partial[blk, 2] = w.sums[2]
 
     @njit(parallel=True, cache=True, nogil=True)
     def _variance_kernel(b, xs, out):

@@ -173,7 +173,7 @@ def della_mask(delta: Tensor, density: float, epsilon: float, keys: tuple[int, i
     _check_della(density, epsilon)
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     mags = _f(rows).abs()
-    order = torch.argsort(mags, dim=1)
+    order = torch.argsort(mags, dim=1, stable=True)  # equal magnitudes ranked in position order
     n = rows.shape[1]
     ranks = torch.empty_like(mags)
     ranks.scatter_(1, order, torch.arange(n, dtype=mags.dtype, device=mags.device).expand_as(mags))

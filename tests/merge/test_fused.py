@@ -116,6 +116,40 @@ DROP_CASES = {
 }
 
 
+def _noise(g, *shape, scale=0.01):
+    return scale * torch.randn(*shape, generator=g)
+
+
+def _pairs(g, rows, cols):
+    """Every magnitude twice in a row, at random places, with random signs."""
+    half = _noise(g, rows, cols // 2).repeat(1, 2)
+    shuffled = half.gather(1, torch.argsort(torch.rand(rows, cols, generator=g), dim=1))
+    return shuffled * (torch.randint(0, 2, (rows, cols), generator=g) * 2 - 1)
+
+
+# How the fused kernel ranks a row's magnitudes: by comparisons when its buckets are small, by a
+# sort when one is crowded; either way as the torch code's stable argsort ranks them.
+DELLA_RANK_CASES = {
+    "small buckets": lambda g: _noise(g, 257, 301),
+    "pairs of equal magnitudes, small buckets": lambda g: _pairs(g, 257, 300),
+    "tied magnitudes, crowded buckets": lambda g: torch.round(4 * torch.randn(257, 301, generator=g)) / 4,
+    "one far outlier per row (crowded buckets)": lambda g: _noise(g, 257, 301).index_fill_(1, torch.tensor([3]), 100.0),
+    "rows of equal magnitudes": lambda g: torch.full((64, 512), -0.5),
+    "a few wide rows": lambda g: _noise(g, 8, 8192),
+}
+
+
+@pytest.mark.parametrize("case", list(DELLA_RANK_CASES))
+def test_fused_della_keeps_the_entries_the_torch_code_keeps(monkeypatch, case):
+    g = torch.Generator().manual_seed(1)
+    delta = DELLA_RANK_CASES[case](g)
+    base = torch.randn(delta.shape, generator=g)
+    assert base.numel() >= fused.MIN_FUSED
+    fast, slow = _reference(monkeypatch, lambda: M.della(base, [base + delta], [1.0], [0.5], [0.2], seed=16))
+    assert torch.equal(fast == base, slow == base)
+    assert torch.allclose(fast, slow, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("case", list(DROP_CASES))
 def test_fused_random_drops_draw_what_the_torch_code_draws(monkeypatch, tensors, case):
     base, fine, _ = tensors
