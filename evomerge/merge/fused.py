@@ -73,6 +73,70 @@ if numba is not None:
 
         return sig, codegen
 
+    @intrinsic
+    def _f64_from_bits(typingctx, i):
+        sig = types.float64(types.int64)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.float64))
+
+        return sig, codegen
+
+    @intrinsic
+    def _bits_of_f64(typingctx, x):
+        sig = types.int64(types.float64)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.int64))
+
+        return sig, codegen
+
+    # exp and log in straight-line code that vectorises (numba's pip build has no vector math
+    # library, so math.exp / math.log are scalar libm calls); within a few ulps of libm.
+    _LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10  # Cody-Waite split
+    _EXP_TAYLOR = tuple(1.0 / math.factorial(i) for i in range(13, -1, -1))  # 1/13! ... 1/0!
+    _ATANH_SERIES = tuple(1.0 / (2 * i + 1) for i in range(11, -1, -1))  # log m = 2 atanh(s)
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _exp_nonpositive(x):
+        """exp(x) for x <= 0; 0 below -708 (where exp is subnormal)."""
+        xc = max(x, -708.0)
+        k = np.floor(xc * 1.4426950408889634 + 0.5)
+        r = (xc - k * _LN2_HI) - k * _LN2_LO  # |r| <= ln(2) / 2
+        poly = _EXP_TAYLOR[0]
+        for c in _EXP_TAYLOR[1:]:
+            poly = poly * r + c
+        scaled = poly * _f64_from_bits((np.int64(k) + 1023) << 52)
+        return scaled if x >= -708.0 else 0.0
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _log_positive(y):
+        """log(y) for a positive, normal y."""
+        bits = _bits_of_f64(y)
+        e = np.float64((bits >> 52) - 1023)
+        m = _f64_from_bits((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000)  # y = m 2^e, m in [1, 2)
+        big = m > 1.4142135623730951
+        m = m * 0.5 if big else m
+        e = e + 1.0 if big else e
+        t = (m - 1.0) / (m + 1.0)  # |t| <= 0.172
+        t2 = t * t
+        poly = _ATANH_SERIES[0]
+        for c in _ATANH_SERIES[1:]:
+            poly = poly * t2 + c
+        return e * _LN2_HI + (2.0 * t * poly + e * _LN2_LO)
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _sum4(v, n):
+        """v[:n] summed in four interleaved running sums (no one chain of dependent additions)."""
+        acc = np.zeros(4)
+        quad = n - n % 4
+        for j in range(0, quad, 4):
+            for i in range(4):
+                acc[i] += v[j + i]
+        for j in range(quad, n):
+            acc[0] += v[j]
+        return (acc[0] + acc[1]) + (acc[2] + acc[3])
+
     @njit(parallel=True, cache=True, nogil=True)
     def _bracket_scan(x, b, has_base, lo, hi, buf, pos, counts):
         """Per chunk: #(|x-b| < lo), #(> hi), #NaN, and the in-bracket magnitudes and their positions
@@ -564,6 +628,7 @@ if numba is not None:
         for blk in prange((rows + 63) // 64):
             ea = np.empty(cols)
             eb = np.empty(cols)
+            terms = np.empty(cols)
             for r in range(blk * 64, min(rows, (blk + 1) * 64)):
                 s = r * cols
                 ma = -np.inf
@@ -571,34 +636,64 @@ if numba is not None:
                 for j in range(cols):
                     ma = max(ma, np.float64(a[s + j]))
                     mb = max(mb, np.float64(b[s + j]))
-                za = 0.0
-                zb = 0.0
                 for j in range(cols):
-                    ea[j] = math.exp(a[s + j] - ma)
-                    eb[j] = math.exp(b[s + j] - mb)
-                    za += ea[j]
-                    zb += eb[j]
-                acc = 0.0
+                    ea[j] = _exp_nonpositive(a[s + j] - ma)
+                    eb[j] = _exp_nonpositive(b[s + j] - mb)
+                za = _sum4(ea, cols)
+                zb = _sum4(eb, cols)
                 for j in range(cols):
                     p = eb[j] / zb + 1e-8
                     q = ea[j] / za + 1e-8
-                    acc += p * math.log(p / q)
-                kl[r] = acc
+                    terms[j] = p * _log_positive(p / q)
+                kl[r] = _sum4(terms, cols)
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _row_of(j, cols, inv_cols):
+        """j // cols without a 64-bit integer division (tens of cycles each)."""
+        r = np.int64(np.float64(j) * inv_cols)
+        r -= r * cols > j
+        r += (r + 1) * cols <= j
+        return r
+
+    @njit(cache=True, nogil=True)
+    def _by_region(idx, shift, regions):
+        """idx ordered by region (idx >> shift), a counting sort: the gathers then stay in cache."""
+        counts = np.zeros(regions + 1, dtype=np.int64)
+        for i in range(idx.size):
+            counts[(idx[i] >> shift) + 1] += 1
+        for q in range(regions):
+            counts[q + 1] += counts[q]
+        ordered = np.empty_like(idx)
+        for i in range(idx.size):
+            q = idx[i] >> shift
+            ordered[counts[q]] = idx[i]
+            counts[q] += 1
+        return ordered
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _sampled_importance_kernel(a, b, kl, cols, idx, out):
+        """methods.arcee_fusion's importances |b - a| * kl(row) at the sampled flat positions idx,
+        in region order (the quantiles taken of them do not depend on the order)."""
+        shift = 14
+        ordered = _by_region(idx, shift, (a.size >> shift) + 1)
+        inv_cols = 1.0 / cols
+        for i in prange(ordered.size):
+            j = ordered[i]
+            out[i] = abs(b[j] - a[j]) * kl[_row_of(j, cols, inv_cols)]
 
     @njit(parallel=True, cache=True, nogil=True)
     def _fusion_kernel(a, b, kl, cols, threshold, out):
         """methods.arcee_fusion's output: a + delta where |delta| * kl(row) >= threshold, else a."""
-        n = out.size
+        rows = out.size // cols
+        per_block = max(1, CHUNK // cols)
         zero = np.float32(0.0)
         one = np.float32(1.0)
-        nch = (n + CHUNK - 1) // CHUNK
-        for c in prange(nch):
-            s = c * CHUNK
-            e = min(n, s + CHUNK)
-            for j in range(s, e):
-                d = b[j] - a[j]
-                keep = abs(d) * kl[j // cols] >= threshold
-                out[j] = a[j] + d * (one if keep else zero)
+        for blk in prange((rows + per_block - 1) // per_block):
+            for r in range(blk * per_block, min(rows, (blk + 1) * per_block)):
+                k = kl[r]
+                for j in range(r * cols, (r + 1) * cols):
+                    d = b[j] - a[j]
+                    out[j] = a[j] + d * (one if abs(d) * k >= threshold else zero)
 
 
 def set_threads(n: int | None = None) -> None:
@@ -837,6 +932,14 @@ def row_kl(base: Tensor, other: Tensor) -> Tensor:
     kl = np.empty(rows, dtype=np.float64)
     _row_kl_kernel(_np(base), _np(other), rows, cols, kl)
     return torch.from_numpy(kl.astype(np.float32))
+
+
+def sampled_importance(base: Tensor, other: Tensor, kl: Tensor, idx: Tensor) -> Tensor:
+    """|other - base| * kl(row) at the flat positions idx (float32, as the torch code computes it),
+    in an order of their own."""
+    out = torch.empty(idx.numel(), dtype=torch.float32)
+    _sampled_importance_kernel(_np(base), _np(other), _np(kl), base.shape[-1], _np(idx), _np(out))
+    return out
 
 
 def fusion(base: Tensor, other: Tensor, kl: Tensor, threshold: Tensor) -> Tensor:

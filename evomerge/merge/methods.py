@@ -679,7 +679,7 @@ def arcee_fusion(base: Tensor, other: Tensor, generator: torch.Generator | None 
         n = a.numel()
         idx = torch.randint(n, (_FUSION_SAMPLE,), generator=generator, device=a.device) \
             if n > _FUSION_SAMPLE else torch.arange(n)
-        flat = (b.reshape(-1)[idx] - a.reshape(-1)[idx]).abs_().mul_(kl.reshape(-1)[idx // a.shape[-1]])
+        flat = fused.sampled_importance(a, b, kl, idx)
     else:
         delta = b - a
         p = torch.softmax(b, dim=-1) + 1e-8

@@ -188,3 +188,32 @@ def test_fused_kernels_of_the_other_methods_agree_with_the_torch_code(monkeypatc
     fast, slow = _reference(monkeypatch, lambda: OTHER_CASES[case](base, fine))
     # float64 accumulation in the kernels where torch sums in float32: equal to float32 rounding
     assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_row_kl_is_the_float64_kl_of_the_row_softmaxes(tensors):
+    base, fine, _ = tensors
+    p = torch.softmax(fine[0].double(), dim=-1) + 1e-8
+    q = torch.softmax(base.double(), dim=-1) + 1e-8
+    exact = (p * torch.log(p / q)).sum(dim=-1)
+    assert torch.allclose(fused.row_kl(base, fine[0]).double(), exact, rtol=1e-6, atol=0)
+
+
+def test_fused_arcee_fusion_keeps_what_the_torch_code_keeps(monkeypatch, tensors):
+    base, fine, _ = tensors
+    fast, slow = _reference(monkeypatch, lambda: M.arcee_fusion(base, fine[0], torch.Generator().manual_seed(4)))
+    kept = fast != base
+    assert 0.01 < kept.float().mean() < 0.5
+    # the torch code's softmax is float32: an importance within its rounding of the threshold may differ
+    assert (kept != (slow != base)).float().mean() < 1e-3
+    assert torch.equal(fast[kept], fine[0][kept])
+
+
+def test_fused_sampled_importances_are_the_torch_codes_in_another_order():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(1200, 1100, generator=g)
+    b = a + 0.01 * torch.randn(a.shape, generator=g)
+    kl = fused.row_kl(a, b).reshape(-1, 1)
+    idx = torch.randint(a.numel(), (300_000,), generator=g)
+    expected = (b.reshape(-1)[idx] - a.reshape(-1)[idx]).abs() * kl.reshape(-1)[idx // a.shape[-1]]
+    got = fused.sampled_importance(a, b, kl, idx)
+    assert torch.equal(got.sort().values, expected.sort().values)
