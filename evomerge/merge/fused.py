@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 
 ENABLED = numba is not None and os.environ.get("EVOMERGE_NO_FUSED", "") in ("", "0")
 CHUNK = 1 << 16  # elements per parallel work item
+SCAN_SCRATCH = 1 << 11  # elements per cache-resident scratch of the threshold scan
 BLOCK = 1 << 13  # elements per block of the fused merge (k + 3 buffers stay in L2)
 SAMPLE = 8192  # magnitudes sampled to bracket the threshold
 BRACKET = (5.0, 4)  # bracket half-width: standard deviations of the sample rank, plus slack
@@ -140,8 +141,9 @@ if numba is not None:
     @njit(parallel=True, cache=True, nogil=True)
     def _bracket_scan(x, b, has_base, lo, hi, buf, pos, counts):
         """Per chunk: #(|x-b| < lo), #(> hi), #NaN, and the in-bracket magnitudes and their positions
-        into buf/pos[chunk start:] (|x| without a base). Branch-free: which side an element falls
-        on is unpredictable."""
+        into buf/pos[chunk start:] (|x| without a base). Branch-free (which side an element falls
+        on is unpredictable): every magnitude is stored to a small cache-resident scratch, whose
+        in-bracket prefix is then copied out."""
         n = x.size
         nch = counts.shape[0]
         for c in prange(nch):
@@ -151,14 +153,22 @@ if numba is not None:
             above = 0
             nan = 0
             m = s
-            for j in range(s, e):
-                a = abs(x[j] - b[j]) if has_base else abs(x[j])
-                below += a < lo
-                above += a > hi
-                nan += a != a
-                buf[m] = a
-                pos[m] = j
-                m += (a >= lo) & (a <= hi)
+            vals = np.empty(SCAN_SCRATCH + 1, dtype=np.float32)
+            where = np.empty(SCAN_SCRATCH + 1, dtype=np.int32)
+            for s2 in range(s, e, SCAN_SCRATCH):
+                k = 0
+                for j in range(s2, min(e, s2 + SCAN_SCRATCH)):
+                    a = abs(x[j] - b[j]) if has_base else abs(x[j])
+                    below += a < lo
+                    above += a > hi
+                    nan += a != a
+                    vals[k] = a
+                    where[k] = j - s2
+                    k += (a >= lo) & (a <= hi)
+                for i in range(k):
+                    buf[m + i] = vals[i]
+                    pos[m + i] = s2 + where[i]
+                m += k
             counts[c, 0] = below
             counts[c, 1] = above
             counts[c, 2] = m - s
